@@ -1,0 +1,612 @@
+"""Spatial graph statistics of one sample (or one subunit): six groups, one named row.
+
+Definitions are in ``docs/spatial_statistics.md``; in short, for each radius ``r`` the graph is the
+inclusive Euclidean radius graph without self loops (:mod:`.graph`) and
+
+``interactions``
+    directed edge counts between clusters, row-normalised counts, and exact (analytic)
+    neighbourhood-enrichment z-scores under squidpy's label-permutation null;
+``centrality``
+    group degree centrality, group closeness centrality (networkx definitions, exact, by BFS) and
+    the average clustering coefficient of each cluster (exact, or a seeded node sample with its
+    standard error);
+``connectivity``
+    node degree mean and standard deviation (ddof 0), overall and per cluster;
+``moran_features`` / ``moran_clusters``
+    Moran's I with row-standardised binary weights of every variable / of every cluster indicator;
+``chull``
+    convex hulls of the connected components of the ``chull_min_degree``-core (all objects and
+    per cluster), summarised by mean and standard deviation (ddof 0) over components.
+
+Every sample gets the same columns, built from the global cluster categories. Statistics about a
+cluster that is absent from the sample are NaN, and ``radius:{r}_stat:counts_n_{cluster}`` holds the
+number of objects per cluster, so "absent" and "zero" never look alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .._validation import check_categorical, check_obsm, check_subset, require
+from ._warnings import SpatialStatsWarning  # noqa: F401  (re-exported)
+
+logger = logging.getLogger(__name__)
+
+VALID_STATS: tuple[str, ...] = (
+    "interactions", "centrality", "connectivity", "moran_features", "moran_clusters", "chull",
+)
+CENTRALITY_METRICS: tuple[str, ...] = ("degree_centrality", "average_clustering", "closeness_centrality")
+CHULL_METRICS: tuple[str, ...] = (
+    "volume_chull", "area_chull", "n_chull", "distance_center_chull", "density_chull",
+)
+#: Columns of a result row that are not features (they go to ``.obs``).
+INFO_COLUMNS: tuple[str, ...] = ("status", "skipped_reason", "n_obs", "n_unlabelled")
+STATUS_OK = "ok"
+STATUS_SKIPPED = "skipped"
+#: Default number of nodes per cluster for the sampled average clustering coefficient.
+DEFAULT_CLUSTERING_SAMPLES = 1000
+
+
+def format_radius(radius: float) -> str:
+    """``25`` and ``25.0`` give ``'25'``; other values their shortest float repr (``'12.5'``)."""
+    r = float(radius)
+    return str(int(r)) if r.is_integer() else repr(r)
+
+
+def is_feature_column(name: str) -> bool:
+    """Feature columns contain ``'_stat:'``; everything else in a result row is metadata."""
+    return "_stat:" in str(name)
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """Validated settings shared by every sample of one run (fixes the column layout)."""
+
+    radii: tuple[float, ...]
+    stats: tuple[str, ...]
+    categories: tuple[str, ...]
+    var_names: tuple[str, ...] = ()
+    chull_min_nds: int = 10
+    chull_min_degree: int = 3
+    exact: bool = False
+    n_clustering_samples: int = DEFAULT_CLUSTERING_SAMPLES
+    seed: int = 0
+    feature_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "feature_names", tuple(feature_names(
+            self.radii, self.stats, self.categories, self.var_names)))
+
+
+def normalize_stats(stats: str | Iterable[str] | None) -> tuple[str, ...]:
+    """``None`` means all six groups; returns them in canonical order; unknown names raise."""
+    if stats is None:
+        return VALID_STATS
+    if isinstance(stats, str):
+        stats = [stats]
+    chosen = check_subset(stats, VALID_STATS, argument="stats")
+    require(len(chosen) > 0, f"stats={list(chosen)!r} is empty; pass None for all groups or a subset of "
+            f"{list(VALID_STATS)}.")
+    return tuple(s for s in VALID_STATS if s in chosen)
+
+
+def normalize_radii(radii: float | Sequence[float]) -> tuple[float, ...]:
+    values = np.atleast_1d(np.asarray(radii, dtype=np.float64)) if not isinstance(radii, str) else None
+    if values is None or values.ndim != 1 or values.size == 0 or not np.isfinite(values).all() \
+            or (values <= 0).any():
+        raise ValueError(f"radii={radii!r} must be a positive number or a non-empty sequence of positive "
+                         "numbers in the units of the coordinates, e.g. (25, 50).")
+    return tuple(float(r) for r in np.unique(values))
+
+
+def feature_names(radii: Sequence[float], stats: Sequence[str], categories: Sequence[str],
+                  var_names: Sequence[str] = ()) -> list[str]:
+    """The column names of a result row, ``radius:{r}_stat:{group}_{column}`` (fixed order)."""
+    cats = [str(c) for c in categories]
+    names: list[str] = []
+    for r in radii:
+        p = f"radius:{format_radius(r)}_stat:"
+        names += [f"{p}counts_total_objects", f"{p}counts_total_edges"]
+        names += [f"{p}counts_n_{c}" for c in cats]
+        if "interactions" in stats:
+            for col in ("interaction_norm", "interaction", "enrichment_zscore"):
+                names += [f"{p}interactions_{col}_{a}_{b}" for a in cats for b in cats]
+        if "centrality" in stats:
+            names += [f"{p}centrality_{c}_{m}" for c in cats for m in CENTRALITY_METRICS]
+        if "connectivity" in stats:
+            names += [f"{p}connectivity_mean", f"{p}connectivity_std"]
+            names += [f"{p}connectivity_degree_{c}_{s}" for c in cats for s in ("mean", "std")]
+        if "moran_features" in stats:
+            names += [f"{p}moran_features_moranI_{v}" for v in var_names]
+        if "moran_clusters" in stats:
+            names += [f"{p}moran_clusters_moranI_{c}" for c in cats]
+        if "chull" in stats:
+            for key in ["all"] + [f"cluster:{c}" for c in cats]:
+                names += [f"{p}chull_{key}_{m}_{s}" for m in CHULL_METRICS for s in ("mean", "sd")]
+                names.append(f"{p}chull_{key}_n_obs_chull")
+    if len(set(names)) != len(names):
+        dup = pd.Index(names)[pd.Index(names).duplicated()].unique().tolist()
+        raise ValueError(f"cluster categories or variable names produce duplicate feature names {dup[:5]}; "
+                         "rename the categories (or variables) so that their str() values are unique.")
+    return names
+
+
+def se_column(radius: float, cluster: str) -> str:
+    """Name of the info column with the standard error of a sampled average clustering coefficient."""
+    return f"radius:{format_radius(radius)}_se:centrality_{cluster}_average_clustering"
+
+
+def stable_key(value: Any) -> int:
+    """A platform-independent 32-bit key of ``str(value)`` for seeding."""
+    return zlib.crc32(str(value).encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------------------------
+# core computation on arrays
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Context:
+    graph: Any
+    lab: np.ndarray  # int32 codes in graph order
+    counts: np.ndarray  # objects per global category
+    present: np.ndarray  # indices of present categories
+    coords: np.ndarray  # (n, d) in graph order
+    n: int
+    k: int
+
+
+def compute_stats(
+    coords: np.ndarray,
+    codes: np.ndarray,
+    config: StatsConfig,
+    *,
+    values: np.ndarray | None = None,
+    seed_key: Sequence[int] = (),
+    timings: dict[str, float] | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Compute one row of statistics from arrays.
+
+    Parameters
+    ----------
+    coords
+        ``(n, d)`` coordinates.
+    codes
+        ``(n,)`` integer codes into ``config.categories``; negative codes (missing labels) are dropped.
+    config
+        Column layout and settings.
+    values
+        ``(n, n_vars)`` variables for ``moran_features`` (aligned with ``config.var_names``).
+    seed_key
+        Non-negative ints mixed into the seed (sample and subunit keys), so a sample's random
+        choices do not depend on which other samples are in the run.
+    timings
+        If given, seconds per step are added to it (benchmarks).
+
+    Returns
+    -------
+    (features, info)
+        ``features`` is float64 aligned with ``config.feature_names``; ``info`` holds ``status``,
+        ``skipped_reason``, ``n_obs``, ``n_unlabelled`` and the clustering standard errors.
+    """
+    import time
+
+    from . import _kernels as K
+    from .graph import build_radius_graph
+
+    k = len(config.categories)
+    codes = np.asarray(codes)
+    labelled = codes >= 0
+    n_unlabelled = int((~labelled).sum())
+    info: dict[str, Any] = {"status": STATUS_OK, "skipped_reason": "", "n_obs": int(labelled.sum()),
+                            "n_unlabelled": n_unlabelled}
+    out = np.full(len(config.feature_names), np.nan, dtype=np.float64)
+    if n_unlabelled:
+        coords = np.asarray(coords)[labelled]
+        codes = codes[labelled]
+        if values is not None:
+            values = np.asarray(values)[labelled]
+    n = int(codes.shape[0])
+    counts = np.bincount(codes.astype(np.int64), minlength=k)[:k] if n else np.zeros(k, np.int64)
+    present = np.flatnonzero(counts > 0)
+    if n == 0:
+        info.update(status=STATUS_SKIPPED, skipped_reason="no labelled objects")
+        return out, info
+    if present.size < 2:
+        info.update(status=STATUS_SKIPPED,
+                    skipped_reason=f"only one cluster present ({config.categories[present[0]]!r}); "
+                                   "the statistics need at least two")
+        return out, info
+
+    t0 = time.perf_counter()
+    graph = build_radius_graph(coords, config.radii)
+    lab = codes[graph.order].astype(np.int32)
+    d = graph.n_dims
+    ctx = _Context(graph, lab, counts, present, graph.coords[:, :d], n, k)
+    zvals = None
+    if "moran_features" in config.stats and len(config.var_names):
+        require(values is not None and np.asarray(values).shape == (n, len(config.var_names)),
+                "moran_features needs `values` of shape (n_objects, n_vars) matching config.var_names.")
+        zvals = np.asarray(values, dtype=np.float64)[graph.order]
+        zvals = zvals - zvals.mean(axis=0)
+    if timings is not None:
+        timings["graph"] = timings.get("graph", 0.0) + time.perf_counter() - t0
+
+    pos = {name: i for i, name in enumerate(config.feature_names)}
+    row: dict[str, float] = {}
+    for ri, r in enumerate(config.radii):
+        view = graph.view(r)
+        p = f"radius:{format_radius(r)}_stat:"
+        n_chunks = K.default_chunks(n)
+        t0 = time.perf_counter()
+        cnt, gdeg, mnum, n_nonisolated, t2 = K.label_pass(
+            view.start, view.degree, view.indices, lab, k, counts / n, n_chunks)
+        s0 = int(view.degree.sum())
+        row[f"{p}counts_total_objects"] = n
+        row[f"{p}counts_total_edges"] = s0 / 2
+        for c in range(k):
+            row[f"{p}counts_n_{config.categories[c]}"] = counts[c]
+        if timings is not None:
+            timings["edge_pass"] = timings.get("edge_pass", 0.0) + time.perf_counter() - t0
+        for group in config.stats:
+            t0 = time.perf_counter()
+            if group == "interactions":
+                _interactions(row, p, ctx, config, cnt, s0, int(t2))
+            elif group == "centrality":
+                _centrality(row, info, p, ctx, config, view, gdeg, ri, r, seed_key)
+            elif group == "connectivity":
+                _connectivity(row, p, ctx, config, view)
+            elif group == "moran_features":
+                if zvals is not None:
+                    num = K.moran_numerators(view.start, view.degree, view.indices, zvals, n_chunks)
+                    ss = (zvals * zvals).sum(axis=0)
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        moran = n / n_nonisolated * num / ss if n_nonisolated else np.full(len(num), np.nan)
+                    moran = np.where(ss > 0, moran, np.nan)
+                    for v, val in zip(config.var_names, moran, strict=True):
+                        row[f"{p}moran_features_moranI_{v}"] = val
+            elif group == "moran_clusters":
+                pc = counts / n
+                denom = n * pc * (1.0 - pc)
+                for c in present:
+                    if n_nonisolated and denom[c] > 0:
+                        row[f"{p}moran_clusters_moranI_{config.categories[c]}"] = \
+                            n / n_nonisolated * mnum[c] / denom[c]
+            elif group == "chull":
+                _chull(row, p, ctx, config, view)
+            if timings is not None:
+                timings[group] = timings.get(group, 0.0) + time.perf_counter() - t0
+    for name, val in row.items():
+        out[pos[name]] = val
+    return out, info
+
+
+def _falling(x: np.ndarray | float, m: int) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    out = np.ones_like(x)
+    for t in range(m):
+        out = out * np.maximum(x - t, 0.0)
+    return out
+
+
+def enrichment_moments(sizes: np.ndarray, s0: float, t2: float) -> tuple[np.ndarray, np.ndarray]:
+    """Exact mean and variance of the directed edge counts ``C_ab`` under uniform relabelling.
+
+    ``sizes`` are the cluster sizes (``n = sum``), ``s0`` the number of directed edges and ``t2`` is
+    ``sum_v d_v (d_v - 1)`` of a symmetric 0/1 adjacency without self loops. This is the null of
+    squidpy's ``nhood_enrichment`` (labels shuffled over all objects), in closed form.
+    """
+    na = np.asarray(sizes, dtype=np.float64)
+    n = float(na.sum())
+    k = na.shape[0]
+    f2, f3, f4 = _falling(n, 2), _falling(n, 3), _falling(n, 4)
+    safe = lambda num, den: np.divide(num, den, out=np.zeros_like(num), where=den > 0)  # noqa: E731
+    a1 = na[:, None]
+    b1 = na[None, :]
+    same = np.eye(k, dtype=bool)
+    p2 = np.where(same, safe(_falling(na, 2), f2)[:, None] * np.ones((1, k)), safe(a1 * b1, f2))
+    p3_abb = np.where(same, 0.0, safe(a1 * _falling(b1, 2), f3))
+    p3_aab = np.where(same, 0.0, safe(_falling(a1, 2) * b1, f3))
+    p3_aaa = safe(_falling(na, 3), f3)
+    p4 = np.where(same, safe(_falling(na, 4), f4)[:, None] * np.ones((1, k)),
+                  safe(_falling(a1, 2) * _falling(b1, 2), f4))
+    mean = s0 * p2
+    disjoint = s0 * s0 - 2.0 * s0 - 4.0 * t2
+    second = s0 * p2 + disjoint * p4
+    second = second + np.where(same, s0 * p2 + 4.0 * t2 * p3_aaa[:, None], t2 * (p3_abb + p3_aab))
+    var = second - mean * mean
+    return mean, var
+
+
+def _interactions(row, p, ctx: _Context, config: StatsConfig, cnt: np.ndarray, s0: int, t2: int) -> None:
+    cats = config.categories
+    rowsum = cnt.sum(axis=1)
+    mean, var = enrichment_moments(ctx.counts, float(s0), float(t2))
+    for a in ctx.present:
+        for b in ctx.present:
+            ca, cb = cats[a], cats[b]
+            row[f"{p}interactions_interaction_{ca}_{cb}"] = cnt[a, b]
+            if rowsum[a] > 0:
+                row[f"{p}interactions_interaction_norm_{ca}_{cb}"] = cnt[a, b] / rowsum[a]
+            # a variance that is zero up to rounding means a degenerate null: z is undefined
+            if var[a, b] > 1e-10 * max(1.0, mean[a, b] ** 2):
+                row[f"{p}interactions_enrichment_zscore_{ca}_{cb}"] = (cnt[a, b] - mean[a, b]) / np.sqrt(var[a, b])
+
+
+def _centrality(row, info, p, ctx: _Context, config: StatsConfig, view, gdeg, ri, r, seed_key) -> None:
+    from . import _kernels as K
+
+    cats = config.categories
+    n = ctx.n
+    present = ctx.present.astype(np.int32)
+    sums = K.group_closeness_sums(view.start, view.degree, view.indices, ctx.lab, present)
+    # node sample per cluster for the average clustering coefficient
+    members_by_cluster = _members(ctx.lab, ctx.k)
+    chosen: list[np.ndarray] = []
+    sampled: list[bool] = []
+    for c in present:
+        members = members_by_cluster[c]
+        m = config.n_clustering_samples
+        if config.exact or members.shape[0] <= m:
+            chosen.append(members)
+            sampled.append(False)
+        else:
+            rng = np.random.default_rng(np.random.SeedSequence(
+                [int(config.seed), *[int(s) for s in seed_key], ri, int(c)]))
+            pick = np.sort(rng.choice(members.shape[0], size=m, replace=False))
+            chosen.append(members[pick])
+            sampled.append(True)
+    nodes = np.concatenate(chosen).astype(np.int64) if chosen else np.zeros(0, np.int64)
+    coef = K.local_clustering(view.start, view.degree, view.indices, nodes, K.default_chunks(nodes.shape[0]))
+    offset = 0
+    for t, c in enumerate(present):
+        m = chosen[t].shape[0]
+        vals = coef[offset:offset + m]
+        offset += m
+        nc = int(ctx.counts[c])
+        name = cats[c]
+        row[f"{p}centrality_{name}_degree_centrality"] = gdeg[c] / (n - nc)
+        row[f"{p}centrality_{name}_closeness_centrality"] = (n - nc) / sums[t] if sums[t] > 0 else 0.0
+        row[f"{p}centrality_{name}_average_clustering"] = float(vals.mean())
+        if sampled[t]:
+            se = float(np.sqrt((1.0 - m / nc) * vals.var(ddof=1) / m))
+        else:
+            se = 0.0
+        info[se_column(r, name)] = se
+
+
+def _members(lab: np.ndarray, k: int) -> list[np.ndarray]:
+    """Graph node ids per label (ascending node id)."""
+    order = np.argsort(lab, kind="stable")
+    bounds = np.searchsorted(lab[order], np.arange(k + 1))
+    return [order[bounds[c]:bounds[c + 1]] for c in range(k)]
+
+
+def _connectivity(row, p, ctx: _Context, config: StatsConfig, view) -> None:
+    deg = view.degree.astype(np.float64)
+    row[f"{p}connectivity_mean"] = deg.mean()
+    row[f"{p}connectivity_std"] = deg.std(ddof=0)
+    s1 = np.bincount(ctx.lab, weights=deg, minlength=ctx.k)
+    s2 = np.bincount(ctx.lab, weights=deg * deg, minlength=ctx.k)
+    for c in ctx.present:
+        nc = ctx.counts[c]
+        mean = s1[c] / nc
+        row[f"{p}connectivity_degree_{config.categories[c]}_mean"] = mean
+        row[f"{p}connectivity_degree_{config.categories[c]}_std"] = np.sqrt(max(s2[c] / nc - mean * mean, 0.0))
+
+
+def hull_components(view, coords: np.ndarray, lab: np.ndarray, *, same_label: bool, min_nds: int,
+                    min_degree: int) -> list[tuple[int, np.ndarray]]:
+    """Components (label, graph node ids) of the ``min_degree``-core with at least ``min_nds`` nodes."""
+    from . import _kernels as K
+
+    alive = K.kcore(view.start, view.degree, view.indices, lab, same_label, int(min_degree))
+    comp, nc = K.components(view.start, view.degree, view.indices, lab, same_label, alive)
+    if nc == 0:
+        return []
+    keep = comp >= 0
+    sizes = np.bincount(comp[keep], minlength=nc)
+    big = sizes >= min_nds
+    if not big.any():
+        return []
+    nodes = np.flatnonzero(keep & big[np.where(keep, comp, 0)])
+    order = np.argsort(comp[nodes], kind="stable")
+    nodes = nodes[order]
+    cuts = np.flatnonzero(np.diff(comp[nodes])) + 1
+    return [(int(lab[g[0]]), g) for g in np.split(nodes, cuts)]
+
+
+def hull_metrics(points: np.ndarray, center: np.ndarray) -> tuple[float, float, float, float, float] | None:
+    """(volume, area, n, distance to center, density) of one component; None when degenerate.
+
+    In 2-D, volume is the polygon area and area its perimeter (scipy/Qhull conventions).
+    """
+    from scipy.spatial import ConvexHull, QhullError
+
+    if np.ptp(points, axis=0).min() <= 0:
+        return None
+    try:
+        hull = ConvexHull(points)
+    except QhullError:
+        return None
+    vol = float(hull.volume)
+    if not vol > 0:
+        return None
+    npts = points.shape[0]
+    dist = float(np.linalg.norm(points.mean(axis=0) - center))
+    return vol, float(hull.area), float(npts), dist, npts / vol
+
+
+def _chull(row, p, ctx: _Context, config: StatsConfig, view) -> None:
+    center = ctx.coords.mean(axis=0)
+    for same_label in (False, True):
+        comps = hull_components(view, ctx.coords, ctx.lab, same_label=same_label,
+                                min_nds=config.chull_min_nds, min_degree=config.chull_min_degree)
+        per_key: dict[str, list[tuple]] = {}
+        for label, nodes in comps:
+            metrics = hull_metrics(ctx.coords[nodes], center)
+            if metrics is None:
+                continue
+            key = f"cluster:{config.categories[label]}" if same_label else "all"
+            per_key.setdefault(key, []).append(metrics)
+        keys = [f"cluster:{config.categories[c]}" for c in ctx.present] if same_label else ["all"]
+        for key in keys:
+            found = np.asarray(per_key.get(key, []), dtype=np.float64).reshape(-1, len(CHULL_METRICS))
+            row[f"{p}chull_{key}_n_obs_chull"] = found.shape[0]
+            if found.shape[0]:
+                for j, m in enumerate(CHULL_METRICS):
+                    row[f"{p}chull_{key}_{m}_mean"] = found[:, j].mean()
+                    row[f"{p}chull_{key}_{m}_sd"] = found[:, j].std(ddof=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# one AnnData in, one named row out
+# --------------------------------------------------------------------------------------------------
+
+def row_frame(name: str, features: np.ndarray, info: dict[str, Any], config: StatsConfig,
+              extra: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Assemble one result row: features (float64) then metadata columns."""
+    data: dict[str, Any] = dict(zip(config.feature_names, features, strict=True))
+    if extra:
+        data.update(extra)
+    data.update(info)
+    return pd.DataFrame({k: [v] for k, v in data.items()}, index=pd.Index([str(name)]))
+
+
+def sample_spatial_stats(
+    adata,
+    *,
+    cluster_key: str = "leiden",
+    spatial_key: str = "spatial",
+    radii: float | Sequence[float] = (25, 50),
+    stats: str | Iterable[str] | None = None,
+    categories: Sequence[Any] | None = None,
+    layer: str | None = None,
+    name: str | None = None,
+    chull_min_nds: int = 10,
+    chull_min_degree: int = 3,
+    exact: bool = False,
+    n_clustering_samples: int = DEFAULT_CLUSTERING_SAMPLES,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Spatial graph statistics of one sample: one AnnData in, one named row out.
+
+    Parameters
+    ----------
+    adata
+        Objects of one sample (or one subunit): coordinates in ``.obsm[spatial_key]`` (2-D or 3-D),
+        a categorical ``.obs[cluster_key]``, and, for ``moran_features``, the variables in ``.X`` (or
+        ``.layers[layer]``). Not modified.
+    cluster_key, spatial_key
+        Where the labels and coordinates are.
+    radii
+        Graph radii, in the units of the coordinates.
+    stats
+        Subset of :data:`VALID_STATS`; ``None`` computes all six groups.
+    categories
+        Global cluster categories that fix the columns (pass the categories of the whole table so
+        every sample gets the same columns). Default: the categories of ``.obs[cluster_key]``.
+    layer
+        Variables for ``moran_features`` (default ``.X``).
+    name
+        Row name (default: ``'sample'``); also mixed into the seed.
+    chull_min_nds, chull_min_degree
+        Minimum component size and core degree for the convex hulls.
+    exact
+        Compute the average clustering coefficient over all nodes instead of a node sample.
+    n_clustering_samples
+        Nodes sampled per cluster when not ``exact`` (clusters at most this large are exact).
+    seed
+        Seed of the node sample.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row indexed by ``name``: the feature columns ``radius:{r}_stat:...`` (float64), then
+        ``status`` (``'ok'``/``'skipped'``), ``skipped_reason``, ``n_obs``, ``n_unlabelled`` and the
+        standard errors ``radius:{r}_se:centrality_{c}_average_clustering``. A sample that cannot
+        be computed (no objects, fewer than two clusters) gives NaN features with status
+        ``'skipped'`` and a :class:`SpatialStatsWarning`.
+    """
+    import warnings
+
+    cats = check_categorical(adata.obs, cluster_key, argument="cluster_key")
+    coords = check_obsm(adata, spatial_key, argument="spatial_key", n_cols=(2, 3))
+    categories = list(cats.categories) if categories is None else list(categories)
+    config, values = _config_and_values(adata, categories, radii=radii, stats=stats, layer=layer,
+                                        chull_min_nds=chull_min_nds, chull_min_degree=chull_min_degree,
+                                        exact=exact, n_clustering_samples=n_clustering_samples,
+                                        seed=seed, n_dims=coords.shape[1])
+    codes = codes_for(adata.obs[cluster_key], categories)
+    name = "sample" if name is None else str(name)
+    features, info = compute_stats(coords, codes, config, values=values, seed_key=(stable_key(name),))
+    if info["status"] != STATUS_OK:
+        warnings.warn(f"spatial statistics skipped for {name!r}: {info['skipped_reason']}",
+                      SpatialStatsWarning, stacklevel=2)
+    return row_frame(name, features, info, config)
+
+
+def codes_for(labels: pd.Series, categories: Sequence[Any]) -> np.ndarray:
+    """Integer codes of ``labels`` into ``categories`` (-1 for missing); unknown labels raise."""
+    cat = pd.Categorical(labels)
+    known = pd.Index(categories)
+    unknown = [c for c in cat.categories if c not in known]
+    if unknown:
+        raise ValueError(f"cluster labels {unknown[:10]} are not among the global categories "
+                         f"{list(known)[:20]}; pass categories that include every label.")
+    return known.get_indexer(np.asarray(cat.astype(object))).astype(np.int32) if len(cat) else \
+        np.zeros(0, np.int32)
+
+
+def _config_and_values(adata, categories, *, radii, stats, layer, chull_min_nds, chull_min_degree, exact,
+                       n_clustering_samples, seed, n_dims) -> tuple[StatsConfig, np.ndarray | None]:
+    stats_t = normalize_stats(stats)
+    radii_t = normalize_radii(radii)
+    validate_hull_params(chull_min_nds, chull_min_degree, n_dims)
+    if int(n_clustering_samples) < 2:
+        raise ValueError(f"n_clustering_samples={n_clustering_samples!r} must be >= 2 (standard error needs 2).")
+    values = None
+    var_names: tuple[str, ...] = ()
+    if "moran_features" in stats_t:
+        values = table_values(adata, layer)
+        var_names = tuple(str(v) for v in adata.var_names)
+    config = StatsConfig(radii=radii_t, stats=stats_t, categories=tuple(str(c) for c in categories),
+                         var_names=var_names, chull_min_nds=int(chull_min_nds),
+                         chull_min_degree=int(chull_min_degree), exact=bool(exact),
+                         n_clustering_samples=int(n_clustering_samples), seed=int(seed))
+    return config, values
+
+
+def validate_hull_params(chull_min_nds: int, chull_min_degree: int, n_dims: int) -> None:
+    if int(chull_min_nds) < n_dims + 1:
+        raise ValueError(f"chull_min_nds={chull_min_nds!r} is too small: a convex hull in {n_dims}-D needs at "
+                         f"least {n_dims + 1} points; pass chull_min_nds >= {n_dims + 1} (default 10).")
+    if int(chull_min_degree) < 0:
+        raise ValueError(f"chull_min_degree={chull_min_degree!r} must be >= 0 (default 3).")
+
+
+def table_values(adata, layer: str | None) -> np.ndarray:
+    """Dense float64 variables of ``adata`` (``.X`` or a layer) for Moran's I."""
+    import scipy.sparse as sp
+
+    from .._validation import check_key
+
+    if layer is None:
+        x = adata.X
+        if x is None:
+            raise ValueError("moran_features needs variables in .X, but .X is None; pass layer=... or "
+                             "drop 'moran_features' from stats.")
+    else:
+        check_key(adata.layers, layer, argument="layer", what="layer of the table")
+        x = adata.layers[layer]
+    x = x.toarray() if sp.issparse(x) else np.asarray(x)
+    if x.dtype.kind not in "iufb":
+        raise TypeError(f"moran_features needs numeric variables, found dtype {x.dtype}.")
+    return x.astype(np.float64, copy=False)
