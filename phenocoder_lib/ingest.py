@@ -1,0 +1,462 @@
+"""Plate export folder -> SpatialData.
+
+A plate export is a folder with three sub-folders (names configurable):
+
+``imgs/``
+    one grayscale image per (well, z-slice, channel), e.g. CellVoyager-style
+    ``<plate>_<date>_<time>_A06_T0003F002L03A01Z01C04.png``;
+``labels/``
+    one integer nucleus label mask per (well, z-slice); label ids link an object across slices;
+``tables/``
+    one regionprops-style CSV per (well, z-slice), e.g. ``A06_01.csv`` (z 1-based), with at least the
+    label, centroid and intensity columns.
+
+A 2-D export has no z group in its file names (or a single z level). An optional ``plate.json``
+beside the sub-folders records the pixel size, z step and table scale (the synthetic plates write
+one); explicit arguments override it.
+
+Units: every axis of ``.obsm['spatial']`` is in micrometres (um): ``y = row * pixel_size_um``,
+``x = col * pixel_size_um`` and ``z = slice * z_step_um``, with ``row``/``col`` in image pixels (table
+coordinates divided by ``table_scale``). ``.obsm['spatial_index']`` holds integer (y, x[, z]) indices into
+the image arrays: the object's centroid pixel and, in 3-D, the slice where the object is largest.
+
+Images are read lazily (dask, one task per file) and never converted to float.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ._constants import (
+    DEFAULT_IMAGE_KEY,
+    DEFAULT_SAMPLE_KEY,
+    DEFAULT_TABLE_KEY,
+    INSTANCE_KEY,
+    LABELS_PREFIX,
+    REGION_KEY,
+    SPATIAL_INDEX_KEY,
+    SPATIAL_KEY,
+)
+
+logger = logging.getLogger(__name__)
+
+#: File written by an exporter (and by the synthetic generator) when a plate folder is complete.
+EXPORT_COMPLETE_MARKER = "EXPORT_COMPLETE"
+PLATE_METADATA_FILE = "plate.json"
+_VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class PlateLayout:
+    """How a plate export names its files and columns.
+
+    The regular expressions are matched with :func:`re.search` against file names. Named groups:
+    ``well`` (required), ``z`` (optional: absent in 2-D exports) and ``channel`` (images only).
+    The defaults match CellVoyager-style names (``..._A06_T0003F002L03A01Z01C04.png``) and
+    ``<well>_<zz>.csv`` tables.
+    """
+
+    image_dir: str = "imgs"
+    label_dir: str = "labels"
+    table_dir: str = "tables"
+    image_pattern: str = r"_(?P<well>[A-Z]{1,2}\d{2})_T\d+F\d+L\d+A\d+(?:Z(?P<z>\d+))?C(?P<channel>\d+)\.(?:png|tiff?)$"
+    label_pattern: str = r"_(?P<well>[A-Z]{1,2}\d{2})_T\d+F\d+L\d+A\d+(?:Z(?P<z>\d+))?C\d+\.(?:png|tiff?)$"
+    table_pattern: str = r"^(?P<well>[A-Z]{1,2}\d{2})(?:_(?P<z>\d+))?\.csv$"
+    label_column: str = "label"
+    y_column: str = "centroid-0"
+    x_column: str = "centroid-1"
+    area_column: str = "area"
+    #: Columns that go to ``.X``: every numeric column starting with one of these prefixes.
+    feature_prefixes: tuple[str, ...] = ("intensity",)
+    #: Columns dropped from the table (per-slice bookkeeping that the aggregation replaces).
+    drop_columns: tuple[str, ...] = ("z_stack", "well")
+
+
+@dataclass(frozen=True)
+class PlateGeometry:
+    """Physical scale of a plate export."""
+
+    pixel_size_um: float = 1.0  #: size of one image pixel in y and x, in um
+    z_step_um: float = 1.0  #: distance between z-slices, in um
+    table_scale: float = 1.0  #: table coordinate units per image pixel (4 if tables are at 4x resolution)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PlateFiles:
+    """The files of one plate, indexed by well."""
+
+    root: Path
+    plate: str
+    wells: list[str]
+    channels: list[str]
+    z_levels: list[int]  #: sorted z values from file names ([0] for 2-D)
+    images: dict[tuple[str, int, str], Path]  #: (well, z, channel) -> file
+    labels: dict[tuple[str, int], Path]  #: (well, z) -> file
+    tables: dict[tuple[str, int], Path]  #: (well, z) -> file
+
+    @property
+    def is_3d(self) -> bool:
+        return len(self.z_levels) > 1
+
+
+def sample_id(plate: str, well: str) -> str:
+    """The sample id of a well: unique across plates (``f"{plate}_{well}"``)."""
+    return f"{plate}_{well}"
+
+
+def read_plate_geometry(root: str | Path, **overrides: float | None) -> PlateGeometry:
+    """Read ``plate.json`` (if any) and apply non-``None`` overrides."""
+    root = Path(root)
+    values: dict[str, Any] = {}
+    meta = root / PLATE_METADATA_FILE
+    if meta.exists():
+        values = json.loads(meta.read_text())
+    known = {k: values.pop(k) for k in ("pixel_size_um", "z_step_um", "table_scale") if k in values}
+    known.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in known.items():
+        if not (np.isfinite(value) and value > 0):
+            raise ValueError(f"{key}={value!r} must be a positive number (from arguments or {meta}).")
+    return PlateGeometry(**{k: float(v) for k, v in known.items()}, extra=values)
+
+
+def scan_plate(root: str | Path, *, layout: PlateLayout | None = None, plate: str | None = None) -> PlateFiles:
+    """Index the files of a plate export; raise if a well lacks a channel or a slice.
+
+    Parameters
+    ----------
+    root
+        The plate folder.
+    layout
+        File-name conventions; :class:`PlateLayout` defaults match CellVoyager exports.
+    plate
+        Plate id used in sample ids; defaults to the folder name.
+    """
+    layout = layout or PlateLayout()
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"plate folder {str(root)!r} does not exist or is not a folder.")
+    plate = plate if plate is not None else root.name
+    if not _VALID_ID.match(plate):
+        raise ValueError(
+            f"plate={plate!r} is not a valid plate id: use letters, digits, '_', '.' and '-' only "
+            "(it becomes part of sample ids and element names). Rename the folder or pass plate=."
+        )
+    sub = {name: root / getattr(layout, f"{name}_dir") for name in ("image", "label", "table")}
+    for name, path in sub.items():
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"{name} folder {str(path)!r} not found in the plate export {str(root)!r}; "
+                f"expected sub-folders {layout.image_dir!r}, {layout.label_dir!r}, {layout.table_dir!r} "
+                "(set PlateLayout(image_dir=..., label_dir=..., table_dir=...) for other names)."
+            )
+
+    def _index(folder: Path, pattern: str, what: str) -> dict[tuple, Path]:
+        regex = re.compile(pattern)
+        found: dict[tuple, Path] = {}
+        unmatched = []
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith("."):
+                continue
+            match = regex.search(path.name)
+            if match is None:
+                unmatched.append(path.name)
+                continue
+            groups = match.groupdict()
+            key = (groups["well"], int(groups.get("z") or 0))
+            if what == "image":
+                key = (*key, _channel_name(groups["channel"]))
+            if key in found:
+                raise ValueError(f"two {what} files map to the same {key}: {found[key].name!r} and {path.name!r}.")
+            found[key] = path
+        if unmatched:
+            logger.warning("%d %s files do not match the pattern %r and are ignored, e.g. %r",
+                           len(unmatched), what, pattern, unmatched[:3])
+        if not found:
+            raise FileNotFoundError(
+                f"no {what} file in {str(folder)!r} matches the pattern {pattern!r}"
+                + (f" (e.g. {unmatched[0]!r} does not match)" if unmatched else "")
+                + f"; pass PlateLayout({what}_pattern=...) with named groups well, z"
+                + (", channel" if what == "image" else "") + "."
+            )
+        return found
+
+    images = _index(sub["image"], layout.image_pattern, "image")
+    labels = _index(sub["label"], layout.label_pattern, "label")
+    tables = _index(sub["table"], layout.table_pattern, "table")
+
+    wells = sorted({k[0] for k in images})
+    channels = sorted({k[2] for k in images})
+    z_levels = sorted({k[1] for k in images})
+    missing = [f"{w} z={z} channel={c}" for w in wells for z in z_levels for c in channels if (w, z, c) not in images]
+    missing += [f"label {w} z={z}" for w in wells for z in z_levels if (w, z) not in labels]
+    if missing:
+        raise FileNotFoundError(
+            f"plate {plate!r} is incomplete: {len(missing)} image or label files are missing, e.g. {missing[:5]}. "
+            "Wait until the export has finished, or remove the incomplete well."
+        )
+    no_table = [w for w in wells if not any(k[0] == w for k in tables)]
+    if no_table:
+        raise FileNotFoundError(f"plate {plate!r}: wells {no_table} have images but no table in {str(sub['table'])!r}.")
+    bad_z = sorted({k[1] for k in tables} - set(z_levels))
+    if bad_z:
+        raise ValueError(f"plate {plate!r}: tables name z-slices {bad_z} that have no images (image z: {z_levels}).")
+    return PlateFiles(root, plate, wells, channels, z_levels, images, labels, tables)
+
+
+def _channel_name(raw: str) -> str:
+    return f"C{raw}" if raw.isdigit() else raw
+
+
+def _imread(path: Path) -> np.ndarray:
+    import imageio.v3 as iio
+
+    try:
+        arr = iio.imread(path)
+    except Exception as err:  # imageio raises many types for truncated/unreadable files
+        raise OSError(f"cannot read image file {str(path)!r}: {err}. Re-export or remove the file.") from err
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # RGB(A) export of a grayscale channel
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise ValueError(f"image file {str(path)!r} has shape {arr.shape}; expected a 2-D grayscale image.")
+    if arr.dtype == np.float64:
+        arr = arr.astype(np.float32)
+    return arr
+
+
+def _lazy_stack(paths: Sequence[Path], shape: tuple[int, int], dtype: np.dtype) -> Any:
+    import dask
+    import dask.array as da
+
+    planes = [da.from_delayed(dask.delayed(_checked_read)(p, shape, dtype), shape=shape, dtype=dtype) for p in paths]
+    return da.stack(planes, axis=0)
+
+
+def _checked_read(path: Path, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    arr = _imread(path)
+    if arr.shape != shape:
+        raise ValueError(f"image file {str(path)!r} has shape {arr.shape}, but the plate's images are {shape}.")
+    return arr.astype(dtype, copy=False)
+
+
+def read_well_table(files: PlateFiles, well: str, geometry: PlateGeometry, layout: PlateLayout) -> pd.DataFrame:
+    """Aggregate a well's per-slice tables to one row per object.
+
+    Per object (label id): the centroid and the feature columns are area-weighted means over the
+    slices where the object appears; other numeric columns are plain means; ``n_slices``, ``z_first``,
+    ``z_last`` and ``z_index`` (the slice of largest area, an index into the image z axis) are added,
+    and ``volume_um3`` (the sum of slice areas times the z step) in 3-D.
+    """
+    frames = []
+    z_pos = {z: i for i, z in enumerate(files.z_levels)}
+    for (w, z), path in sorted(files.tables.items()):
+        if w != well:
+            continue
+        try:
+            df = pd.read_csv(path)
+        except pd.errors.EmptyDataError:
+            continue
+        except Exception as err:
+            raise OSError(f"cannot read table {str(path)!r}: {err}") from err
+        if df.empty:
+            continue
+        needed = [layout.label_column, layout.y_column, layout.x_column]
+        missing = [c for c in needed if c not in df.columns]
+        if missing:
+            raise KeyError(
+                f"table {str(path)!r} lacks columns {missing} (has {list(df.columns)}); set "
+                "PlateLayout(label_column=..., y_column=..., x_column=...) to the names your export uses."
+            )
+        df = df.drop(columns=[c for c in layout.drop_columns if c in df.columns])
+        df["_z"] = z_pos[z]
+        frames.append(df)
+    if not frames:
+        raise ValueError(f"well {well!r} of plate {files.plate!r} has no objects: all its tables are empty.")
+    df = pd.concat(frames, ignore_index=True)
+    numeric = [c for c in df.columns if c not in (layout.label_column, "_z") and pd.api.types.is_numeric_dtype(df[c])]
+    features = [c for c in numeric if c.startswith(layout.feature_prefixes)]
+    if layout.area_column in df.columns:
+        weight = df[layout.area_column].astype(float).clip(lower=0)
+    else:
+        weight = pd.Series(1.0, index=df.index)
+    weighted = [layout.y_column, layout.x_column, *features, "_z"]
+    plain = [c for c in numeric if c not in weighted]
+    grouped = df.assign(_w=weight, **{f"_wv_{c}": df[c] * weight for c in weighted}).groupby(layout.label_column, sort=True)
+    wsum = grouped["_w"].sum().replace(0, np.nan)
+    out = pd.DataFrame({c: grouped[f"_wv_{c}"].sum() / wsum for c in weighted})
+    for c in weighted:  # objects with zero area everywhere: plain mean
+        out[c] = out[c].fillna(grouped[c].mean())
+    out[plain] = grouped[plain].mean()
+    out["n_slices"] = grouped.size()
+    out["z_first"] = grouped["_z"].min()
+    out["z_last"] = grouped["_z"].max()
+    largest = df.loc[weight.groupby(df[layout.label_column]).idxmax().to_numpy()]
+    out["z_index"] = largest.set_index(layout.label_column)["_z"].reindex(out.index).astype(int)
+    if files.is_3d and layout.area_column in df.columns:
+        px_um = geometry.pixel_size_um / geometry.table_scale
+        out["volume_um3"] = grouped[layout.area_column].sum() * px_um**2 * geometry.z_step_um
+    out = out.rename(columns={"_z": "z_center"})
+    out.index = out.index.astype(np.int64)
+    out.index.name = layout.label_column
+    return out.reset_index()
+
+
+def read_plate(
+    root: str | Path,
+    *,
+    wells: Sequence[str] | None = None,
+    plate: str | None = None,
+    layout: PlateLayout | None = None,
+    pixel_size_um: float | None = None,
+    z_step_um: float | None = None,
+    table_scale: float | None = None,
+    image_key: str = DEFAULT_IMAGE_KEY,
+    table_key: str = DEFAULT_TABLE_KEY,
+    sample_key: str = DEFAULT_SAMPLE_KEY,
+) -> Any:
+    """Read a plate export into a lazily loaded SpatialData object.
+
+    Parameters
+    ----------
+    root
+        Plate export folder (``imgs/``, ``labels/``, ``tables/``; see the module docstring).
+    wells
+        Wells to read (default: all). Each becomes one sample ``f"{plate}_{well}"``.
+    plate
+        Plate id (default: the folder name).
+    layout
+        File-name and column conventions.
+    pixel_size_um, z_step_um, table_scale
+        Physical scale; default from ``plate.json`` or 1.0.
+    image_key, table_key, sample_key
+        Element and column names of the result.
+
+    Returns
+    -------
+    SpatialData with images ``f"{image_key}_{sample}"`` (``Image3DModel`` (c, z, y, x) or
+    ``Image2DModel`` (c, y, x), dask-backed, original dtype), labels ``f"nuclei_{sample}"`` and one
+    table ``table_key``: one row per object, intensity features in ``.X``, morphometrics and keys
+    (``sample_key``, ``plate``, ``well``, ``instance_id`` = label id, ``region``) in ``.obs``,
+    ``.obsm['spatial']`` in um and ``.obsm['spatial_index']`` integer indices, both (y, x[, z]).
+    """
+    import anndata as ad
+    import spatialdata as sd
+    from spatialdata.models import Image2DModel, Image3DModel, Labels2DModel, Labels3DModel, TableModel
+    from spatialdata.transformations import Scale
+
+    layout = layout or PlateLayout()
+    files = scan_plate(root, layout=layout, plate=plate)
+    geometry = read_plate_geometry(root, pixel_size_um=pixel_size_um, z_step_um=z_step_um, table_scale=table_scale)
+    selected = list(files.wells if wells is None else wells)
+    unknown = [w for w in selected if w not in files.wells]
+    if unknown:
+        raise KeyError(f"wells={unknown} are not in plate {files.plate!r}; available wells: {files.wells}.")
+
+    first = _imread(next(iter(files.images.values())))
+    shape, dtype = first.shape, first.dtype
+    is_3d = files.is_3d
+    axes = ("z", "y", "x") if is_3d else ("y", "x")
+    scale = [geometry.z_step_um, geometry.pixel_size_um, geometry.pixel_size_um][-len(axes):]
+    transform = {"global": Scale(scale, axes=axes)}
+
+    images, labels, tables = {}, {}, []
+    for well in selected:
+        sample = sample_id(files.plate, well)
+        stacks = [
+            _lazy_stack([files.images[(well, z, c)] for z in files.z_levels], shape, dtype) for c in files.channels
+        ]
+        import dask.array as da
+
+        image = da.stack(stacks, axis=0)  # (c, z, y, x)
+        label_paths = [files.labels[(well, z)] for z in files.z_levels]
+        label_dtype = _imread(label_paths[0]).dtype
+        if label_dtype.kind not in "iu":
+            raise TypeError(f"label masks of well {well!r} have dtype {label_dtype}; expected integer label ids.")
+        label = _lazy_stack(label_paths, shape, label_dtype)
+        if is_3d:
+            images[f"{image_key}_{sample}"] = Image3DModel.parse(
+                image, dims=("c", "z", "y", "x"), c_coords=files.channels, transformations=transform
+            )
+            labels[f"{LABELS_PREFIX}_{sample}"] = Labels3DModel.parse(label, dims=axes, transformations=transform)
+        else:
+            images[f"{image_key}_{sample}"] = Image2DModel.parse(
+                image[:, 0], dims=("c", "y", "x"), c_coords=files.channels, transformations=transform
+            )
+            labels[f"{LABELS_PREFIX}_{sample}"] = Labels2DModel.parse(label[0], dims=axes, transformations=transform)
+        df = read_well_table(files, well, geometry, layout)
+        df.insert(0, sample_key, sample)
+        df.insert(1, "plate", files.plate)
+        df.insert(2, "well", well)
+        df[REGION_KEY] = f"{LABELS_PREFIX}_{sample}"
+        tables.append(df)
+
+    df = pd.concat(tables, ignore_index=True)
+    adata = _to_anndata(df, files, geometry, layout, shape, sample_key)
+    adata.uns["phenocoder_ingest"] = {
+        "root": str(Path(root).resolve()),
+        "plate": files.plate,
+        "channels": files.channels,
+        "z_levels": [int(z) for z in files.z_levels],
+        "geometry": {k: v for k, v in asdict(geometry).items() if k != "extra"},
+        "units": "um",
+    }
+    table = TableModel.parse(
+        adata,
+        region=sorted(df[REGION_KEY].unique()),
+        region_key=REGION_KEY,
+        instance_key=INSTANCE_KEY,
+    )
+    return sd.SpatialData(images=images, labels=labels, tables={table_key: table})
+
+
+def _to_anndata(
+    df: pd.DataFrame, files: PlateFiles, geometry: PlateGeometry, layout: PlateLayout,
+    shape: tuple[int, int], sample_key: str,
+) -> Any:
+    import anndata as ad
+
+    label_col = layout.label_column
+    features = [c for c in df.columns if c.startswith(layout.feature_prefixes) and pd.api.types.is_numeric_dtype(df[c])]
+    y_px = df[layout.y_column].to_numpy(float) / geometry.table_scale
+    x_px = df[layout.x_column].to_numpy(float) / geometry.table_scale
+    coords = [y_px * geometry.pixel_size_um, x_px * geometry.pixel_size_um]
+    index = [
+        np.clip(np.rint(y_px), 0, shape[0] - 1).astype(np.int64),
+        np.clip(np.rint(x_px), 0, shape[1] - 1).astype(np.int64),
+    ]
+    if files.is_3d:
+        coords.append(df["z_center"].to_numpy(float) * geometry.z_step_um)
+        index.append(df["z_index"].to_numpy(np.int64))
+    obs = df.drop(columns=features).copy()
+    obs[INSTANCE_KEY] = obs[label_col].astype(np.int64)
+    for col in (sample_key, "plate", "well", REGION_KEY):
+        obs[col] = obs[col].astype(str).astype("category")
+    obs.index = (obs[sample_key].astype(str) + "_" + obs[label_col].astype(str)).to_numpy()
+    X = df[features].to_numpy(np.float32)
+    adata = ad.AnnData(X=X, obs=obs)
+    adata.var_names = features
+    adata.obsm[SPATIAL_KEY] = np.stack(coords, axis=1)
+    adata.obsm[SPATIAL_INDEX_KEY] = np.stack(index, axis=1)
+    return adata
+
+
+def write_sdata(sdata: Any, path: str | Path, *, overwrite: bool = True) -> Path:
+    """Write a SpatialData object as zarr atomically (write aside, then rename into place).
+
+    A failure while writing leaves any earlier result at ``path`` untouched.
+    """
+    from ._io import atomic_dir
+
+    path = Path(path)
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        sdata.write(tmp, overwrite=True)
+    return path

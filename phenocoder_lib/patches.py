@@ -1,0 +1,619 @@
+"""Patch datasets: vectorized extraction, intensity anchors, normalization, chunked storage.
+
+A patch is the 2-D multi-channel window of ``patch_size = (height, width)`` pixels centred on an
+object's integer index (y, x) in its z-plane: rows ``y - height // 2 ... y - height // 2 + height - 1``,
+so the object sits at pixel ``(height // 2, width // 2)`` for odd and even sizes alike. Windows that
+cross the image border are padded with the plane's per-channel minimum (its background level) and
+flagged ``padded`` in the index; every object gets a patch.
+
+Extraction reads one (channel, y, x) plane at a time from the (lazy) image and gathers all windows of
+the objects in that plane with one fancy-indexing call on a sliding-window view, so memory is bounded
+by one plane plus one write buffer, never a whole stack.
+
+Storage (``<dir_dataset>/<dataset>/``):
+
+``patches.zarr/<sample>``
+    raw patches, shape (n, height, width, channels), the image's own dtype (float64 becomes float32),
+    zarr v3, zstd-compressed, chunked along n; rows are in z-plane order (see ``row`` in the index);
+``index.parquet``
+    one row per patch: ``obs_name``, ``sample``, ``y``, ``x``, ``z``, ``row``, ``padded``,
+    ``dataset`` and the requested ``metadata_keys``;
+``stats.parquet``
+    per (sample, channel) intensity statistics of the patch pixels (mean, std, median, mad, min,
+    max, percentile_low, percentile_high, n_pixels);
+``settings.json``
+    patch size, channels, dtype, keys, and the normalization (mode, percentile and the anchors),
+    so that training and encoding normalize identically.
+
+Normalization: ``(v - low[c]) / (high[c] - low[c])`` clipped to [0, 1] and cast to float32, applied
+when patches are read. ``low`` is the ``scale_percentile`` percentile of all patch pixels (the
+background level); ``high`` is the ``100 - scale_percentile`` percentile of the *foreground* patch
+pixels, those brighter than the channel's median. Microscopy patches are mostly background, so
+percentiles over all pixels (the earlier library used whole slices) land at the edge of the
+foreground and saturate most of every nucleus; foreground percentiles saturate only
+``scale_percentile`` % of the foreground.
+A channel whose upper percentile equals its lower one falls back to its maximum, and a constant
+channel gets ``high = low + 1`` and a warning. With ``scale_per_sample=True`` each sample has its
+own anchors (a sample never seen before gets anchors computed from its own patches); otherwise one set of
+anchors is pooled over all samples and reused for new samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ._io import atomic_dir, write_json_atomic
+from ._validation import check_int_pair, check_key, check_obs_column, check_obsm
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SETTINGS_FILE = "settings.json"
+INDEX_FILE = "index.parquet"
+STATS_FILE = "stats.parquet"
+STORE_DIR = "patches.zarr"
+_RESERVOIR = 200_000  # float images: pixels kept per channel and sample for the percentiles
+_CHUNK_ROWS = 1024
+
+
+class ConstantChannelWarning(UserWarning):
+    """A channel has no intensity range in the patches; it normalizes to zeros."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Image access
+# --------------------------------------------------------------------------------------------------
+
+
+def image_array(sdata: Any, key: str) -> tuple[Any, list[str], bool]:
+    """Return (dask/numpy array with dims (c, z, y, x) or (c, y, x), channel names, is_3d) of an image.
+
+    Multiscale images use their full-resolution level.
+    """
+    check_key(sdata.images, key, argument="image key", what="image of the SpatialData object",
+              fix="Images must be stored as f'{image_key}_{sample}'; check image_key and the sample ids.")
+    element = sdata.images[key]
+    if not hasattr(element, "dims"):  # DataTree (multiscale)
+        from spatialdata import get_pyramid_levels
+
+        element = get_pyramid_levels(element, n=0)
+    dims = tuple(element.dims)
+    is_3d = "z" in dims
+    order = ("c", "z", "y", "x") if is_3d else ("c", "y", "x")
+    if set(dims) != set(order):
+        raise ValueError(f"image {key!r} has dims {dims}; expected {order}.")
+    element = element.transpose(*order)
+    channels = [str(c) for c in element.coords["c"].values] if "c" in element.coords else \
+        [str(i) for i in range(element.sizes["c"])]
+    return element.data, channels, is_3d
+
+
+def patch_windows(
+    plane: np.ndarray, ys: np.ndarray, xs: np.ndarray, patch_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut windows of ``patch_size`` centred on (ys, xs) from one (c, y, x) plane.
+
+    Returns (patches (n, h, w, c) in the plane's dtype, padded flags (n,)). Windows crossing the border
+    are padded with the per-channel minimum of the plane.
+    """
+    h, w = patch_size
+    n_c, height, width = plane.shape
+    top, left = h // 2, w // 2
+    padded_plane = np.empty((n_c, height + h - 1, width + w - 1), dtype=plane.dtype)
+    fill = plane.reshape(n_c, -1).min(axis=1)
+    padded_plane[...] = fill[:, None, None]
+    padded_plane[:, top:top + height, left:left + width] = plane
+    view = np.lib.stride_tricks.sliding_window_view(padded_plane, (h, w), axis=(1, 2))  # (c, Y, X, h, w)
+    patches = view[:, ys, xs]  # (c, n, h, w): gathers copy
+    padded = (ys - top < 0) | (xs - left < 0) | (ys - top + h > height) | (xs - left + w > width)
+    return np.ascontiguousarray(patches.transpose(1, 2, 3, 0)), padded
+
+
+def iter_patches(
+    image: Any, index: np.ndarray, patch_size: tuple[int, int], is_3d: bool, *, max_bytes: int = 256 * 2**20
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield (positions, patches, padded) per z-plane for the objects at integer ``index`` (y, x[, z]).
+
+    ``positions`` are row numbers into ``index``; planes are visited in increasing z. Consecutive
+    planes are read together (in parallel by dask) up to ``max_bytes`` of image data at a time.
+    """
+    if not is_3d:
+        if len(index):
+            plane = np.asarray(image)
+            patches, padded = patch_windows(plane, index[:, 0], index[:, 1], patch_size)
+            yield np.arange(len(index)), patches, padded
+        return
+    z = index[:, 2]
+    order = np.argsort(z, kind="stable")
+    bounds = np.flatnonzero(np.diff(z[order])) + 1
+    blocks = [b for b in np.split(order, bounds) if len(b)]
+    plane_bytes = int(np.prod(image.shape[:1] + image.shape[2:])) * np.dtype(image.dtype).itemsize
+    per_read = max(1, max_bytes // max(plane_bytes, 1))
+    for start in range(0, len(blocks), per_read):
+        group = blocks[start:start + per_read]
+        z_values = [int(z[b[0]]) for b in group]
+        z0, z1 = z_values[0], z_values[-1] + 1
+        stack = np.asarray(image[:, z0:z1])  # (c, z1 - z0, y, x): one dask compute per group
+        for block, zv in zip(group, z_values, strict=True):
+            patches, padded = patch_windows(stack[:, zv - z0], index[block, 0], index[block, 1], patch_size)
+            yield block, patches, padded
+
+
+def validate_index(
+    index: np.ndarray, *, image_shape: tuple[int, ...], is_3d: bool, key: str, sample: Any, obs_names: Sequence[str]
+) -> np.ndarray:
+    """Check integer (y, x[, z]) indices against an image of ``image_shape`` ((c,) z, y, x); return (n, 2|3)."""
+    if index.dtype.kind not in "iu":
+        raise TypeError(
+            f"spatial_key_index={key!r}: .obsm[{key!r}] has dtype {index.dtype}; integer pixel indices are needed. "
+            f"Store rounded indices, e.g. adata.obsm[{key!r}] = np.rint(coords).astype(int)."
+        )
+    n_dims = index.shape[1]
+    if is_3d and n_dims != 3:
+        raise ValueError(
+            f"spatial_key_index={key!r} has {n_dims} columns but sample {sample!r} has a 3-D image; "
+            "3-D images need (y, x, z) indices."
+        )
+    if not is_3d:
+        if n_dims == 3 and np.any(index[:, 2] != 0):
+            raise ValueError(
+                f"spatial_key_index={key!r} has z values other than 0 but sample {sample!r} has a 2-D image; "
+                "drop the z column or store a 3-D image."
+            )
+        index = index[:, :2]
+    limits = (image_shape[-2], image_shape[-1]) + ((image_shape[-3],) if is_3d else ())
+    names = ("y", "x", "z")
+    for col, limit in enumerate(limits):
+        bad = (index[:, col] < 0) | (index[:, col] >= limit)
+        if bad.any():
+            examples = [obs_names[i] for i in np.flatnonzero(bad)[:3]]
+            raise ValueError(
+                f"spatial_key_index={key!r}: {int(bad.sum())} objects of sample {sample!r} have {names[col]} outside "
+                f"the image (0..{limit - 1}), e.g. {examples} with {names[col]}="
+                f"{index[bad, col][:3].tolist()}. Check the table's scale against the image or drop those objects."
+            )
+    return index.astype(np.int64, copy=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Intensity statistics and anchors
+# --------------------------------------------------------------------------------------------------
+
+
+class IntensityAccumulator:
+    """Per-channel pixel statistics of many patch blocks: exact histograms for integer images, a seeded
+    reservoir sample for float images."""
+
+    def __init__(self, n_channels: int, dtype: np.dtype, seed: int = 0) -> None:
+        self.n_channels = n_channels
+        self.dtype = np.dtype(dtype)
+        self.integer = self.dtype.kind in "iu" and self.dtype.itemsize <= 2
+        self.rng = np.random.default_rng(seed)
+        self.hist = [np.zeros(0, np.int64) for _ in range(n_channels)]
+        self.offset = int(np.iinfo(self.dtype).min) if self.integer else 0
+        self.samples: list[list[np.ndarray]] = [[] for _ in range(n_channels)]
+        self.count = 0
+
+    def add(self, patches: np.ndarray) -> None:
+        flat = patches.reshape(-1, self.n_channels)
+        self.count += flat.shape[0]
+        for c in range(self.n_channels):
+            values = flat[:, c]
+            if self.integer:
+                counts = np.bincount((values.astype(np.int64) - self.offset))
+                if len(counts) > len(self.hist[c]):
+                    counts[: len(self.hist[c])] += self.hist[c]
+                    self.hist[c] = counts
+                else:
+                    self.hist[c][: len(counts)] += counts
+            else:
+                take = min(len(values), _RESERVOIR)
+                self.samples[c].append(self.rng.choice(values, size=take, replace=False).astype(np.float64))
+
+    def merged(self, others: Sequence[IntensityAccumulator]) -> IntensityAccumulator:
+        out = IntensityAccumulator(self.n_channels, self.dtype)
+        for acc in (self, *others):
+            out.count += acc.count
+            for c in range(self.n_channels):
+                if out.integer:
+                    size = max(len(out.hist[c]), len(acc.hist[c]))
+                    merged = np.zeros(size, np.int64)
+                    merged[: len(out.hist[c])] += out.hist[c]
+                    merged[: len(acc.hist[c])] += acc.hist[c]
+                    out.hist[c] = merged
+                else:
+                    out.samples[c].extend(acc.samples[c])
+        return out
+
+    def quantiles(self, c: int, qs: Sequence[float]) -> np.ndarray:
+        """Quantiles (0..1) of channel ``c`` (inverted-CDF for histograms)."""
+        if self.integer:
+            hist = self.hist[c]
+            cum = np.cumsum(hist)
+            if cum.size == 0 or cum[-1] == 0:
+                return np.zeros(len(qs))
+            pos = np.searchsorted(cum, np.asarray(qs) * cum[-1], side="left")
+            return np.minimum(pos, len(hist) - 1).astype(np.float64) + self.offset
+        values = np.concatenate(self.samples[c]) if self.samples[c] else np.zeros(1)
+        return np.quantile(values, qs)
+
+    def foreground_quantile(self, c: int, q: float) -> float:
+        """Quantile ``q`` of the pixels brighter than the channel's median (the foreground)."""
+        med = self.quantiles(c, [0.5])[0]
+        if self.integer:
+            hist = self.hist[c].copy()
+            cut = int(med - self.offset) + 1
+            hist[:cut] = 0
+            cum = np.cumsum(hist)
+            if cum.size == 0 or cum[-1] == 0:
+                return float(med)
+            return float(min(np.searchsorted(cum, q * cum[-1], side="left"), len(hist) - 1) + self.offset)
+        values = np.concatenate(self.samples[c]) if self.samples[c] else np.zeros(1)
+        fg = values[values > med]
+        return float(np.quantile(fg, q)) if fg.size else float(med)
+
+    def stats(self, c: int, percentile: float) -> dict[str, float]:
+        """mean, std, median, mad (about the channel's own median), min, max and the two percentiles."""
+        lo, med, hi = self.quantiles(c, [percentile / 100, 0.5, 1 - percentile / 100])
+        if self.integer:
+            hist = self.hist[c].astype(np.float64)
+            values = np.arange(len(hist), dtype=np.float64) + self.offset
+            total = hist.sum() or 1.0
+            mean = float((hist * values).sum() / total)
+            std = float(np.sqrt((hist * (values - mean) ** 2).sum() / total))
+            dev = np.abs(values - med)
+            order = np.argsort(dev, kind="stable")
+            cum = np.cumsum(hist[order])
+            mad = float(dev[order][min(np.searchsorted(cum, 0.5 * total), len(cum) - 1)]) if len(cum) else 0.0
+            nz = np.flatnonzero(hist)
+            vmin = float(values[nz[0]]) if len(nz) else 0.0
+            vmax = float(values[nz[-1]]) if len(nz) else 0.0
+        else:
+            v = np.concatenate(self.samples[c]) if self.samples[c] else np.zeros(1)
+            mean, std, mad = float(v.mean()), float(v.std()), float(np.median(np.abs(v - med)))
+            vmin, vmax = float(v.min()), float(v.max())
+        return {"mean": mean, "std": std, "median": float(med), "mad": mad, "min": vmin, "max": vmax,
+                "percentile_low": float(lo), "percentile_high": float(hi),
+                "foreground_high": self.foreground_quantile(c, 1 - percentile / 100), "n_pixels": self.count}
+
+
+def anchors_from(acc: IntensityAccumulator, percentile: float, channels: Sequence[str], where: str) -> dict[str, list]:
+    """Low/high anchors per channel from accumulated patch pixels (see the module docstring)."""
+    low, high = [], []
+    for c, name in enumerate(channels):
+        s = acc.stats(c, percentile)
+        lo, hi = s["percentile_low"], s["foreground_high"]
+        if hi <= lo:
+            hi = s["max"]
+        if hi <= lo:
+            warnings.warn(
+                f"channel {name!r} is constant ({lo}) in the patches of {where}; it normalizes to 0.",
+                ConstantChannelWarning, stacklevel=3,
+            )
+            hi = lo + 1.0
+        low.append(float(lo))
+        high.append(float(hi))
+    return {"low": low, "high": high}
+
+
+def normalize(raw: np.ndarray, low: Sequence[float], high: Sequence[float]) -> np.ndarray:
+    """``clip((raw - low) / (high - low), 0, 1)`` per channel (last axis), as float32."""
+    low = np.asarray(low, np.float32)
+    scale = 1.0 / (np.asarray(high, np.float32) - low)
+    out = raw.astype(np.float32)
+    out -= low
+    out *= scale
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset on disk
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PatchDataset:
+    """A patch dataset folder (see the module docstring for the layout)."""
+
+    path: Path
+    settings: dict[str, Any]
+    index: pd.DataFrame
+
+    @classmethod
+    def open(cls, path: str | Path) -> PatchDataset:
+        """Open ``<dir_dataset>/<dataset>``."""
+        import json
+
+        path = Path(path)
+        if not (path / SETTINGS_FILE).exists():
+            raise FileNotFoundError(
+                f"{str(path)!r} is not a patch dataset (no {SETTINGS_FILE}); run generate_dataset first."
+            )
+        settings = json.loads((path / SETTINGS_FILE).read_text())
+        if settings.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(
+                f"dataset {str(path)!r} was written by a newer Phenocoder (format {settings['format_version']}); "
+                "upgrade phenocoder."
+            )
+        index = pd.read_parquet(path / INDEX_FILE)
+        index["sample"] = index["sample"].astype(str)
+        return cls(path, settings, index)
+
+    @property
+    def name(self) -> str:
+        return self.settings["dataset"]
+
+    @property
+    def samples(self) -> list[str]:
+        return list(self.settings["samples"])
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.settings["patch_size"])  # type: ignore[return-value]
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self.settings["channels"])
+
+    def stats(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / STATS_FILE)
+
+    def anchors(self, sample: str) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) anchors used for ``sample``."""
+        return anchors_for(self.settings, sample)
+
+    def read(self, sample: str, rows: np.ndarray | None = None, *, normalized: bool = True) -> np.ndarray:
+        """Patches of ``sample`` (store rows ``rows``, default all) as (n, h, w, c).
+
+        Normalized float32 in [0, 1] unless ``normalized=False`` or the dataset was made with ``scale=False``.
+        """
+        import zarr
+
+        sample = str(sample)
+        if sample not in self.settings["samples"]:
+            raise KeyError(f"sample {sample!r} is not in dataset {self.name!r}; samples: {self.samples}.")
+        arr = zarr.open_array(self.path / STORE_DIR / sample, mode="r")
+        raw = arr[:] if rows is None else arr.get_orthogonal_selection((np.asarray(rows),))
+        if not normalized:
+            return raw
+        return normalize_for(raw, self.settings, sample)
+
+
+def anchors_for(settings: dict[str, Any], sample: str, fallback: dict[str, list] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The (low, high) anchors that ``settings`` prescribe for ``sample``.
+
+    Per-sample mode uses the sample's stored anchors, or ``fallback`` (anchors computed from that
+    sample's own patches) for a sample not in the dataset.
+    """
+    norm = settings["normalization"]
+    if norm["scale_per_sample"]:
+        entry = norm["per_sample"].get(str(sample), fallback)
+        if entry is None:
+            raise KeyError(
+                f"sample {sample!r} has no per-sample anchors in dataset {settings['dataset']!r}; compute them "
+                "from its patches (patches.compute_anchors) and pass them as fallback."
+            )
+    else:
+        entry = norm["global"]
+    return np.asarray(entry["low"], np.float32), np.asarray(entry["high"], np.float32)
+
+
+def normalize_for(raw: np.ndarray, settings: dict[str, Any], sample: str, fallback: dict[str, list] | None = None) -> np.ndarray:
+    """Normalize raw patches of ``sample`` as ``settings`` prescribe (float32)."""
+    if not settings["normalization"]["scale"]:
+        return raw.astype(np.float32)
+    low, high = anchors_for(settings, sample, fallback)
+    return normalize(raw, low, high)
+
+
+def compute_anchors(raw: np.ndarray, settings: dict[str, Any], where: str = "a new sample") -> dict[str, list]:
+    """Per-sample anchors of ``raw`` patches with the dataset's percentile (for samples not in the dataset)."""
+    acc = IntensityAccumulator(raw.shape[-1], raw.dtype)
+    acc.add(raw)
+    return anchors_from(acc, settings["normalization"]["scale_percentile"], settings["channels"], where)
+
+
+class _ChunkWriter:
+    """Append rows to a zarr array in whole chunks (partial-chunk writes would re-compress chunks)."""
+
+    def __init__(self, arr: Any) -> None:
+        self.arr, self.chunk = arr, arr.chunks[0]
+        self.buffer: list[np.ndarray] = []
+        self.buffered = 0
+        self.written = 0
+
+    @property
+    def n_rows(self) -> int:
+        return self.written + self.buffered
+
+    def append(self, rows: np.ndarray) -> None:
+        self.buffer.append(rows)
+        self.buffered += len(rows)
+        if self.buffered >= self.chunk:
+            self.flush(whole_chunks_only=True)
+
+    def flush(self, whole_chunks_only: bool = False) -> None:
+        if not self.buffered:
+            return
+        data = np.concatenate(self.buffer) if len(self.buffer) > 1 else self.buffer[0]
+        n = (len(data) // self.chunk) * self.chunk if whole_chunks_only else len(data)
+        if n:
+            self.arr[self.written:self.written + n] = data[:n]
+            self.written += n
+        rest = data[n:]
+        self.buffer = [rest] if len(rest) else []
+        self.buffered = len(rest)
+
+
+def generate_dataset(
+    sdata: Any,
+    *,
+    dataset: str,
+    dir_dataset: str | Path,
+    table_key: str,
+    sample_key: str,
+    image_key: str,
+    patch_size: int | Sequence[int] = (128, 128),
+    spatial_key_index: str = "spatial_index",
+    scale: bool = True,
+    scale_percentile: float = 1.0,
+    scale_per_sample: bool = True,
+    metadata_keys: Sequence[str] | None = None,
+    n_samples: int | None = None,
+    n_patches: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> PatchDataset:
+    """Extract, measure and store the patches of every object (or a seeded subset).
+
+    Reads ``sdata.tables[table_key]`` (``.obs[sample_key]``, ``.obsm[spatial_key_index]``, the
+    ``metadata_keys`` columns) and ``sdata.images[f"{image_key}_{sample}"]``; writes
+    ``<dir_dataset>/<dataset>/`` atomically (an earlier dataset of that name is replaced only when the
+    new one is complete).
+
+    Parameters
+    ----------
+    dataset
+        Dataset name (a sub-folder of ``dir_dataset``); also recorded per patch (condition ``dataset``).
+    patch_size
+        (height, width) in pixels, or one int for a square; odd and non-square sizes work.
+    spatial_key_index
+        ``.obsm`` key with integer (y, x[, z]) indices into the images.
+    scale, scale_percentile, scale_per_sample
+        Normalization (see the module docstring); recorded in ``settings.json``.
+    metadata_keys
+        Extra ``.obs`` columns to keep in the index (e.g. condition columns for a CondCVAE).
+    n_samples, n_patches
+        Seeded subsets: ``n_samples`` samples, then at most ``n_patches`` patches drawn from those.
+    seed
+        Seed for the subsets (and the float-image pixel reservoir).
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(dataset, str) or not dataset or "/" in dataset or dataset.startswith("."):
+        raise ValueError(f"dataset={dataset!r} must be a non-empty name without '/' (it becomes a folder).")
+    patch_size = check_int_pair(patch_size, argument="patch_size")
+    if not 0 <= scale_percentile < 50:
+        raise ValueError(f"scale_percentile={scale_percentile!r} must be in [0, 50) (percent, low = p, high = 100 - p).")
+    check_key(sdata.tables, table_key, argument="table_key", what="table of the SpatialData object")
+    table = sdata.tables[table_key]
+    check_obs_column(table.obs, sample_key, argument="sample_key")
+    index_all = check_obsm(table, spatial_key_index, argument="spatial_key_index", n_cols=(2, 3))
+    metadata_keys = [k for k in (metadata_keys or []) if k not in (sample_key, "sample", "y", "x", "z", "dataset")]
+    for key in metadata_keys:
+        check_obs_column(table.obs, key, argument="metadata_keys")
+
+    rng = np.random.default_rng(seed)
+    sample_col = table.obs[sample_key].astype(str).to_numpy()
+    samples = list(pd.unique(sample_col))
+    if not samples:
+        raise ValueError(f"table {table_key!r} has no objects; nothing to extract.")
+    if n_samples is not None:
+        if not 1 <= n_samples <= len(samples):
+            raise ValueError(f"n_samples={n_samples!r} must be between 1 and the number of samples ({len(samples)}).")
+        samples = sorted(rng.choice(samples, size=n_samples, replace=False).tolist(), key=samples.index)
+    selected = np.flatnonzero(np.isin(sample_col, samples))
+    if n_patches is not None:
+        if n_patches < 1:
+            raise ValueError(f"n_patches={n_patches!r} must be >= 1.")
+        if n_patches < len(selected):
+            selected = np.sort(rng.choice(selected, size=n_patches, replace=False))
+        samples = [s for s in samples if np.any(sample_col[selected] == s)]
+
+    dir_dataset = Path(dir_dataset)
+    channels_ref: list[str] | None = None
+    accs: dict[str, IntensityAccumulator] = {}
+    frames = []
+    dtype_ref = None
+    with atomic_dir(dir_dataset / dataset) as tmp:
+        import zarr
+
+        store = zarr.open_group(tmp / STORE_DIR, mode="w")
+        for sample in tqdm(samples, desc="Extracting patches", disable=not progress):
+            rows = selected[sample_col[selected] == sample]
+            image, channels, is_3d = image_array(sdata, f"{image_key}_{sample}")
+            if channels_ref is None:
+                channels_ref, dtype_ref = channels, np.dtype(image.dtype)
+            elif channels != channels_ref:
+                raise ValueError(f"sample {sample!r} has channels {channels}; the first sample had {channels_ref}.")
+            store_dtype = np.float32 if image.dtype == np.float64 else image.dtype
+            idx = validate_index(index_all[rows], image_shape=image.shape, is_3d=is_3d, key=spatial_key_index,
+                                 sample=sample, obs_names=table.obs_names[rows])
+            arr = store.create_array(
+                sample, shape=(len(rows), *patch_size, len(channels)), dtype=store_dtype,
+                chunks=(min(_CHUNK_ROWS, max(len(rows), 1)), *patch_size, len(channels)),
+            )
+            acc = IntensityAccumulator(len(channels), store_dtype, seed=seed)
+            order, padded = np.empty(len(rows), np.int64), np.zeros(len(rows), bool)
+            writer = _ChunkWriter(arr)
+            for pos, patches, pad in iter_patches(image, idx, patch_size, is_3d):
+                patches = patches.astype(store_dtype, copy=False)
+                order[writer.n_rows:writer.n_rows + len(pos)] = pos
+                writer.append(patches)
+                acc.add(patches)
+                padded[pos] = pad
+            writer.flush()
+            accs[sample] = acc
+            store_row = np.empty(len(rows), np.int64)
+            store_row[order] = np.arange(len(rows))
+            frame = pd.DataFrame({
+                "obs_name": table.obs_names[rows].astype(str),
+                "sample": sample,
+                "y": idx[:, 0], "x": idx[:, 1], "z": idx[:, 2] if is_3d else 0,
+                "row": store_row, "padded": padded, "dataset": dataset,
+            })
+            for key in metadata_keys:
+                frame[key] = table.obs[key].to_numpy()[rows]
+            frames.append(frame)
+            logger.info("sample %s: %d patches (%d padded at the border)", sample, len(rows), int(padded.sum()))
+
+        assert channels_ref is not None  # samples is non-empty
+        stats_rows, per_sample = [], {}
+        for sample, acc in accs.items():
+            for c, name in enumerate(channels_ref):
+                stats_rows.append({"sample_id": sample, "channel": name, **acc.stats(c, scale_percentile)})
+            if scale and scale_per_sample:
+                per_sample[sample] = anchors_from(acc, scale_percentile, channels_ref, f"sample {sample!r}")
+        pooled = next(iter(accs.values())).merged(list(accs.values())[1:])
+        global_anchors = anchors_from(pooled, scale_percentile, channels_ref, "all samples") if scale else None
+        index = pd.concat(frames, ignore_index=True)
+        index.to_parquet(tmp / INDEX_FILE, index=False)
+        pd.DataFrame(stats_rows).to_parquet(tmp / STATS_FILE, index=False)
+        settings = {
+            "format_version": FORMAT_VERSION,
+            "dataset": dataset,
+            "patch_size": list(patch_size),
+            "channels": channels_ref,
+            "image_dtype": str(dtype_ref),
+            "store_dtype": str(np.dtype(np.float32 if dtype_ref == np.float64 else dtype_ref)),
+            "table_key": table_key,
+            "sample_key": sample_key,
+            "image_key": image_key,
+            "spatial_key_index": spatial_key_index,
+            "metadata_keys": list(metadata_keys),
+            "samples": samples,
+            "n_patches": int(len(index)),
+            "n_padded": int(index["padded"].sum()),
+            "seed": seed,
+            "padding": "constant: per-plane channel minimum",
+            "normalization": {
+                "scale": bool(scale),
+                "scale_per_sample": bool(scale_per_sample),
+                "scale_percentile": float(scale_percentile),
+                "global": global_anchors,
+                "per_sample": per_sample,
+            },
+        }
+        write_json_atomic(tmp / SETTINGS_FILE, settings)
+    if not scale:
+        logger.warning("scale=False: patches keep raw intensities; the VAE's sigmoid output expects values in [0, 1].")
+    return PatchDataset.open(dir_dataset / dataset)

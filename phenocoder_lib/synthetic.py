@@ -1,0 +1,235 @@
+"""Synthetic plates with planted ground truth, written in the layout of a real plate export.
+
+Every demo and test runs the real ingest path on these folders. What is planted:
+
+- cell types that differ in morphology (radius, elongation, texture) and in channel signature
+  (each type is bright in its own channel pattern);
+- wells assigned to treatments (round robin over ``treatments``) that change the cell-type mix and the
+  spatial arrangement: ``"control"`` wells place types independently (mixed neighbourhoods),
+  other treatments grow types in spatial clumps (clustered neighbourhoods) with a shifted mix.
+
+The truth is saved beside the export: ``ground_truth/objects.csv`` (well, label, cell_type) and
+``ground_truth/wells.csv`` (well, treatment). ``plate.json`` records the physical scale and
+``EXPORT_COMPLETE`` marks the export as finished (as a microscope export would).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .ingest import EXPORT_COMPLETE_MARKER, PLATE_METADATA_FILE
+
+logger = logging.getLogger(__name__)
+
+_BARCODE = "SYNTH000001"
+
+
+@dataclass(frozen=True)
+class SyntheticPlate:
+    """What :func:`make_synthetic_plate` wrote."""
+
+    root: Path
+    wells: list[str]
+    treatments: dict[str, str]
+    n_objects: int
+    is_3d: bool
+    n_channels: int
+    cell_types: list[str]
+
+
+def _well_names(n: int) -> list[str]:
+    rows = "ABCDEFGHIJKLMNOP"
+    return [f"{rows[(i // 12) % 16]}{i % 12 + 1:02d}" for i in range(n)]
+
+
+def make_synthetic_plate(
+    root: str | Path,
+    *,
+    n_wells: int = 3,
+    ndim: int = 3,
+    n_channels: int = 4,
+    image_size: int = 256,
+    n_z: int = 6,
+    nuclei_per_well: int = 150,
+    n_cell_types: int = 3,
+    treatments: tuple[str, ...] = ("control", "treated"),
+    dtype: str = "uint8",
+    pixel_size_um: float = 1.0,
+    z_step_um: float = 2.0,
+    seed: int = 0,
+    write_marker: bool = True,
+) -> SyntheticPlate:
+    """Write a synthetic plate export to ``root`` and return what was written.
+
+    Parameters
+    ----------
+    root
+        Output folder (created; must be empty or absent).
+    n_wells, ndim, n_channels, image_size, n_z, nuclei_per_well
+        Plate shape: wells, 2-D or 3-D, channels, image height/width in pixels, z-slices (3-D), nuclei.
+    n_cell_types
+        Number of planted cell types (at most 8).
+    treatments
+        Treatment names, assigned to wells round robin; the first is the mixed ("control") arrangement.
+    dtype
+        ``"uint8"`` (written as PNG) or ``"uint16"`` (written as TIFF).
+    pixel_size_um, z_step_um
+        Physical scale recorded in ``plate.json``.
+    seed
+        Everything is derived from this seed.
+    """
+    import imageio.v3 as iio
+    from skimage.measure import regionprops_table
+
+    if ndim not in (2, 3):
+        raise ValueError(f"ndim={ndim!r} must be 2 or 3.")
+    if dtype not in ("uint8", "uint16"):
+        raise ValueError(f"dtype={dtype!r} must be 'uint8' or 'uint16'.")
+    if not 1 <= n_cell_types <= 8:
+        raise ValueError(f"n_cell_types={n_cell_types!r} must be between 1 and 8.")
+    root = Path(root)
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"root={str(root)!r} is not empty; choose a new folder for the synthetic plate.")
+    n_z = n_z if ndim == 3 else 1
+    rng = np.random.default_rng(seed)
+    wells = _well_names(n_wells)
+    well_treatment = {w: treatments[i % len(treatments)] for i, w in enumerate(wells)}
+    types = [f"type_{k}" for k in range(n_cell_types)]
+
+    # Per-type phenotype: radius (px), elongation, texture frequency, channel signature.
+    radius = np.linspace(3.5, 6.0, n_cell_types) if n_cell_types > 1 else np.array([5.0])
+    elongation = np.resize([1.0, 1.8, 1.3, 2.2, 1.1, 1.6, 1.4, 2.0], n_cell_types)
+    texture = np.resize([0.0, 0.6, 0.25, 0.9, 0.4, 0.1, 0.75, 0.5], n_cell_types)
+    signature = np.full((n_cell_types, n_channels), 0.15)
+    for k in range(n_cell_types):
+        signature[k, 0] = 0.8  # nuclear stain, all types
+        if n_channels > 1:
+            signature[k, 1 + k % (n_channels - 1)] = 0.95
+            signature[k, 1 + (k + 1) % (n_channels - 1)] += 0.35 * (k % 2)
+    vmax = 255 if dtype == "uint8" else 4095
+    ext = "png" if dtype == "uint8" else "tif"
+
+    for sub in ("imgs", "labels", "tables", "ground_truth"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    truth_rows = []
+    n_total = 0
+    min_dist = 2 * (radius * np.sqrt(elongation)).max() + 1.5
+    for w_i, well in enumerate(wells):
+        treatment = well_treatment[well]
+        treated = treatment != treatments[0]
+        centres = _place_nuclei(rng, nuclei_per_well, image_size, n_z if ndim == 3 else 1, min_dist)
+        n = len(centres)
+        mix = np.ones(n_cell_types)
+        if treated:
+            mix[0] *= 0.4
+            mix[-1] *= 2.5
+        mix /= mix.sum()
+        if treated and n_cell_types > 1:
+            # clustered arrangement: types grow around seeds, so neighbourhoods are homogeneous
+            n_seeds = max(2, n // 25)
+            seeds_xy = rng.uniform(0, image_size, size=(n_seeds, 2))
+            seed_type = rng.choice(n_cell_types, size=n_seeds, p=mix)
+            d = ((centres[:, None, 1:] - seeds_xy[None]) ** 2).sum(-1)
+            cell_type = seed_type[d.argmin(1)]
+        else:
+            cell_type = rng.choice(n_cell_types, size=n, p=mix)
+        image = np.zeros((n_channels, n_z, image_size, image_size), np.float32)
+        labels = np.zeros((n_z, image_size, image_size), np.uint16 if n < 65535 else np.uint32)
+        for i, (cz, cy, cx) in enumerate(centres):
+            k = cell_type[i]
+            _paint(image, labels, i + 1, cz, cy, cx, radius[k], elongation[k], texture[k], signature[k],
+                   rng, ndim == 3)
+        noise = rng.normal(0.03, 0.015, size=image.shape).astype(np.float32)
+        image = np.clip(image + noise, 0, 1) * vmax
+        image = np.rint(image).astype(dtype)
+        for z in range(n_z):
+            ztag = f"Z{z + 1:02d}" if ndim == 3 else ""
+            stem = f"{_BARCODE}_260101_120000_{well}_T0001F001L01"
+            for c in range(n_channels):
+                iio.imwrite(root / "imgs" / f"{stem}A{n_channels - c:02d}{ztag}C{c + 1:02d}.{ext}", image[c, z])
+            iio.imwrite(root / "labels" / f"{stem}A{n_channels:02d}{ztag}C01.tif", labels[z])
+            props = regionprops_table(
+                labels[z].astype(np.int32),
+                intensity_image=np.moveaxis(image[:, z], 0, -1),
+                properties=("label", "centroid", "area", "eccentricity", "intensity_mean",
+                            "major_axis_length", "minor_axis_length"),
+            )
+            df = pd.DataFrame(props)
+            df["well"] = well
+            df["z_stack"] = z + 1
+            name = f"{well}_{z + 1:02d}.csv" if ndim == 3 else f"{well}.csv"
+            df.to_csv(root / "tables" / name, index=False)
+        present = np.unique(labels)
+        present = present[present > 0]
+        for lab in present:
+            truth_rows.append((well, int(lab), types[cell_type[lab - 1]]))
+        n_total += len(present)
+    pd.DataFrame(truth_rows, columns=["well", "label", "cell_type"]).to_csv(
+        root / "ground_truth" / "objects.csv", index=False)
+    pd.DataFrame({"well": wells, "treatment": [well_treatment[w] for w in wells]}).to_csv(
+        root / "ground_truth" / "wells.csv", index=False)
+    meta = {"pixel_size_um": pixel_size_um, "z_step_um": z_step_um, "table_scale": 1.0,
+            "generator": "phenocoder_lib.synthetic", "seed": seed, "cell_types": types}
+    (root / PLATE_METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if write_marker:
+        (root / EXPORT_COMPLETE_MARKER).write_text("")
+    result = SyntheticPlate(root, wells, well_treatment, n_total, ndim == 3, n_channels, types)
+    logger.info("wrote synthetic plate %s: %s", root, {k: v for k, v in asdict(result).items() if k != "root"})
+    return result
+
+
+def _place_nuclei(rng: np.random.Generator, n: int, size: int, n_z: int, min_dist: float) -> np.ndarray:
+    """Jittered-grid placement: up to ``n`` non-overlapping (z, y, x) centres."""
+    step = min_dist
+    margin = step / 2
+    g = np.arange(margin, size - margin + 1e-9, step)
+    yy, xx = np.meshgrid(g, g, indexing="ij")
+    cells = np.stack([yy.ravel(), xx.ravel()], 1)
+    if n > len(cells):
+        logger.warning("only %d nuclei fit in a %d px image (asked for %d); increase image_size", len(cells), size, n)
+        n = len(cells)
+    chosen = cells[rng.choice(len(cells), size=n, replace=False)]
+    jitter = rng.uniform(-0.15 * step, 0.15 * step, size=chosen.shape)
+    yx = np.clip(chosen + jitter, 0, size - 1)
+    z = rng.uniform(0.5, max(n_z - 1.5, 0.5), size=n) if n_z > 1 else np.zeros(n)
+    return np.column_stack([z, yx])
+
+
+def _paint(image, labels, lab, cz, cy, cx, r, elong, tex, sig, rng, is_3d) -> None:
+    n_c, n_z, h, w = image.shape
+    a, b = r * elong**0.5, r / elong**0.5  # semi-axes, same area as a circle of radius r
+    theta = rng.uniform(0, np.pi)
+    rz = 1.2 if is_3d else 0.5
+    ext = int(np.ceil(a)) + 1
+    y0, y1 = max(int(cy) - ext, 0), min(int(cy) + ext + 1, h)
+    x0, x1 = max(int(cx) - ext, 0), min(int(cx) + ext + 1, w)
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    dy, dx = yy - cy, xx - cx
+    u = dx * np.cos(theta) + dy * np.sin(theta)
+    v = -dx * np.sin(theta) + dy * np.cos(theta)
+    phase = rng.uniform(0, 2 * np.pi)
+    pattern = 1.0 - tex * 0.5 * (1 + np.sin(1.6 * u + phase) * np.sin(1.6 * v))
+    for z in range(n_z):
+        dz = (z - cz) / rz if is_3d else 0.0
+        inside = (u / a) ** 2 + (v / b) ** 2 + dz**2 <= 1.0
+        if not inside.any():
+            continue
+        free = inside & (labels[z, y0:y1, x0:x1] == 0)
+        labels[z, y0:y1, x0:x1][free] = lab
+        shade = np.sqrt(np.clip(1 - dz**2, 0, 1))
+        for c in range(n_c):
+            image[c, z, y0:y1, x0:x1][free] = sig[c] * pattern[free] * shade
+
+
+def read_ground_truth(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return (objects: well, label, cell_type; wells: well, treatment) of a synthetic plate."""
+    root = Path(root)
+    objects = pd.read_csv(root / "ground_truth" / "objects.csv", dtype={"well": str})
+    wells = pd.read_csv(root / "ground_truth" / "wells.csv", dtype={"well": str})
+    return objects, wells
