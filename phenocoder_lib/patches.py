@@ -240,7 +240,7 @@ class IntensityAccumulator:
             cum = np.cumsum(hist)
             if cum.size == 0 or cum[-1] == 0:
                 return np.zeros(len(qs))
-            pos = np.searchsorted(cum, np.asarray(qs) * cum[-1], side="left")
+            pos = np.searchsorted(cum, np.maximum(np.asarray(qs) * cum[-1], 1), side="left")
             return np.minimum(pos, len(hist) - 1).astype(np.float64) + self.offset
         values = np.concatenate(self.samples[c]) if self.samples[c] else np.zeros(1)
         return np.quantile(values, qs)
@@ -255,7 +255,7 @@ class IntensityAccumulator:
             cum = np.cumsum(hist)
             if cum.size == 0 or cum[-1] == 0:
                 return float(med)
-            return float(min(np.searchsorted(cum, q * cum[-1], side="left"), len(hist) - 1) + self.offset)
+            return float(min(np.searchsorted(cum, max(q * cum[-1], 1), side="left"), len(hist) - 1) + self.offset)
         values = np.concatenate(self.samples[c]) if self.samples[c] else np.zeros(1)
         fg = values[values > med]
         return float(np.quantile(fg, q)) if fg.size else float(med)

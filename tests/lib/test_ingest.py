@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from phenocoder_lib.ingest import PlateLayout, read_plate, scan_plate, write_sdata
+from phenocoder_lib.synthetic import make_synthetic_plate, read_ground_truth
+
+
+def test_synthetic_3d_plate_ingests_with_truth(synthetic_plate_3d):
+    sdata = read_plate(synthetic_plate_3d)
+    table = sdata.tables["nuclei_features"]
+    objects, wells = read_ground_truth(synthetic_plate_3d)
+    assert len(table) == len(objects) > 250
+    assert sorted(sdata.images) == [f"IF_synth3d_{w}" for w in wells["well"]]
+    assert sorted(sdata.labels) == [f"nuclei_synth3d_{w}" for w in wells["well"]]
+    img = sdata.images["IF_synth3d_A01"]
+    assert img.dims == ("c", "z", "y", "x") and img.shape == (4, 5, 160, 160) and img.dtype == np.uint8
+    assert list(img.coords["c"].values) == ["C01", "C02", "C03", "C04"]
+    # lazily loaded
+    assert type(img.data).__module__.startswith("dask")
+    obs = table.obs
+    assert {"sample", "plate", "well", "instance_id", "region", "area", "n_slices", "z_index"} <= set(obs)
+    assert (obs["plate"] == "synth3d").all()
+    assert (obs["sample"].astype(str) == "synth3d_" + obs["well"].astype(str)).all()
+    assert list(table.var_names) == [f"intensity_mean-{c}" for c in range(4)]
+    assert table.obsm["spatial"].shape == (len(table), 3)
+    idx = table.obsm["spatial_index"]
+    assert idx.dtype.kind == "i" and idx.shape == (len(table), 3)
+    assert idx[:, :2].min() >= 0 and idx[:, :2].max() < 160 and idx[:, 2].max() < 5
+    # every label id in the table exists in the mask of its well, at its index
+    for sample in obs["sample"].cat.categories[:1]:
+        sub = obs["sample"] == sample
+        labels = np.asarray(sdata.labels[f"nuclei_{sample}"])
+        ids = obs.loc[sub, "instance_id"].to_numpy()
+        y, x, z = idx[sub.to_numpy()].T
+        assert np.mean(labels[z, y, x] == ids) > 0.95  # centroid pixel lies inside its own nucleus
+    # table links to the labels
+    attrs = table.uns["spatialdata_attrs"]
+    assert attrs["region_key"] == "region" and attrs["instance_key"] == "instance_id"
+    assert sorted(attrs["region"]) == sorted(sdata.labels)
+
+
+def test_physical_units_and_override(synthetic_plate_3d):
+    base = read_plate(synthetic_plate_3d).tables["nuclei_features"]  # plate.json: 1 um pixels, 2 um z-step
+    scaled = read_plate(synthetic_plate_3d, pixel_size_um=0.5, z_step_um=3.0).tables["nuclei_features"]
+    np.testing.assert_allclose(scaled.obsm["spatial"][:, :2], base.obsm["spatial"][:, :2] * 0.5)
+    np.testing.assert_allclose(scaled.obsm["spatial"][:, 2], base.obsm["spatial"][:, 2] / 2.0 * 3.0)
+    np.testing.assert_array_equal(scaled.obsm["spatial_index"], base.obsm["spatial_index"])
+
+
+def test_2d_uint16_plate(synthetic_plate_2d):
+    sdata = read_plate(synthetic_plate_2d, plate="P2")
+    table = sdata.tables["nuclei_features"]
+    img = sdata.images["IF_P2_A01"]
+    assert img.dims == ("c", "y", "x") and img.dtype == np.uint16 and img.shape[0] == 3
+    assert table.obsm["spatial"].shape[1] == 2 and table.obsm["spatial_index"].shape[1] == 2
+    assert "volume_um3" not in table.obs
+
+
+def test_select_wells_and_keys(synthetic_plate_3d):
+    sdata = read_plate(synthetic_plate_3d, wells=["A02"], image_key="DAPI", table_key="cells", sample_key="well_id")
+    assert list(sdata.images) == ["DAPI_synth3d_A02"]
+    assert set(sdata.tables["cells"].obs["well_id"]) == {"synth3d_A02"}
+    with pytest.raises(KeyError, match="wells=.*Z99"):
+        read_plate(synthetic_plate_3d, wells=["Z99"])
+
+
+def test_area_weighted_aggregation(tmp_path):
+    root = tmp_path / "plate"
+    make_synthetic_plate(root, n_wells=1, ndim=3, image_size=64, n_z=3, nuclei_per_well=4, seed=3)
+    frames = [pd.read_csv(p) for p in sorted((root / "tables").glob("*.csv"))]
+    raw = pd.concat(frames)
+    obj = raw.groupby("label").filter(lambda g: len(g) > 1)["label"].iloc[0]
+    rows = raw[raw["label"] == obj]
+    expected = np.average(rows["intensity_mean-0"], weights=rows["area"])
+    table = read_plate(root).tables["nuclei_features"]
+    got = table[table.obs["instance_id"] == obj].X[0, 0]
+    assert got == pytest.approx(expected, rel=1e-5)
+    row = table.obs[table.obs["instance_id"] == obj].iloc[0]
+    assert row["n_slices"] == len(rows)
+    assert row["z_index"] == rows["z_stack"].to_numpy()[rows["area"].to_numpy().argmax()] - 1
+
+
+def test_missing_file_and_bad_pattern(tmp_path, synthetic_plate_2d):
+    root = tmp_path / "broken"
+    shutil.copytree(synthetic_plate_2d, root)
+    victim = sorted((root / "imgs").iterdir())[0]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        scan_plate(root)
+    with pytest.raises(FileNotFoundError, match="matches the pattern"):
+        scan_plate(synthetic_plate_2d, layout=PlateLayout(image_pattern=r"nomatch(?P<well>x)(?P<channel>y)"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        scan_plate(tmp_path / "nowhere")
+
+
+def test_write_is_atomic_and_readable(tmp_path, synthetic_plate_2d):
+    import spatialdata as sd
+
+    sdata = read_plate(synthetic_plate_2d)
+    out = write_sdata(sdata, tmp_path / "plate.zarr")
+    back = sd.read_zarr(out)
+    assert sorted(back.images) == sorted(sdata.images)
+    np.testing.assert_array_equal(back.tables["nuclei_features"].X, sdata.tables["nuclei_features"].X)
+    # a failing write leaves the earlier result intact and no temporary folder behind
+
+    class Boom:
+        def write(self, *a, **k):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_sdata(Boom(), out)
+    assert sorted(sd.read_zarr(out).images) == sorted(sdata.images)
+    assert [p.name for p in tmp_path.iterdir()] == ["plate.zarr"]
+
+
+@pytest.mark.slow
+def test_real_plate(plate_3d_path, plate_3d_geometry):
+    sdata = read_plate(plate_3d_path, **plate_3d_geometry)
+    table = sdata.tables["nuclei_features"]
+    counts = table.obs.groupby("well", observed=True).size().to_dict()
+    assert counts == {"A06": 4959, "G04": 1420, "H03": 5568}
+    assert len(table) == 11947
+    assert sdata.images["IF_plate_3d_A06"].shape == (4, 52, 954, 954)
+    assert (table.obs["instance_id"].to_numpy() == table.obs["label"].to_numpy()).all()
+    sp = table.obsm["spatial"]
+    # one unit (um) on every axis: xy span ~954 * 1.288 um, z span ~51 * 10 um
+    assert 1000 < sp[:, 0].max() < 1230 and 300 < sp[:, 2].max() <= 510
