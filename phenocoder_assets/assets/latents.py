@@ -1,0 +1,30 @@
+"""``latents``: deterministic latents (z_mean) of every object of a well with the current model."""
+
+from dagster import AssetCheckSpec, AssetExecutionContext, MaterializeResult, asset
+
+from ..configs import LatentsConfig
+from ..partitions import samples_partitions
+from ..resources import PhenocoderStorage
+
+CHECK_EVERY_OBJECT = "every_object_has_a_latent"
+CHECK_FINITE = "latents_finite"
+
+
+@asset(
+    partitions_def=samples_partitions,
+    deps=["patches", "model", "sdata"],
+    group_name="per_sample",
+    kinds={"anndata", "tensorflow"},
+    code_version="1",
+    check_specs=[
+        AssetCheckSpec(CHECK_EVERY_OBJECT, asset="latents", description="Every object of the well has a latent."),
+        AssetCheckSpec(CHECK_FINITE, asset="latents", description="No NaN or infinite latent value."),
+    ],
+    description="Latents of one well (<root>/latents/<sample>/latents.h5ad: the 'phenocoder' table, z_mean per "
+    "object, optional spatial message passing layer), with the model version that encoded them.",
+)
+def latents(context: AssetExecutionContext, config: LatentsConfig, storage: PhenocoderStorage) -> MaterializeResult:
+    """Encode the well's patch dataset with the current model (library ``encoding``)."""
+    from ._model_impl import encode_sample
+
+    return encode_sample(context, config, storage)

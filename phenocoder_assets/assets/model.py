@@ -1,0 +1,23 @@
+"""``model``: the CVAE trained on the patch datasets of chosen samples, tracked in MLflow (unpartitioned)."""
+
+from dagster import AllPartitionMapping, AssetDep, AssetExecutionContext, MaterializeResult, asset
+
+from ..configs import ModelConfig
+from ..resources import MLflowTracking, PhenocoderStorage
+
+
+@asset(
+    deps=[AssetDep("patches", partition_mapping=AllPartitionMapping())],
+    group_name="cross_sample",
+    kinds={"keras", "tensorflow", "mlflow"},
+    code_version="1",
+    pool="gpu",
+    description="Model trained on the patch datasets of the chosen samples (<root>/model/_/model.keras); one MLflow "
+    "run per training, registered in the MLflow model registry. Retraining is a deliberate action.",
+)
+def model(context: AssetExecutionContext, config: ModelConfig, storage: PhenocoderStorage,
+          mlflow: MLflowTracking) -> MaterializeResult:
+    """Train (library ``training``), log to MLflow, register, write atomically."""
+    from ._model_impl import train_and_track
+
+    return train_and_track(context, config, storage, mlflow)

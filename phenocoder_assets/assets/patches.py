@@ -1,0 +1,87 @@
+"""``patches``: one patch per object of a well, normalization settings included (partitioned)."""
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from ..configs import PatchesConfig
+from ..partitions import samples_partitions
+from ..resources import PhenocoderStorage
+from ..state import SUMMARY, read_json
+from ._common import PREVIEW_FILE, SDATA_FILE, Timer, preview_metadata, write_png
+
+CHECK_EVERY_OBJECT = "every_object_has_a_patch"
+
+
+@asset(
+    partitions_def=samples_partitions,
+    deps=["sdata"],
+    group_name="per_sample",
+    kinds={"zarr", "parquet"},
+    code_version="1",
+    check_specs=[AssetCheckSpec(CHECK_EVERY_OBJECT, asset="patches",
+                                description="Every object of the well's table has a patch.")],
+    description="Patch dataset of one well (<root>/patches/<sample>/: patches.zarr, index.parquet, stats.parquet, "
+    "settings.json with the normalization anchors).",
+)
+def patches(context: AssetExecutionContext, config: PatchesConfig, storage: PhenocoderStorage) -> MaterializeResult:
+    """:func:`phenocoder_lib.patches.generate_dataset` on the well's SpatialData."""
+    import numpy as np
+    import spatialdata
+
+    from phenocoder_lib.patches import generate_dataset
+
+    from ..previews import patch_montage
+
+    sample = context.partition_key
+    src = storage.local_path("sdata", sample)
+    info = read_json(src / SUMMARY)
+    timer = Timer()
+    sd = spatialdata.read_zarr(src / SDATA_FILE)
+    table = sd.tables[info["table_key"]]
+    png = None
+    with storage.stage("patches", sample) as out:
+        with timer.phase("extract"):
+            ds = generate_dataset(
+                sd, dataset=sample, dir_dataset=out.parent, table_key=info["table_key"],
+                sample_key=info["sample_key"], image_key=info["image_key"], patch_size=config.patch_size,
+                spatial_key_index=config.spatial_key_index, scale=config.scale,
+                scale_percentile=config.scale_percentile, scale_per_sample=config.scale_per_sample,
+                metadata_keys=config.metadata_keys or None, n_patches=config.n_patches, seed=config.seed,
+            )
+        n = len(ds.index)
+        if n:
+            png = patch_montage(ds.read(sample, rows=np.arange(min(16, n))), title=f"{sample}: first patches")
+            write_png(out / PREVIEW_FILE, png)
+        settings = ds.settings
+    expected = set(table.obs_names.astype(str))
+    have = set(ds.index["obs_name"].astype(str))
+    missing = sorted(expected - have)
+    final = storage.url("patches", sample)
+    norm = settings["normalization"]
+    anchors = norm["per_sample"].get(sample) if norm["scale_per_sample"] else norm["global"]
+    return MaterializeResult(
+        metadata={
+            "n_patches": MetadataValue.int(n),
+            "n_padded": MetadataValue.int(int(settings["n_padded"])),
+            "patch_size": MetadataValue.text("x".join(map(str, settings["patch_size"]))),
+            "channels": MetadataValue.text(", ".join(settings["channels"])),
+            "anchors": MetadataValue.json(anchors or {}),
+            "path": MetadataValue.path(final),
+            **timer.metadata(),
+            **preview_metadata(png, f"{sample}: patches", final),
+        },
+        check_results=[AssetCheckResult(
+            check_name=CHECK_EVERY_OBJECT,
+            passed=not missing,
+            severity=AssetCheckSeverity.WARN if config.n_patches is not None else AssetCheckSeverity.ERROR,
+            metadata={"n_objects": len(expected), "n_patches": n, "n_missing": len(missing),
+                      "missing_examples": MetadataValue.text(", ".join(missing[:10]))},
+        )],
+    )

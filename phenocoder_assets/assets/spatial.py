@@ -1,0 +1,171 @@
+"""``graph_stats`` (per sample) and ``embedding`` (all samples): steps 5 and 6 of the workflow guide."""
+
+from dagster import (
+    AllPartitionMapping,
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetDep,
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from ..configs import EmbeddingConfig, GraphStatsConfig
+from ..partitions import samples_partitions
+from ..resources import PhenocoderStorage
+from ._common import EMBEDDING_FILE, LABELS_FILE, LATENTS_FILE, PREVIEW_FILE, STATS_FILE, Timer, preview_metadata, write_png
+
+CHECK_COMPLETE = "graph_stats_complete"
+
+
+@asset(
+    partitions_def=samples_partitions,
+    deps=["latents", "clusters"],
+    group_name="per_sample",
+    kinds={"anndata", "numba"},
+    code_version="1",
+    check_specs=[AssetCheckSpec(CHECK_COMPLETE, asset="graph_stats",
+                                description="Every row computed (status 'ok') with every expected feature column.")],
+    description="Spatial graph statistics of a well: one row of radius:{r}_stat:{group}_{column} features "
+    "(or one per subunit), <root>/graph_stats/<sample>/stats.h5ad.",
+)
+def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig, storage: PhenocoderStorage) -> MaterializeResult:
+    """:func:`phenocoder_lib.spatial.compute_spatial_stats` on the well's latents table and cluster labels."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from phenocoder_lib.spatial import compute_spatial_stats
+    from phenocoder_lib.spatial.stats import feature_names, normalize_radii, normalize_stats
+
+    sample = context.partition_key
+    table = ad.read_h5ad(storage.local_path("latents", sample) / LATENTS_FILE)
+    info = table.uns["phenocoder_latents"]
+    sample_key = info["sample_key"]
+    labels = pd.read_parquet(storage.local_path("clusters", sample) / LABELS_FILE)
+    cluster_key = [c for c in labels.columns if c != "obs_name" and not c.endswith("_confidence")][0]
+    ref_info = _reference_info(storage)
+    labels = labels.set_index("obs_name")[cluster_key].astype(str).reindex(table.obs_names.astype(str))
+    if labels.isna().any():
+        raise ValueError(f"{int(labels.isna().sum())} objects of {sample!r} have no cluster label; rematerialize "
+                         f"'clusters' for {sample!r} (its labels are older than its latents).")
+    table.obs[cluster_key] = pd.Categorical(labels.to_numpy(), categories=ref_info["categories"])
+    timer = Timer()
+    with timer.phase("compute"):
+        result = compute_spatial_stats(
+            table, sample_key=sample_key, cluster_key=cluster_key, spatial_key=config.spatial_key,
+            radii=config.radii, stats=config.stats, layer=config.layer, chull_min_nds=config.chull_min_nds,
+            chull_min_degree=config.chull_min_degree, exact=config.exact,
+            n_clustering_samples=config.n_clustering_samples, use_subunits=config.use_subunits,
+            dim_subunit=config.dim_subunit, min_obs_per_subunit=config.min_obs_per_subunit,
+            max_obs_per_subunit=config.max_obs_per_subunit, subunit_origin=config.subunit_origin,
+            seed=config.seed, n_jobs=config.n_jobs, progress=False, table_key="phenocoder",
+        )
+    for col in ("plate", "well"):  # per-sample constants, for the embedding's obs_keys/batch_key
+        if col in table.obs.columns:
+            result.obs[col] = str(table.obs[col].astype(str).iloc[0])
+    result.uns["phenocoder_graph_stats"] = {"model": info["model"], "reference_id": ref_info["id"]}
+    with storage.stage("graph_stats", sample) as out:
+        out.mkdir()
+        result.write_h5ad(out / STATS_FILE)
+
+    stats_t = normalize_stats(config.stats)
+    var_names = [str(v) for v in table.var_names] if "moran_features" in stats_t else []
+    expected = feature_names(normalize_radii(config.radii), stats_t, ref_info["categories"], var_names)
+    missing_cols = sorted(set(expected) - set(result.var_names))
+    status = result.obs["status"].astype(str)
+    counts = result[:, [c for c in result.var_names if "_stat:counts_" in c]].X
+    complete = not missing_cols and bool((status == "ok").all()) and bool(np.isfinite(counts).all())
+    n_nan = int(np.isnan(result.X).sum())
+    final = storage.url("graph_stats", sample)
+    return MaterializeResult(
+        metadata={
+            "n_rows": MetadataValue.int(int(result.n_obs)),
+            "n_features": MetadataValue.int(int(result.n_vars)),
+            "n_skipped": MetadataValue.int(int((status != "ok").sum())),
+            "n_nan_values": MetadataValue.int(n_nan),
+            "path": MetadataValue.path(f"{final}/{STATS_FILE}"),
+            **timer.metadata(),
+        },
+        check_results=[AssetCheckResult(
+            check_name=CHECK_COMPLETE, passed=complete,
+            metadata={"n_expected_features": len(expected), "n_missing_features": len(missing_cols),
+                      "skipped_reasons": MetadataValue.text("; ".join(result.obs["skipped_reason"].astype(str)
+                                                                      [status != "ok"].tolist()[:5])),
+                      "n_nan_values": n_nan},
+        )],
+    )
+
+
+def _reference_info(storage: PhenocoderStorage) -> dict:
+    from ..state import REFERENCE_INFO, read_json
+
+    return read_json(storage.local_path("cluster_reference") / REFERENCE_INFO)
+
+
+@asset(
+    deps=[AssetDep("graph_stats", partition_mapping=AllPartitionMapping())],
+    group_name="cross_sample",
+    kinds={"scanpy", "umap"},
+    code_version="1",
+    description="Embedding of every sample's spatial statistics: scaled, optionally batch-corrected, PCA, "
+    "neighbours, UMAP (<root>/embedding/_/embedding.h5ad). Refreshed nightly.",
+)
+def embedding(context: AssetExecutionContext, config: EmbeddingConfig, storage: PhenocoderStorage) -> MaterializeResult:
+    """:func:`phenocoder_lib.embedding.spatialgraph_embedding` over the graph_stats of all samples (read by path)."""
+    import warnings
+
+    import anndata as ad
+    import numpy as np
+
+    from phenocoder_lib.embedding import spatialgraph_embedding
+
+    from ..previews import scatter
+
+    samples = storage.partitions("graph_stats")
+    if len(samples) < 2:
+        raise ValueError(f"the embedding needs the graph_stats of at least 2 samples, found {samples}; materialize "
+                         "'graph_stats' for more samples first.")
+    known = set(context.instance.get_dynamic_partitions("samples"))
+    timer = Timer()
+    with timer.phase("read"):
+        parts = [ad.read_h5ad(storage.local_path("graph_stats", s) / STATS_FILE) for s in samples]
+    refs = sorted({p.uns.get("phenocoder_graph_stats", {}).get("reference_id", "") for p in parts})
+    if len(refs) > 1:
+        context.log.warning(f"graph_stats were computed with different cluster references {refs}; their columns "
+                            "may not be comparable. Rematerialize 'clusters' and 'graph_stats' for all samples.")
+    stats = ad.concat(parts, join="outer", merge="first", uns_merge="first")
+    stats.uns["spatialgraph_stats"] = dict(parts[0].uns["spatialgraph_stats"])
+    variable = config.n_variable_features if config.n_variable_features is not None else config.variable_features
+    obs_keys = [k for k in config.obs_keys if k in stats.obs.columns]
+    with timer.phase("embed"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        emb = spatialgraph_embedding(
+            stats, config.n_dim, scale=config.scale, variable_features=variable,
+            batch_correction=config.batch_correction, batch_key=config.batch_key,
+            confounder_key=config.confounder_key or None, n_neighbors=config.n_neighbors, umap=config.umap,
+            obs_keys=obs_keys or None, seed=config.seed,
+        )
+    for w in caught:
+        context.log.warning(f"embedding: {w.message}")
+    key = "X_umap" if config.umap else "X_pca"
+    xy = np.asarray(emb.obsm[key])[:, :2] if emb.obsm[key].shape[1] >= 2 else np.c_[emb.obsm[key][:, 0], emb.obsm[key][:, 0]]
+    color = emb.obs["plate"].astype(str).to_numpy() if "plate" in emb.obs.columns else None
+    png = scatter(xy, color, title=f"{emb.n_obs} samples ({key[2:].upper()})", xlabel=f"{key[2:].upper()}1",
+                  ylabel=f"{key[2:].upper()}2", size=30, annotate=[str(s) for s in emb.obs_names])
+    with storage.stage("embedding") as out:
+        out.mkdir()
+        emb.write_h5ad(out / EMBEDDING_FILE)
+        write_png(out / PREVIEW_FILE, png)
+    final = storage.url("embedding")
+    return MaterializeResult(metadata={
+        "n_samples": MetadataValue.int(int(emb.n_obs)),
+        "n_features": MetadataValue.int(int(emb.n_vars)),
+        "n_components": MetadataValue.int(int(emb.obsm["X_pca"].shape[1])),
+        "samples": MetadataValue.json(samples),
+        "partitions_without_graph_stats": MetadataValue.json(sorted(known - set(samples))),
+        "path": MetadataValue.path(f"{final}/{EMBEDDING_FILE}"),
+        **timer.metadata(),
+        **preview_metadata(png, "well embedding", final),
+    })

@@ -1,0 +1,162 @@
+"""Run configuration of every asset: the library's parameters, settable from the UI's launchpad.
+
+Defaults are the library's defaults unless noted. Each class documents which library call its
+fields go to; field names follow the workflow guide so that a run can be relaunched from the UI
+with other settings and compared (the ``model`` settings are logged to MLflow as parameters).
+"""
+
+from __future__ import annotations
+
+from dagster import Config
+from pydantic import Field
+
+
+class IngestConfig(Config):
+    """:func:`phenocoder_lib.ingest.read_plate` for one well (partition ``<plate>_<well>``)."""
+
+    plate_dir: str | None = Field(
+        default=None,
+        description="Plate export folder. Default: <landing>/<plate> where <plate> is the partition key's prefix.",
+    )
+    pixel_size_um: float | None = Field(default=None, description="um per pixel (default: plate.json or 1.0).")
+    z_step_um: float | None = Field(default=None, description="um between z-slices (default: plate.json or 1.0).")
+    table_scale: float | None = Field(default=None, description="Table coordinate units per image pixel.")
+    image_key: str = "IF"
+    table_key: str = "nuclei_features"
+    sample_key: str = "sample"
+    image_dir: str = "imgs"
+    label_dir: str = "labels"
+    table_dir: str = "tables"
+    image_pattern: str | None = Field(default=None, description="Regex with groups well, z, channel (default: CellVoyager).")
+    label_pattern: str | None = Field(default=None, description="Regex with groups well, z.")
+    table_pattern: str | None = Field(default=None, description="Regex with groups well, z.")
+    label_column: str = "label"
+    y_column: str = "centroid-0"
+    x_column: str = "centroid-1"
+    area_column: str = "area"
+    feature_prefixes: list[str] = Field(default_factory=lambda: ["intensity"])
+    preview: bool = Field(default=True, description="Render a thumbnail of the well into the asset metadata.")
+
+    def layout(self):  # -> PlateLayout
+        from phenocoder_lib.ingest import PlateLayout
+
+        kwargs = dict(image_dir=self.image_dir, label_dir=self.label_dir, table_dir=self.table_dir,
+                      label_column=self.label_column, y_column=self.y_column, x_column=self.x_column,
+                      area_column=self.area_column, feature_prefixes=tuple(self.feature_prefixes))
+        for name in ("image_pattern", "label_pattern", "table_pattern"):
+            if getattr(self, name):
+                kwargs[name] = getattr(self, name)
+        return PlateLayout(**kwargs)
+
+
+class PatchesConfig(Config):
+    """:func:`phenocoder_lib.patches.generate_dataset` (step 1 of the workflow guide) for one sample.
+
+    The dataset is named after the sample; its normalization settings travel with it.
+    """
+
+    patch_size: list[int] = Field(default_factory=lambda: [128, 128], description="(height, width) in pixels.")
+    spatial_key_index: str = "spatial_index"
+    scale: bool = True
+    scale_percentile: float = 1.0
+    scale_per_sample: bool = True
+    metadata_keys: list[str] = Field(default_factory=list, description="Extra .obs columns kept per patch.")
+    n_patches: int | None = Field(default=None, description="Seeded subset of patches (default: every object).")
+    seed: int = 0
+
+
+class ModelConfig(Config):
+    """``initialize_model`` + ``train`` (steps 2-3): trains on the patch datasets of ``samples``."""
+
+    samples: list[str] = Field(
+        default_factory=list,
+        description="Partitions to train on (default: every sample with a patch dataset).",
+    )
+    n_latent_dim: int = 32
+    n_dense_dim: int = 64
+    conditions: list[str] = Field(default_factory=list, description="[] for a CVAE, e.g. ['dataset', 'z'] for a CondCVAE.")
+    dropout: float = 0.25
+    batch_size: int = 64
+    conv_layers: list[int] = Field(default_factory=lambda: [8, 16, 32, 64, 128])
+    beta: float = 0.01
+    flip: bool = False
+    shuffle: bool = True
+    validation_fraction: float = 0.2
+    n_epochs: int = 100
+    learning_rate: float = 1e-3
+    min_learning_rate: float = 1e-4
+    factor_learning_rate: float = 0.2
+    learning_rate_patience: int = 3
+    early_stopping_patience: int = 5
+    plot: bool = True
+    n_preview: int = 300
+    plot_frac: float = 0.001
+    seed: int = 0
+
+
+class LatentsConfig(Config):
+    """``encode`` (step 4) for one sample with the current model (deterministic ``z_mean``)."""
+
+    batch_size: int = 64
+    spatial_message_passing_radius: float | None = Field(
+        default=None, description="Also average latents over neighbours within this radius (um); None: off."
+    )
+    spatial_key: str = "spatial"
+
+
+class ClusterReferenceConfig(Config):
+    """:func:`phenocoder_lib.clustering.cluster_features`: pooled Leiden over the reference samples."""
+
+    samples: list[str] = Field(default_factory=list, description="Reference samples (default: all with latents).")
+    use_message_passing: bool = Field(default=False, description="Cluster the message-passed layer instead of X.")
+    scale: bool = True
+    n_pcs: int = 50
+    n_neighbors: int = 15
+    resolution: float = 0.5
+    n_iterations: int = 2
+    seed: int = 0
+    max_reference: int | None = 200_000
+    transfer_k: int = 15
+
+
+class ClustersConfig(Config):
+    """Per-sample labels: the pooled Leiden labels for reference samples, kNN transfer for new ones."""
+
+    transfer_k: int | None = Field(default=None, description="Voting neighbours (default: the reference's).")
+    key_added: str = "leiden"
+
+
+class GraphStatsConfig(Config):
+    """:func:`phenocoder_lib.spatial.compute_spatial_stats` (step 5) for one sample."""
+
+    radii: list[float] = Field(default_factory=lambda: [25.0, 50.0])
+    stats: list[str] | None = Field(default=None, description="Subset of the six groups (default: all).")
+    spatial_key: str = "spatial"
+    layer: str | None = None
+    chull_min_nds: int = 10
+    chull_min_degree: int = 3
+    exact: bool = False
+    n_clustering_samples: int = 1000
+    use_subunits: bool = False
+    dim_subunit: list[float] = Field(default_factory=lambda: [500.0, 500.0, 100.0])
+    min_obs_per_subunit: int = 100
+    max_obs_per_subunit: int | None = None
+    subunit_origin: list[float] | None = None
+    seed: int = 0
+    n_jobs: int = 1
+
+
+class EmbeddingConfig(Config):
+    """:func:`phenocoder_lib.embedding.spatialgraph_embedding` (step 6) over every sample's statistics."""
+
+    n_dim: int = 32
+    scale: bool = True
+    variable_features: bool = False
+    n_variable_features: int | None = Field(default=None, description="Keep this many variable features (overrides variable_features).")
+    batch_correction: bool = False
+    batch_key: str | None = None
+    confounder_key: list[str] = Field(default_factory=list)
+    n_neighbors: int = 15
+    umap: bool = True
+    obs_keys: list[str] = Field(default_factory=lambda: ["plate", "well"])
+    seed: int = 0

@@ -1,0 +1,287 @@
+"""Resources: the storage root (local folder or fsspec URL) and MLflow tracking.
+
+Storage layout (``<root>`` = ``PhenocoderStorage.root``, default ``$PHENOCODER_HOME`` or
+``.phenocoder/`` under the working directory)::
+
+    <root>/incoming/<plate>/          landing folder watched by the sensor
+    <root>/<asset>/<sample>/          one folder per partitioned asset and partition
+    <root>/<asset>/_/                 unpartitioned assets (model, cluster_reference, embedding)
+    <root>/mlflow.db, mlartifacts/    default MLflow tracking store and artifacts
+
+Every folder is written aside and renamed into place when complete (:meth:`PhenocoderStorage.stage`),
+so a failed or killed run leaves the previous result untouched. On object stores (``s3://``,
+``gs://``, ...) the new folder is uploaded completely under a temporary name before the old one is
+removed and the new one moved into place; the library works on local files, so remote folders are
+read through a local cache (:meth:`PhenocoderStorage.local_path`).
+
+Nothing heavy is imported here: MLflow is imported when a run is opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+#: Environment variable that moves the storage root (and the default MLflow store) elsewhere.
+HOME_ENV = "PHENOCODER_HOME"
+DEFAULT_ROOT = ".phenocoder"
+#: Folder name used for unpartitioned assets, so every asset has the same depth.
+UNPARTITIONED = "_"
+_STAGE_PREFIX = ".stage-"
+_STALE_SECONDS = 24 * 3600
+
+
+def resolve_root(root: str | None) -> str:
+    """The storage root as an absolute local path or an fsspec URL (``s3://bucket/prefix``)."""
+    value = root or os.environ.get(HOME_ENV) or DEFAULT_ROOT
+    if _is_url(value) and not value.startswith("file://"):
+        return value.rstrip("/")
+    if value.startswith("file://"):
+        value = value[len("file://"):]
+    return str(Path(value).expanduser().resolve())
+
+
+def _is_url(value: str) -> bool:
+    return "://" in value
+
+
+class PhenocoderStorage(ConfigurableResource):
+    """Where every asset reads and writes its files: one folder per asset and partition.
+
+    ``root`` may be a local folder or any fsspec URL (``s3://bucket/phenocoder``,
+    ``gs://...``; install the matching fsspec driver, e.g. ``s3fs``). Unset, it is
+    ``$PHENOCODER_HOME`` or ``.phenocoder/`` under the working directory.
+    """
+
+    root: str | None = Field(
+        default=None,
+        description="Storage root: local folder or fsspec URL. Default: $PHENOCODER_HOME or ./.phenocoder.",
+    )
+    landing: str | None = Field(
+        default=None,
+        description="Landing folder for new plate exports (local). Default: <root>/incoming.",
+    )
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def root_url(self) -> str:
+        return resolve_root(self.root)
+
+    @property
+    def is_local(self) -> bool:
+        return not _is_url(self.root_url)
+
+    @property
+    def landing_dir(self) -> Path:
+        if self.landing:
+            return Path(self.landing).expanduser().resolve()
+        if not self.is_local:
+            raise ValueError(
+                f"the storage root {self.root_url!r} is remote: set PhenocoderStorage(landing=...) to a local "
+                "folder that the sensor can watch (mount the bucket or sync exports there)."
+            )
+        return Path(self.root_url) / "incoming"
+
+    def url(self, asset: str, partition: str | None = None) -> str:
+        """Location of the folder of ``asset`` (and ``partition``) under the root."""
+        _check_name(asset, "asset")
+        name = UNPARTITIONED if partition is None else _check_name(partition, "partition")
+        return f"{self.root_url}/{asset}/{name}"
+
+    def _fs(self) -> Any:
+        from fsspec.core import url_to_fs
+
+        fs, _ = url_to_fs(self.root_url)
+        return fs
+
+    def exists(self, asset: str, partition: str | None = None) -> bool:
+        """Whether a completed folder exists for ``asset``/``partition``."""
+        if self.is_local:
+            return Path(self.url(asset, partition)).is_dir()
+        return bool(self._fs().exists(self.url(asset, partition)))
+
+    def partitions(self, asset: str) -> list[str]:
+        """Partition folders present for ``asset`` (completed writes only), sorted."""
+        base = f"{self.root_url}/{asset}"
+        if self.is_local:
+            folder = Path(base)
+            names = [p.name for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+        else:
+            fs = self._fs()
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)] if fs.exists(base) else []
+        return sorted(n for n in names if not n.startswith(".") and n != UNPARTITIONED)
+
+    def local_path(self, asset: str, partition: str | None = None) -> Path:
+        """A local folder with the content of ``asset``/``partition`` (the folder itself when local).
+
+        Raises ``FileNotFoundError`` naming the asset to materialize first when it is absent.
+        """
+        if not self.exists(asset, partition):
+            what = f"{asset!r}" + ("" if partition is None else f" for partition {partition!r}")
+            raise FileNotFoundError(
+                f"no materialization of {what} under {self.root_url!r}; materialize {asset!r}"
+                + ("" if partition is None else f" for {partition!r}") + " first."
+            )
+        if self.is_local:
+            return Path(self.url(asset, partition))
+        cache = Path(tempfile.mkdtemp(prefix=f"phenocoder-{asset}-"))
+        target = cache / (partition or UNPARTITIONED)
+        self._fs().get(self.url(asset, partition) + "/", str(target), recursive=True)
+        return target
+
+    @contextlib.contextmanager
+    def stage(self, asset: str, partition: str | None = None) -> Iterator[Path]:
+        """Yield a local path (not yet created) to write the folder of ``asset``/``partition`` into.
+
+        When the block succeeds the folder replaces the previous one in one rename (local roots);
+        on error it is removed and the previous folder is left as it was.
+        """
+        final = self.url(asset, partition)
+        if self.is_local:
+            parent = Path(final).parent
+            parent.mkdir(parents=True, exist_ok=True)
+            _clean_stale_stages(parent)
+            work = parent / f"{_STAGE_PREFIX}{uuid.uuid4().hex[:12]}"
+        else:
+            work = Path(tempfile.mkdtemp(prefix=f"phenocoder-stage-{asset}-"))
+        work.mkdir(parents=True, exist_ok=True)
+        out = work / (partition or UNPARTITIONED)
+        try:
+            yield out
+            if not out.exists():
+                raise RuntimeError(f"the {asset!r} step wrote nothing to {str(out)!r}; nothing to commit.")
+            if self.is_local:
+                _replace_dir(out, Path(final))
+            else:
+                self._upload_replace(out, final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _upload_replace(self, src: Path, final: str) -> None:
+        fs = self._fs()
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:10]}"
+        fs.put(str(src) + "/", tmp, recursive=True)
+        if fs.exists(final):
+            old = f"{final}.old-{uuid.uuid4().hex[:10]}"
+            fs.mv(final, old, recursive=True)
+            fs.mv(tmp, final, recursive=True)
+            fs.rm(old, recursive=True)
+        else:
+            fs.mv(tmp, final, recursive=True)
+
+
+def _check_name(name: str, what: str) -> str:
+    if not name or "/" in name or "\\" in name or name.startswith(".") or ".." in name:
+        raise ValueError(f"{what} name {name!r} cannot be a folder name (no '/', '\\', '..', leading '.').")
+    return name
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``; an existing ``dst`` is moved aside first and removed only afterwards."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f"{_STAGE_PREFIX}old-{dst.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(dst, old)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _clean_stale_stages(folder: Path) -> None:
+    """Remove staging folders of killed runs (older than a day; younger ones may be in use)."""
+    now = time.time()
+    for p in folder.iterdir():
+        if p.name.startswith(_STAGE_PREFIX):
+            with contextlib.suppress(OSError):
+                if now - p.stat().st_mtime > _STALE_SECONDS:
+                    shutil.rmtree(p, ignore_errors=True)
+
+
+class MLflowTracking(ConfigurableResource):
+    """MLflow tracking for the ``model`` asset (plain ``mlflow``; no dagster-mlflow).
+
+    Default store: ``sqlite:///<root>/mlflow.db`` with artifacts in ``<root>/mlartifacts`` (MLflow 3
+    would otherwise write ``./mlflow.db`` wherever the step process runs). Teams set
+    ``tracking_uri`` to a tracking server (``http://mlflow.internal:5000``).
+    """
+
+    tracking_uri: str | None = Field(default=None, description="Default: sqlite:///<root>/mlflow.db.")
+    artifact_location: str | None = Field(
+        default=None, description="Artifact root of a new experiment. Default: <root>/mlartifacts (file store)."
+    )
+    experiment_name: str = Field(default="phenocoder", description="MLflow experiment of the training runs.")
+    registered_model_name: str = Field(default="phenocoder-cvae", description="Model registry name.")
+    champion_alias: str = Field(default="champion", description="Registry alias moved to each new model version.")
+    root: str | None = Field(default=None, description="Storage root for the defaults (as PhenocoderStorage.root).")
+
+    def resolved_tracking_uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        root = resolve_root(self.root)
+        if _is_url(root):
+            raise ValueError(
+                f"the storage root {root!r} is remote: set MLflowTracking(tracking_uri=...) to a tracking server "
+                "or a database URL (a SQLite file cannot live in an object store)."
+            )
+        return f"sqlite:///{root}/mlflow.db"
+
+    def resolved_artifact_location(self) -> str | None:
+        if self.artifact_location:
+            return self.artifact_location
+        if self.tracking_uri and not self.tracking_uri.startswith("sqlite"):
+            return None  # a tracking server decides where artifacts go
+        return Path(resolve_root(self.root), "mlartifacts").as_uri()
+
+    def client(self) -> Any:
+        """An ``mlflow.MlflowClient`` on the configured store (and the global URI set to match)."""
+        import mlflow
+
+        uri = self.resolved_tracking_uri()
+        if uri.startswith("sqlite:///"):
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def experiment_id(self) -> str:
+        client = self.client()
+        exp = client.get_experiment_by_name(self.experiment_name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return client.create_experiment(self.experiment_name, artifact_location=self.resolved_artifact_location())
+        except Exception:  # created concurrently by another step
+            exp = client.get_experiment_by_name(self.experiment_name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    @contextlib.contextmanager
+    def start_run(self, *, run_name: str, tags: dict[str, str]) -> Iterator[Any]:
+        """Open one MLflow run in the configured experiment; ends it FAILED if the block raises."""
+        import mlflow
+
+        experiment_id = self.experiment_id()
+        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+            yield run
+
+    def run_url(self, run_id: str) -> str:
+        """A link to the run: the tracking server's page, or the local UI's default address."""
+        uri = self.resolved_tracking_uri()
+        base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+        return f"{base}/#/experiments/{self.experiment_id()}/runs/{run_id}"

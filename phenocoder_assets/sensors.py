@@ -1,0 +1,240 @@
+"""New plates arrive on their own: a sensor on the landing folder.
+
+Completion rule: a plate folder ``<landing>/<plate>/`` is complete when the exporter's marker file
+``EXPORT_COMPLETE`` exists in it (``phenocoder_lib.ingest.EXPORT_COMPLETE_MARKER``) and, if
+``PHENOCODER_QUIET_SECONDS`` is set (default 0), no file of the plate has been modified for that
+many seconds. Until then the plate is reported as waiting.
+
+For each complete plate the sensor registers one ``samples`` partition per well
+(``f"{plate}_{well}"``) and requests one run per well of the ``sample_pipeline`` job. The stages
+requested are the ones that can run: ``sdata`` and ``patches`` always; ``latents`` once a model
+has been trained; ``clusters`` and ``graph_stats`` once a cluster reference exists for that
+model. Run keys are ``"<sample>:<content digest>:<model>/<reference>"``, where the digest covers
+the names, sizes and modification times of the well's files; so the same plate never runs twice,
+a re-exported well runs again, and a new model (a deliberate retraining) re-encodes the known
+wells. The cursor remembers what was requested so an unchanged landing folder costs a few
+``stat`` calls per plate.
+
+Safety: only direct sub-folders of the landing folder are considered; names must be valid plate
+ids (letters, digits, ``_ . -``; no ``..``), symlinks are refused (the plate folder itself and
+anything inside it), and every path must resolve inside the landing folder. Refused plates are
+logged with the reason and never ingested.
+"""
+
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from dagster import (
+    DefaultSensorStatus,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
+
+from .jobs import sample_pipeline_job
+from .partitions import SAMPLES, partition_key_problem
+from .resources import PhenocoderStorage
+from .state import current_model_info, current_reference_info, model_tag
+
+QUIET_ENV = "PHENOCODER_QUIET_SECONDS"
+MARKER = "EXPORT_COMPLETE"  # == phenocoder_lib.ingest.EXPORT_COMPLETE_MARKER (checked in the tests)
+_PLATE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+INGEST_STAGES = ("sdata", "patches")
+ENCODE_STAGES = ("latents",)
+SPATIAL_STAGES = ("clusters", "graph_stats")
+
+
+def plate_problem(landing: Path, entry: os.DirEntry | Path) -> str | None:
+    """Why the landing-folder entry must not be ingested, or ``None`` when it may be."""
+    name = entry.name
+    path = Path(entry.path if isinstance(entry, os.DirEntry) else entry)
+    if not _PLATE_NAME.match(name) or ".." in name:
+        return f"{name!r} is not a valid plate id (letters, digits, '_', '.', '-'; no '..')"
+    if path.is_symlink():
+        return f"{name!r} is a symbolic link; copy the export into the landing folder instead"
+    if not path.is_dir():
+        return f"{name!r} is not a folder"
+    try:
+        path.resolve(strict=True).relative_to(landing.resolve(strict=True))
+    except (ValueError, OSError):
+        return f"{name!r} resolves outside the landing folder {str(landing)!r}"
+    return None
+
+
+def _walk_files(plate_dir: Path) -> list[tuple[str, os.stat_result]]:
+    """(relative path, stat) of every file of the plate; raises ValueError on a symlink anywhere."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(plate_dir, followlinks=False):
+        for name in dirnames + filenames:
+            full = Path(dirpath, name)
+            if full.is_symlink():
+                raise ValueError(f"{str(full.relative_to(plate_dir))!r} is a symbolic link (not followed)")
+        for name in filenames:
+            full = Path(dirpath, name)
+            out.append((str(full.relative_to(plate_dir)), full.stat()))
+    return out
+
+
+def quick_signature(plate_dir: Path) -> str:
+    """Cheap change detector: marker and folder modification times (no walk of the files)."""
+    parts = []
+    for p in [plate_dir / MARKER, plate_dir, *sorted(q for q in plate_dir.iterdir() if q.is_dir())]:
+        st = p.lstat()
+        parts.append(f"{p.name}:{st.st_mtime_ns}:{st.st_size}")
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
+def well_digests(plate_dir: Path, files: Any, walked: list[tuple[str, os.stat_result]]) -> dict[str, str]:
+    """Per well: digest of (relative name, size, mtime) of its images, labels and tables."""
+    stats = dict(walked)
+    per_well: dict[str, list[Path]] = {w: [] for w in files.wells}
+    for mapping in (files.images, files.labels, files.tables):
+        for key, path in mapping.items():
+            if key[0] in per_well:
+                per_well[key[0]].append(path)
+    digests = {}
+    for well, paths in per_well.items():
+        h = hashlib.sha1()
+        for path in sorted(paths):
+            rel = str(Path(path).relative_to(plate_dir))
+            st = stats.get(rel) or Path(path).stat()
+            h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        digests[well] = h.hexdigest()[:16]
+    return digests
+
+
+def downstream_stages(storage: PhenocoderStorage) -> tuple[tuple[str, ...], str, dict[str, Any] | None]:
+    """(stages a new well can run, token naming the model/reference, model record)."""
+    model = current_model_info(storage)
+    if model is None:
+        return INGEST_STAGES, "none", None
+    tag = model_tag(model)
+    ref = current_reference_info(storage)
+    if ref is None or ref.get("model") != tag:
+        return INGEST_STAGES + ENCODE_STAGES, tag, model
+    return INGEST_STAGES + ENCODE_STAGES + SPATIAL_STAGES, f"{tag}+ref/{ref.get('id', '?')}", model
+
+
+def patches_run_config(model: dict[str, Any] | None) -> dict[str, Any]:
+    """New wells get patches with the settings the current model was trained on."""
+    if not model or not model.get("patches"):
+        return {}
+    allowed = {"patch_size", "spatial_key_index", "scale", "scale_percentile", "scale_per_sample", "metadata_keys"}
+    cfg = {k: v for k, v in model["patches"].items() if k in allowed}
+    return {"ops": {"patches": {"config": cfg}}} if cfg else {}
+
+
+@sensor(
+    job=sample_pipeline_job,
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Registers the wells of complete plate exports in the landing folder as 'samples' partitions "
+    "and requests their ingest -> patches -> latents -> clusters -> graph_stats runs.",
+)
+def incoming_plates_sensor(context: SensorEvaluationContext, storage: PhenocoderStorage):
+    """See the module docstring."""
+    from phenocoder_lib.ingest import scan_plate, sample_id
+
+    landing = storage.landing_dir
+    if not landing.is_dir():
+        return SkipReason(f"landing folder {str(landing)!r} does not exist yet (create it and drop plate exports in).")
+    cursor: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
+    plates_seen: dict[str, str] = cursor.get("plates", {})
+    samples_seen: dict[str, dict[str, str]] = cursor.get("samples", {})
+    quiet = float(os.environ.get(QUIET_ENV, "0") or 0)
+    stages, token, model = downstream_stages(storage)
+    known = set(context.instance.get_dynamic_partitions(SAMPLES))
+    new_keys: list[str] = []
+    requests: list[RunRequest] = []
+    waiting, refused = [], []
+
+    for entry in sorted(os.scandir(landing), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        problem = plate_problem(landing, entry)
+        if problem:
+            refused.append(problem)
+            continue
+        plate_dir = Path(entry.path)
+        if not (plate_dir / MARKER).is_file():
+            waiting.append(f"{entry.name!r}: no {MARKER} marker yet")
+            continue
+        signature = quick_signature(plate_dir)
+        if plates_seen.get(entry.name) == f"{signature}:{token}":
+            continue  # nothing changed since the last evaluation
+        try:
+            walked = _walk_files(plate_dir)
+        except ValueError as err:
+            refused.append(f"{entry.name!r}: {err}")
+            continue
+        if quiet > 0:
+            newest = max((st.st_mtime for _, st in walked), default=0.0)
+            if time.time() - newest < quiet:
+                waiting.append(f"{entry.name!r}: modified {time.time() - newest:.0f} s ago (quiet period {quiet:.0f} s)")
+                continue
+        try:
+            files = scan_plate(plate_dir, plate=entry.name)
+        except (OSError, ValueError, KeyError) as err:
+            refused.append(f"{entry.name!r}: {err}")
+            continue
+        digests = well_digests(plate_dir, files, walked)
+        for well in files.wells:
+            key = sample_id(entry.name, well)
+            problem = partition_key_problem(key)
+            if problem:
+                refused.append(problem)
+                continue
+            seen = samples_seen.get(key, {})
+            if seen.get("digest") == digests[well] and seen.get("token") == token:
+                continue
+            if seen.get("digest") == digests[well] and key in known:
+                selection = [s for s in stages if s not in INGEST_STAGES]  # only the model changed
+            else:
+                selection = list(stages)
+            if not selection:
+                samples_seen[key] = {"digest": digests[well], "token": token}
+                continue
+            if key not in known:
+                new_keys.append(key)
+                known.add(key)
+            run_config = patches_run_config(model) if "patches" in selection else {}
+            requests.append(RunRequest(
+                run_key=f"{key}:{digests[well]}:{token}",
+                partition_key=key,
+                asset_selection=[_key(s) for s in selection],
+                run_config=run_config,
+                tags={"phenocoder/plate": entry.name, "phenocoder/well": well, "phenocoder/trigger": "incoming_plates"},
+            ))
+            samples_seen[key] = {"digest": digests[well], "token": token}
+        plates_seen[entry.name] = f"{signature}:{token}"
+
+    for reason in refused:
+        context.log.warning(f"landing folder: refused {reason}")
+    for reason in waiting:
+        context.log.info(f"landing folder: waiting for {reason}")
+    new_cursor = json.dumps({"plates": plates_seen, "samples": samples_seen}, sort_keys=True)
+    if not requests and not new_keys:
+        detail = "; ".join((waiting + refused)[:5])
+        return SensorResult(skip_reason=SkipReason("no new or changed plates" + (f" ({detail})" if detail else "")),
+                            cursor=new_cursor)
+    from dagster import AddDynamicPartitionsRequest
+
+    return SensorResult(
+        run_requests=requests,
+        dynamic_partitions_requests=[AddDynamicPartitionsRequest(SAMPLES, new_keys)] if new_keys else [],
+        cursor=new_cursor,
+    )
+
+
+def _key(name: str):
+    from dagster import AssetKey
+
+    return AssetKey(name)
