@@ -255,3 +255,21 @@ def test_out_of_image_index_is_an_error_and_keeps_earlier_dataset(sdata3d, tmp_p
         table.obsm["spatial_index"] = saved
     again = PatchDataset.open(tmp_path / "d1")
     assert len(again.index) == len(first.index)
+
+
+@pytest.mark.slow
+def test_real_plate_patches_keep_every_channel_graded(plate_3d_path, plate_3d_geometry, tmp_path):
+    sdata = read_plate(plate_3d_path, **plate_3d_geometry)
+    ds = generate_dataset(sdata, dataset="real", dir_dataset=tmp_path, table_key="nuclei_features",
+                          sample_key="sample", image_key="IF", patch_size=32)
+    assert len(ds.index) == 11947
+    assert ds.index.groupby("sample").size().to_dict() == {
+        "plate_3d_A06": 4959, "plate_3d_G04": 1420, "plate_3d_H03": 5568}
+    for sample in ds.samples:
+        patches = ds.read(sample)
+        for c in range(patches.shape[-1]):
+            values = patches[..., c]
+            fg = values[values > 0]
+            # no channel becomes binary: many grey levels and little saturation of the foreground
+            assert len(np.unique(values)) >= 10, (sample, c)
+            assert (fg >= 1).mean() < 0.1, (sample, c)
