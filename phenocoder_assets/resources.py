@@ -34,6 +34,10 @@ from pydantic import Field
 
 #: Environment variable that moves the storage root (and the default MLflow store) elsewhere.
 HOME_ENV = "PHENOCODER_HOME"
+#: Environment variable for a landing folder outside the root (e.g. a mounted volume).
+LANDING_ENV = "PHENOCODER_LANDING"
+#: Environment variable for an MLflow tracking server (teams); default: SQLite under the root.
+TRACKING_ENV = "PHENOCODER_MLFLOW_TRACKING_URI"
 DEFAULT_ROOT = ".phenocoder"
 #: Folder name used for unpartitioned assets, so every asset has the same depth.
 UNPARTITIONED = "_"
@@ -69,7 +73,7 @@ class PhenocoderStorage(ConfigurableResource):
     )
     landing: str | None = Field(
         default=None,
-        description="Landing folder for new plate exports (local). Default: <root>/incoming.",
+        description="Landing folder for new plate exports (local). Default: $PHENOCODER_LANDING or <root>/incoming.",
     )
 
     # ------------------------------------------------------------------------------------------
@@ -83,8 +87,9 @@ class PhenocoderStorage(ConfigurableResource):
 
     @property
     def landing_dir(self) -> Path:
-        if self.landing:
-            return Path(self.landing).expanduser().resolve()
+        landing = self.landing or os.environ.get(LANDING_ENV)
+        if landing:
+            return Path(landing).expanduser().resolve()
         if not self.is_local:
             raise ValueError(
                 f"the storage root {self.root_url!r} is remote: set PhenocoderStorage(landing=...) to a local "
@@ -217,10 +222,13 @@ class MLflowTracking(ConfigurableResource):
 
     Default store: ``sqlite:///<root>/mlflow.db`` with artifacts in ``<root>/mlartifacts`` (MLflow 3
     would otherwise write ``./mlflow.db`` wherever the step process runs). Teams set
-    ``tracking_uri`` to a tracking server (``http://mlflow.internal:5000``).
+    ``tracking_uri`` (or ``$PHENOCODER_MLFLOW_TRACKING_URI``) to a tracking server
+    (``http://mlflow.internal:5000``), which then also decides where artifacts go.
     """
 
-    tracking_uri: str | None = Field(default=None, description="Default: sqlite:///<root>/mlflow.db.")
+    tracking_uri: str | None = Field(
+        default=None, description="Default: $PHENOCODER_MLFLOW_TRACKING_URI or sqlite:///<root>/mlflow.db."
+    )
     artifact_location: str | None = Field(
         default=None, description="Artifact root of a new experiment. Default: <root>/mlartifacts (file store)."
     )
@@ -230,8 +238,8 @@ class MLflowTracking(ConfigurableResource):
     root: str | None = Field(default=None, description="Storage root for the defaults (as PhenocoderStorage.root).")
 
     def resolved_tracking_uri(self) -> str:
-        if self.tracking_uri:
-            return self.tracking_uri
+        if self.tracking_uri or os.environ.get(TRACKING_ENV):
+            return self.tracking_uri or os.environ[TRACKING_ENV]
         root = resolve_root(self.root)
         if _is_url(root):
             raise ValueError(
@@ -243,7 +251,7 @@ class MLflowTracking(ConfigurableResource):
     def resolved_artifact_location(self) -> str | None:
         if self.artifact_location:
             return self.artifact_location
-        if self.tracking_uri and not self.tracking_uri.startswith("sqlite"):
+        if not self.resolved_tracking_uri().startswith("sqlite"):
             return None  # a tracking server decides where artifacts go
         return Path(resolve_root(self.root), "mlartifacts").as_uri()
 
