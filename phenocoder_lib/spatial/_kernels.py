@@ -112,10 +112,16 @@ def group_closeness_sums(start, degree, indices, lab, clusters):
 
 
 @njit(parallel=True, cache=True)
-def local_clustering(start, degree, indices, nodes, n_chunks):
-    """Local clustering coefficient ``2 T_v / (d_v (d_v - 1))`` (0 when ``d_v < 2``) of ``nodes``."""
+def local_clustering(start, degree, indices, run_ends, nodes, n_chunks):
+    """Local clustering coefficient ``2 T_v / (d_v (d_v - 1))`` (0 when ``d_v < 2``) of ``nodes``.
+
+    ``run_ends[b, u]`` ends the ``b``-th id-sorted run of row ``u`` (the distance buckets of the
+    graph). Each edge ``(u, w)`` among the neighbours of ``v`` is found once, from ``u`` with
+    ``w > u`` (binary search in each run), which halves the scans of the marker method.
+    """
     n = start.shape[0]
     m = nodes.shape[0]
+    nb = run_ends.shape[0]
     out = np.zeros(m, dtype=np.float64)
     bounds = _bounds(m, n_chunks)
     for ch in prange(n_chunks):
@@ -134,11 +140,83 @@ def local_clustering(start, degree, indices, nodes, n_chunks):
             for e in range(sv, sv + d):
                 u = indices[e]
                 su = start[u]
-                for f in range(su, su + degree[u]):
-                    if stamp[indices[f]] == v:
-                        tri += 1
-            # tri counts every edge among the neighbours twice
-            out[t] = tri / (d * (d - 1.0))
+                prev = 0
+                for b in range(nb):
+                    lo = su + prev
+                    hi = su + run_ends[b, u]
+                    prev = run_ends[b, u]
+                    while lo < hi:  # first entry > u
+                        mid = (lo + hi) // 2
+                        if indices[mid] <= u:
+                            lo = mid + 1
+                        else:
+                            hi = mid
+                    for f in range(lo, su + prev):
+                        if stamp[indices[f]] == v:
+                            tri += 1
+            out[t] = 2.0 * tri / (d * (d - 1.0))
+    return out
+
+
+@njit(cache=True)
+def _adjacent(start, indices, run_ends, a, b):
+    """Whether ``b`` is in row ``a`` (binary search in each id-sorted run)."""
+    sa = start[a]
+    prev = 0
+    for r in range(run_ends.shape[0]):
+        lo = sa + prev
+        hi = sa + run_ends[r, a]
+        prev = run_ends[r, a]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            x = indices[mid]
+            if x == b:
+                return True
+            if x < b:
+                lo = mid + 1
+            else:
+                hi = mid
+    return False
+
+
+@njit(parallel=True, cache=True)
+def sampled_local_clustering(start, degree, indices, run_ends, nodes, uniforms):
+    """Unbiased estimate of each node's local clustering coefficient from neighbour pairs.
+
+    For node ``v`` with ``P = d (d - 1) / 2`` neighbour pairs: if ``P <= q`` (``q = uniforms.shape[1]``)
+    every pair is tested (exact); otherwise ``q`` pairs are drawn uniformly with replacement (from
+    the pre-drawn ``uniforms``) and the fraction of connected pairs is returned.
+    """
+    m = nodes.shape[0]
+    q = uniforms.shape[1]
+    out = np.zeros(m, dtype=np.float64)
+    for t in prange(m):
+        v = nodes[t]
+        d = degree[v]
+        if d < 2:
+            continue
+        sv = start[v]
+        npairs = d * (d - 1) // 2
+        hits = 0
+        if npairs <= q:
+            for i in range(d):
+                for j in range(i + 1, d):
+                    if _adjacent(start, indices, run_ends, indices[sv + i], indices[sv + j]):
+                        hits += 1
+            out[t] = hits / npairs
+        else:
+            for s in range(q):
+                i = int(uniforms[t, s, 0] * d)
+                j = int(uniforms[t, s, 1] * (d - 1))
+                if i >= d:
+                    i = d - 1
+                if j >= d - 1:
+                    j = d - 2
+                if j >= i:
+                    j += 1
+                if _adjacent(start, indices, run_ends, indices[sv + i], indices[sv + j]):
+                    hits += 1
+            out[t] = hits / q
     return out
 
 

@@ -35,6 +35,7 @@ class GraphView:
     start: np.ndarray  # int64 (n,)
     degree: np.ndarray  # int64 (n,)
     indices: np.ndarray  # int32 (E_max,)
+    run_ends: np.ndarray  # int64 (k + 1, n): ends of the id-sorted runs (distance buckets) per row
 
     @property
     def n_nodes(self) -> int:
@@ -93,7 +94,8 @@ class RadiusGraph:
     def view(self, radius: float) -> GraphView:
         """The graph at one of :attr:`radii`."""
         k = _radius_index(self.radii, radius)
-        return GraphView(float(self.radii[k]), self.indptr[:-1], self.n_within[k], self.indices)
+        return GraphView(float(self.radii[k]), self.indptr[:-1], self.n_within[k], self.indices,
+                         self.n_within[: k + 1])
 
     def to_csr(self, radius: float, *, input_order: bool = True):
         """A ``scipy.sparse.csr_matrix`` of ones (float32) for tests and interoperability.

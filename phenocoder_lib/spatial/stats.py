@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,8 @@ STATUS_OK = "ok"
 STATUS_SKIPPED = "skipped"
 #: Default number of nodes per cluster for the sampled average clustering coefficient.
 DEFAULT_CLUSTERING_SAMPLES = 1000
+#: Neighbour pairs tested per sampled node (all pairs when a node has fewer).
+PAIRS_PER_NODE = 64
 
 
 def format_radius(radius: float) -> str:
@@ -170,7 +173,7 @@ def compute_stats(
     *,
     values: np.ndarray | None = None,
     seed_key: Sequence[int] = (),
-    timings: dict[str, float] | None = None,
+    profile: Callable[[str], AbstractContextManager] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Compute one row of statistics from arrays.
 
@@ -187,8 +190,9 @@ def compute_stats(
     seed_key
         Non-negative ints mixed into the seed (sample and subunit keys), so a sample's random
         choices do not depend on which other samples are in the run.
-    timings
-        If given, seconds per step are added to it (benchmarks).
+    profile
+        If given, ``profile(step)`` is a context manager entered around each step (``'graph'``,
+        ``'edge_pass'`` and the group names), e.g. to time it (benchmarks).
 
     Returns
     -------
@@ -196,8 +200,6 @@ def compute_stats(
         ``features`` is float64 aligned with ``config.feature_names``; ``info`` holds ``status``,
         ``skipped_reason``, ``n_obs``, ``n_unlabelled`` and the clustering standard errors.
     """
-    import time
-
     from . import _kernels as K
     from .graph import build_radius_graph
 
@@ -225,19 +227,19 @@ def compute_stats(
                                    "the statistics need at least two")
         return out, info
 
-    t0 = time.perf_counter()
-    graph = build_radius_graph(coords, config.radii)
-    lab = codes[graph.order].astype(np.int32)
+    section = profile if profile is not None else (lambda _name: nullcontext())
+    with section("graph"):
+        graph = build_radius_graph(coords, config.radii)
+        lab = codes[graph.order].astype(np.int32)
     d = graph.n_dims
     ctx = _Context(graph, lab, counts, present, graph.coords[:, :d], n, k)
     zvals = None
     if "moran_features" in config.stats and len(config.var_names):
         require(values is not None and np.asarray(values).shape == (n, len(config.var_names)),
                 "moran_features needs `values` of shape (n_objects, n_vars) matching config.var_names.")
-        zvals = np.asarray(values, dtype=np.float64)[graph.order]
-        zvals = zvals - zvals.mean(axis=0)
-    if timings is not None:
-        timings["graph"] = timings.get("graph", 0.0) + time.perf_counter() - t0
+        with section("moran_features"):
+            zvals = np.asarray(values, dtype=np.float64)[graph.order]
+            zvals = zvals - zvals.mean(axis=0)
 
     pos = {name: i for i, name in enumerate(config.feature_names)}
     row: dict[str, float] = {}
@@ -245,47 +247,53 @@ def compute_stats(
         view = graph.view(r)
         p = f"radius:{format_radius(r)}_stat:"
         n_chunks = K.default_chunks(n)
-        t0 = time.perf_counter()
-        cnt, gdeg, mnum, n_nonisolated, t2 = K.label_pass(
-            view.start, view.degree, view.indices, lab, k, counts / n, n_chunks)
+        with section("edge_pass"):
+            cnt, gdeg, mnum, n_nonisolated, t2 = K.label_pass(
+                view.start, view.degree, view.indices, lab, k, counts / n, n_chunks)
         s0 = int(view.degree.sum())
         row[f"{p}counts_total_objects"] = n
         row[f"{p}counts_total_edges"] = s0 / 2
         for c in range(k):
             row[f"{p}counts_n_{config.categories[c]}"] = counts[c]
-        if timings is not None:
-            timings["edge_pass"] = timings.get("edge_pass", 0.0) + time.perf_counter() - t0
         for group in config.stats:
-            t0 = time.perf_counter()
-            if group == "interactions":
-                _interactions(row, p, ctx, config, cnt, s0, int(t2))
-            elif group == "centrality":
-                _centrality(row, info, p, ctx, config, view, gdeg, ri, r, seed_key)
-            elif group == "connectivity":
-                _connectivity(row, p, ctx, config, view)
-            elif group == "moran_features":
-                if zvals is not None:
-                    num = K.moran_numerators(view.start, view.degree, view.indices, zvals, n_chunks)
-                    ss = (zvals * zvals).sum(axis=0)
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        moran = n / n_nonisolated * num / ss if n_nonisolated else np.full(len(num), np.nan)
-                    moran = np.where(ss > 0, moran, np.nan)
-                    for v, val in zip(config.var_names, moran, strict=True):
-                        row[f"{p}moran_features_moranI_{v}"] = val
-            elif group == "moran_clusters":
-                pc = counts / n
-                denom = n * pc * (1.0 - pc)
-                for c in present:
-                    if n_nonisolated and denom[c] > 0:
-                        row[f"{p}moran_clusters_moranI_{config.categories[c]}"] = \
-                            n / n_nonisolated * mnum[c] / denom[c]
-            elif group == "chull":
-                _chull(row, p, ctx, config, view)
-            if timings is not None:
-                timings[group] = timings.get(group, 0.0) + time.perf_counter() - t0
+            with section(group):
+                _group(group, row, info, p, ctx, config, view, ri, r, seed_key, cnt, gdeg, mnum,
+                       n_nonisolated, s0, int(t2), zvals, n_chunks)
     for name, val in row.items():
         out[pos[name]] = val
     return out, info
+
+
+def _group(group, row, info, p, ctx, config, view, ri, r, seed_key, cnt, gdeg, mnum, n_nonisolated, s0, t2,
+           zvals, n_chunks) -> None:
+    """Fill ``row`` with one group's columns at one radius."""
+    from . import _kernels as K
+
+    n, counts, present = ctx.n, ctx.counts, ctx.present
+    if group == "interactions":
+        _interactions(row, p, ctx, config, cnt, s0, t2)
+    elif group == "centrality":
+        _centrality(row, info, p, ctx, config, view, gdeg, ri, r, seed_key)
+    elif group == "connectivity":
+        _connectivity(row, p, ctx, config, view)
+    elif group == "moran_features":
+        if zvals is not None:
+            num = K.moran_numerators(view.start, view.degree, view.indices, zvals, n_chunks)
+            ss = (zvals * zvals).sum(axis=0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                moran = n / n_nonisolated * num / ss if n_nonisolated else np.full(len(num), np.nan)
+            moran = np.where(ss > 0, moran, np.nan)
+            for v, val in zip(config.var_names, moran, strict=True):
+                row[f"{p}moran_features_moranI_{v}"] = val
+    elif group == "moran_clusters":
+        pc = counts / n
+        denom = n * pc * (1.0 - pc)
+        for c in present:
+            if n_nonisolated and denom[c] > 0:
+                row[f"{p}moran_clusters_moranI_{config.categories[c]}"] = \
+                    n / n_nonisolated * mnum[c] / denom[c]
+    elif group == "chull":
+        _chull(row, p, ctx, config, view)
 
 
 def _falling(x: np.ndarray | float, m: int) -> np.ndarray:
@@ -347,39 +355,42 @@ def _centrality(row, info, p, ctx: _Context, config: StatsConfig, view, gdeg, ri
     n = ctx.n
     present = ctx.present.astype(np.int32)
     sums = K.group_closeness_sums(view.start, view.degree, view.indices, ctx.lab, present)
-    # node sample per cluster for the average clustering coefficient
+    # average clustering coefficient: every node exactly, or a two-stage sample (nodes, then pairs)
     members_by_cluster = _members(ctx.lab, ctx.k)
-    chosen: list[np.ndarray] = []
-    sampled: list[bool] = []
-    for c in present:
+    m = config.n_clustering_samples
+    for t, c in enumerate(present):
         members = members_by_cluster[c]
-        m = config.n_clustering_samples
-        if config.exact or members.shape[0] <= m:
-            chosen.append(members)
-            sampled.append(False)
+        nc = members.shape[0]
+        if config.exact or nc <= m:
+            vals = K.local_clustering(view.start, view.degree, view.indices, view.run_ends,
+                                      members.astype(np.int64), K.default_chunks(nc))
+            se = 0.0
         else:
             rng = np.random.default_rng(np.random.SeedSequence(
                 [int(config.seed), *[int(s) for s in seed_key], ri, int(c)]))
-            pick = np.sort(rng.choice(members.shape[0], size=m, replace=False))
-            chosen.append(members[pick])
-            sampled.append(True)
-    nodes = np.concatenate(chosen).astype(np.int64) if chosen else np.zeros(0, np.int64)
-    coef = K.local_clustering(view.start, view.degree, view.indices, nodes, K.default_chunks(nodes.shape[0]))
-    offset = 0
-    for t, c in enumerate(present):
-        m = chosen[t].shape[0]
-        vals = coef[offset:offset + m]
-        offset += m
-        nc = int(ctx.counts[c])
+            nodes = members[np.sort(rng.choice(nc, size=m, replace=False))].astype(np.int64)
+            uniforms = rng.random((m, PAIRS_PER_NODE, 2))
+            vals = K.sampled_local_clustering(view.start, view.degree, view.indices, view.run_ends, nodes,
+                                              uniforms)
+            se = _two_stage_se(vals, view.degree[nodes], nc)
         name = cats[c]
         row[f"{p}centrality_{name}_degree_centrality"] = gdeg[c] / (n - nc)
         row[f"{p}centrality_{name}_closeness_centrality"] = (n - nc) / sums[t] if sums[t] > 0 else 0.0
         row[f"{p}centrality_{name}_average_clustering"] = float(vals.mean())
-        if sampled[t]:
-            se = float(np.sqrt((1.0 - m / nc) * vals.var(ddof=1) / m))
-        else:
-            se = 0.0
         info[se_column(r, name)] = se
+
+
+def _two_stage_se(vals: np.ndarray, degrees: np.ndarray, n_cluster: int) -> float:
+    """Standard error of the mean of a two-stage sample (nodes without replacement, then pairs).
+
+    ``v = (1 - f) s^2 / m + f / m^2 * sum_v c_v (1 - c_v) / (q - 1)`` with ``f = m / N``; nodes
+    whose pairs were all tested contribute no second-stage variance.
+    """
+    m = vals.shape[0]
+    f = m / n_cluster
+    pairs_sampled = degrees * (degrees - 1) // 2 > PAIRS_PER_NODE
+    within = np.where(pairs_sampled, vals * (1.0 - vals) / (PAIRS_PER_NODE - 1), 0.0)
+    return float(np.sqrt((1.0 - f) * vals.var(ddof=1) / m + f * within.sum() / m**2))
 
 
 def _members(lab: np.ndarray, k: int) -> list[np.ndarray]:
