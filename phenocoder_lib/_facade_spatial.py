@@ -107,7 +107,8 @@ class SpatialMixin:
         one row per sample (``obs_names`` = sample ids as str) or per subunit, with the features
         ``radius:{r}_stat:{group}_{column}``; see
         :func:`~phenocoder_lib.spatial.driver.compute_spatial_stats` and
-        ``docs/spatial_statistics.md``. ``verbose`` is accepted for compatibility (use logging).
+        ``docs/spatial_statistics.md``. ``verbose`` is accepted for compatibility with the earlier
+        library and ignored: configure ``logging.getLogger("phenocoder_lib")`` instead.
 
         If the computation fails (e.g. every sample was skipped), ``self.adata`` is set to ``None``
         before the error propagates, so no stale result survives; invalid arguments raise before
@@ -116,8 +117,6 @@ class SpatialMixin:
         from .spatial.driver import compute_spatial_stats
 
         key, table = self._spatial_table(table_key)
-        if verbose:
-            logging.getLogger("phenocoder_lib.spatial").setLevel(logging.DEBUG)
         kwargs = dict(sample_key=self.sample_key, cluster_key=cluster_key, spatial_key=spatial_key, radii=radii,
                       stats=stats, layer=layer, chull_min_nds=chull_min_nds, chull_min_degree=chull_min_degree,
                       exact=exact, n_clustering_samples=n_clustering_samples, use_subunits=use_subunits,
