@@ -52,7 +52,7 @@ def select_executor(name: str | None = None) -> Any:
     if name == "in_process":
         return in_process_executor.configured(config) if config else in_process_executor
     if name == "dask":
-        from dagster_dask import dask_executor
+        from .dask_compat import dask_executor  # dagster-dask's executor, fixed for partitioned runs
 
         return dask_executor.configured(config) if config else dask_executor
     if name == "k8s":
