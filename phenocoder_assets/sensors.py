@@ -12,8 +12,11 @@ has been trained; ``clusters`` and ``graph_stats`` once a cluster reference exis
 model. Run keys are ``"<sample>:<content digest>:<model>/<reference>"``, where the digest covers
 the names, sizes and modification times of the well's files; so the same plate never runs twice,
 a re-exported well runs again, and a new model (a deliberate retraining) re-encodes the known
-wells. The cursor remembers what was requested so an unchanged landing folder costs a few
-``stat`` calls per plate.
+wells. Only stale stages are requested: the per-sample ``summary.json`` files record the source
+digest (``sdata``), the model (``latents``) and the cluster reference (``graph_stats``) each
+partition was computed from, so wells materialized by ``phenocoder demo`` or by hand are not
+redone. The cursor remembers each plate's marker and folder times, so an unchanged landing
+folder costs a few ``stat`` calls per plate.
 
 Safety: only direct sub-folders of the landing folder are considered; names must be valid plate
 ids (letters, digits, ``_ . -``; no ``..``), symlinks are refused (the plate folder itself and
@@ -93,7 +96,11 @@ def quick_signature(plate_dir: Path) -> str:
 
 
 def well_digests(plate_dir: Path, files: Any, walked: list[tuple[str, os.stat_result]]) -> dict[str, str]:
-    """Per well: digest of (relative name, size, mtime) of its images, labels and tables."""
+    """Per well: digest of (relative name, size, mtime) of its images, labels and tables.
+
+    ``files`` is :func:`phenocoder_lib.ingest.scan_plate`'s result; ``walked`` holds stats already
+    taken (the others are taken here).
+    """
     stats = dict(walked)
     per_well: dict[str, list[Path]] = {w: [] for w in files.wells}
     for mapping in (files.images, files.labels, files.tables):
@@ -112,7 +119,7 @@ def well_digests(plate_dir: Path, files: Any, walked: list[tuple[str, os.stat_re
 
 
 def downstream_stages(storage: PhenocoderStorage) -> tuple[tuple[str, ...], str, dict[str, Any] | None]:
-    """(stages a new well can run, token naming the model/reference, model record)."""
+    """(stages a well can run now, token naming the model/reference, model record)."""
     model = current_model_info(storage)
     if model is None:
         return INGEST_STAGES, "none", None
@@ -132,6 +139,35 @@ def patches_run_config(model: dict[str, Any] | None) -> dict[str, Any]:
     return {"ops": {"patches": {"config": cfg}}} if cfg else {}
 
 
+def _summary(storage: PhenocoderStorage, asset: str, sample: str) -> dict[str, Any]:
+    from .state import SUMMARY, read_json
+
+    if not storage.exists(asset, sample):
+        return {}
+    path = storage.local_path(asset, sample) / SUMMARY
+    return read_json(path) if path.exists() else {}
+
+
+def stages_to_run(storage: PhenocoderStorage, sample: str, digest: str, available: tuple[str, ...],
+                  model_tag: str, reference_id: str | None) -> list[str]:
+    """The stages of ``available`` that are out of date for ``sample``, from the first stale one on.
+
+    Up to date means: ``sdata`` was read from files with this ``digest``, ``latents`` were encoded by
+    the current model and ``graph_stats`` used the current cluster reference. So a later
+    ``dagster dev`` (or a reset cursor) does not redo what the demo or an earlier tick produced.
+    """
+    if _summary(storage, "sdata", sample).get("source_digest") != digest:
+        first = "sdata"
+    elif "latents" in available and _summary(storage, "latents", sample).get("model") != model_tag:
+        first = "latents"
+    elif "graph_stats" in available and \
+            _summary(storage, "graph_stats", sample).get("reference_id") != reference_id:
+        first = "clusters"
+    else:
+        return []
+    return list(available[available.index(first):])
+
+
 @sensor(
     job=sample_pipeline_job,
     minimum_interval_seconds=30,
@@ -141,16 +177,18 @@ def patches_run_config(model: dict[str, Any] | None) -> dict[str, Any]:
 )
 def incoming_plates_sensor(context: SensorEvaluationContext, storage: PhenocoderStorage):
     """See the module docstring."""
-    from phenocoder_lib.ingest import scan_plate, sample_id
+    from phenocoder_lib.ingest import sample_id, scan_plate
 
     landing = storage.landing_dir
     if not landing.is_dir():
         return SkipReason(f"landing folder {str(landing)!r} does not exist yet (create it and drop plate exports in).")
     cursor: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
     plates_seen: dict[str, str] = cursor.get("plates", {})
-    samples_seen: dict[str, dict[str, str]] = cursor.get("samples", {})
     quiet = float(os.environ.get(QUIET_ENV, "0") or 0)
-    stages, token, model = downstream_stages(storage)
+    available, token, model = downstream_stages(storage)
+    model_tag_now = model_tag(model) if model else "none"
+    ref = current_reference_info(storage)
+    reference_id = ref.get("id") if ref else None
     known = set(context.instance.get_dynamic_partitions(SAMPLES))
     new_keys: list[str] = []
     requests: list[RunRequest] = []
@@ -192,35 +230,28 @@ def incoming_plates_sensor(context: SensorEvaluationContext, storage: Phenocoder
             if problem:
                 refused.append(problem)
                 continue
-            seen = samples_seen.get(key, {})
-            if seen.get("digest") == digests[well] and seen.get("token") == token:
-                continue
-            if seen.get("digest") == digests[well] and key in known:
-                selection = [s for s in stages if s not in INGEST_STAGES]  # only the model changed
-            else:
-                selection = list(stages)
-            if not selection:
-                samples_seen[key] = {"digest": digests[well], "token": token}
-                continue
             if key not in known:
                 new_keys.append(key)
                 known.add(key)
+            selection = stages_to_run(storage, key, digests[well], available, model_tag_now, reference_id)
+            if not selection:
+                continue
             run_config = patches_run_config(model) if "patches" in selection else {}
             requests.append(RunRequest(
                 run_key=f"{key}:{digests[well]}:{token}",
                 partition_key=key,
                 asset_selection=[_key(s) for s in selection],
                 run_config=run_config,
-                tags={"phenocoder/plate": entry.name, "phenocoder/well": well, "phenocoder/trigger": "incoming_plates"},
+                tags={"phenocoder/plate": entry.name, "phenocoder/well": well, "phenocoder/trigger": "incoming_plates",
+                      "phenocoder/source_digest": digests[well]},
             ))
-            samples_seen[key] = {"digest": digests[well], "token": token}
         plates_seen[entry.name] = f"{signature}:{token}"
 
     for reason in refused:
         context.log.warning(f"landing folder: refused {reason}")
     for reason in waiting:
         context.log.info(f"landing folder: waiting for {reason}")
-    new_cursor = json.dumps({"plates": plates_seen, "samples": samples_seen}, sort_keys=True)
+    new_cursor = json.dumps({"plates": plates_seen}, sort_keys=True)
     if not requests and not new_keys:
         detail = "; ".join((waiting + refused)[:5])
         return SensorResult(skip_reason=SkipReason("no new or changed plates" + (f" ({detail})" if detail else "")),

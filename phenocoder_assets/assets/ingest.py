@@ -21,12 +21,16 @@ from ._common import PREVIEW_FILE, SDATA_FILE, Timer, preview_metadata, write_pn
 def sdata(context: AssetExecutionContext, config: IngestConfig, storage: PhenocoderStorage) -> MaterializeResult:
     """:func:`phenocoder_lib.ingest.read_plate` for the partition's well, written atomically."""
     from phenocoder_lib._io import write_json_atomic
-    from phenocoder_lib.ingest import read_plate, write_sdata
+    from phenocoder_lib.ingest import read_plate, scan_plate, write_sdata
+
+    from ..sensors import well_digests
 
     sample = context.partition_key
     plate, well = split_sample(sample)
     plate_dir = Path(config.plate_dir) if config.plate_dir else storage.landing_dir / plate
     timer = Timer()
+    # digest of the well's files as the sensor computes it: the sensor skips wells already ingested
+    digest = well_digests(plate_dir, scan_plate(plate_dir, layout=config.layout(), plate=plate), []).get(well)
     with timer.phase("read"):
         sd = read_plate(plate_dir, wells=[well], plate=plate, layout=config.layout(),
                         pixel_size_um=config.pixel_size_um, z_step_um=config.z_step_um,
@@ -39,7 +43,7 @@ def sdata(context: AssetExecutionContext, config: IngestConfig, storage: Phenoco
         with timer.phase("write"):
             write_sdata(sd, out / SDATA_FILE)
         summary = {
-            "sample": sample, "plate": plate, "well": well, "plate_dir": str(plate_dir),
+            "sample": sample, "plate": plate, "well": well, "plate_dir": str(plate_dir), "source_digest": digest,
             "table_key": config.table_key, "image_key": config.image_key, "sample_key": config.sample_key,
             "n_objects": int(table.n_obs), "n_features": int(table.n_vars),
             "image_shape": [int(s) for s in image.shape], "image_dims": list(image.dims),
@@ -57,6 +61,7 @@ def sdata(context: AssetExecutionContext, config: IngestConfig, storage: Phenoco
         "n_features": MetadataValue.int(int(table.n_vars)),
         "image_shape": MetadataValue.text(" x ".join(f"{d}={s}" for d, s in zip(image.dims, image.shape, strict=True))),
         "plate_dir": MetadataValue.path(str(plate_dir)),
+        "source_digest": MetadataValue.text(str(digest)),
         "path": MetadataValue.path(f"{final}/{SDATA_FILE}"),
         **timer.metadata(),
         **preview_metadata(png, f"{sample}: max projection", final),

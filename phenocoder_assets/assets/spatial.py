@@ -36,8 +36,11 @@ def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig, storag
     import numpy as np
     import pandas as pd
 
+    from phenocoder_lib._io import write_json_atomic
     from phenocoder_lib.spatial import compute_spatial_stats
     from phenocoder_lib.spatial.stats import feature_names, normalize_radii, normalize_stats
+
+    from ..state import SUMMARY
 
     sample = context.partition_key
     table = ad.read_h5ad(storage.local_path("latents", sample) / LATENTS_FILE)
@@ -65,10 +68,12 @@ def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig, storag
     for col in ("plate", "well"):  # per-sample constants, for the embedding's obs_keys/batch_key
         if col in table.obs.columns:
             result.obs[col] = str(table.obs[col].astype(str).iloc[0])
-    result.uns["phenocoder_graph_stats"] = {"model": info["model"], "reference_id": ref_info["id"]}
+    provenance = {"model": info["model"], "reference_id": ref_info["id"]}
+    result.uns["phenocoder_graph_stats"] = provenance
     with storage.stage("graph_stats", sample) as out:
         out.mkdir()
         result.write_h5ad(out / STATS_FILE)
+        write_json_atomic(out / SUMMARY, {"sample": sample, **provenance, "n_rows": int(result.n_obs)})
 
     stats_t = normalize_stats(config.stats)
     var_names = [str(v) for v in table.var_names] if "moran_features" in stats_t else []

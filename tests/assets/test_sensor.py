@@ -24,6 +24,16 @@ def _apply(instance, result):
         instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
 
 
+def _pretend_materialized(storage, request, **extra):
+    """Write the summary.json files that the assets write, as if the requested run had succeeded."""
+    sample, digest, _ = request.run_key.split(":", 2)
+    records = {"sdata": {"source_digest": digest}, **extra}
+    for asset, summary in records.items():
+        with storage.stage(asset, sample) as out:
+            out.mkdir()
+            (out / "summary.json").write_text(json.dumps(summary))
+
+
 def test_marker_name_matches_library():
     from phenocoder_lib.ingest import EXPORT_COMPLETE_MARKER
 
@@ -62,9 +72,12 @@ def test_new_plate_registers_wells_and_requests_runs_once(tmp_path, copy_plate):
 def test_changed_well_runs_again(tmp_path, copy_plate):
     home = tmp_path / "home"
     plate = copy_plate(home / "incoming" / "PLATE1")
+    storage = PhenocoderStorage(root=str(home))
     with instance_for_test() as instance:
         first = _evaluate(instance, home)
         _apply(instance, first)
+        for req in first.run_requests:
+            _pretend_materialized(storage, req)
         table = plate / "tables" / "A02.csv"
         table.write_text(table.read_text())  # re-exported: new mtime
         os.utime(table, ns=(table.stat().st_atime_ns, table.stat().st_mtime_ns + 10**9))
@@ -117,28 +130,41 @@ def test_unsafe_names_and_symlinks_are_refused(tmp_path, copy_plate, caplog):
     assert "symbolic link" in message
 
 
-def test_model_present_extends_the_selection(tmp_path, copy_plate):
+def test_stages_follow_the_model_and_the_cluster_reference(tmp_path, copy_plate):
     home = tmp_path / "home"
     copy_plate(home / "incoming" / "PLATE1")
     storage = PhenocoderStorage(root=str(home))
-    with storage.stage("model") as out:
-        out.mkdir()
-        (out / "model_info.json").write_text(json.dumps({
-            "registered_model_name": "m", "version": "3", "patches": {"patch_size": [32, 32], "scale": True}}))
     with instance_for_test() as instance:
         first = _evaluate(instance, home)
         _apply(instance, first)
-        assert first.run_requests[0].asset_selection == [AssetKey(k) for k in ("sdata", "patches", "latents")]
-        assert first.run_requests[0].run_config == {"ops": {"patches": {"config": {"patch_size": [32, 32],
+        for req in first.run_requests:
+            _pretend_materialized(storage, req)
+        assert not _evaluate(instance, home).run_requests  # materialized, even without the cursor
+
+        # a model: the wells already ingested are encoded, new wells get patches like the model's
+        with storage.stage("model") as out:
+            out.mkdir()
+            (out / "model_info.json").write_text(json.dumps({
+                "registered_model_name": "m", "version": "3", "patches": {"patch_size": [32, 32], "scale": True}}))
+        second = _evaluate(instance, home, cursor=first.cursor)
+        assert [r.asset_selection for r in second.run_requests] == [[AssetKey("latents")]] * 2
+        for req in second.run_requests:
+            _pretend_materialized(storage, req, latents={"model": "m/3"})
+        copy_plate(home / "incoming" / "PLATE9")
+        third = _evaluate(instance, home, cursor=second.cursor)
+        assert [r.partition_key for r in third.run_requests] == ["PLATE9_A01", "PLATE9_A02"]
+        assert third.run_requests[0].asset_selection == [AssetKey(k) for k in ("sdata", "patches", "latents")]
+        assert third.run_requests[0].run_config == {"ops": {"patches": {"config": {"patch_size": [32, 32],
                                                                                   "scale": True}}}}
-        # a cluster reference for this model: the wells already ingested get the remaining stages only
+
+        # a cluster reference for this model: labels and statistics for every encoded well
         with storage.stage("cluster_reference") as out:
             out.mkdir()
             (out / "reference_info.json").write_text(json.dumps({"id": "r1", "model": "m/3"}))
-        second = _evaluate(instance, home, cursor=first.cursor)
-        assert [r.asset_selection for r in second.run_requests] == \
-            [[AssetKey(k) for k in ("latents", "clusters", "graph_stats")]] * 2
-        assert {r.run_key.split(":", 2)[2] for r in second.run_requests} == {"m/3+ref/r1"}
+        fourth = _evaluate(instance, home, cursor=second.cursor)
+        plate1 = [r for r in fourth.run_requests if r.partition_key.startswith("PLATE1")]
+        assert [r.asset_selection for r in plate1] == [[AssetKey("clusters"), AssetKey("graph_stats")]] * 2
+        assert {r.run_key.split(":", 2)[2] for r in fourth.run_requests} == {"m/3+ref/r1"}
 
 
 @pytest.mark.parametrize("key", ["P1/A01", "P1|A01", "P1,A01", "P1...A01", "P1..x_A01", "", "P1_", "_A01", "P 1_A01"])
