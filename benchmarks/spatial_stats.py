@@ -248,9 +248,9 @@ def main() -> None:
     if args.full:
         sizes.append((1_000_000, [25]))
     cmax = ["--centrality-max-edges", str(7e6 if args.full else 1e6)]
-    report = {"benchmark": "spatial_stats", "machine": {"cpus": os.cpu_count(), "numba_threads": numba.get_num_threads(),
-                                                        "python": platform.python_version(),
-                                                        "platform": platform.platform()},
+    machine = {"cpus": os.cpu_count(), "numba_threads": numba.get_num_threads(),
+               "python": platform.python_version(), "platform": platform.platform()}
+    report = {"benchmark": "spatial_stats", "machine": machine,
               "data": {"density": "1 object per 1000 unit^3, uniform cube", "clusters": N_CLUSTERS,
                        "features": N_FEATURES, "groups": list(GROUPS), "defaults": "exact=False, "
                        "n_clustering_samples=1000, chull_min_nds=10, chull_min_degree=3"},

@@ -47,6 +47,7 @@ class ClusterReference:
 
     @property
     def n_pcs(self) -> int:
+        """Number of principal components of the reference space."""
         return int(self.pca_components.shape[0])
 
     def transform(self, x: np.ndarray) -> np.ndarray:
@@ -77,6 +78,7 @@ class ClusterReference:
 
     @classmethod
     def load(cls, path: str | Path) -> ClusterReference:
+        """Read a reference written by :meth:`save` (``allow_pickle=False``)."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"cluster reference {str(path)!r} does not exist; write it with "
@@ -165,6 +167,7 @@ def cluster_features(
     (labels, reference)
         Categorical labels (categories ``'0'``, ``'1'``, ...) in the row order of ``adata``, and the
         :class:`ClusterReference`.
+
     """
     import anndata as ad
     import scanpy as sc
@@ -230,6 +233,7 @@ def transfer_labels(reference: ClusterReference, adata=None, *, x: np.ndarray | 
     (labels, confidence)
         Categorical labels with the reference categories, and the vote fraction of the winner.
         Ties go to the label of the nearest tied neighbour.
+
     """
     from sklearn.neighbors import NearestNeighbors
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 
@@ -160,6 +161,7 @@ def spatialgraph_embedding(
         A copy with ``layers['raw']``, transformed ``.X``, ``var['mean'|'std'|'n_nan']``,
         ``obsm['X_pca']``, ``varm['PCs']``, ``uns['pca']``, ``obsp['distances'|'connectivities']``,
         ``uns['neighbors']``, ``obsm['X_umap']``, ``uns['umap']`` and the mapped ``.obs`` columns.
+
     """
     import scanpy as sc
     import scipy.sparse as sp
@@ -283,9 +285,9 @@ def spatialgraph_embedding(
             init = "X_pca2" if n_comps >= 2 else "random"
             if init == "X_pca2":
                 sub.obsm["X_pca2"] = np.ascontiguousarray(sub.obsm["X_pca"][:, :2])
+            source = "the first two PCs" if init != "random" else "random positions"
             warnings.warn(f"UMAP: {n_fit} rows are too few for spectral initialisation (needs >= "
-                          f"{MIN_SPECTRAL_OBS}); initialised from {'the first two PCs' if init != 'random' else 'random positions'} "
-                          "instead.", EmbeddingWarning, stacklevel=2)
+                          f"{MIN_SPECTRAL_OBS}); initialised from {source} instead.", EmbeddingWarning, stacklevel=2)
         sc.tl.umap(sub, min_dist=0.1, random_state=seed, init_pos=init)
         sub.obsm.pop("X_pca2", None)
 
@@ -310,7 +312,7 @@ def spatialgraph_embedding(
         out.uns["umap"] = dict(sub.uns["umap"])
     out.uns["spatialgraph_embedding"] = {
         "n_dim": int(n_dim), "n_comps": int(n_comps), "scale": bool(scale),
-        "variable_features": int(variable_features) if not isinstance(variable_features, bool) else bool(variable_features),
+        "variable_features": variable_features if isinstance(variable_features, bool) else int(variable_features),
         "batch_correction": bool(batch_correction), "batch_key": batch_l, "confounder_key": conf_l,
         "neighbors": "bbknn" if used_bbknn else "scanpy", "n_neighbors": int(k), "umap": bool(umap),
         "umap_init": init if umap else "", "n_fit": n_fit, "n_skipped": int((~fit).sum()), "seed": int(seed),

@@ -14,7 +14,7 @@ from numba import njit, prange
 
 
 def default_chunks(n: int) -> int:
-    """A fixed chunk count (independent of the thread count, for reproducible float sums)."""
+    """Return a fixed chunk count (independent of the thread count, for reproducible float sums)."""
     return int(max(1, min(n, 64)))
 
 
@@ -42,6 +42,7 @@ def label_pass(start, degree, indices, lab, k, p, n_chunks):
         Nodes with at least one neighbour (= S0 of the row-standardised weights).
     t2 : int64
         ``sum_i d_i (d_i - 1)``.
+
     """
     n = start.shape[0]
     bounds = _bounds(n, n_chunks)
@@ -267,7 +268,7 @@ def kcore(start, degree, indices, lab, same_label, kmin):
 
 @njit(cache=True)
 def components(start, degree, indices, lab, same_label, alive):
-    """Connected components of the alive nodes (BFS); ``-1`` for dead nodes."""
+    """Label the connected components of the alive nodes (BFS); ``-1`` for dead nodes."""
     n = start.shape[0]
     comp = np.full(n, -1, dtype=np.int64)
     queue = np.empty(n, dtype=np.int64)

@@ -45,7 +45,7 @@ STATS_UNS_KEY = "spatialgraph_stats"
 
 
 def sample_order(values: pd.Series) -> list[Any]:
-    """Samples in a deterministic order: categories for a categorical column, else sorted."""
+    """Return the samples in a deterministic order: categories for a categorical column, else sorted."""
     if isinstance(values.dtype, pd.CategoricalDtype):
         return list(values.cat.categories)
     uniq = pd.unique(values)
@@ -88,6 +88,8 @@ def compute_spatial_stats(
         ``moran_features`` the variables in ``.X`` (or ``.layers[layer]``). Not modified.
     sample_key
         ``.obs`` column naming the sample (well). Objects with a missing sample raise.
+    spatial_key
+        ``.obsm`` key of the coordinates.
     cluster_key
         Categorical ``.obs`` column; its categories (all of them, used or not) fix the columns, so
         every sample gets the same columns. Objects with a missing label are left out (counted in
@@ -119,6 +121,7 @@ def compute_spatial_stats(
     ------
     ValueError
         When nothing could be computed (every sample/subunit skipped), or for invalid arguments.
+
     """
     import anndata as ad
 

@@ -39,6 +39,7 @@ class GraphView:
 
     @property
     def n_nodes(self) -> int:
+        """Number of nodes."""
         return int(self.start.shape[0])
 
     @property
@@ -47,6 +48,7 @@ class GraphView:
         return int(self.degree.sum())
 
     def neighbors(self, g: int) -> np.ndarray:
+        """Neighbours (graph ids) of graph node ``g``."""
         s = int(self.start[g])
         return self.indices[s : s + int(self.degree[g])]
 
@@ -71,6 +73,7 @@ class RadiusGraph:
         Coordinates in graph order (float64, ``n x 3``; 2-D input gets a zero third column).
     n_dims
         Number of coordinate columns of the input (2 or 3; 1 is accepted too).
+
     """
 
     radii: tuple[float, ...]
@@ -83,6 +86,7 @@ class RadiusGraph:
 
     @property
     def n_nodes(self) -> int:
+        """Number of nodes."""
         return int(self.order.shape[0])
 
     def rank(self) -> np.ndarray:
@@ -92,13 +96,13 @@ class RadiusGraph:
         return rank
 
     def view(self, radius: float) -> GraphView:
-        """The graph at one of :attr:`radii`."""
+        """Return the graph at one of :attr:`radii`."""
         k = _radius_index(self.radii, radius)
         return GraphView(float(self.radii[k]), self.indptr[:-1], self.n_within[k], self.indices,
                          self.n_within[: k + 1])
 
     def to_csr(self, radius: float, *, input_order: bool = True):
-        """A ``scipy.sparse.csr_matrix`` of ones (float32) for tests and interoperability.
+        """Return a ``scipy.sparse.csr_matrix`` of ones (float32) for tests and interoperability.
 
         With ``input_order=True`` rows and columns follow the input rows, else graph order.
         """
@@ -157,6 +161,7 @@ def build_radius_graph(coords: np.ndarray, radii) -> RadiusGraph:
     Returns
     -------
     RadiusGraph
+
     """
     xyz = _as_coords(coords)
     radii_t = _as_radii(radii)
@@ -314,7 +319,7 @@ def _gather_prefix(start, degree, indices):
 
 
 def brute_force_neighbors(coords: np.ndarray, radius: float) -> list[np.ndarray]:
-    """Reference neighbour lists (input order, sorted) by an O(n^2) scan, for tests only."""
+    """Return reference neighbour lists (input order, sorted) by an O(n^2) scan, for tests only."""
     xyz = _as_coords(coords)
     out = []
     for i in range(xyz.shape[0]):

@@ -41,6 +41,7 @@ def spatial_message_passing(
     -------
     numpy.ndarray
         ``(n, f)`` float32, rows in the input order.
+
     """
     from . import _kernels as K
     from .graph import build_radius_graph

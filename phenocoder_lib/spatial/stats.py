@@ -101,6 +101,7 @@ def normalize_stats(stats: str | Iterable[str] | None) -> tuple[str, ...]:
 
 
 def normalize_radii(radii: float | Sequence[float]) -> tuple[float, ...]:
+    """Validate radii (positive, finite) and return them sorted and unique."""
     values = np.atleast_1d(np.asarray(radii, dtype=np.float64)) if not isinstance(radii, str) else None
     if values is None or values.ndim != 1 or values.size == 0 or not np.isfinite(values).all() \
             or (values <= 0).any():
@@ -111,7 +112,7 @@ def normalize_radii(radii: float | Sequence[float]) -> tuple[float, ...]:
 
 def feature_names(radii: Sequence[float], stats: Sequence[str], categories: Sequence[str],
                   var_names: Sequence[str] = ()) -> list[str]:
-    """The column names of a result row, ``radius:{r}_stat:{group}_{column}`` (fixed order)."""
+    """Return the column names of a result row, ``radius:{r}_stat:{group}_{column}`` (fixed order)."""
     cats = [str(c) for c in categories]
     names: list[str] = []
     for r in radii:
@@ -147,7 +148,7 @@ def se_column(radius: float, cluster: str) -> str:
 
 
 def stable_key(value: Any) -> int:
-    """A platform-independent 32-bit key of ``str(value)`` for seeding."""
+    """Return a platform-independent 32-bit key of ``str(value)`` for seeding."""
     return zlib.crc32(str(value).encode("utf-8"))
 
 
@@ -199,6 +200,7 @@ def compute_stats(
     (features, info)
         ``features`` is float64 aligned with ``config.feature_names``; ``info`` holds ``status``,
         ``skipped_reason``, ``n_obs``, ``n_unlabelled`` and the clustering standard errors.
+
     """
     from . import _kernels as K
     from .graph import build_radius_graph
@@ -381,7 +383,7 @@ def _centrality(row, info, p, ctx: _Context, config: StatsConfig, view, gdeg, ri
 
 
 def _two_stage_se(vals: np.ndarray, degrees: np.ndarray, n_cluster: int) -> float:
-    """Standard error of the mean of a two-stage sample (nodes without replacement, then pairs).
+    """Return the standard error of the mean of a two-stage sample (nodes without replacement, then pairs).
 
     ``v = (1 - f) s^2 / m + f / m^2 * sum_v c_v (1 - c_v) / (q - 1)`` with ``f = m / N``; nodes
     whose pairs were all tested contribute no second-stage variance.
@@ -545,6 +547,7 @@ def sample_spatial_stats(
         standard errors ``radius:{r}_se:centrality_{c}_average_clustering``. A sample that cannot
         be computed (no objects, fewer than two clusters) gives NaN features with status
         ``'skipped'`` and a :class:`SpatialStatsWarning`.
+
     """
     import warnings
 
@@ -596,6 +599,7 @@ def _config_and_values(adata, categories, *, radii, stats, layer, chull_min_nds,
 
 
 def validate_hull_params(chull_min_nds: int, chull_min_degree: int, n_dims: int) -> None:
+    """Check the convex-hull settings against the coordinate dimension."""
     if int(chull_min_nds) < n_dims + 1:
         raise ValueError(f"chull_min_nds={chull_min_nds!r} is too small: a convex hull in {n_dims}-D needs at "
                          f"least {n_dims + 1} points; pass chull_min_nds >= {n_dims + 1} (default 10).")

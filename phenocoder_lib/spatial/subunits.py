@@ -32,6 +32,7 @@ class Subunit:
         Positions (into the sample's objects) of the objects used, sorted.
     n_total
         Objects in the cube before subsampling.
+
     """
 
     key: tuple[int, ...]
@@ -41,6 +42,7 @@ class Subunit:
 
     @property
     def key_str(self) -> str:
+        """The grid key as text, e.g. ``'(0, 1, 2)'`` (``obs['subunit_key']``)."""
         return str(tuple(int(v) for v in self.key))
 
 
@@ -86,6 +88,7 @@ def partition_subunits(
     -------
     (subunits, n_filtered)
         Kept cubes in key order, and how many non-empty cubes had fewer than ``min_obs`` objects.
+
     """
     if max_obs is not None and int(max_obs) < 1:
         raise ValueError(f"max_obs_per_subunit={max_obs!r} must be None or a positive int.")
