@@ -130,3 +130,22 @@ def test_real_plate(plate_3d_path, plate_3d_geometry):
     sp = table.obsm["spatial"]
     # one unit (um) on every axis: xy span ~954 * 1.288 um, z span ~51 * 10 um
     assert 1000 < sp[:, 0].max() < 1230 and 300 < sp[:, 2].max() <= 510
+
+
+def test_slice_measurements_match_regionprops():
+    from skimage.measure import regionprops_table
+
+    from phenocoder_lib.synthetic import slice_measurements
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((60, 70), np.int32)
+    for lab in range(1, 9):
+        y, x = rng.integers(5, 55), rng.integers(5, 65)
+        labels[y - rng.integers(1, 5): y + rng.integers(1, 5), x - rng.integers(1, 6): x + rng.integers(1, 6)] = lab
+    labels[labels == 4] = 0  # a missing id
+    image = rng.integers(0, 255, size=(2, 60, 70)).astype(np.uint8)
+    ours = slice_measurements(labels, image)
+    ref = pd.DataFrame(regionprops_table(labels, intensity_image=np.moveaxis(image, 0, -1), properties=(
+        "label", "centroid", "area", "eccentricity", "intensity_mean", "major_axis_length", "minor_axis_length")))
+    assert list(ours.columns) == list(ref.columns)
+    np.testing.assert_allclose(ours.to_numpy(float), ref.to_numpy(float), rtol=1e-6, atol=1e-6)
