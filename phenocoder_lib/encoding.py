@@ -1,0 +1,653 @@
+"""Deterministic encoding of every object into the latent space, and the condition encoding.
+
+Latents are the encoder's ``z_mean`` (never a sample of ``z``), so encoding is a pure function of the
+model, the images and the dataset's normalization: two calls give identical latents.
+
+Where the patches come from, per sample:
+
+- from a stored patch dataset of the model (``<data_dir>/<dataset>/``) when it holds every object of the
+  sample at the same pixel index and its settings equal the ones the model was trained with (no image
+  read at all);
+- otherwise they are cut from the SpatialData image on the fly, one z-plane at a time, with the same
+  geometry (patch size, centring, border padding) as :func:`phenocoder_lib.patches.generate_dataset`.
+
+Normalization is always the one recorded with the training datasets: a sample of a training dataset
+uses that dataset's anchors; with per-sample anchors, a sample never seen in training gets anchors
+computed from its own patches (same percentile rule); with global anchors it reuses the first training
+dataset's global anchors. Memory is bounded: patches are processed in blocks of ``batch_size`` rows
+(plus one z-plane of the image).
+
+Conditions (:class:`ConditionEncoder`): categorical columns are one-hot encoded over the categories
+seen in training (stored as JSON strings); a category never seen in training (a new plate's
+``dataset``, a new donor) encodes as the all-zero vector, and a warning reports the counts.
+Continuous columns (``z`` and float columns) are scaled to [0, 1] by the training range; values outside
+it are clipped to the range, reported the same way.
+
+Importing this module does not import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ._constants import INSTANCE_KEY, LATENT_PREFIX, MESSAGE_PASSING_LAYER, REGION_KEY
+from ._validation import check_key, check_obs_column, check_obsm
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ConditionEncoder",
+    "UnseenConditionWarning",
+    "condition_frame",
+    "encode_sample",
+    "encode_table",
+]
+
+#: Condition columns treated as continuous whatever their dtype.
+DEFAULT_CONTINUOUS = ("z",)
+#: Raw patches of one unseen sample kept in memory for its anchors before falling back to two passes.
+_KEEP_RAW_BYTES = 512 * 2**20
+
+
+class UnseenConditionWarning(UserWarning):
+    """Condition values at inference that training never saw (all-zero one-hot or clipped)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Conditions
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConditionEncoder:
+    """Encode condition columns as one vector per object (JSON-serializable, no pickles).
+
+    Attributes
+    ----------
+    columns
+        Condition column names, in order.
+    kinds
+        ``"categorical"`` or ``"continuous"`` per column.
+    categories
+        Training categories (strings) of each categorical column.
+    ranges
+        Training ``[min, max]`` of each continuous column.
+    """
+
+    columns: list[str] = field(default_factory=list)
+    kinds: dict[str, str] = field(default_factory=dict)
+    categories: dict[str, list[str]] = field(default_factory=dict)
+    ranges: dict[str, list[float]] = field(default_factory=dict)
+
+    @classmethod
+    def fit(
+        cls, frame: pd.DataFrame, columns: Sequence[str], *, continuous: Sequence[str] | None = None
+    ) -> ConditionEncoder:
+        """Learn categories / ranges of ``columns`` from ``frame`` (the training objects).
+
+        ``continuous`` names the continuous columns; default: ``z`` and every float column.
+        """
+        enc = cls(columns=list(columns))
+        for col in enc.columns:
+            if col not in frame.columns:
+                raise KeyError(f"condition {col!r} is not a column of the training index.")
+            values = frame[col]
+            is_cont = (col in continuous) if continuous is not None else (
+                col in DEFAULT_CONTINUOUS or pd.api.types.is_float_dtype(values.dtype))
+            if is_cont:
+                if not pd.api.types.is_numeric_dtype(values.dtype) or pd.api.types.is_bool_dtype(values.dtype):
+                    raise TypeError(
+                        f"condition {col!r} is treated as continuous but has dtype {values.dtype}; "
+                        "continuous conditions must be numeric."
+                    )
+                v = values.to_numpy(np.float64)
+                if not np.isfinite(v).all():
+                    raise ValueError(f"condition {col!r} has NaN or infinite values; fill or drop them first.")
+                enc.kinds[col] = "continuous"
+                enc.ranges[col] = [float(v.min()), float(v.max())]
+            else:
+                enc.kinds[col] = "categorical"
+                enc.categories[col] = sorted(pd.unique(_as_str(values)).tolist())
+        return enc
+
+    @property
+    def width(self) -> int:
+        """Length of the condition vector."""
+        return sum(len(self.categories[c]) if self.kinds[c] == "categorical" else 1 for c in self.columns)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """One name per vector entry: ``column=category`` or ``column``."""
+        names: list[str] = []
+        for col in self.columns:
+            if self.kinds[col] == "categorical":
+                names += [f"{col}={cat}" for cat in self.categories[col]]
+            else:
+                names.append(col)
+        return names
+
+    def transform(self, frame: pd.DataFrame, *, where: str = "", warn: bool = True) -> tuple[np.ndarray, dict]:
+        """Condition vectors (n, width) float32 for the rows of ``frame``, and a report of unseen values.
+
+        The report maps column -> ``{"unseen": {value: count}}`` (categorical) or
+        ``{"clipped": count, "range": [min, max]}`` (continuous) for the columns that had any.
+        """
+        n = len(frame)
+        out = np.zeros((n, self.width), np.float32)
+        report: dict[str, dict] = {}
+        start = 0
+        for col in self.columns:
+            if col not in frame.columns:
+                raise KeyError(f"condition {col!r} is missing from the objects to encode{where}.")
+            if self.kinds[col] == "categorical":
+                cats = self.categories[col]
+                values = _as_str(frame[col]).to_numpy()
+                codes = pd.Categorical(values, categories=cats).codes
+                seen = codes >= 0
+                out[np.flatnonzero(seen), start + codes[seen]] = 1.0
+                if not seen.all():
+                    counts = pd.Series(values[~seen]).value_counts()
+                    report[col] = {"unseen": {str(k): int(v) for k, v in counts.items()}}
+                start += len(cats)
+            else:
+                lo, hi = self.ranges[col]
+                v = pd.to_numeric(frame[col], errors="coerce").to_numpy(np.float64)
+                bad = ~np.isfinite(v)
+                if bad.any():
+                    raise ValueError(f"condition {col!r} has {int(bad.sum())} missing or non-numeric values{where}.")
+                clipped = (v < lo) | (v > hi)
+                if clipped.any():
+                    report[col] = {"clipped": int(clipped.sum()), "range": [lo, hi]}
+                scaled = (np.clip(v, lo, hi) - lo) / (hi - lo) if hi > lo else np.zeros(n)
+                out[:, start] = scaled
+                start += 1
+        if report and warn:
+            parts = []
+            for col, rep in report.items():
+                if "unseen" in rep:
+                    parts.append(f"{col!r}: categories not seen in training {rep['unseen']} encoded as all-zero")
+                else:
+                    parts.append(f"{col!r}: {rep['clipped']} values outside the training range {rep['range']} clipped")
+            warnings.warn(f"conditions{where}: " + "; ".join(parts) + ".", UnseenConditionWarning, stacklevel=2)
+        return out, report
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"columns": self.columns, "kinds": self.kinds, "categories": self.categories, "ranges": self.ranges}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ConditionEncoder:
+        return cls(columns=list(data["columns"]), kinds=dict(data["kinds"]),
+                   categories={k: list(v) for k, v in data["categories"].items()},
+                   ranges={k: list(v) for k, v in data["ranges"].items()})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ConditionEncoder:
+        return cls.from_dict(json.loads(text))
+
+
+def _as_str(values: pd.Series) -> pd.Series:
+    """Category labels as strings (ints, floats with integral values and strings alike: '3', 'A01')."""
+    if pd.api.types.is_float_dtype(values.dtype):
+        v = values.to_numpy(np.float64)
+        if np.all(np.isfinite(v) & (v == np.round(v))):
+            return pd.Series(v.astype(np.int64).astype(str), index=values.index)
+    return values.astype(object).map(lambda x: "nan" if x is None or (isinstance(x, float) and np.isnan(x))
+                                     else str(x))
+
+
+def condition_frame(
+    columns: Sequence[str],
+    *,
+    index: pd.DataFrame,
+    sample_key: str,
+    obs: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """The condition columns for the objects of a patch ``index`` (one row per index row).
+
+    A column is taken from the index (``dataset``, ``sample``, ``z``, ``y``, ``x`` and the dataset's
+    ``metadata_keys``); ``sample_key`` means the index's ``sample``; any other column is looked up in
+    ``obs`` (the source table's ``.obs``) by ``obs_name``. Raises a ``KeyError`` that names the fix when
+    a column is found nowhere.
+    """
+    out = pd.DataFrame(index=index.index)
+    for col in columns:
+        if col in index.columns and col not in ("row", "padded", "obs_name"):
+            out[col] = index[col].to_numpy()
+        elif col == sample_key:
+            out[col] = index["sample"].to_numpy()
+        elif obs is not None and col in obs.columns:
+            missing = ~index["obs_name"].isin(obs.index)
+            if missing.any():
+                raise KeyError(
+                    f"conditions: column {col!r} is looked up in the table .obs, but {int(missing.sum())} patches "
+                    f"(e.g. {index['obs_name'][missing].iloc[:3].tolist()}) are not objects of that table."
+                )
+            out[col] = obs[col].reindex(index["obs_name"].to_numpy()).to_numpy()
+        else:
+            valid = sorted(set(index.columns) - {"row", "padded", "obs_name"}) + (
+                sorted(map(str, obs.columns)) if obs is not None else [])
+            raise KeyError(
+                f"conditions: unknown condition column {col!r}; valid columns: {valid}. Add it to the table's "
+                f".obs (and keep it in the dataset with generate_dataset(metadata_keys=[{col!r}]))."
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Patches for encoding
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SampleSource:
+    """How the patches of one sample are obtained and normalized."""
+
+    sample: str
+    dataset: str | None  # training dataset that holds the sample (condition value), else None
+    store: Path | None  # dataset folder to read stored patches from, else None (extract from the image)
+    store_rows: np.ndarray | None  # store row of each object (in table order) when reading from the store
+    store_padded: np.ndarray | None  # padded flag of each object in the store
+    anchors: dict[str, list] | None  # None: to be computed from the sample's own patches
+    anchor_source: str
+
+
+def _same_settings(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    keys = ("patch_size", "channels", "normalization", "spatial_key_index", "samples", "store_dtype")
+    return all(json.dumps(a.get(k), sort_keys=True) == json.dumps(b.get(k), sort_keys=True) for k in keys)
+
+
+def _plan_sample(
+    sample: str,
+    obs_names: np.ndarray,
+    index: np.ndarray,
+    *,
+    dataset_settings: Mapping[str, Mapping[str, Any]],
+    data_dir: Path | None,
+    use_store: bool,
+) -> _SampleSource:
+    from . import patches as P
+
+    names = list(dataset_settings)
+    holder = next((n for n in names if sample in dataset_settings[n]["samples"]), None)
+    settings = dataset_settings[holder] if holder is not None else dataset_settings[names[0]]
+    norm = settings["normalization"]
+    if not norm["scale"]:
+        anchors, source = None, "none (scale=False)"
+    elif norm["scale_per_sample"]:
+        if holder is not None:
+            anchors, source = norm["per_sample"][sample], f"dataset {holder!r}"
+        else:
+            anchors, source = None, "computed from the sample's own patches"
+    else:
+        anchors, source = norm["global"], f"global anchors of dataset {holder or names[0]!r}"
+    store, rows, padded = None, None, None
+    if use_store and holder is not None and data_dir is not None:
+        folder = Path(data_dir) / holder
+        try:
+            ds = P.PatchDataset.open(folder)
+        except (FileNotFoundError, ValueError):
+            ds = None
+        if ds is not None and _same_settings(ds.settings, settings):
+            sub = ds.index[ds.index["sample"] == sample].set_index("obs_name")
+            if sub.index.is_unique and pd.Index(obs_names).isin(sub.index).all():
+                sub = sub.loc[obs_names]
+                stored_idx = sub[["y", "x", "z"]].to_numpy()[:, : index.shape[1]]
+                if np.array_equal(stored_idx, index):
+                    store, rows, padded = folder, sub["row"].to_numpy(np.int64), sub["padded"].to_numpy(bool)
+    return _SampleSource(sample, holder, store, rows, padded, anchors, source)
+
+
+def _iter_raw(
+    sdata: Any,
+    src: _SampleSource,
+    index: np.ndarray,
+    *,
+    image_key: str,
+    settings: Mapping[str, Any],
+    block: int,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield (positions into the sample's objects, raw patches (n, h, w, c), padded) in bounded blocks."""
+    from . import patches as P
+
+    patch_size = tuple(settings["patch_size"])
+    store_dtype = np.dtype(settings["store_dtype"])
+    if src.store is not None:
+        import zarr
+
+        arr = zarr.open_array(src.store / P.STORE_DIR / src.sample, mode="r")
+        order = np.argsort(src.store_rows, kind="stable")  # read the store sequentially
+        sorted_rows = src.store_rows[order]
+        for start in range(0, len(order), block):
+            pos = order[start:start + block]
+            r = sorted_rows[start:start + block]
+            lo, hi = int(r[0]), int(r[-1]) + 1
+            raw = arr[lo:hi][r - lo] if hi - lo <= 4 * len(r) else arr.get_orthogonal_selection((r,))
+            yield pos, raw, np.zeros(len(pos), bool)  # padded flags come from the index (see caller)
+        return
+    image, channels, is_3d = P.image_array(sdata, f"{image_key}_{src.sample}")
+    if channels != list(settings["channels"]):
+        raise ValueError(
+            f"sample {src.sample!r} has channels {channels}; the model was trained on {settings['channels']}."
+        )
+    if not is_3d:
+        plane = np.asarray(image)
+        for start in range(0, len(index), block):
+            pos = np.arange(start, min(start + block, len(index)))
+            patches, padded = P.patch_windows(plane, index[pos, 0], index[pos, 1], patch_size)
+            yield pos, patches.astype(store_dtype, copy=False), padded
+        return
+    for pos, patches, padded in P.iter_patches(image, index, patch_size, is_3d):
+        for start in range(0, len(pos), block):
+            sl = slice(start, start + block)
+            yield pos[sl], patches[sl].astype(store_dtype, copy=False), padded[sl]
+
+
+def _sample_index(
+    sdata: Any, table: Any, rows: np.ndarray, sample: str, *, settings: Mapping[str, Any], image_key: str
+) -> np.ndarray:
+    from . import patches as P
+
+    key = settings["spatial_key_index"]
+    index_all = check_obsm(table, key, argument="spatial_key_index", n_cols=(2, 3))
+    image, _, is_3d = P.image_array(sdata, f"{image_key}_{sample}")
+    return P.validate_index(np.asarray(index_all[rows]), image_shape=image.shape, is_3d=is_3d, key=key,
+                            sample=sample, obs_names=table.obs_names[rows])
+
+
+class _Encoder:
+    """``z_mean`` of normalized patches in batches (one compiled forward function per model)."""
+
+    def __init__(self, model: Any, batch_size: int) -> None:
+        self.model = model
+        self.batch_size = int(batch_size)
+
+    def __call__(self, x: np.ndarray, cond: np.ndarray | None) -> np.ndarray:
+        inputs = [x, cond] if self.model.conditional else x
+        z_mean, _ = self.model.encoder.predict_on_batch(inputs)
+        return np.asarray(z_mean, np.float32)
+
+
+def encode_sample(
+    model: Any,
+    sdata: Any,
+    sample: str,
+    *,
+    model_config: Mapping[str, Any],
+    table_key: str,
+    sample_key: str,
+    image_key: str,
+    batch_size: int = 64,
+    data_dir: str | Path | None = None,
+    use_store: bool = True,
+    conditions: ConditionEncoder | None = None,
+) -> dict[str, Any]:
+    """Encode every object of one sample (pure: reads ``sdata`` and the dataset store, writes nothing).
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~phenocoder_lib.models.CVAE` / ``CondCVAE``.
+    sdata
+        SpatialData with ``tables[table_key]`` and ``images[f"{image_key}_{sample}"]``.
+    sample
+        Value of ``.obs[sample_key]``.
+    model_config
+        The model's configuration (``model_config.json``): ``dataset_settings`` (patch geometry and
+        normalization of each training dataset) and the condition encoding.
+    batch_size
+        Patches per forward pass (and per block read), which bounds memory.
+    data_dir
+        Folder of the training datasets; stored patches are read from there when they cover the sample.
+    use_store
+        Set False to always cut patches from the images.
+
+    Returns
+    -------
+    dict with ``rows`` (positions in the table), ``latents`` ((n, L) float32, ``z_mean``), ``padded``
+    ((n,) bool), ``anchors``, ``anchor_source``, ``patch_source`` and ``conditions_report``.
+    """
+    from . import patches as P
+
+    table = sdata.tables[table_key]
+    sample_col = table.obs[sample_key].astype(str).to_numpy()
+    rows = np.flatnonzero(sample_col == str(sample))
+    if not len(rows):
+        raise ValueError(f"sample {sample!r} has no objects in table {table_key!r} (column {sample_key!r}).")
+    dataset_settings = model_config["dataset_settings"]
+    first = dataset_settings[next(iter(dataset_settings))]
+    index = _sample_index(sdata, table, rows, str(sample), settings=first, image_key=image_key)
+    obs_names = table.obs_names[rows].astype(str).to_numpy()
+    src = _plan_sample(str(sample), obs_names, index, dataset_settings=dataset_settings,
+                       data_dir=Path(data_dir) if data_dir is not None else None, use_store=use_store)
+    settings = dataset_settings[src.dataset] if src.dataset is not None else first
+    norm = settings["normalization"]
+    n = len(rows)
+    padded = src.store_padded.copy() if src.store_padded is not None else np.zeros(n, bool)
+
+    cond = None
+    report: dict = {}
+    if conditions is not None and conditions.columns:
+        frame = _encode_condition_frame(conditions.columns, table, rows, index, sample=str(sample),
+                                        dataset=src.dataset, sample_key=sample_key)
+        cond, report = conditions.transform(frame, where=f" of sample {sample!r}")
+
+    block = max(int(batch_size), 1)
+    blocks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    anchors = src.anchors
+    if norm["scale"] and anchors is None:
+        # A sample never seen in training, per-sample mode: anchors from its own patches first.
+        acc = None
+        kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = []
+        kept_bytes = 0
+        for item in _iter_raw(sdata, src, index, image_key=image_key, settings=settings, block=block):
+            if acc is None:
+                acc = P.IntensityAccumulator(item[1].shape[-1], item[1].dtype)
+            acc.add(item[1])
+            if kept is not None:
+                kept.append(item)
+                kept_bytes += item[1].nbytes
+                if kept_bytes > _KEEP_RAW_BYTES:
+                    kept = None  # too large to keep: cut the patches again in a second pass
+        assert acc is not None
+        anchors = P.anchors_from(acc, norm["scale_percentile"], settings["channels"], f"sample {sample!r}")
+        blocks = iter(kept) if kept is not None else _iter_raw(
+            sdata, src, index, image_key=image_key, settings=settings, block=block)
+    else:
+        blocks = _iter_raw(sdata, src, index, image_key=image_key, settings=settings, block=block)
+
+    fallback = anchors if (norm["scale"] and norm["scale_per_sample"] and src.dataset is None) else None
+    encoder = _Encoder(model, block)
+    latents = np.empty((n, model.n_latent_dim), np.float32)
+    for pos, raw, pad in blocks:
+        x = P.normalize_for(raw, settings, str(sample), fallback)
+        latents[pos] = encoder(x, cond[pos] if cond is not None else None)
+        if src.store is None:
+            padded[pos] = pad
+    return {
+        "rows": rows,
+        "latents": latents,
+        "padded": padded,
+        "anchors": anchors,
+        "anchor_source": src.anchor_source,
+        "patch_source": "dataset store" if src.store is not None else "image",
+        "dataset": src.dataset,
+        "conditions_report": report,
+    }
+
+
+def _encode_condition_frame(
+    columns: Sequence[str], table: Any, rows: np.ndarray, index: np.ndarray, *, sample: str,
+    dataset: str | None, sample_key: str,
+) -> pd.DataFrame:
+    """Condition values of a sample's objects at inference (the counterpart of :func:`condition_frame`)."""
+    out = pd.DataFrame(index=np.arange(len(rows)))
+    obs = table.obs
+    for col in columns:
+        # Same precedence as at training (condition_frame): the patch index's own columns first.
+        if col == "dataset":
+            out[col] = dataset if dataset is not None else "<not in any training dataset>"
+        elif col in ("sample", sample_key):
+            out[col] = sample
+        elif col in ("y", "x", "z"):
+            j = "yxz".index(col)
+            out[col] = index[:, j] if j < index.shape[1] else 0
+        elif col in obs.columns:
+            out[col] = obs[col].to_numpy()[rows]
+        else:
+            raise KeyError(
+                f"condition {col!r} of the model is not a column of the table's .obs; add it before encoding."
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole table
+# --------------------------------------------------------------------------------------------------
+
+
+def encode_table(
+    model: Any,
+    sdata: Any,
+    *,
+    model_config: Mapping[str, Any],
+    table_key: str,
+    sample_key: str,
+    image_key: str,
+    spatial_key: str = "spatial",
+    batch_size: int = 64,
+    spatial_message_passing_radius: float | None = None,
+    data_dir: str | Path | None = None,
+    samples: Sequence[str] | None = None,
+    use_store: bool = True,
+    progress: bool = False,
+) -> Any:
+    """Encode every object of ``sdata.tables[table_key]`` (or of ``samples``) into a new table.
+
+    Returns an AnnData parsed with ``spatialdata.models.TableModel`` (keeping the source table's
+    region/instance link) with one row per object, in the source table's order:
+
+    - ``.X``: ``z_mean`` latents, float32, variables ``phc_latent_1 ... phc_latent_L``;
+    - ``.obs``: the source ``.obs`` plus ``phc_padded`` (the patch crossed the image border and was
+      padded); ``.obsm``: the source ``.obsm``;
+    - ``.layers['spatial_message_passing']`` when ``spatial_message_passing_radius`` is given: the mean
+      latent over each object and its neighbours within the radius (inclusive, units of
+      ``.obsm[spatial_key]``), per sample;
+    - ``.uns['phenocoder']``: model name, version, dataset settings, and per sample the patch source,
+      the anchors used and any unseen condition values.
+    """
+    import anndata as ad
+    from spatialdata.models import TableModel
+    from tqdm.auto import tqdm
+
+    check_key(sdata.tables, table_key, argument="table_key", what="table of the SpatialData object")
+    table = sdata.tables[table_key]
+    check_obs_column(table.obs, sample_key, argument="sample_key")
+    if spatial_message_passing_radius is not None:
+        coords = check_obsm(table, spatial_key, argument="spatial_key")
+        r = float(spatial_message_passing_radius)
+        if not np.isfinite(r) or r < 0:
+            raise ValueError(f"spatial_message_passing_radius={spatial_message_passing_radius!r} must be >= 0 "
+                             f"(units of .obsm[{spatial_key!r}]).")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive int.")
+    cond_enc = None
+    if model_config.get("conditions_encoder"):
+        cond_enc = ConditionEncoder.from_dict(model_config["conditions_encoder"])
+    sample_col = table.obs[sample_key].astype(str)
+    all_samples = list(pd.unique(sample_col.to_numpy()))
+    if samples is None:
+        chosen = all_samples
+    else:
+        chosen = [str(s) for s in samples]
+        unknown = [s for s in chosen if s not in all_samples]
+        if unknown:
+            raise KeyError(f"samples={unknown} are not in .obs[{sample_key!r}]; available: {all_samples[:12]}.")
+    mask = sample_col.isin(chosen).to_numpy()
+    selected = np.flatnonzero(mask)
+    position = np.full(table.n_obs, -1, np.int64)
+    position[selected] = np.arange(len(selected))
+    latents = np.empty((len(selected), model.n_latent_dim), np.float32)
+    padded = np.zeros(len(selected), bool)
+    per_sample: dict[str, Any] = {}
+    for sample in tqdm(chosen, desc="Encoding samples", disable=not progress):
+        res = encode_sample(model, sdata, sample, model_config=model_config, table_key=table_key,
+                            sample_key=sample_key, image_key=image_key, batch_size=batch_size,
+                            data_dir=data_dir, use_store=use_store, conditions=cond_enc)
+        latents[position[res["rows"]]] = res["latents"]
+        padded[position[res["rows"]]] = res["padded"]
+        info = {"n_objects": len(res["rows"]), "n_padded": int(res["padded"].sum()),
+                "patch_source": res["patch_source"], "anchor_source": res["anchor_source"]}
+        if res["anchors"] is not None:
+            info["anchors"] = res["anchors"]
+        if res["conditions_report"]:
+            info["unseen_conditions"] = json.dumps(res["conditions_report"], sort_keys=True)
+        per_sample[sample] = info
+        logger.info("sample %s: %d objects encoded (%s, anchors: %s)", sample, len(res["rows"]),
+                    res["patch_source"], res["anchor_source"])
+
+    source = table[selected] if len(selected) != table.n_obs else table
+    obs = source.obs.copy()
+    obs["phc_padded"] = padded
+    out = ad.AnnData(X=latents, obs=obs)
+    out.var_names = [f"{LATENT_PREFIX}{i + 1}" for i in range(model.n_latent_dim)]
+    for key, value in source.obsm.items():
+        out.obsm[key] = np.array(value, copy=True) if isinstance(value, np.ndarray) else value.copy()
+    if spatial_message_passing_radius is not None:
+        from .spatial.message_passing import spatial_message_passing
+
+        out.layers[MESSAGE_PASSING_LAYER] = spatial_message_passing(
+            np.asarray(out.obsm[spatial_key]), latents, float(spatial_message_passing_radius),
+            samples=out.obs[sample_key].astype(str).to_numpy(),
+        )
+    first = model_config["dataset_settings"][next(iter(model_config["dataset_settings"]))]
+    out.uns["phenocoder"] = {
+        "model_name": str(model_config.get("model_name", "")),
+        "model_class": type(model).__name__,
+        "phenocoder_version": _version(),
+        "source_table": table_key,
+        "latent": "z_mean",
+        "n_latent_dim": int(model.n_latent_dim),
+        "conditions": list(model_config.get("conditions", [])),
+        "datasets": list(model_config["dataset_settings"]),
+        "patch_size": list(first["patch_size"]),
+        "channels": list(first["channels"]),
+        "spatial_key_index": first["spatial_key_index"],
+        "normalization": {k: first["normalization"][k] for k in ("scale", "scale_per_sample", "scale_percentile")},
+        "spatial_message_passing_radius": (float(spatial_message_passing_radius)
+                                           if spatial_message_passing_radius is not None else "none"),
+        "spatial_key": spatial_key,
+        "samples": per_sample,
+    }
+    attrs = dict(table.uns.get(TableModel.ATTRS_KEY, {}) or {})
+    region = attrs.get(TableModel.REGION_KEY)
+    region_key = attrs.get(TableModel.REGION_KEY_KEY)
+    instance_key = attrs.get(TableModel.INSTANCE_KEY)
+    if region is not None and region_key in out.obs and instance_key in out.obs:
+        present = out.obs[region_key].astype(str).unique().tolist()
+        region = [r for r in np.atleast_1d(region).tolist() if r in present] or region
+        if isinstance(region, list) and len(region) == 1:
+            region = region[0]
+        return TableModel.parse(out, region=region, region_key=region_key, instance_key=instance_key,
+                                overwrite_metadata=True)
+    if REGION_KEY in out.obs and INSTANCE_KEY in out.obs:
+        logger.warning("table %r has no spatialdata region attributes; the encoded table is not linked to labels.",
+                       table_key)
+    return TableModel.parse(out)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

@@ -1,0 +1,374 @@
+"""Keras 3 models: the convolutional VAE (``CVAE``) and the conditional VAE (``CondCVAE``).
+
+Architecture (``conv_layers = (f_1, ..., f_n)``, input ``(H, W, C)``)::
+
+    encoder  image (H, W, C)
+             -> n x Conv2D(f_i, 3x3, stride 2, same, ReLU)        H/2^n x W/2^n x f_n
+             -> Flatten [-> concat condition vector]
+             -> Dense(n_dense_dim, ReLU) -> Dropout
+             -> z_mean = Dense(L), z_log_var = Dense(L)
+    sampling z = z_mean + exp(z_log_var / 2) * eps,  eps ~ N(0, I) from a seeded SeedGenerator
+    decoder  z [-> concat condition vector]
+             -> Dense(H/2^n * W/2^n * f_n, ReLU) -> Dropout -> Reshape(H/2^n, W/2^n, f_n)
+             -> Conv2DTranspose(f_{n-1}), ..., Conv2DTranspose(f_1)     (3x3, stride 2, ReLU)
+             -> Conv2DTranspose(C, 3x3, stride 2) logits; reconstruction = sigmoid(logits)
+
+The decoder mirrors the encoder layer for layer: it starts from the *largest* filter count ``f_n`` at the
+bottleneck and goes back through ``f_{n-1} ... f_1`` to the C channels (the earlier library started from the
+smallest, a 1x1x8 bottleneck at 32 px, and added a full-resolution convolution that costs more than the
+rest of the network on a CPU).
+
+Loss (per batch, returned by :meth:`CVAE.compute_loss` so that plain ``fit()`` works)::
+
+    reconstruction_loss = mean over patches of sum over pixels x channels of BCE(x, sigmoid(logits))
+    kl_loss             = mean over patches of -1/2 sum_latent (1 + log s^2 - m^2 - s^2)
+    loss                = reconstruction_loss + beta * kl_loss
+
+``fit`` reports ``loss``, ``reconstruction_loss`` and ``kl_loss`` (``val_*`` on validation data).
+
+Inputs are a dict ``{"image": (b, H, W, C) float in [0, 1], "condition": (b, n_conditions)}`` (the
+condition only for a ``CondCVAE``); a bare image array (CVAE) or an ``(image, condition)`` tuple also work.
+``model(inputs)`` returns a dict with ``reconstruction``, ``logits``, ``z_mean``, ``z_log_var`` and ``z``.
+Every weight initializer, dropout and the sampling noise take seeds derived from the model's ``seed``,
+so two models built with the same arguments are identical.
+
+TensorFlow is imported with this module (the Keras backend is set to TensorFlow unless the
+environment says otherwise); the package imports this module lazily.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import keras  # noqa: E402
+from keras import layers, ops  # noqa: E402
+
+__all__ = ["CVAE", "CondCVAE", "Sampling", "build_decoder", "build_encoder", "check_architecture", "make_model"]
+
+_PACKAGE = "phenocoder"
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------------
+
+
+def check_architecture(
+    input_shape: Sequence[int],
+    conv_layers: Sequence[int],
+    n_latent_dim: int,
+    n_dense_dim: int,
+    dropout: float | None,
+    beta: float,
+) -> tuple[tuple[int, int, int], tuple[int, ...]]:
+    """Validate the architecture arguments; return ``(input_shape, conv_layers)`` as int tuples.
+
+    Raises ``ValueError``/``TypeError`` naming the argument, the value received and the fix.
+    """
+    try:
+        shape = tuple(int(v) for v in input_shape)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"input_shape={input_shape!r} must be (height, width, channels), e.g. (32, 32, 4).") from err
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(
+            f"input_shape={input_shape!r} must be three positive ints (height, width, channels), e.g. (32, 32, 4)."
+        )
+    try:
+        convs = tuple(int(v) for v in conv_layers)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"conv_layers={conv_layers!r} must be a sequence of filter counts, e.g. (32, 64, 128).") from err
+    if not convs or min(convs) < 1:
+        raise ValueError(f"conv_layers={conv_layers!r} must hold at least one positive filter count, e.g. (32, 64, 128).")
+    factor = 2 ** len(convs)
+    h, w, _ = shape
+    if h % factor or w % factor:
+        raise ValueError(
+            f"input_shape={shape}: height {h} and width {w} must be divisible by 2**len(conv_layers) = {factor} "
+            f"(conv_layers={convs} halves the image {len(convs)} times). Use a patch size that is a multiple of "
+            f"{factor} or fewer conv_layers."
+        )
+    for name, value in (("n_latent_dim", n_latent_dim), ("n_dense_dim", n_dense_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive int.")
+    if dropout is not None and not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout={dropout!r} must be in [0, 1) (or None for no dropout layer).")
+    if not float(beta) >= 0.0:
+        raise ValueError(f"beta={beta!r} must be a number >= 0 (the weight of the KL term).")
+    return shape, convs  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers and sub-models
+# --------------------------------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class Sampling(layers.Layer):
+    """Reparameterization ``z = z_mean + exp(z_log_var / 2) * eps`` with seeded noise.
+
+    Parameters
+    ----------
+    seed
+        Seed of the layer's ``keras.random.SeedGenerator``; the noise sequence is reproducible.
+    """
+
+    def __init__(self, seed: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs: Any) -> Any:
+        z_mean, z_log_var = inputs
+        eps = keras.random.normal(ops.shape(z_mean), seed=self.seed_generator)
+        return z_mean + ops.exp(0.5 * z_log_var) * eps
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape[0]
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "seed": self.seed}
+
+
+def _init(seed: int, k: int) -> dict[str, Any]:
+    return {"kernel_initializer": keras.initializers.GlorotUniform(seed=seed * 1000 + k)}
+
+
+def build_encoder(
+    input_shape: tuple[int, int, int],
+    conv_layers: Sequence[int],
+    n_dense_dim: int,
+    n_latent_dim: int,
+    dropout: float | None,
+    n_conditions: int = 0,
+    seed: int = 0,
+) -> keras.Model:
+    """Functional encoder: inputs ``image`` (and ``condition``), outputs ``[z_mean, z_log_var]``."""
+    image = keras.Input(shape=input_shape, name="image")
+    inputs = [image]
+    x = image
+    for i, filters in enumerate(conv_layers):
+        x = layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu",
+                          name=f"encoder_conv_{i + 1}_{filters}", **_init(seed, i))(x)
+    x = layers.Flatten(name="encoder_flatten")(x)
+    if n_conditions:
+        condition = keras.Input(shape=(n_conditions,), name="condition")
+        inputs.append(condition)
+        x = layers.Concatenate(name="encoder_concat_condition")([x, condition])
+    x = layers.Dense(n_dense_dim, activation="relu", name="encoder_dense", **_init(seed, 100))(x)
+    if dropout:
+        x = layers.Dropout(dropout, seed=seed * 1000 + 101, name="encoder_dropout")(x)
+    z_mean = layers.Dense(n_latent_dim, name="z_mean", **_init(seed, 102))(x)
+    z_log_var = layers.Dense(n_latent_dim, name="z_log_var", **_init(seed, 103))(x)
+    return keras.Model(inputs if n_conditions else image, [z_mean, z_log_var], name="encoder")
+
+
+def build_decoder(
+    input_shape: tuple[int, int, int],
+    conv_layers: Sequence[int],
+    n_dense_dim: int,
+    n_latent_dim: int,
+    dropout: float | None,
+    n_conditions: int = 0,
+    seed: int = 0,
+) -> keras.Model:
+    """Functional decoder: inputs ``z`` (and ``condition``), output the reconstruction *logits* (H, W, C)."""
+    del n_dense_dim  # the decoder's dense layer has the bottleneck's size
+    h, w, c = input_shape
+    factor = 2 ** len(conv_layers)
+    bottleneck = (h // factor, w // factor, conv_layers[-1])
+    z = keras.Input(shape=(n_latent_dim,), name="z")
+    inputs = [z]
+    x = z
+    if n_conditions:
+        condition = keras.Input(shape=(n_conditions,), name="condition")
+        inputs.append(condition)
+        x = layers.Concatenate(name="decoder_concat_condition")([x, condition])
+    x = layers.Dense(bottleneck[0] * bottleneck[1] * bottleneck[2], activation="relu", name="decoder_dense",
+                     **_init(seed, 200))(x)
+    if dropout:
+        x = layers.Dropout(dropout, seed=seed * 1000 + 201, name="decoder_dropout")(x)
+    x = layers.Reshape(bottleneck, name="decoder_reshape")(x)
+    for i, filters in enumerate(reversed(conv_layers[:-1])):
+        x = layers.Conv2DTranspose(filters, 3, strides=2, padding="same", activation="relu",
+                                   name=f"decoder_deconv_{i + 1}_{filters}", **_init(seed, 210 + i))(x)
+    # The last transposed convolution mirrors the encoder's first one (C -> f_1 at stride 2): it maps
+    # f_1 channels back to the C image channels at full resolution, as logits.
+    logits = layers.Conv2DTranspose(c, 3, strides=2, padding="same", name="decoder_logits",
+                                    **_init(seed, 299))(x)
+    return keras.Model(inputs if n_conditions else z, logits, name="decoder")
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class CVAE(keras.Model):
+    """Convolutional variational autoencoder (see the module docstring for the architecture and loss).
+
+    Parameters
+    ----------
+    input_shape
+        (height, width, channels) of the patches.
+    n_latent_dim, n_dense_dim
+        Latent size L and width of the dense layer.
+    conv_layers
+        Filters of the stride-2 convolutions; height and width must be divisible by ``2**len(conv_layers)``.
+    dropout
+        Dropout after the dense layers (``None`` or 0: none).
+    beta
+        Weight of the KL term.
+    n_conditions
+        Width of the condition vector (0 for a plain CVAE).
+    seed
+        Seed for the initializers, dropout and sampling noise.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        n_latent_dim: int,
+        n_dense_dim: int,
+        conv_layers: Sequence[int] = (32, 64, 128),
+        dropout: float | None = 0.25,
+        beta: float = 0.01,
+        n_conditions: int = 0,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        shape, convs = check_architecture(input_shape, conv_layers, n_latent_dim, n_dense_dim, dropout, beta)
+        if isinstance(n_conditions, bool) or not isinstance(n_conditions, int) or n_conditions < 0:
+            raise ValueError(f"n_conditions={n_conditions!r} must be an int >= 0.")
+        self.image_shape = shape
+        self.n_latent_dim = int(n_latent_dim)
+        self.n_dense_dim = int(n_dense_dim)
+        self.conv_layers = convs
+        self.dropout = None if dropout is None else float(dropout)
+        self.beta = float(beta)
+        self.n_conditions = int(n_conditions)
+        self.seed = int(seed)
+        args = (shape, convs, self.n_dense_dim, self.n_latent_dim, self.dropout, self.n_conditions, self.seed)
+        self.encoder = build_encoder(*args)
+        self.decoder = build_decoder(*args)
+        self.sampling = Sampling(seed=self.seed * 1000 + 300, name="sampling")
+        self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
+        self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
+
+    @property
+    def conditional(self) -> bool:
+        return self.n_conditions > 0
+
+    def build(self, input_shape: Any = None) -> None:  # sub-models are built in __init__
+        self.built = True
+
+    def _split(self, inputs: Any) -> tuple[Any, Any]:
+        if isinstance(inputs, dict):
+            image, condition = inputs["image"], inputs.get("condition")
+        elif isinstance(inputs, (tuple, list)):
+            image, condition = inputs[0], (inputs[1] if len(inputs) > 1 else None)
+        else:
+            image, condition = inputs, None
+        if self.conditional and condition is None:
+            raise ValueError(
+                f"{type(self).__name__} expects a condition vector of width {self.n_conditions}: pass "
+                "{'image': x, 'condition': c}."
+            )
+        if not self.conditional and condition is not None:
+            raise ValueError("CVAE has no conditions; pass only the image (or use a CondCVAE).")
+        return image, condition
+
+    def encode(self, inputs: Any, training: bool = False) -> tuple[Any, Any]:
+        """``(z_mean, z_log_var)`` of the inputs."""
+        image, condition = self._split(inputs)
+        enc_in = [ops.convert_to_tensor(image), ops.convert_to_tensor(condition)] if self.conditional else image
+        z_mean, z_log_var = self.encoder(enc_in, training=training)
+        return z_mean, z_log_var
+
+    def decode(self, z: Any, condition: Any = None, training: bool = False) -> Any:
+        """Reconstruction (sigmoid of the decoder logits) of latents ``z``."""
+        dec_in = [ops.convert_to_tensor(z), ops.convert_to_tensor(condition)] if self.conditional else z
+        return ops.sigmoid(self.decoder(dec_in, training=training))
+
+    def call(self, inputs: Any, training: bool = False) -> dict[str, Any]:
+        image, condition = self._split(inputs)
+        enc_in = [image, condition] if self.conditional else image
+        z_mean, z_log_var = self.encoder(enc_in, training=training)
+        z = self.sampling([z_mean, z_log_var])
+        dec_in = [z, condition] if self.conditional else z
+        logits = self.decoder(dec_in, training=training)
+        return {"reconstruction": ops.sigmoid(logits), "logits": logits, "z_mean": z_mean,
+                "z_log_var": z_log_var, "z": z}
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):  # noqa: D102
+        del y, sample_weight, training
+        image, _ = self._split(x)
+        image = ops.cast(image, "float32")
+        logits = y_pred["logits"]
+        # Binary cross-entropy from logits (stable): max(l, 0) - l * x + log(1 + exp(-|l|)).
+        bce = ops.relu(logits) - logits * image + ops.log1p(ops.exp(-ops.abs(logits)))
+        reconstruction = ops.mean(ops.sum(bce, axis=(1, 2, 3)))
+        z_mean, z_log_var = y_pred["z_mean"], y_pred["z_log_var"]
+        kl = ops.mean(-0.5 * ops.sum(1.0 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var), axis=1))
+        self.reconstruction_loss_tracker.update_state(reconstruction)
+        self.kl_loss_tracker.update_state(kl)
+        return reconstruction + self.beta * kl
+
+    def get_config(self) -> dict[str, Any]:
+        base = super().get_config()
+        base = {k: v for k, v in base.items() if k in ("name", "trainable", "dtype")}
+        return {
+            **base,
+            "input_shape": list(self.image_shape),
+            "n_latent_dim": self.n_latent_dim,
+            "n_dense_dim": self.n_dense_dim,
+            "conv_layers": list(self.conv_layers),
+            "dropout": self.dropout,
+            "beta": self.beta,
+            "n_conditions": self.n_conditions,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> CVAE:
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class CondCVAE(CVAE):
+    """Conditional CVAE: the condition vector is concatenated to the encoder's flattened features and to
+    the latent before decoding. Same parameters as :class:`CVAE`; ``n_conditions`` must be >= 1."""
+
+    def __init__(self, input_shape: Sequence[int], n_latent_dim: int, n_dense_dim: int, *,
+                 n_conditions: int, **kwargs: Any) -> None:
+        if isinstance(n_conditions, bool) or not isinstance(n_conditions, int) or n_conditions < 1:
+            raise ValueError(f"n_conditions={n_conditions!r}: a CondCVAE needs a condition vector of width >= 1.")
+        super().__init__(input_shape, n_latent_dim, n_dense_dim, n_conditions=n_conditions, **kwargs)
+
+
+def make_model(
+    *,
+    input_shape: Sequence[int],
+    n_latent_dim: int,
+    n_dense_dim: int,
+    conv_layers: Sequence[int],
+    dropout: float | None,
+    beta: float,
+    n_conditions: int,
+    seed: int,
+    name: str | None = None,
+) -> CVAE:
+    """A :class:`CondCVAE` when ``n_conditions > 0``, else a :class:`CVAE`."""
+    kwargs = dict(input_shape=input_shape, n_latent_dim=n_latent_dim, n_dense_dim=n_dense_dim,
+                  conv_layers=conv_layers, dropout=dropout, beta=beta, seed=seed)
+    if name is not None:
+        kwargs["name"] = name
+    if n_conditions:
+        return CondCVAE(n_conditions=n_conditions, **kwargs)
+    return CVAE(**kwargs)

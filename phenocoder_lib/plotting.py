@@ -1,0 +1,183 @@
+"""Figures rendered to PNG files (matplotlib, Agg backend): reconstructions, latent space, training curves.
+
+Every function takes the data it draws and a path, creates its own figure, saves it and closes it
+(no global pyplot state is left behind, and nothing is shown on screen).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["embed_2d", "plot_history", "plot_latent_space", "plot_reconstructions"]
+
+#: Below this many points the latent plot uses PCA (UMAP needs a neighbourhood and compiles slowly).
+UMAP_MIN_POINTS = 200
+
+
+def _figure(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1) -> tuple[Any, Any]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _save(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from ._io import _tmp_sibling
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    tmp = _tmp_sibling(path, "tmp").with_suffix(".png")
+    fig.savefig(tmp, dpi=dpi)
+    tmp.replace(path)
+    return path
+
+
+def plot_reconstructions(
+    inputs: np.ndarray,
+    reconstructions: np.ndarray,
+    path: str | Path,
+    *,
+    channels: Sequence[str] | None = None,
+    title: str = "input | reconstruction",
+) -> Path:
+    """Montage per channel of ``[input | reconstruction]`` pairs, both on the model's [0, 1] scale.
+
+    ``inputs`` and ``reconstructions`` are (n, h, w, c); one panel per channel.
+    """
+    n, h, w, c = inputs.shape
+    if n == 0:
+        raise ValueError("plot_reconstructions: no patches to show.")
+    channels = list(channels) if channels is not None else [str(i) for i in range(c)]
+    ncols = max(1, int(math.ceil(math.sqrt(n * h / (2 * w)))))
+    nrows = int(math.ceil(n / ncols))
+    gap = 1
+    tile_w, tile_h = 2 * w + 3 * gap, h + gap
+    panels = []
+    for ch in range(c):
+        canvas = np.full((nrows * tile_h + gap, ncols * tile_w), np.nan, np.float32)
+        for i in range(n):
+            r, q = divmod(i, ncols)
+            y0, x0 = r * tile_h + gap, q * tile_w + gap
+            canvas[y0:y0 + h, x0:x0 + w] = inputs[i, :, :, ch]
+            canvas[y0:y0 + h, x0 + w + gap:x0 + 2 * w + gap] = reconstructions[i, :, :, ch]
+        panels.append(canvas)
+    aspect = panels[0].shape[1] / panels[0].shape[0]
+    width = min(4.0 * c, 20.0)
+    fig, axes = _figure((width, max(width / c / aspect + 0.6, 2.0)), 1, c)
+    for ch, canvas in enumerate(panels):
+        ax = axes[0, ch]
+        ax.imshow(np.ma.masked_invalid(canvas), cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(f"{channels[ch]}", fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(f"{title} ({n} patches)", fontsize=10)
+    return _save(fig, path)
+
+
+def embed_2d(latents: np.ndarray, *, seed: int = 0, method: str = "auto") -> tuple[np.ndarray, str]:
+    """2-D coordinates of ``latents`` for plotting: UMAP for ``UMAP_MIN_POINTS`` points or more, else PCA.
+
+    Returns (coordinates (n, 2), the method used).
+    """
+    x = np.asarray(latents, np.float64)
+    n = len(x)
+    if method == "auto":
+        method = "umap" if n >= UMAP_MIN_POINTS else "pca"
+    if method == "umap":
+        try:
+            import umap
+
+            reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed, n_jobs=1)
+            return np.asarray(reducer.fit_transform(x)), "umap"
+        except ImportError:  # pragma: no cover - umap-learn is a dependency
+            logger.warning("umap-learn is not importable; the latent plot uses PCA.")
+    centred = x - x.mean(axis=0)
+    if n < 2 or x.shape[1] == 0:
+        return np.zeros((n, 2)), "pca"
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    comps = centred @ vt[:2].T
+    if comps.shape[1] < 2:
+        comps = np.hstack([comps, np.zeros((n, 2 - comps.shape[1]))])
+    # Fix the sign of each component (SVD signs are arbitrary) so the figure is reproducible.
+    signs = np.sign(comps[np.abs(comps).argmax(axis=0), np.arange(2)])
+    return comps * np.where(signs == 0, 1, signs), "pca"
+
+
+def plot_latent_space(
+    coords: np.ndarray,
+    colors: Mapping[str, Sequence[Any] | np.ndarray],
+    path: str | Path,
+    *,
+    method: str = "umap",
+    max_legend: int = 20,
+) -> Path:
+    """Scatter of 2-D latent ``coords``, one panel per entry of ``colors``.
+
+    Numeric columns are coloured on a continuous scale in numeric order (colour bar); other columns by
+    category (legend up to ``max_legend`` categories).
+    """
+    import matplotlib
+
+    panels = list(colors.items()) or [("", np.zeros(len(coords)))]
+    ncols = min(len(panels), 3)
+    nrows = int(math.ceil(len(panels) / ncols))
+    fig, axes = _figure((4.2 * ncols, 3.8 * nrows), nrows, ncols)
+    size = max(2.0, min(20.0, 3000.0 / max(len(coords), 1)))
+    for k, (name, values) in enumerate(panels):
+        ax = axes[k // ncols, k % ncols]
+        values = pd.Series(np.asarray(values))
+        if pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype) \
+                and values.nunique() > 2:
+            sc = ax.scatter(coords[:, 0], coords[:, 1], c=values.to_numpy(np.float64), s=size, cmap="viridis",
+                            linewidths=0)
+            ax.figure.colorbar(sc, ax=ax, shrink=0.8)
+        else:
+            cats = sorted(values.astype(str).unique())
+            cmap = matplotlib.colormaps["tab20"]
+            for i, cat in enumerate(cats):
+                m = (values.astype(str) == cat).to_numpy()
+                ax.scatter(coords[m, 0], coords[m, 1], s=size, color=cmap(i % 20), linewidths=0,
+                           label=cat if i < max_legend else None)
+            if cats and len(cats) <= max_legend:
+                ax.legend(fontsize=7, markerscale=2, loc="best", frameon=False)
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(f"{method.upper()} 1", fontsize=8)
+        ax.set_ylabel(f"{method.upper()} 2", fontsize=8)
+    for k in range(len(panels), nrows * ncols):
+        axes[k // ncols, k % ncols].set_axis_off()
+    fig.suptitle(f"latent space (z_mean, {len(coords)} patches, {method.upper()})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_history(history: Mapping[str, Sequence[float]], path: str | Path) -> Path:
+    """Training curves: loss, reconstruction and KL (train and validation) and the learning rate."""
+    keys = ["loss", "reconstruction_loss", "kl_loss", "learning_rate"]
+    fig, axes = _figure((13.0, 3.0), 1, len(keys))
+    epochs = np.asarray(history.get("epoch", range(1, len(history.get("loss", [])) + 1)))
+    for ax, key in zip(axes[0], keys, strict=True):
+        if key in history:
+            ax.plot(epochs, history[key], marker="o", ms=3, label="train" if key != "learning_rate" else None)
+        if f"val_{key}" in history:
+            ax.plot(epochs, history[f"val_{key}"], marker="o", ms=3, label="validation")
+            ax.legend(fontsize=7, frameon=False)
+        if key == "learning_rate":
+            ax.set_yscale("log")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
