@@ -150,3 +150,13 @@ def test_subunits_without_any_kept_cube_are_reported():
     with pytest.raises(ValueError, match="all 2 subunits were skipped.*'S0': no subunit with >= 500 objects"):
         compute_spatial_stats(table, sample_key="sample", radii=25, use_subunits=True, min_obs_per_subunit=500,
                                   progress=False)
+
+
+@pytest.mark.slow  # spawns worker processes (imports + numba cache loading per worker)
+def test_worker_processes_give_the_same_table():
+    table = make_table(1200, n_samples=4, seed=9)
+    kw = dict(sample_key="sample", radii=(20, 30), progress=False, n_clustering_samples=50)
+    one = compute_spatial_stats(table, n_jobs=1, **kw)
+    two = compute_spatial_stats(table, n_jobs=2, **kw)
+    np.testing.assert_array_equal(one.X, two.X)
+    pd.testing.assert_frame_equal(one.obs, two.obs)
