@@ -66,7 +66,10 @@ class PatchesConfig(Config):
 
 
 class ModelConfig(Config):
-    """``initialize_model`` + ``train`` (steps 2-3): trains on the patch datasets of ``samples``."""
+    """``Phenocoder.initialize_model`` + ``train`` (steps 2-3) on the patch datasets of ``samples``.
+
+    ``input_shape`` is not a field: it is the datasets' patch size and channel count.
+    """
 
     samples: list[str] = Field(
         default_factory=list,
@@ -75,13 +78,17 @@ class ModelConfig(Config):
     n_latent_dim: int = 32
     n_dense_dim: int = 64
     conditions: list[str] = Field(default_factory=list, description="[] for a CVAE, e.g. ['dataset', 'z'] for a CondCVAE.")
-    dropout: float = 0.25
+    continuous_conditions: list[str] | None = Field(default=None, description="Default: 'z' and float columns.")
+    dropout: float | None = 0.25
     batch_size: int = 64
+    n_workers: int = 1
     conv_layers: list[int] = Field(default_factory=lambda: [8, 16, 32, 64, 128])
     beta: float = 0.01
     flip: bool = False
     shuffle: bool = True
     validation_fraction: float = 0.2
+    split_by: str = Field(default="object", description="'object' (within each sample) or 'sample'.")
+    memory_budget_gib: float = Field(default=8.0, description="Raw patches up to this size are held in RAM.")
     n_epochs: int = 100
     learning_rate: float = 1e-3
     min_learning_rate: float = 1e-4
@@ -92,6 +99,20 @@ class ModelConfig(Config):
     n_preview: int = 300
     plot_frac: float = 0.001
     seed: int = 0
+
+    def model_kwargs(self, input_shape: list[int]) -> dict:
+        return dict(n_latent_dim=self.n_latent_dim, n_dense_dim=self.n_dense_dim, conditions=list(self.conditions),
+                    dropout=self.dropout, batch_size=self.batch_size, n_workers=self.n_workers,
+                    input_shape=tuple(input_shape), conv_layers=tuple(self.conv_layers), beta=self.beta,
+                    flip=self.flip, shuffle=self.shuffle, validation_fraction=self.validation_fraction,
+                    split_by=self.split_by, continuous_conditions=self.continuous_conditions, seed=self.seed,
+                    memory_budget_bytes=int(self.memory_budget_gib * 2**30))
+
+    def train_kwargs(self) -> dict:
+        return dict(n_epochs=self.n_epochs, learning_rate=self.learning_rate, min_learning_rate=self.min_learning_rate,
+                    factor_learning_rate=self.factor_learning_rate, learning_rate_patience=self.learning_rate_patience,
+                    early_stopping_patience=self.early_stopping_patience, plot=self.plot, n_preview=self.n_preview,
+                    plot_frac=self.plot_frac)
 
 
 class LatentsConfig(Config):
@@ -112,7 +133,7 @@ class ClusterReferenceConfig(Config):
     scale: bool = True
     n_pcs: int = 50
     n_neighbors: int = 15
-    resolution: float = 0.5
+    resolution: float = 1.0
     n_iterations: int = 2
     seed: int = 0
     max_reference: int | None = 200_000

@@ -1,0 +1,238 @@
+"""Bodies of the ``model`` and ``latents`` assets (TensorFlow and MLflow are imported here only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, MetadataValue
+
+from ..configs import LatentsConfig, ModelConfig
+from ..resources import MLflowTracking, PhenocoderStorage
+from ..state import MODEL_INFO, SUMMARY, model_tag, read_json
+from ._common import LATENTS_FILE, PREVIEW_FILE, SDATA_FILE, Timer, preview_metadata, write_png
+
+MODEL_FILE = "model.keras"
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+#: History keys logged to MLflow under another name (the brief's metric names).
+METRIC_NAMES = {"learning_rate": "lr"}
+#: Metrics per epoch that are logged (when present in the history).
+EPOCH_METRICS = ("loss", "reconstruction_loss", "kl_loss", "val_loss", "val_reconstruction_loss", "val_kl_loss",
+                 "learning_rate", "epoch_seconds", "train_patches_per_s")
+ARTIFACTS = (MODEL_FILE, MODEL_CONFIG_FILE, "history.json", "history.csv", "history.png", "reconstructions.png",
+             "latent_space.png")
+
+
+def code_version() -> str:
+    """``<phenocoder version>`` plus the git commit of the source tree when there is one."""
+    import subprocess
+
+    from phenocoder_lib import __version__
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def _training_sdata(storage: PhenocoderStorage, samples: list[str], table_key: str, conditions: list[str]) -> Any:
+    """A SpatialData with the training samples' object tables, only when a condition needs ``.obs``."""
+    index_columns = {"dataset", "sample", "z", "y", "x"}
+    if not set(conditions) - index_columns:
+        return None
+    import anndata as ad
+    import spatialdata
+
+    tables = [spatialdata.read_zarr(storage.local_path("sdata", s) / SDATA_FILE, selection=("tables",)).tables[table_key]
+              for s in samples]
+    return spatialdata.SpatialData(tables={table_key: ad.concat(tables, merge="first")})
+
+
+def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage: PhenocoderStorage,
+                    tracking: MLflowTracking) -> MaterializeResult:
+    """Body of the ``model`` asset: train on the chosen samples' datasets, log and register in MLflow."""
+    import mlflow
+    import mlflow.keras
+
+    from phenocoder_lib._io import write_json_atomic
+    from phenocoder_lib.patches import SETTINGS_FILE
+    from phenocoder_lib.pipeline import train_on_datasets
+
+    from ..previews import png_markdown
+
+    samples = list(config.samples) or storage.partitions("patches")
+    if not samples:
+        raise FileNotFoundError("no patch datasets yet: materialize 'patches' for some samples first.")
+    missing = [s for s in samples if not storage.exists("patches", s)]
+    if missing:
+        raise FileNotFoundError(f"samples {missing} have no patch dataset; materialize 'patches' for them first "
+                                f"or leave them out of ModelConfig.samples.")
+    dataset_dirs = [storage.local_path("patches", s) for s in samples]
+    settings = read_json(dataset_dirs[0] / SETTINGS_FILE)
+    input_shape = [*settings["patch_size"], len(settings["channels"])]
+    keys = read_json(storage.local_path("sdata", samples[0]) / SUMMARY)
+    sdata = _training_sdata(storage, samples, keys["table_key"], list(config.conditions))
+    tags = {"dagster.run_id": context.run.run_id, "dagster.job": context.job_name, "dagster.asset": "model",
+            "dagster.partition_set": ",".join(samples), "code_version": code_version()}
+    params = {**config.model_kwargs(input_shape), **config.train_kwargs(), "n_samples": len(samples),
+              "patch_normalization": json.dumps({k: settings["normalization"][k]
+                                                 for k in ("scale", "scale_per_sample", "scale_percentile")})}
+    params.pop("memory_budget_bytes")
+    timer = Timer()
+    name = tracking.registered_model_name
+    with storage.stage("model") as out:
+        out.mkdir()
+        with tracking.start_run(run_name=f"{context.job_name}-{context.run.run_id[:8]}", tags=tags) as run:
+            mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, tuple, dict)) or v is None else v
+                               for k, v in params.items()})
+            with timer.phase("train"):
+                trained = train_on_datasets(
+                    dataset_dirs, out, sdata=sdata, table_key=keys["table_key"], sample_key=keys["sample_key"],
+                    image_key=keys["image_key"], seed=config.seed, model_kwargs=config.model_kwargs(input_shape),
+                    train_kwargs={**config.train_kwargs(), "verbose": 0},
+                )
+            history = trained.history
+            n_epochs_run = len(history.get("loss", []))
+            for i in range(n_epochs_run):
+                epoch = int(history["epoch"][i]) if "epoch" in history else i + 1
+                mlflow.log_metrics({METRIC_NAMES.get(k, k): float(history[k][i]) for k in EPOCH_METRICS
+                                    if k in history and i < len(history[k])}, step=epoch)
+            with timer.phase("log"):
+                for artifact in ARTIFACTS:
+                    if (out / artifact).exists():
+                        mlflow.log_artifact(str(out / artifact))
+                logged = mlflow.keras.log_model(trained.model, name="model", registered_model_name=name,
+                                                pip_requirements=[f"phenocoder=={code_version().split('+')[0]}"])
+            version = str(logged.registered_model_version)
+            mlflow.set_tag("registered_model", f"{name}/{version}")
+        info = {
+            "registered_model_name": name, "version": version, "model_uri": f"models:/{name}/{version}",
+            "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+            "tracking_uri": tracking.resolved_tracking_uri(), "model_name": trained.config["model_name"],
+            "samples": samples, "dagster_run_id": context.run.run_id,
+            "patches": {"patch_size": settings["patch_size"], "spatial_key_index": settings["spatial_key_index"],
+                        "scale": settings["normalization"]["scale"],
+                        "scale_percentile": settings["normalization"]["scale_percentile"],
+                        "scale_per_sample": settings["normalization"]["scale_per_sample"],
+                        "metadata_keys": settings.get("metadata_keys", [])},
+        }
+        write_json_atomic(out / MODEL_INFO, info)
+        curves = (out / "history.png").read_bytes() if (out / "history.png").exists() else None
+        recon = (out / "reconstructions.png").read_bytes() if (out / "reconstructions.png").exists() else None
+    # The registry alias follows the asset: moved only once the new model folder is in place.
+    tracking.client().set_registered_model_alias(name, tracking.champion_alias, version)
+    final = storage.url("model")
+    training = trained.config.get("training", {})
+    metadata: dict[str, Any] = {
+        "mlflow_run": MetadataValue.url(tracking.run_url(run.info.run_id)),
+        "mlflow_run_id": MetadataValue.text(run.info.run_id),
+        "registered_model": MetadataValue.text(f"{name}/{version} (@{tracking.champion_alias})"),
+        "model_version": MetadataValue.text(version),
+        "model_name": MetadataValue.text(trained.config["model_name"]),
+        "samples": MetadataValue.json(samples),
+        "n_train": MetadataValue.int(int(trained.config["split"]["n_train"])),
+        "n_val": MetadataValue.int(int(trained.config["split"]["n_val"])),
+        "epochs_run": MetadataValue.int(n_epochs_run),
+        "best_epoch": MetadataValue.int(int(training.get("best_epoch") or 0)),
+        "path": MetadataValue.path(f"{final}/{MODEL_FILE}"),
+        **timer.metadata(),
+    }
+    for key in ("loss", "val_loss", "reconstruction_loss", "kl_loss"):
+        if history.get(key):
+            metadata[f"final_{key}"] = MetadataValue.float(float(history[key][-1]))
+    if curves is not None:
+        metadata["curves"] = MetadataValue.md(png_markdown(curves, "training curves"))
+    if recon is not None:
+        metadata["reconstructions"] = MetadataValue.md(png_markdown(recon, "validation patches: input | reconstruction"))
+    context.log.info(f"trained {trained.config['model_name']} on {len(samples)} samples; registered {name} v{version}")
+    return MaterializeResult(metadata=metadata)
+
+
+def load_current_model(storage: PhenocoderStorage) -> tuple[Any, dict[str, Any], dict[str, Any], Path]:
+    """(keras model, model_config, model_info, folder) of the materialized ``model`` asset."""
+    from phenocoder_lib.pipeline import load_trained_model  # imports TensorFlow
+
+    folder = storage.local_path("model")
+    info = read_json(folder / MODEL_INFO)
+    keras_model, config = load_trained_model(folder)
+    return keras_model, config, info, folder
+
+
+def encode_sample(context: AssetExecutionContext, config: LatentsConfig, storage: PhenocoderStorage) -> MaterializeResult:
+    """Body of the ``latents`` asset: :func:`phenocoder_lib.encoding.encode_table` for one sample."""
+    import numpy as np
+    import spatialdata
+
+    from phenocoder_lib._io import write_json_atomic
+    from phenocoder_lib.encoding import encode_table
+
+    from ..previews import scatter
+    from .latents import CHECK_EVERY_OBJECT, CHECK_FINITE
+
+    sample = context.partition_key
+    timer = Timer()
+    with timer.phase("load_model"):
+        keras_model, model_config, info, _ = load_current_model(storage)
+    tag = model_tag(info)
+    src = storage.local_path("sdata", sample)
+    ingest = read_json(src / SUMMARY)
+    sd = spatialdata.read_zarr(src / SDATA_FILE)
+    table = sd.tables[ingest["table_key"]]
+    data_dir = Path(storage.root_url) / "patches" if storage.is_local else None  # training datasets
+    with timer.phase("encode"):
+        out = encode_table(
+            keras_model, sd, model_config=model_config, table_key=ingest["table_key"],
+            sample_key=ingest["sample_key"], image_key=ingest["image_key"], spatial_key=config.spatial_key,
+            batch_size=config.batch_size, spatial_message_passing_radius=config.spatial_message_passing_radius,
+            data_dir=data_dir, samples=[sample],
+        )
+    out.uns["phenocoder_latents"] = {"model": tag, "sample_key": ingest["sample_key"],
+                                     "table_key": ingest["table_key"], "run_id": context.run.run_id}
+    x = np.asarray(out.X)
+    finite = bool(np.isfinite(x).all())
+    expected = set(table.obs_names.astype(str))
+    have = set(out.obs_names.astype(str))
+    missing = sorted(expected - have)
+    png = None
+    if out.n_obs >= 2:
+        centred = x - x.mean(axis=0)
+        _, _, vt = np.linalg.svd(centred[np.isfinite(centred).all(axis=1)], full_matrices=False)
+        pcs = centred @ vt[:2].T if vt.shape[0] >= 2 else np.c_[centred @ vt[:1].T, centred @ vt[:1].T]
+        png = scatter(pcs, None, title=f"{sample}: latents (PC1, PC2), model {tag}", xlabel="PC1", ylabel="PC2",
+                      size=5)
+    with storage.stage("latents", sample) as folder:
+        folder.mkdir()
+        out.write_h5ad(folder / LATENTS_FILE)
+        write_json_atomic(folder / SUMMARY, {"sample": sample, "model": tag, "n_objects": int(out.n_obs),
+                                             "n_latent_dim": int(out.n_vars),
+                                             "message_passing_radius": config.spatial_message_passing_radius})
+        write_png(folder / PREVIEW_FILE, png)
+    per_sample = out.uns["phenocoder"]["samples"].get(sample, {})
+    final = storage.url("latents", sample)
+    return MaterializeResult(
+        metadata={
+            "n_objects": MetadataValue.int(int(out.n_obs)),
+            "n_latent_dim": MetadataValue.int(int(out.n_vars)),
+            "model": MetadataValue.text(tag),
+            "model_version": MetadataValue.text(str(info.get("version", ""))),
+            "mlflow_run_id": MetadataValue.text(str(info.get("run_id", ""))),
+            "patch_source": MetadataValue.text(str(per_sample.get("patch_source", ""))),
+            "anchor_source": MetadataValue.text(str(per_sample.get("anchor_source", ""))),
+            "message_passing_radius": MetadataValue.text(str(config.spatial_message_passing_radius)),
+            "path": MetadataValue.path(f"{final}/{LATENTS_FILE}"),
+            **timer.metadata(),
+            **preview_metadata(png, f"{sample}: latents", final),
+        },
+        check_results=[
+            AssetCheckResult(check_name=CHECK_EVERY_OBJECT, passed=not missing,
+                             metadata={"n_objects": len(expected), "n_latents": int(out.n_obs),
+                                       "n_missing": len(missing)}),
+            AssetCheckResult(check_name=CHECK_FINITE, passed=finite,
+                             metadata={"n_non_finite": int((~np.isfinite(x)).sum())}),
+        ],
+    )
