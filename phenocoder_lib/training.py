@@ -480,7 +480,8 @@ class HistoryRecorder(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._t0 = time.perf_counter()
-        self._lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        lr = self.model.optimizer.learning_rate
+        self._lr = float(lr.numpy() if hasattr(lr, "numpy") else lr)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         seconds = time.perf_counter() - self._t0

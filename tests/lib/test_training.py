@@ -1,0 +1,197 @@
+"""Training input pipeline: split, batches, normalization, augmentation, streaming, dataset checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("keras")
+
+from phenocoder_lib import patches as P  # noqa: E402
+from phenocoder_lib import training as T  # noqa: E402
+from phenocoder_lib.ingest import read_plate  # noqa: E402
+from phenocoder_lib.synthetic import make_synthetic_plate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def plate(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plate") / "plate"
+    make_synthetic_plate(root, n_wells=2, image_size=96, nuclei_per_well=36, seed=1)
+    return read_plate(root)
+
+
+@pytest.fixture(scope="module")
+def dataset(plate, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ds")
+    return P.generate_dataset(plate, dataset="d", dir_dataset=folder, table_key="nuclei_features",
+                              sample_key="sample", image_key="IF", patch_size=16)
+
+
+# --------------------------------------------------------------------------------------------------
+# Split
+# --------------------------------------------------------------------------------------------------
+
+
+def _index(sizes):
+    return pd.DataFrame({
+        "dataset": "d",
+        "sample": np.repeat([f"s{i}" for i in range(len(sizes))], sizes),
+    })
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=6).filter(lambda s: sum(s) >= 2),
+       fraction=st.floats(0.01, 0.99), seed=st.integers(0, 10))
+def test_split_is_never_empty_and_disjoint(sizes, fraction, seed):
+    index = _index(sizes)
+    train, val = T.split_train_val(index, validation_fraction=fraction, seed=seed)
+    assert len(train) > 0 and len(val) > 0
+    assert len(np.intersect1d(train, val)) == 0
+    assert len(train) + len(val) == len(index)
+
+
+def test_split_by_object_is_per_sample_seeded_and_near_the_fraction():
+    index = _index([100, 50, 10])
+    train, val = T.split_train_val(index, validation_fraction=0.2, seed=3)
+    counts = index.iloc[val]["sample"].value_counts().to_dict()
+    assert counts == {"s0": 20, "s1": 10, "s2": 2}
+    again, _ = T.split_train_val(index, validation_fraction=0.2, seed=3)
+    np.testing.assert_array_equal(train, again)
+    other, _ = T.split_train_val(index, validation_fraction=0.2, seed=4)
+    assert not np.array_equal(train, other)
+
+
+def test_split_by_sample_holds_out_whole_samples():
+    index = _index([10, 10, 10, 10, 10])
+    train, val = T.split_train_val(index, validation_fraction=0.4, seed=0, split_by="sample")
+    train_s, val_s = set(index.iloc[train]["sample"]), set(index.iloc[val]["sample"])
+    assert len(val_s) == 2 and len(train_s) == 3 and not train_s & val_s
+    with pytest.raises(ValueError, match="at least two samples"):
+        T.split_train_val(_index([10]), split_by="sample")
+
+
+@pytest.mark.parametrize("fraction", [0, 1, 1.5])
+def test_split_fraction_is_checked(fraction):
+    with pytest.raises(ValueError, match="validation_fraction"):
+        T.split_train_val(_index([10]), validation_fraction=fraction)
+
+
+# --------------------------------------------------------------------------------------------------
+# Augmentation
+# --------------------------------------------------------------------------------------------------
+
+
+def test_dihedral_gives_the_eight_distinct_symmetries():
+    x = np.arange(9, dtype=np.float32).reshape(1, 3, 3, 1)
+    outs = [T.dihedral(x, np.array([s]))[0, :, :, 0] for s in range(8)]
+    assert len({o.tobytes() for o in outs}) == 8
+    np.testing.assert_array_equal(outs[0], x[0, :, :, 0])
+    np.testing.assert_array_equal(outs[4], x[0, :, ::-1, 0])
+    for o in outs:  # every state is a permutation of the pixels
+        np.testing.assert_array_equal(np.sort(o.ravel()), np.arange(9))
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches from the store
+# --------------------------------------------------------------------------------------------------
+
+
+def test_batches_are_the_normalized_stored_patches(dataset):
+    data = T.load_patch_data([dataset])
+    assert data.in_memory and data.raw.dtype == np.uint8
+    pos = np.arange(len(data))
+    x = data.batch(pos)
+    for sample in dataset.samples:
+        rows = np.flatnonzero(data.index["sample"].to_numpy() == sample)
+        expected = dataset.read(sample)[data.index["row"].to_numpy()[rows]]
+        np.testing.assert_allclose(x[rows], expected, atol=1e-6)
+    assert x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
+
+
+def test_sequence_order_and_flips_are_seeded_per_epoch(dataset):
+    data = T.load_patch_data([dataset])
+    pos = np.arange(len(data))
+    a = T.PatchSequence(data, pos, batch_size=16, shuffle=True, flip=True, seed=1)
+    b = T.PatchSequence(data, pos, batch_size=16, shuffle=True, flip=True, seed=1)
+    first = [a[i]["image"] for i in range(len(a))]
+    np.testing.assert_array_equal(first[0], b[0]["image"])
+    a.on_epoch_end()
+    assert not np.array_equal(a[0]["image"], first[0])  # reshuffled
+    b.on_epoch_end()
+    np.testing.assert_array_equal(a[1]["image"], b[1]["image"])  # ... reproducibly
+    assert len(a) == int(np.ceil(len(pos) / 16))
+    assert sum(len(a[i]["image"]) for i in range(len(a))) == len(pos)  # no patch dropped
+    with pytest.raises(IndexError):
+        a[len(a)]
+
+
+def test_validation_batches_are_plain(dataset):
+    data = T.load_patch_data([dataset])
+    pos = np.arange(10)
+    val = T.PatchSequence(data, pos, batch_size=4, seed=1)
+    np.testing.assert_array_equal(val[0]["image"], data.batch(pos[:4]))
+    val.on_epoch_end()
+    np.testing.assert_array_equal(val[0]["image"], data.batch(pos[:4]))
+
+
+def test_flip_applies_dihedral_states(dataset):
+    data = T.load_patch_data([dataset])
+    pos = np.arange(32)
+    seq = T.PatchSequence(data, pos, batch_size=32, flip=True, seed=2)
+    x, plain = seq[0]["image"], data.batch(pos)
+    states = np.random.default_rng([2, 0, 0, 2]).integers(0, 8, size=32)
+    np.testing.assert_array_equal(x, T.dihedral(plain, states))
+    assert len(set(states.tolist())) > 4
+
+
+def test_conditions_travel_with_the_batches(dataset):
+    cond = np.arange(len(dataset.index) * 2, dtype=np.float32).reshape(-1, 2)
+    data = T.load_patch_data([dataset], conditions=cond)
+    seq = T.PatchSequence(data, np.arange(len(cond)), batch_size=8, shuffle=True, seed=0)
+    b = seq[1]
+    order = seq._order[8:16]
+    np.testing.assert_array_equal(b["condition"], cond[order])
+    np.testing.assert_array_equal(b["image"], data.batch(order))
+
+
+def test_streaming_from_disk_gives_the_same_patches(dataset):
+    mem = T.load_patch_data([dataset])
+    disk = T.load_patch_data([dataset], memory_budget_bytes=0)
+    assert not disk.in_memory
+    disk.chunk_rows = 8  # several chunks per sample (store chunks are larger; reading in sub-chunks is exact)
+    pos = np.random.default_rng(0).permutation(len(mem))[:50]
+    np.testing.assert_array_equal(disk.batch(pos), mem.batch(pos))
+    seq = T.PatchSequence(disk, np.arange(len(disk)), batch_size=10, shuffle=True, seed=0)
+    seen = np.concatenate([seq._order[i * 10:(i + 1) * 10] for i in range(len(seq))])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(len(disk)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset checks
+# --------------------------------------------------------------------------------------------------
+
+
+def test_patch_size_and_channels_must_match_input_shape(dataset):
+    with pytest.raises(ValueError, match=r"input_shape=\(32, 32, 4\) does not match the datasets' patch_size="
+                                         r"\(16, 16\); pass input_shape=\(16, 16, 4\)"):
+        T.check_datasets([dataset], (32, 32, 4))
+    with pytest.raises(ValueError, match=r"input_shape=\(16, 16, 3\) has 3 channels but the datasets have 4"):
+        T.check_datasets([dataset], (16, 16, 3))
+    assert T.check_datasets([dataset], (16, 16, 4))["patch_size"] == [16, 16]
+
+
+def test_datasets_with_other_settings_cannot_be_mixed(plate, dataset, tmp_path):
+    other = P.generate_dataset(plate, dataset="g", dir_dataset=tmp_path, table_key="nuclei_features",
+                               sample_key="sample", image_key="IF", patch_size=16, scale_per_sample=False)
+    with pytest.raises(ValueError, match="differ in normalization scale_per_sample"):
+        T.check_datasets([dataset, other], (16, 16, 4))
+
+
+def test_unscaled_integer_patches_are_refused(plate, tmp_path):
+    raw = P.generate_dataset(plate, dataset="raw", dir_dataset=tmp_path, table_key="nuclei_features",
+                             sample_key="sample", image_key="IF", patch_size=16, scale=False)
+    with pytest.raises(ValueError, match="scale=False.*Regenerate it with scale=True"):
+        T.load_patch_data([raw])
