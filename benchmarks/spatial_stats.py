@@ -92,19 +92,27 @@ def worker_ours(n: int, radii: list[float]) -> dict:
     from phenocoder_lib.spatial.stats import StatsConfig, compute_stats
 
     warm = make_data(3000, seed=1)
-    compute_spatial_stats(warm, sample_key="sample", radii=radii, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for n_samples in (1000, 50):  # exact and sampled clustering kernels
+            compute_spatial_stats(warm, sample_key="sample", radii=radii, progress=False,
+                                  n_clustering_samples=n_samples)
     adata = make_data(n)
     rss = PeakRSS()
     groups: dict[str, dict[str, float]] = {}
+    per_radius: dict[str, dict[str, float]] = {}
 
     @contextmanager
-    def section(name):
+    def section(name, radius):
         rss.reset()
         t0 = time.perf_counter()
         yield
+        dt = time.perf_counter() - t0
         g = groups.setdefault(name, {"s": 0.0, "peak_rss_gb": 0.0})
-        g["s"] += time.perf_counter() - t0
+        g["s"] += dt
         g["peak_rss_gb"] = max(g["peak_rss_gb"], _gb(rss.peak()))
+        if radius is not None:
+            per_radius.setdefault(str(float(radius)), {})[name] = round(dt, 4)
 
     # per-group profile of one sample (the same computation as the driver's)
     config = StatsConfig(radii=tuple(float(r) for r in radii), stats=GROUPS,
@@ -124,11 +132,11 @@ def worker_ours(n: int, radii: list[float]) -> dict:
     rss.close()
     from phenocoder_lib.spatial.graph import build_radius_graph
 
-    g = build_radius_graph(adata.obsm["spatial"][:20000], radii)
-    mean_deg = {str(r): round(float(g.view(r).degree.mean()), 1) for r in radii}
+    g = build_radius_graph(adata.obsm["spatial"], radii)
+    mean_deg = {str(float(r)): round(float(g.view(r).degree.mean()), 1) for r in radii}
     return {"total_s": round(total, 3), "peak_rss_gb": _gb(peak), "n_features": int(res.n_vars),
             "groups": {k: {"s": round(v["s"], 4), "peak_rss_gb": v["peak_rss_gb"]} for k, v in groups.items()},
-            "mean_degree_first_20k": mean_deg}
+            "groups_per_radius_s": per_radius, "mean_degree": mean_deg}
 
 
 def worker_squidpy(n: int, radii: list[float], centrality_max_edges: float) -> dict:
@@ -200,30 +208,43 @@ def _run_worker(kind: str, n: int, radii: list[float], extra: list[str], timeout
 
 
 def _ratios(ours: dict, theirs: dict) -> dict:
-    """squidpy time / our time per comparable group (our shared edge pass is charged to each user)."""
+    """squidpy time / our time per comparable group and radius.
+
+    Our shared per-radius edge pass is charged to every group that uses it, and the one-off
+    preparation of the Moran variables to every radius: the ratios are conservative.
+    """
     if "error" in ours or "error" in theirs:
         return {}
-    g = ours["groups"]
-    edge = g.get("edge_pass", {}).get("s", 0.0)
-    sq_sum = lambda key: sum(v.get(key, {}).get("s", 0.0) for v in theirs["per_radius"].values())  # noqa: E731
-    has = lambda key: all(key in v for v in theirs["per_radius"].values())  # noqa: E731
-    pairs = {
-        "graph": (g["graph"]["s"], sq_sum("spatial_neighbors")),
-        "interactions (+enrichment)": (g["interactions"]["s"] + edge,
-                                       sq_sum("interaction_matrix") + sq_sum("nhood_enrichment")),
-        "moran_features": (g["moran_features"]["s"], sq_sum("spatial_autocorr_features")),
-        "moran_clusters": (g["moran_clusters"]["s"] + edge, sq_sum("spatial_autocorr_clusters")),
-    }
-    if has("centrality_scores"):
-        pairs["centrality"] = (g["centrality"]["s"] + edge, sq_sum("centrality_scores"))
-    out = {k: {"ours_s": round(a, 4), "squidpy_s": round(b, 3), "speedup": round(b / a, 1) if a > 0 else None}
-           for k, (a, b) in pairs.items()}
-    ours_cmp = sum(a for a, _ in pairs.values()) - edge * (len(pairs) - 2)  # edge pass counted once
-    sq_cmp = sum(b for _, b in pairs.values())
-    out["all comparable groups"] = {"ours_s": round(ours_cmp, 3), "squidpy_s": round(sq_cmp, 2),
-                                    "speedup": round(sq_cmp / ours_cmp, 1),
-                                    "includes_centrality": has("centrality_scores")}
+    out: dict = {}
+    entry = lambda a, b: {"ours_s": round(a, 4), "squidpy_s": round(b, 3),  # noqa: E731
+                          "speedup": round(b / a, 1) if a > 0 else None}
+    sq_graph = sum(v["spatial_neighbors"]["s"] for v in theirs["per_radius"].values())
+    out["graph (all radii)"] = entry(ours["groups"]["graph"]["s"], sq_graph)
+    ours_sum, sq_sum = ours["groups"]["graph"]["s"], sq_graph
+    prep = ours["groups"]["moran_features"]["s"] - sum(v.get("moran_features", 0.0)
+                                                       for v in ours["groups_per_radius_s"].values())
+    for r, sq in theirs["per_radius"].items():
+        g = ours["groups_per_radius_s"][r]
+        edge = g["edge_pass"]
+        pairs = {
+            "interactions (+enrichment)": (g["interactions"] + edge,
+                                           sq["interaction_matrix"]["s"] + sq["nhood_enrichment"]["s"]),
+            "moran_features": (g["moran_features"] + prep, sq["spatial_autocorr_features"]["s"]),
+            "moran_clusters": (g["moran_clusters"] + edge, sq["spatial_autocorr_clusters"]["s"]),
+        }
+        if "centrality_scores" in sq:
+            pairs["centrality"] = (g["centrality"] + edge, sq["centrality_scores"]["s"])
+        out[f"r={r}"] = {k: entry(a, b) for k, (a, b) in pairs.items()}
+        ours_sum += sum(a for a, _ in pairs.values()) - edge * (len(pairs) - 1)
+        sq_sum += sum(b for _, b in pairs.values())
+    out["all comparable groups"] = entry(ours_sum, sq_sum)
     return out
+
+
+def _min_speedup(ratios: dict) -> float:
+    vals = [v["speedup"] for k, v in ratios.items() if k.startswith("graph")]
+    vals += [x["speedup"] for k, v in ratios.items() if k.startswith("r=") for x in v.values()]
+    return min(vals)
 
 
 def main() -> None:
@@ -278,11 +299,10 @@ def main() -> None:
                                                            "met": o["total_s"] < 180 and o["peak_rss_gb"] < 8}
         sp = e.get("speedup_vs_squidpy", {})
         if sp:
+            slowest = _min_speedup(sp)
             goals[f"{e['n']:.0e}: >= 10x squidpy, no group slower"] = {
-                "speedup_all": sp["all comparable groups"]["speedup"],
-                "slowest_group_speedup": min(v["speedup"] for k, v in sp.items() if k != "all comparable groups"),
-                "met": sp["all comparable groups"]["speedup"] >= 10
-                and all(v["speedup"] >= 1 for k, v in sp.items() if k != "all comparable groups")}
+                "speedup_all": sp["all comparable groups"]["speedup"], "slowest_group_speedup": slowest,
+                "met": sp["all comparable groups"]["speedup"] >= 10 and slowest >= 1}
     report["goals"] = goals
     print(json.dumps(report, indent=2))
 

@@ -174,7 +174,7 @@ def compute_stats(
     *,
     values: np.ndarray | None = None,
     seed_key: Sequence[int] = (),
-    profile: Callable[[str], AbstractContextManager] | None = None,
+    profile: Callable[[str, float | None], AbstractContextManager] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Compute one row of statistics from arrays.
 
@@ -192,8 +192,9 @@ def compute_stats(
         Non-negative ints mixed into the seed (sample and subunit keys), so a sample's random
         choices do not depend on which other samples are in the run.
     profile
-        If given, ``profile(step)`` is a context manager entered around each step (``'graph'``,
-        ``'edge_pass'`` and the group names), e.g. to time it (benchmarks).
+        If given, ``profile(step, radius)`` is a context manager entered around each step
+        (``'graph'`` with radius ``None``, then per radius ``'edge_pass'`` and the group names),
+        e.g. to time it (benchmarks).
 
     Returns
     -------
@@ -229,8 +230,8 @@ def compute_stats(
                                    "the statistics need at least two")
         return out, info
 
-    section = profile if profile is not None else (lambda _name: nullcontext())
-    with section("graph"):
+    section = profile if profile is not None else (lambda _name, _radius=None: nullcontext())
+    with section("graph", None):
         graph = build_radius_graph(coords, config.radii)
         lab = codes[graph.order].astype(np.int32)
     d = graph.n_dims
@@ -239,7 +240,7 @@ def compute_stats(
     if "moran_features" in config.stats and len(config.var_names):
         require(values is not None and np.asarray(values).shape == (n, len(config.var_names)),
                 "moran_features needs `values` of shape (n_objects, n_vars) matching config.var_names.")
-        with section("moran_features"):
+        with section("moran_features", None):
             zvals = np.asarray(values, dtype=np.float64)[graph.order]
             zvals = zvals - zvals.mean(axis=0)
 
@@ -249,7 +250,7 @@ def compute_stats(
         view = graph.view(r)
         p = f"radius:{format_radius(r)}_stat:"
         n_chunks = K.default_chunks(n)
-        with section("edge_pass"):
+        with section("edge_pass", r):
             cnt, gdeg, mnum, n_nonisolated, t2 = K.label_pass(
                 view.start, view.degree, view.indices, lab, k, counts / n, n_chunks)
         s0 = int(view.degree.sum())
@@ -258,7 +259,7 @@ def compute_stats(
         for c in range(k):
             row[f"{p}counts_n_{config.categories[c]}"] = counts[c]
         for group in config.stats:
-            with section(group):
+            with section(group, r):
                 _group(group, row, info, p, ctx, config, view, ri, r, seed_key, cnt, gdeg, mnum,
                        n_nonisolated, s0, int(t2), zvals, n_chunks)
     for name, val in row.items():
