@@ -616,6 +616,8 @@ def table_values(adata, layer: str | None) -> np.ndarray:
 
     if layer is None:
         x = adata.X
+        if x is None and adata.n_vars == 0:  # nothing to correlate: no moran_features columns
+            return np.zeros((adata.n_obs, 0), dtype=np.float64)
         if x is None:
             raise ValueError("moran_features needs variables in .X, but .X is None; pass layer=... or "
                              "drop 'moran_features' from stats.")
