@@ -240,11 +240,11 @@ class ModelMixin:
                                                seed=config["seed"], split_by=config["split_by"])
         data = T.load_patch_data(datasets, conditions=cond_array,
                                  memory_budget_bytes=config.get("memory_budget_bytes", _DEFAULT_MEMORY_BUDGET))
-        self.data_generator_train = T.PatchSequence(data, train_pos, batch_size=config["batch_size"],
-                                                    shuffle=config["shuffle"], flip=config["flip"],
-                                                    seed=config["seed"], workers=config["n_workers"])
-        self.data_generator_val = T.PatchSequence(data, val_pos, batch_size=config["batch_size"],
-                                                  seed=config["seed"], workers=config["n_workers"])
+        self.data_generator_train = T.make_batches(data, train_pos, batch_size=config["batch_size"],
+                                                   shuffle=config["shuffle"], flip=config["flip"],
+                                                   seed=config["seed"], workers=config["n_workers"])
+        self.data_generator_val = T.make_batches(data, val_pos, batch_size=config["batch_size"],
+                                                 seed=config["seed"], workers=config["n_workers"])
         config["split"] = {"n_train": int(len(train_pos)), "n_val": int(len(val_pos)), "by": config["split_by"]}
 
     # ------------------------------------------------------------------------------------------

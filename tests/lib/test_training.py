@@ -195,3 +195,52 @@ def test_unscaled_integer_patches_are_refused(plate, tmp_path):
                              sample_key="sample", image_key="IF", patch_size=16, scale=False)
     with pytest.raises(ValueError, match="scale=False.*Regenerate it with scale=True"):
         T.load_patch_data([raw])
+
+
+# --------------------------------------------------------------------------------------------------
+# tf.data pipeline (TensorFlow backend)
+# --------------------------------------------------------------------------------------------------
+
+
+def _epoch(batches):
+    return [{k: v.numpy() for k, v in b.items()} for b in batches.keras_input()]
+
+
+def test_tf_dihedral_matches_numpy():
+    tf = pytest.importorskip("tensorflow")
+    x = np.random.default_rng(0).random((16, 5, 5, 2), dtype=np.float32)
+    states = np.arange(16) % 8
+    out = T._tf_dihedral(tf.constant(x), tf.constant(states), True).numpy()
+    np.testing.assert_array_equal(out, T.dihedral(x, states))
+    rect = np.random.default_rng(1).random((8, 4, 6, 1), dtype=np.float32)
+    even = (np.arange(8) % 8) // 2 * 2
+    out = T._tf_dihedral(tf.constant(rect), tf.constant(np.arange(8)), False).numpy()
+    np.testing.assert_array_equal(out, T.dihedral(rect, even))
+
+
+def test_tf_batches_cover_every_patch_each_epoch_and_reshuffle(dataset):
+    pytest.importorskip("tensorflow")
+    cond = np.arange(len(dataset.index), dtype=np.float32)[:, None]
+    data = T.load_patch_data([dataset], conditions=cond)
+    pos = np.arange(len(data))
+    batches = T.make_batches(data, pos, batch_size=16, shuffle=True, flip=True, seed=3)
+    assert isinstance(batches, T.TFPatchBatches) and len(batches) == int(np.ceil(len(pos) / 16))
+    epochs = [_epoch(batches) for _ in range(2)]
+    orders = [np.concatenate([b["condition"][:, 0] for b in e]).astype(int) for e in epochs]
+    for order in orders:
+        np.testing.assert_array_equal(np.sort(order), pos)  # every patch once per epoch
+    assert not np.array_equal(orders[0], orders[1])  # reshuffled every epoch
+    plain = data.batch(orders[0][:16])
+    images = epochs[0][0]["image"]
+    for i in range(16):  # each image is one of the 8 transforms of its patch
+        assert any(np.array_equal(images[i], T.dihedral(plain[i:i + 1], np.array([s]))[0]) for s in range(8))
+    again = _epoch(T.make_batches(data, pos, batch_size=16, shuffle=True, flip=True, seed=3))
+    np.testing.assert_array_equal(again[0]["image"], epochs[0][0]["image"])  # reproducible under the seed
+
+
+def test_tf_validation_batches_are_plain_and_ordered(dataset):
+    pytest.importorskip("tensorflow")
+    data = T.load_patch_data([dataset])
+    pos = np.arange(20)
+    val = _epoch(T.make_batches(data, pos, batch_size=8, seed=0))
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in val]), data.batch(pos))
