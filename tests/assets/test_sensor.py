@@ -109,7 +109,7 @@ def test_quiet_period(tmp_path, copy_plate, monkeypatch):
         assert "quiet period" in result.skip_reason.skip_message
 
 
-def test_unsafe_names_and_symlinks_are_refused(tmp_path, copy_plate, caplog):
+def test_unsafe_names_and_symlinks_are_refused(tmp_path, copy_plate):
     home = tmp_path / "home"
     landing = home / "incoming"
     outside = copy_plate(tmp_path / "OUTSIDE")
