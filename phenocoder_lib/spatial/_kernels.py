@@ -52,7 +52,13 @@ def label_pass(start, degree, indices, lab, k, p, n_chunks):
     nonis = np.zeros(n_chunks, dtype=np.int64)
     t2s = np.zeros(n_chunks, dtype=np.int64)
     for ch in prange(n_chunks):
+        # private accumulators, written to the shared arrays once per chunk (no false sharing)
         m = np.zeros(k, dtype=np.int64)
+        lc = np.zeros((k, k), dtype=np.int64)
+        lg = np.zeros(k, dtype=np.int64)
+        lm = np.zeros(k, dtype=np.float64)
+        ln = 0
+        lt = 0
         for i in range(bounds[ch], bounds[ch + 1]):
             d = degree[i]
             if d == 0:
@@ -61,20 +67,25 @@ def label_pass(start, degree, indices, lab, k, p, n_chunks):
             s = start[i]
             for e in range(s, s + d):
                 m[lab[indices[e]]] += 1
-            nonis[ch] += 1
-            t2s[ch] += d * (d - 1)
+            ln += 1
+            lt += d * (d - 1)
             inv = 1.0 / d
             for c in range(k):
                 mc = m[c]
                 if mc > 0:
-                    cnt[ch, a, c] += mc
+                    lc[a, c] += mc
                     if c != a:
-                        gdeg[ch, c] += 1
+                        lg[c] += 1
                 z = -p[c]
                 if c == a:
                     z += 1.0
-                mnum[ch, c] += (mc * inv - p[c]) * z
+                lm[c] += (mc * inv - p[c]) * z
                 m[c] = 0
+        cnt[ch] = lc
+        gdeg[ch] = lg
+        mnum[ch] = lm
+        nonis[ch] = ln
+        t2s[ch] = lt
     return cnt.sum(axis=0), gdeg.sum(axis=0), mnum.sum(axis=0), nonis.sum(), t2s.sum()
 
 
@@ -305,6 +316,7 @@ def moran_numerators(start, degree, indices, z, n_chunks):
     part = np.zeros((n_chunks, f), dtype=np.float64)
     for ch in prange(n_chunks):
         acc = np.zeros(f, dtype=np.float64)
+        local = np.zeros(f, dtype=np.float64)
         for i in range(bounds[ch], bounds[ch + 1]):
             d = degree[i]
             if d == 0:
@@ -318,7 +330,8 @@ def moran_numerators(start, degree, indices, z, n_chunks):
                     acc[q] += z[j, q]
             inv = 1.0 / d
             for q in range(f):
-                part[ch, q] += z[i, q] * acc[q] * inv
+                local[q] += z[i, q] * acc[q] * inv
+        part[ch] = local
     return part.sum(axis=0)
 
 

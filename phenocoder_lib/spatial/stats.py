@@ -55,6 +55,9 @@ STATUS_SKIPPED = "skipped"
 DEFAULT_CLUSTERING_SAMPLES = 1000
 #: Neighbour pairs tested per sampled node (all pairs when a node has fewer).
 PAIRS_PER_NODE = 64
+#: Samples with fewer objects run single-threaded: a parallel launch costs more than it saves
+#: there, and on a busy machine a descheduled worker thread stalls every parallel region.
+SERIAL_BELOW_N = 5_000
 
 
 def format_radius(radius: float) -> str:
@@ -203,9 +206,6 @@ def compute_stats(
         ``skipped_reason``, ``n_obs``, ``n_unlabelled`` and the clustering standard errors.
 
     """
-    from . import _kernels as K
-    from .graph import build_radius_graph
-
     k = len(config.categories)
     codes = np.asarray(codes)
     labelled = codes >= 0
@@ -229,6 +229,20 @@ def compute_stats(
                     skipped_reason=f"only one cluster present ({config.categories[present[0]]!r}); "
                                    "the statistics need at least two")
         return out, info
+
+    from .graph import set_num_threads
+
+    previous = set_num_threads(1) if n < SERIAL_BELOW_N else None
+    try:
+        return _compute(coords, codes, values, config, seed_key, profile, out, info, counts, present, n, k)
+    finally:
+        if previous is not None:
+            set_num_threads(previous)
+
+
+def _compute(coords, codes, values, config, seed_key, profile, out, info, counts, present, n, k):
+    from . import _kernels as K
+    from .graph import build_radius_graph
 
     section = profile if profile is not None else (lambda _name, _radius=None: nullcontext())
     with section("graph", None):
