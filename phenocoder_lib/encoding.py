@@ -366,6 +366,49 @@ def _sample_index(
                             sample=sample, obs_names=table.obs_names[rows])
 
 
+def _prefetched(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Iterate ``items`` in a background thread, ``depth`` items ahead.
+
+    Reading and normalizing the next block (numpy, zarr, dask release the GIL) overlaps the forward
+    pass of the current one (TensorFlow releases it too); memory stays bounded by ``depth`` blocks.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", done))
+        except BaseException as err:  # re-raised in the consumer
+            q.put(("error", err))
+
+    thread = threading.Thread(target=work, name="phenocoder-encode-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 class _Encoder:
     """``z_mean`` of normalized patches in batches (one compiled forward function per model)."""
 
@@ -470,8 +513,8 @@ def encode_sample(
     fallback = anchors if (norm["scale"] and norm["scale_per_sample"] and src.dataset is None) else None
     encoder = _Encoder(model, block)
     latents = np.empty((n, model.n_latent_dim), np.float32)
-    for pos, raw, pad in blocks:
-        x = P.normalize_for(raw, settings, str(sample), fallback)
+    normalized = ((pos, P.normalize_for(raw, settings, str(sample), fallback), pad) for pos, raw, pad in blocks)
+    for pos, x, pad in _prefetched(normalized):
         latents[pos] = encoder(x, cond[pos] if cond is not None else None)
         if src.store is None:
             padded[pos] = pad

@@ -475,7 +475,8 @@ class TFPatchBatches:
 
         data = self.data
         h, w, _ = data.patch_shape
-        raw = tf.constant(data.raw)
+        raw_np = data.raw
+        raw_dtype = tf.as_dtype(raw_np.dtype)
         low = tf.constant(data.low[data.group] if data.scale else np.zeros((len(data), data.low.shape[1]),
                                                                                np.float32))
         inv = tf.constant(data.inv[data.group] if data.scale else np.ones((len(data), data.low.shape[1]),
@@ -495,7 +496,10 @@ class TFPatchBatches:
             ds = ds.map(lambda p: (p, tf.zeros_like(p)))
 
         def make(pos, r):
-            x = tf.cast(tf.gather(raw, pos), tf.float32)
+            # The raw patches stay in the numpy array (no TensorFlow copy of a multi-GB array); the
+            # gather is one short numpy call per batch, everything after it is graph ops.
+            x = tf.numpy_function(lambda p: raw_np[p], [pos], raw_dtype, stateful=False)
+            x = tf.cast(tf.ensure_shape(x, (None, *data.patch_shape)), tf.float32)
             if scale:
                 x = (x - tf.gather(low, pos)[:, None, None, :]) * tf.gather(inv, pos)[:, None, None, :]
                 x = tf.clip_by_value(x, 0.0, 1.0)
