@@ -22,7 +22,8 @@ METRIC_NAMES = {"learning_rate": "lr"}
 #: Metrics per epoch that are logged (when present in the history).
 EPOCH_METRICS = ("loss", "reconstruction_loss", "kl_loss", "val_loss", "val_reconstruction_loss", "val_kl_loss",
                  "learning_rate", "epoch_seconds", "train_patches_per_s")
-ARTIFACTS = (MODEL_FILE, MODEL_CONFIG_FILE, "history.json", "history.csv", "history.png", "reconstructions.png",
+NORMALIZATION_FILE = "normalization.json"
+ARTIFACTS = (MODEL_FILE, MODEL_CONFIG_FILE, NORMALIZATION_FILE, "history.json", "history.csv", "history.png", "reconstructions.png",
              "latent_space.png")
 
 
@@ -97,6 +98,11 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
                     train_kwargs={**config.train_kwargs(), "verbose": 0},
                 )
             history = trained.history
+            # the settings that encoding must reproduce, per training dataset (also inside model_config.json)
+            write_json_atomic(out / NORMALIZATION_FILE, {
+                name: {"patch_size": ds["patch_size"], "channels": ds["channels"],
+                       "spatial_key_index": ds["spatial_key_index"], "normalization": ds["normalization"]}
+                for name, ds in trained.config["dataset_settings"].items()})
             n_epochs_run = len(history.get("loss", []))
             for i in range(n_epochs_run):
                 epoch = int(history["epoch"][i]) if "epoch" in history else i + 1

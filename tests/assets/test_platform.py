@@ -119,7 +119,8 @@ def test_mlflow_run_has_params_epoch_metrics_artifacts_and_registry(demo):
         assert [h.step for h in history] == list(range(1, len(history) + 1)), metric
         assert 1 <= len(history) <= EPOCHS, metric
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model.keras", "model_config.json", "history.json", "history.png", "reconstructions.png"} <= artifacts
+    assert {"model.keras", "model_config.json", "normalization.json", "history.json", "history.png",
+            "reconstructions.png"} <= artifacts
     assert str(demo.home / "mlartifacts") in run.info.artifact_uri
     name = demo.mlflow["registered_model_name"]
     champion = client.get_model_version_by_alias(name, "champion")
@@ -293,3 +294,35 @@ def test_webserver_lineage_and_latents_partition_rerun(demo, webserver):
     assert mat["runId"] == run_id != before_run and mat["partition"] == sample
     entries = {e["label"]: e.get("text") for e in mat["metadataEntries"]}
     assert entries["model_version"] == str(demo.mlflow["version"])
+
+
+def test_a_second_training_sits_beside_the_first_in_mlflow(demo, instance):
+    """Retraining with other settings: a second run with the same metric names, version 2 becomes @champion.
+
+    Runs last: it replaces the demo's model (later tests would see latents of an older model).
+    """
+    import mlflow
+    from dagster import materialize
+
+    from phenocoder_assets.definitions import ASSETS
+    from phenocoder_assets.resources import MLflowTracking, PhenocoderStorage
+
+    resources = {"storage": PhenocoderStorage(root=str(demo.home)), "mlflow": MLflowTracking(root=str(demo.home))}
+    config = {"samples": demo.samples[:2], "n_epochs": 2, "n_latent_dim": 8, "n_dense_dim": 16,
+              "conv_layers": [8, 16], "batch_size": 32, "plot": False}
+    res = materialize(ASSETS, selection=["model"], instance=instance, resources=resources,
+                      run_config={"ops": {"model": {"config": config}}})
+    assert res.success
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{demo.home}/mlflow.db")
+    experiment = client.get_experiment_by_name("phenocoder")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    assert len(runs) == 2
+    first, second = runs
+    assert second.data.params["n_latent_dim"] == "8" and first.data.params["n_latent_dim"] == "16"
+    assert second.data.tags["dagster.partition_set"] == ",".join(demo.samples[:2])
+    assert set(first.data.metrics) == set(second.data.metrics)
+    assert len(client.get_metric_history(second.info.run_id, "val_loss")) == 2
+    name = demo.mlflow["registered_model_name"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+    meta = res.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["model_version"].value == "2" and meta["mlflow_run_id"].value == second.info.run_id
