@@ -28,6 +28,7 @@ Importing this module does not import TensorFlow.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import warnings
@@ -268,6 +269,29 @@ def _same_settings(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return all(json.dumps(a.get(k), sort_keys=True) == json.dumps(b.get(k), sort_keys=True) for k in keys)
 
 
+def _stored_index(folder: Path) -> tuple[dict, dict[str, pd.DataFrame]] | None:
+    """(settings, {sample: index rows by obs_name}) of a dataset folder, cached while its files are unchanged."""
+    from . import patches as P
+
+    try:
+        stamp = tuple((folder / f).stat().st_mtime_ns for f in (P.SETTINGS_FILE, P.INDEX_FILE))
+    except OSError:
+        return None
+    return _stored_index_cached(str(folder), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _stored_index_cached(folder: str, stamp: tuple) -> tuple[dict, dict[str, pd.DataFrame]] | None:
+    from . import patches as P
+
+    try:
+        ds = P.PatchDataset.open(folder)
+    except (FileNotFoundError, ValueError):
+        return None
+    by_sample = {str(k): g.set_index("obs_name") for k, g in ds.index.groupby("sample", sort=False)}
+    return ds.settings, by_sample
+
+
 def _plan_sample(
     sample: str,
     obs_names: np.ndarray,
@@ -295,12 +319,9 @@ def _plan_sample(
     store, rows, padded = None, None, None
     if use_store and holder is not None and data_dir is not None:
         folder = Path(data_dir) / holder
-        try:
-            ds = P.PatchDataset.open(folder)
-        except (FileNotFoundError, ValueError):
-            ds = None
-        if ds is not None and _same_settings(ds.settings, settings):
-            sub = ds.index[ds.index["sample"] == sample].set_index("obs_name")
+        stored = _stored_index(folder)
+        if stored is not None and _same_settings(stored[0], settings) and sample in stored[1]:
+            sub = stored[1][sample]
             if sub.index.is_unique and pd.Index(obs_names).isin(sub.index).all():
                 sub = sub.loc[obs_names]
                 stored_idx = sub[["y", "x", "z"]].to_numpy()[:, : index.shape[1]]

@@ -320,3 +320,16 @@ def test_negative_radius_is_rejected(plate, datasets):
     _, both, _, _ = datasets
     with pytest.raises(ValueError, match="spatial_message_passing_radius=-1"):
         _encode(StubModel(4), plate, _config(both), spatial_message_passing_radius=-1)
+
+
+def test_two_dimensional_plate_from_images_and_store(tmp_path):
+    make_synthetic_plate(tmp_path / "p2", n_wells=1, ndim=2, image_size=64, nuclei_per_well=12, seed=4)
+    sdata = read_plate(tmp_path / "p2")
+    ds = P.generate_dataset(sdata, dataset="flat", dir_dataset=tmp_path / "d", table_key="nuclei_features",
+                            sample_key="sample", image_key="IF", patch_size=(10, 14))
+    a = _encode(StubModel(4), sdata, _config(ds), data_dir=tmp_path / "d", batch_size=5)
+    b = _encode(StubModel(4), sdata, _config(ds), use_store=False, batch_size=5)
+    assert a.n_obs == sdata.tables["nuclei_features"].n_obs
+    np.testing.assert_allclose(a.X, b.X, atol=1e-6)
+    exp = _expected_means(ds, ds.samples[0])
+    np.testing.assert_allclose(a.X, exp.loc[a.obs_names].to_numpy(), atol=1e-6)
