@@ -59,7 +59,7 @@ def stats_3_wells():
 
 
 @pytest.mark.slow  # scanpy neighbours/UMAP import umap and pynndescent (tens of seconds of numba compilation)
-def test_three_wells_idempotent_with_umap_fallback(stats_3_wells):
+def test_three_wells_idempotent_with_umap_fallback(stats_3_wells, tmp_path):
     table, res = stats_3_wells
     with pytest.warns(EmbeddingWarning, match="spectral"):
         emb = spatialgraph_embedding(res, 32, obs_keys="plate", source_obs=table.obs)
@@ -77,6 +77,7 @@ def test_three_wells_idempotent_with_umap_fallback(stats_3_wells):
     np.testing.assert_array_equal(again.X, emb.X)
     np.testing.assert_array_equal(again.layers["raw"], res.X)
     np.testing.assert_allclose(again.obsm["X_umap"], emb.obsm["X_umap"])
+    emb.write_h5ad(tmp_path / "embedding.h5ad")  # serialisable as is
 
 
 @pytest.mark.slow
