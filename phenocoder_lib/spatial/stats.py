@@ -219,7 +219,9 @@ def compute_stats(
         if values is not None:
             values = np.asarray(values)[labelled]
     n = int(codes.shape[0])
-    counts = np.bincount(codes.astype(np.int64), minlength=k)[:k] if n else np.zeros(k, np.int64)
+    if n and int(codes.max()) >= k:
+        raise ValueError(f"codes must index config.categories (0..{k - 1}), found {int(codes.max())}.")
+    counts = np.bincount(codes.astype(np.int64), minlength=k) if n else np.zeros(k, np.int64)
     present = np.flatnonzero(counts > 0)
     if n == 0:
         info.update(status=STATUS_SKIPPED, skipped_reason="no labelled objects")
