@@ -104,9 +104,9 @@ def run_demo(home: str | Path | None = None, *, wells: int = 3, epochs: int = 5,
         def run(selection: list[str], partition: str | None = None, config: dict[str, Any] | None = None) -> None:
             what = ", ".join(selection) + (f" [{partition}]" if partition else "")
             _log(quiet, f"  materializing {what}")
+            run_config = {"ops": config or {}, "loggers": {"console": {"config": {"log_level": log_level}}}}
             res = materialize(ASSETS, selection=selection, partition_key=partition, instance=instance,
-                              resources=resources,
-                              run_config={"ops": config or {}, "loggers": {"console": {"config": {"log_level": log_level}}}},
+                              resources=resources, run_config=run_config,
                               tags={"phenocoder/trigger": "demo"})
             if not res.success:
                 raise RuntimeError(f"the demo run for {what} failed; see the Dagster UI (run {res.run_id}).")

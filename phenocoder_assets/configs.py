@@ -27,7 +27,8 @@ class IngestConfig(Config):
     image_dir: str = "imgs"
     label_dir: str = "labels"
     table_dir: str = "tables"
-    image_pattern: str | None = Field(default=None, description="Regex with groups well, z, channel (default: CellVoyager).")
+    image_pattern: str | None = Field(default=None,
+                                      description="Regex with groups well, z, channel (default: CellVoyager).")
     label_pattern: str | None = Field(default=None, description="Regex with groups well, z.")
     table_pattern: str | None = Field(default=None, description="Regex with groups well, z.")
     label_column: str = "label"
@@ -38,6 +39,7 @@ class IngestConfig(Config):
     preview: bool = Field(default=True, description="Render a thumbnail of the well into the asset metadata.")
 
     def layout(self):  # -> PlateLayout
+        """Return the :class:`phenocoder_lib.ingest.PlateLayout` these fields describe."""
         from phenocoder_lib.ingest import PlateLayout
 
         kwargs = dict(image_dir=self.image_dir, label_dir=self.label_dir, table_dir=self.table_dir,
@@ -77,7 +79,8 @@ class ModelConfig(Config):
     )
     n_latent_dim: int = 32
     n_dense_dim: int = 64
-    conditions: list[str] = Field(default_factory=list, description="[] for a CVAE, e.g. ['dataset', 'z'] for a CondCVAE.")
+    conditions: list[str] = Field(default_factory=list,
+                                  description="[] for a CVAE, e.g. ['dataset', 'z'] for a CondCVAE.")
     continuous_conditions: list[str] | None = Field(default=None, description="Default: 'z' and float columns.")
     dropout: float | None = 0.25
     batch_size: int = 64
@@ -101,6 +104,7 @@ class ModelConfig(Config):
     seed: int = 0
 
     def model_kwargs(self, input_shape: list[int]) -> dict:
+        """Arguments of ``Phenocoder.initialize_model`` (``input_shape`` comes from the datasets)."""
         return dict(n_latent_dim=self.n_latent_dim, n_dense_dim=self.n_dense_dim, conditions=list(self.conditions),
                     dropout=self.dropout, batch_size=self.batch_size, n_workers=self.n_workers,
                     input_shape=tuple(input_shape), conv_layers=tuple(self.conv_layers), beta=self.beta,
@@ -109,6 +113,7 @@ class ModelConfig(Config):
                     memory_budget_bytes=int(self.memory_budget_gib * 2**30))
 
     def train_kwargs(self) -> dict:
+        """Arguments of ``Phenocoder.train``."""
         return dict(n_epochs=self.n_epochs, learning_rate=self.learning_rate, min_learning_rate=self.min_learning_rate,
                     factor_learning_rate=self.factor_learning_rate, learning_rate_patience=self.learning_rate_patience,
                     early_stopping_patience=self.early_stopping_patience, plot=self.plot, n_preview=self.n_preview,
@@ -173,7 +178,8 @@ class EmbeddingConfig(Config):
     n_dim: int = 32
     scale: bool = True
     variable_features: bool = False
-    n_variable_features: int | None = Field(default=None, description="Keep this many variable features (overrides variable_features).")
+    n_variable_features: int | None = Field(
+        default=None, description="Keep this many variable features (overrides variable_features).")
     batch_correction: bool = False
     batch_key: str | None = None
     confounder_key: list[str] = Field(default_factory=list)

@@ -18,9 +18,11 @@ from dagster import executor
 from dagster._core.definitions.executor_definition import multiple_process_executor_requirements
 from dagster_dask.executor import (
     DaskExecutor,
-    dask_executor as _stock_dask_executor,
     get_dask_resource_requirements,
     query_on_dask_worker,
+)
+from dagster_dask.executor import (
+    dask_executor as _stock_dask_executor,
 )
 
 

@@ -11,8 +11,8 @@ from dagster import Definitions
 
 from .assets.clusters import cluster_reference, clusters
 from .assets.ingest import sdata
-from .assets.model import model
 from .assets.latents import latents
+from .assets.model import model
 from .assets.patches import patches
 from .assets.spatial import embedding, graph_stats
 from .executors import select_executor
@@ -26,7 +26,7 @@ ASSETS = [sdata, patches, model, latents, cluster_reference, clusters, graph_sta
 
 def build_definitions(*, storage: PhenocoderStorage | None = None, mlflow: MLflowTracking | None = None,
                       executor=None) -> Definitions:
-    """The project's :class:`~dagster.Definitions`; tests pass their own resources or executor."""
+    """Build the project's :class:`~dagster.Definitions`; tests pass their own resources or executor."""
     return Definitions(
         assets=ASSETS,
         jobs=[sample_pipeline_job, train_model_job, refresh_summaries_job],

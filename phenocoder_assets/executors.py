@@ -41,7 +41,7 @@ def _config_from_file() -> dict[str, Any]:
 
 
 def select_executor(name: str | None = None) -> Any:
-    """The executor named by ``name`` or ``$PHENOCODER_EXECUTOR`` (see the module docstring)."""
+    """Return the executor named by ``name`` or ``$PHENOCODER_EXECUTOR`` (see the module docstring)."""
     from dagster import in_process_executor, multiprocess_executor
 
     name = (name or os.environ.get(EXECUTOR_ENV) or "multiprocess").strip().lower()

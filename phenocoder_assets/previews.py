@@ -47,7 +47,16 @@ def png_markdown(png: bytes, title: str) -> str:
     return f"**{title}**\n\n![{title}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
 
 
+def two_columns(xy: np.ndarray) -> np.ndarray:
+    """Return the first two columns of ``xy`` (the only column twice when there is one) for a 2-D scatter."""
+    import numpy as np
+
+    xy = np.asarray(xy)
+    return xy[:, :2] if xy.shape[1] >= 2 else np.c_[xy[:, 0], xy[:, 0]]
+
+
 def new_figure(width: float = 4.0, height: float = 4.0) -> tuple[Any, Any]:
+    """Create a (figure, axes) pair on the Agg backend."""
     return _pyplot().subplots(figsize=(width, height))
 
 

@@ -46,7 +46,7 @@ _STALE_SECONDS = 24 * 3600
 
 
 def resolve_root(root: str | None) -> str:
-    """The storage root as an absolute local path or an fsspec URL (``s3://bucket/prefix``)."""
+    """Return the storage root as an absolute local path or an fsspec URL (``s3://bucket/prefix``)."""
     value = root or os.environ.get(HOME_ENV) or DEFAULT_ROOT
     if _is_url(value) and not value.startswith("file://"):
         return value.rstrip("/")
@@ -79,14 +79,17 @@ class PhenocoderStorage(ConfigurableResource):
     # ------------------------------------------------------------------------------------------
     @property
     def root_url(self) -> str:
+        """The resolved root (absolute local path or URL)."""
         return resolve_root(self.root)
 
     @property
     def is_local(self) -> bool:
+        """Whether the root is a local folder."""
         return not _is_url(self.root_url)
 
     @property
     def landing_dir(self) -> Path:
+        """The local landing folder watched by the sensor."""
         landing = self.landing or os.environ.get(LANDING_ENV)
         if landing:
             return Path(landing).expanduser().resolve()
@@ -127,7 +130,7 @@ class PhenocoderStorage(ConfigurableResource):
         return sorted(n for n in names if not n.startswith(".") and n != UNPARTITIONED)
 
     def local_path(self, asset: str, partition: str | None = None) -> Path:
-        """A local folder with the content of ``asset``/``partition`` (the folder itself when local).
+        """Return a local folder with the content of ``asset``/``partition`` (the folder itself when local).
 
         Raises ``FileNotFoundError`` naming the asset to materialize first when it is absent.
         """
@@ -238,6 +241,7 @@ class MLflowTracking(ConfigurableResource):
     root: str | None = Field(default=None, description="Storage root for the defaults (as PhenocoderStorage.root).")
 
     def resolved_tracking_uri(self) -> str:
+        """Return the tracking URI in use (config, environment, or the SQLite file under the root)."""
         if self.tracking_uri or os.environ.get(TRACKING_ENV):
             return self.tracking_uri or os.environ[TRACKING_ENV]
         root = resolve_root(self.root)
@@ -249,6 +253,7 @@ class MLflowTracking(ConfigurableResource):
         return f"sqlite:///{root}/mlflow.db"
 
     def resolved_artifact_location(self) -> str | None:
+        """Artifact root for a new experiment (``None``: the tracking server decides)."""
         if self.artifact_location:
             return self.artifact_location
         if not self.resolved_tracking_uri().startswith("sqlite"):
@@ -256,7 +261,7 @@ class MLflowTracking(ConfigurableResource):
         return Path(resolve_root(self.root), "mlartifacts").as_uri()
 
     def client(self) -> Any:
-        """An ``mlflow.MlflowClient`` on the configured store (and the global URI set to match)."""
+        """Return an ``mlflow.MlflowClient`` on the configured store (and set the global URI to match)."""
         import mlflow
 
         uri = self.resolved_tracking_uri()
@@ -267,6 +272,7 @@ class MLflowTracking(ConfigurableResource):
         return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     def experiment_id(self) -> str:
+        """Id of the configured experiment, created on first use."""
         client = self.client()
         exp = client.get_experiment_by_name(self.experiment_name)
         if exp is not None:
@@ -289,7 +295,7 @@ class MLflowTracking(ConfigurableResource):
             yield run
 
     def run_url(self, run_id: str) -> str:
-        """A link to the run: the tracking server's page, or the local UI's default address."""
+        """Return a link to the run: the tracking server's page, or the local UI's default address."""
         uri = self.resolved_tracking_uri()
         base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
         return f"{base}/#/experiments/{self.experiment_id()}/runs/{run_id}"

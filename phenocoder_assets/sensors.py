@@ -131,7 +131,7 @@ def downstream_stages(storage: PhenocoderStorage) -> tuple[tuple[str, ...], str,
 
 
 def patches_run_config(model: dict[str, Any] | None) -> dict[str, Any]:
-    """New wells get patches with the settings the current model was trained on."""
+    """Run config giving new wells patches with the settings the current model was trained on."""
     if not model or not model.get("patches"):
         return {}
     allowed = {"patch_size", "spatial_key_index", "scale", "scale_percentile", "scale_per_sample", "metadata_keys"}
@@ -150,7 +150,7 @@ def _summary(storage: PhenocoderStorage, asset: str, sample: str) -> dict[str, A
 
 def stages_to_run(storage: PhenocoderStorage, sample: str, digest: str, available: tuple[str, ...],
                   model_tag: str, reference_id: str | None) -> list[str]:
-    """The stages of ``available`` that are out of date for ``sample``, from the first stale one on.
+    """Return the stages of ``available`` that are out of date for ``sample``, from the first stale one on.
 
     Up to date means: ``sdata`` was read from files with this ``digest``, ``latents`` were encoded by
     the current model and ``graph_stats`` used the current cluster reference. So a later
@@ -216,7 +216,8 @@ def incoming_plates_sensor(context: SensorEvaluationContext, storage: Phenocoder
         if quiet > 0:
             newest = max((st.st_mtime for _, st in walked), default=0.0)
             if time.time() - newest < quiet:
-                waiting.append(f"{entry.name!r}: modified {time.time() - newest:.0f} s ago (quiet period {quiet:.0f} s)")
+                age = time.time() - newest
+                waiting.append(f"{entry.name!r}: modified {age:.0f} s ago (quiet period {quiet:.0f} s)")
                 continue
         try:
             files = scan_plate(plate_dir, plate=entry.name)

@@ -1,5 +1,6 @@
-"""Small JSON records that link the cross-sample assets: which model and which cluster reference
-are current. Read by the sensor (to pick the stages a new well can run) and by the per-sample assets
+"""Small JSON records that link the cross-sample assets: which model and cluster reference are current.
+
+Read by the sensor (to pick the stages a new well can run) and by the per-sample assets
 (to record and check what they were computed with).
 """
 
@@ -17,6 +18,7 @@ SUMMARY = "summary.json"
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """Parse a JSON file."""
     return json.loads(Path(path).read_text())
 
 
@@ -38,7 +40,7 @@ def current_reference_info(storage: PhenocoderStorage) -> dict[str, Any] | None:
 
 
 def model_tag(info: dict[str, Any] | None) -> str:
-    """``"<registered name>/<version>"`` of a model record (``"none"`` without a model)."""
+    """Name a model record as ``"<registered name>/<version>"`` (``"none"`` without a model)."""
     if not info:
         return "none"
     return f"{info.get('registered_model_name', 'model')}/{info.get('version', info.get('model_id', '?'))}"

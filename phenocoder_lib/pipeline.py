@@ -61,8 +61,13 @@ def train_on_datasets(
     sdata
         SpatialData whose table ``table_key`` holds ``.obs`` columns used as conditions (only needed for
         conditions that are not columns of the patch index).
+    table_key, sample_key, image_key, spatial_key
+        Keys of the facade (where the table, the sample column, the images and coordinates are).
+    seed
+        Seed of the facade (split, order, weights, sampling noise).
     model_kwargs, train_kwargs
         Arguments of ``Phenocoder.initialize_model`` and ``Phenocoder.train``.
+
     """
     from .phenocoder import Phenocoder
 

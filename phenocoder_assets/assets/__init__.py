@@ -1,1 +1,4 @@
-"""The asset graph: sdata -> patches -> model -> latents -> cluster_reference -> clusters -> graph_stats -> embedding."""
+"""The asset graph.
+
+``sdata -> patches -> model -> latents -> cluster_reference -> clusters -> graph_stats -> embedding``.
+"""

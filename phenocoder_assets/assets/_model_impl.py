@@ -23,8 +23,8 @@ METRIC_NAMES = {"learning_rate": "lr"}
 EPOCH_METRICS = ("loss", "reconstruction_loss", "kl_loss", "val_loss", "val_reconstruction_loss", "val_kl_loss",
                  "learning_rate", "epoch_seconds", "train_patches_per_s")
 NORMALIZATION_FILE = "normalization.json"
-ARTIFACTS = (MODEL_FILE, MODEL_CONFIG_FILE, NORMALIZATION_FILE, "history.json", "history.csv", "history.png", "reconstructions.png",
-             "latent_space.png")
+ARTIFACTS = (MODEL_FILE, MODEL_CONFIG_FILE, NORMALIZATION_FILE, "history.json", "history.csv", "history.png",
+             "reconstructions.png", "latent_space.png")
 
 
 def code_version() -> str:
@@ -42,15 +42,15 @@ def code_version() -> str:
 
 
 def _training_sdata(storage: PhenocoderStorage, samples: list[str], table_key: str, conditions: list[str]) -> Any:
-    """A SpatialData with the training samples' object tables, only when a condition needs ``.obs``."""
+    """Build a SpatialData of the training samples' object tables when a condition needs ``.obs`` (else None)."""
     index_columns = {"dataset", "sample", "z", "y", "x"}
     if not set(conditions) - index_columns:
         return None
     import anndata as ad
     import spatialdata
 
-    tables = [spatialdata.read_zarr(storage.local_path("sdata", s) / SDATA_FILE, selection=("tables",)).tables[table_key]
-              for s in samples]
+    tables = [spatialdata.read_zarr(storage.local_path("sdata", s) / SDATA_FILE,
+                                    selection=("tables",)).tables[table_key] for s in samples]
     return spatialdata.SpatialData(tables={table_key: ad.concat(tables, merge="first")})
 
 
@@ -154,7 +154,8 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
     if curves is not None:
         metadata["curves"] = MetadataValue.md(png_markdown(curves, "training curves"))
     if recon is not None:
-        metadata["reconstructions"] = MetadataValue.md(png_markdown(recon, "validation patches: input | reconstruction"))
+        metadata["reconstructions"] = MetadataValue.md(
+            png_markdown(recon, "validation patches: input | reconstruction"))
     context.log.info(f"trained {trained.config['model_name']} on {len(samples)} samples; registered {name} v{version}")
     return MaterializeResult(metadata=metadata)
 
@@ -169,7 +170,8 @@ def load_current_model(storage: PhenocoderStorage) -> tuple[Any, dict[str, Any],
     return keras_model, config, info, folder
 
 
-def encode_sample(context: AssetExecutionContext, config: LatentsConfig, storage: PhenocoderStorage) -> MaterializeResult:
+def encode_sample(context: AssetExecutionContext, config: LatentsConfig,
+                  storage: PhenocoderStorage) -> MaterializeResult:
     """Body of the ``latents`` asset: :func:`phenocoder_lib.encoding.encode_table` for one sample."""
     import numpy as np
     import spatialdata
@@ -177,7 +179,7 @@ def encode_sample(context: AssetExecutionContext, config: LatentsConfig, storage
     from phenocoder_lib._io import write_json_atomic
     from phenocoder_lib.encoding import encode_table
 
-    from ..previews import scatter
+    from ..previews import scatter, two_columns
     from .latents import CHECK_EVERY_OBJECT, CHECK_FINITE
 
     sample = context.partition_key
@@ -208,9 +210,8 @@ def encode_sample(context: AssetExecutionContext, config: LatentsConfig, storage
     if out.n_obs >= 2:
         centred = x - x.mean(axis=0)
         _, _, vt = np.linalg.svd(centred[np.isfinite(centred).all(axis=1)], full_matrices=False)
-        pcs = centred @ vt[:2].T if vt.shape[0] >= 2 else np.c_[centred @ vt[:1].T, centred @ vt[:1].T]
-        png = scatter(pcs, None, title=f"{sample}: latents (PC1, PC2), model {tag}", xlabel="PC1", ylabel="PC2",
-                      size=5)
+        png = scatter(two_columns(centred @ vt[:2].T), None, title=f"{sample}: latents (PC1, PC2), model {tag}",
+                      xlabel="PC1", ylabel="PC2", size=5)
     with storage.stage("latents", sample) as folder:
         folder.mkdir()
         out.write_h5ad(folder / LATENTS_FILE)

@@ -42,14 +42,13 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
     import uuid
 
     import anndata as ad
-    import numpy as np
     import pandas as pd
 
     from phenocoder_lib._constants import MESSAGE_PASSING_LAYER
     from phenocoder_lib._io import write_json_atomic
     from phenocoder_lib.clustering import cluster_features
 
-    from ..previews import scatter
+    from ..previews import scatter, two_columns
 
     samples = config.samples or storage.partitions("latents")
     if not samples:
@@ -76,8 +75,8 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
             "categories": list(ref.categories), "layer": layer or "", "n_objects": int(pooled.n_obs),
             "params": ref.params}
     ref_names = [ref.categories[i] for i in ref.ref_labels]
-    png = scatter(ref.ref_embedding[:, :2] if ref.n_pcs >= 2 else np.c_[ref.ref_embedding[:, 0], ref.ref_embedding[:, 0]],
-                  ref_names, title="reference objects (PC1, PC2) by cluster", xlabel="PC1", ylabel="PC2", size=3)
+    png = scatter(two_columns(ref.ref_embedding), ref_names, title="reference objects (PC1, PC2) by cluster",
+                  xlabel="PC1", ylabel="PC2", size=3)
     with storage.stage("cluster_reference") as out:
         out.mkdir()
         ref.save(out / REFERENCE_FILE)
@@ -105,7 +104,8 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
     group_name="per_sample",
     kinds={"parquet"},
     code_version="1",
-    description="Cluster label of every object of a well, consistent across wells (<root>/clusters/<sample>/labels.parquet).",
+    description="Cluster label of every object of a well, consistent across wells "
+    "(<root>/clusters/<sample>/labels.parquet).",
 )
 def clusters(context: AssetExecutionContext, config: ClustersConfig, storage: PhenocoderStorage) -> MaterializeResult:
     """Pooled labels for reference objects, :func:`~phenocoder_lib.clustering.transfer_labels` for the rest."""
@@ -138,7 +138,8 @@ def clusters(context: AssetExecutionContext, config: ClustersConfig, storage: Ph
         else:
             labels, confidence = transfer_labels(ref, table, k=config.transfer_k)
             source = "transfer"
-    frame = pd.DataFrame({"obs_name": obs_names, config.key_added: labels, f"{config.key_added}_confidence": confidence})
+    frame = pd.DataFrame({"obs_name": obs_names, config.key_added: labels,
+                          f"{config.key_added}_confidence": confidence})
     coords = np.asarray(table.obsm["spatial"])[:, [1, 0]]
     png = scatter(coords, np.asarray(labels), title=f"{sample}: clusters ({source})", xlabel="x (um)",
                   ylabel="y (um)", invert_y=True, size=5)

@@ -14,7 +14,16 @@ from dagster import (
 from ..configs import EmbeddingConfig, GraphStatsConfig
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
-from ._common import EMBEDDING_FILE, LABELS_FILE, LATENTS_FILE, PREVIEW_FILE, STATS_FILE, Timer, preview_metadata, write_png
+from ._common import (
+    EMBEDDING_FILE,
+    LABELS_FILE,
+    LATENTS_FILE,
+    PREVIEW_FILE,
+    STATS_FILE,
+    Timer,
+    preview_metadata,
+    write_png,
+)
 
 CHECK_COMPLETE = "graph_stats_complete"
 
@@ -30,7 +39,8 @@ CHECK_COMPLETE = "graph_stats_complete"
     description="Spatial graph statistics of a well: one row of radius:{r}_stat:{group}_{column} features "
     "(or one per subunit), <root>/graph_stats/<sample>/stats.h5ad.",
 )
-def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig, storage: PhenocoderStorage) -> MaterializeResult:
+def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig,
+                storage: PhenocoderStorage) -> MaterializeResult:
     """:func:`phenocoder_lib.spatial.compute_spatial_stats` on the well's latents table and cluster labels."""
     import anndata as ad
     import numpy as np
@@ -126,7 +136,7 @@ def embedding(context: AssetExecutionContext, config: EmbeddingConfig, storage: 
 
     from phenocoder_lib.embedding import spatialgraph_embedding
 
-    from ..previews import scatter
+    from ..previews import scatter, two_columns
 
     samples = storage.partitions("graph_stats")
     if len(samples) < 2:
@@ -155,7 +165,7 @@ def embedding(context: AssetExecutionContext, config: EmbeddingConfig, storage: 
     for w in caught:
         context.log.warning(f"embedding: {w.message}")
     key = "X_umap" if config.umap else "X_pca"
-    xy = np.asarray(emb.obsm[key])[:, :2] if emb.obsm[key].shape[1] >= 2 else np.c_[emb.obsm[key][:, 0], emb.obsm[key][:, 0]]
+    xy = two_columns(np.asarray(emb.obsm[key]))
     color = emb.obs["plate"].astype(str).to_numpy() if "plate" in emb.obs.columns else None
     png = scatter(xy, color, title=f"{emb.n_obs} samples ({key[2:].upper()})", xlabel=f"{key[2:].upper()}1",
                   ylabel=f"{key[2:].upper()}2", size=30, annotate=[str(s) for s in emb.obs_names])

@@ -51,9 +51,9 @@ def test_partitioned_run_on_dask_local_cluster(tmp_path, copy_plate):
 def test_why_the_dask_executor_wraps_its_arguments():
     """dask parses submit() arguments into tuples; Dagster records of partitioned runs forbid iteration."""
     from dagster import DynamicPartitionsDefinition
+    from dagster._core.definitions.partitions.partition_key_range import PartitionKeyRange
     from dagster._core.definitions.partitions.snap import PartitionsSnap
     from dagster._core.definitions.partitions.subset.key_ranges import KeyRangesPartitionsSubset
-    from dagster._core.definitions.partitions.partition_key_range import PartitionKeyRange
     from dask._task_spec import parse_input
 
     from phenocoder_assets.dask_compat import _Opaque
