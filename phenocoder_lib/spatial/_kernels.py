@@ -8,7 +8,6 @@ caller, so a given ``n_chunks`` is bit-reproducible).
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -354,7 +353,3 @@ def neighbourhood_mean(start, degree, indices, x, out, n_chunks):
             inv = 1.0 / (d + 1.0)
             for q in range(f):
                 out[i, q] = acc[q] * inv
-
-
-def n_threads() -> int:
-    return int(numba.get_num_threads())
