@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
             "n_train": pheno.model_config["split"]["n_train"], "n_val": pheno.model_config["split"]["n_val"],
             "initialize_s": round(init_s, 2),
             "epoch_seconds": [round(v, 2) for v in history["epoch_seconds"]],
+            "train_seconds": [round(v, 2) for v in history["train_seconds"]],
             "train_patches_per_s": [round(v) for v in history["train_patches_per_s"]],
             "steady": {"epoch_seconds_min": round(min(steady_epoch), 2), "train_patches_per_s_max": round(best)},
             "seconds_per_12k_patches": round(12_000 / best, 2),

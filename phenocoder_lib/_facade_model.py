@@ -352,7 +352,7 @@ class ModelMixin:
         -------
         dict of per-epoch lists: ``loss``, ``reconstruction_loss``, ``kl_loss``, ``val_loss``,
         ``val_reconstruction_loss``, ``val_kl_loss``, ``learning_rate``, ``epoch``, ``epoch_seconds``,
-        ``train_patches_per_s``.
+        ``train_seconds``, ``train_patches_per_s``.
         """
         from . import training as T
 

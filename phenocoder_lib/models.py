@@ -38,6 +38,7 @@ environment says otherwise); the package imports this module lazily.
 
 from __future__ import annotations
 
+import numbers
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -93,7 +94,7 @@ def check_architecture(
             f"{factor} or fewer conv_layers."
         )
     for name, value in (("n_latent_dim", n_latent_dim), ("n_dense_dim", n_dense_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive int.")
     if dropout is not None and not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout={dropout!r} must be in [0, 1) (or None for no dropout layer).")
@@ -244,7 +245,7 @@ class CVAE(keras.Model):
     ) -> None:
         super().__init__(**kwargs)
         shape, convs = check_architecture(input_shape, conv_layers, n_latent_dim, n_dense_dim, dropout, beta)
-        if isinstance(n_conditions, bool) or not isinstance(n_conditions, int) or n_conditions < 0:
+        if isinstance(n_conditions, bool) or not isinstance(n_conditions, numbers.Integral) or n_conditions < 0:
             raise ValueError(f"n_conditions={n_conditions!r} must be an int >= 0.")
         self.image_shape = shape
         self.n_latent_dim = int(n_latent_dim)
@@ -347,7 +348,7 @@ class CondCVAE(CVAE):
 
     def __init__(self, input_shape: Sequence[int], n_latent_dim: int, n_dense_dim: int, *,
                  n_conditions: int, **kwargs: Any) -> None:
-        if isinstance(n_conditions, bool) or not isinstance(n_conditions, int) or n_conditions < 1:
+        if isinstance(n_conditions, bool) or not isinstance(n_conditions, numbers.Integral) or n_conditions < 1:
             raise ValueError(f"n_conditions={n_conditions!r}: a CondCVAE needs a condition vector of width >= 1.")
         super().__init__(input_shape, n_latent_dim, n_dense_dim, n_conditions=n_conditions, **kwargs)
 

@@ -579,7 +579,11 @@ class BestCheckpoint(keras.callbacks.Callback):
 
 
 class HistoryRecorder(keras.callbacks.Callback):
-    """Metrics per epoch (with the learning rate used in the epoch and the throughput), saved each epoch."""
+    """Metrics per epoch, saved after each epoch.
+
+    Adds the learning rate used in the epoch, ``epoch_seconds`` (training pass, validation pass and
+    callbacks), ``train_seconds`` (training pass only) and ``train_patches_per_s`` (training pass).
+    """
 
     def __init__(self, folder: str | Path | None, n_train: int) -> None:
         super().__init__()
@@ -591,16 +595,24 @@ class HistoryRecorder(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._t0 = time.perf_counter()
+        self._train_end: float | None = None
         lr = self.model.optimizer.learning_rate
         self._lr = float(lr.numpy() if hasattr(lr, "numpy") else lr)
 
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        if self._train_end is None:  # the validation pass of this epoch starts: the training pass is over
+            self._train_end = time.perf_counter()
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        seconds = time.perf_counter() - self._t0
+        now = time.perf_counter()
+        seconds = now - self._t0
+        train_seconds = (self._train_end or now) - self._t0
         row = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
         row["learning_rate"] = self._lr
         row["epoch"] = float(epoch + 1)
         row["epoch_seconds"] = seconds
-        row["train_patches_per_s"] = self.n_train / seconds if seconds > 0 else float("nan")
+        row["train_seconds"] = train_seconds
+        row["train_patches_per_s"] = self.n_train / train_seconds if train_seconds > 0 else float("nan")
         for key, value in row.items():
             self.history.setdefault(key, []).append(value)
         if self.folder is not None:
