@@ -140,7 +140,7 @@ def _quiet_libraries() -> None:
     import warnings
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
     warnings.filterwarnings("ignore", message="zarr v3 autosharding")
     warnings.filterwarnings("ignore", message=".*without specifying model signature")
     for name in ("ome_zarr", "mlflow", "alembic", "absl", "tensorflow"):
