@@ -63,26 +63,34 @@ def plot_reconstructions(
     channels = list(channels) if channels is not None else [str(i) for i in range(c)]
     ncols = max(1, int(math.ceil(math.sqrt(n * h / (2 * w)))))
     nrows = int(math.ceil(n / ncols))
-    gap = 1
-    tile_w, tile_h = 2 * w + 3 * gap, h + gap
+    gap = 1  # between a patch and its reconstruction
+    pair_gap = max(3, w // 6)  # between pairs
+    tile_w, tile_h = 2 * w + gap + pair_gap, h + pair_gap
     panels = []
     for ch in range(c):
-        canvas = np.full((nrows * tile_h + gap, ncols * tile_w), np.nan, np.float32)
+        canvas = np.full((nrows * tile_h + pair_gap, ncols * tile_w + pair_gap), np.nan, np.float32)
         for i in range(n):
             r, q = divmod(i, ncols)
-            y0, x0 = r * tile_h + gap, q * tile_w + gap
+            y0, x0 = r * tile_h + pair_gap, q * tile_w + pair_gap
             canvas[y0:y0 + h, x0:x0 + w] = inputs[i, :, :, ch]
             canvas[y0:y0 + h, x0 + w + gap:x0 + 2 * w + gap] = reconstructions[i, :, :, ch]
         panels.append(canvas)
     aspect = panels[0].shape[1] / panels[0].shape[0]
-    width = min(4.0 * c, 20.0)
-    fig, axes = _figure((width, max(width / c / aspect + 0.6, 2.0)), 1, c)
+    grid_cols = min(c, 2)
+    grid_rows = int(math.ceil(c / grid_cols))
+    # About one screen pixel per patch pixel (dpi 110), at least 3 inches per panel.
+    panel_w = float(np.clip(panels[0].shape[1] / 110.0, 3.0, 9.0))
+    panel_h = panel_w / aspect
+    fig, axes = _figure((panel_w * grid_cols, panel_h * grid_rows + 0.5 * grid_rows + 0.4), grid_rows, grid_cols)
     for ch, canvas in enumerate(panels):
-        ax = axes[0, ch]
+        ax = axes[ch // grid_cols, ch % grid_cols]
         ax.imshow(np.ma.masked_invalid(canvas), cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.set_title(f"{channels[ch]}", fontsize=9)
+        ax.set_title(f"channel {channels[ch]}", fontsize=9)
         ax.set_axis_off()
+    for k in range(c, grid_rows * grid_cols):
+        axes[k // grid_cols, k % grid_cols].set_axis_off()
     fig.suptitle(f"{title} ({n} patches)", fontsize=10)
+    fig.tight_layout()
     return _save(fig, path)
 
 
