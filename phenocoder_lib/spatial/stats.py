@@ -475,13 +475,16 @@ def hull_metrics(points: np.ndarray, center: np.ndarray) -> tuple[float, float, 
 
 
 def _chull(row, p, ctx: _Context, config: StatsConfig, view) -> None:
-    center = ctx.coords.mean(axis=0)
+    # axes on which the whole sample is flat (2-D data stored with a constant z) carry no extent
+    axes = np.ptp(ctx.coords, axis=0) > 0
+    coords = ctx.coords[:, axes] if 2 <= axes.sum() < axes.size else ctx.coords
+    center = coords.mean(axis=0)
     for same_label in (False, True):
         comps = hull_components(view, ctx.coords, ctx.lab, same_label=same_label,
                                 min_nds=config.chull_min_nds, min_degree=config.chull_min_degree)
         per_key: dict[str, list[tuple]] = {}
         for label, nodes in comps:
-            metrics = hull_metrics(ctx.coords[nodes], center)
+            metrics = hull_metrics(coords[nodes], center)
             if metrics is None:
                 continue
             key = f"cluster:{config.categories[label]}" if same_label else "all"

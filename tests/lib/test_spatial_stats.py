@@ -218,3 +218,14 @@ def test_2d_and_3d_and_unlabelled_objects():
             row = sample_spatial_stats(adata, radii=(20,)).iloc[0]
         assert row["n_unlabelled"] == 10 and row["n_obs"] == 140
         assert row["radius:20_stat:counts_total_objects"] == 140
+
+
+def test_hulls_of_2d_data_stored_with_a_constant_z():
+    flat = one_sample(260, n_clusters=3, dims=2, side=40.0, seed=2)
+    padded = flat.copy()
+    padded.obsm["spatial"] = np.c_[flat.obsm["spatial"], np.full(flat.n_obs, 7.0)]
+    kw = dict(radii=(5,), stats="chull", chull_min_nds=5, chull_min_degree=2)
+    a = sample_spatial_stats(flat, **kw)
+    b = sample_spatial_stats(padded, **kw)
+    assert a["radius:5_stat:chull_all_n_obs_chull"].iloc[0] > 0
+    pd.testing.assert_frame_equal(a, b)
