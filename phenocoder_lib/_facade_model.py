@@ -141,6 +141,7 @@ class ModelMixin:
         Returns
         -------
         The Keras model (also ``self.model``).
+
         """
         from . import encoding as E
         from . import models as M
@@ -353,6 +354,7 @@ class ModelMixin:
         dict of per-epoch lists: ``loss``, ``reconstruction_loss``, ``kl_loss``, ``val_loss``,
         ``val_reconstruction_loss``, ``val_kl_loss``, ``learning_rate``, ``epoch``, ``epoch_seconds``,
         ``train_seconds``, ``train_patches_per_s``.
+
         """
         from . import training as T
 
@@ -477,10 +479,13 @@ class ModelMixin:
             Name of the written table (default ``'phenocoder'``; an existing table of that name is replaced).
         use_store
             Read stored patches when the dataset holds the sample (False: always cut from the images).
+        progress
+            Show a progress bar over the samples.
 
         Returns
         -------
         The encoded AnnData (also ``sdata.tables[table_name]``).
+
         """
         from . import encoding as E
 

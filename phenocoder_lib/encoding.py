@@ -82,6 +82,7 @@ class ConditionEncoder:
         Training categories (strings) of each categorical column.
     ranges
         Training ``[min, max]`` of each continuous column.
+
     """
 
     columns: list[str] = field(default_factory=list)
@@ -182,19 +183,23 @@ class ConditionEncoder:
         return out, report
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible dict (stored in ``model_config.json``)."""
         return {"columns": self.columns, "kinds": self.kinds, "categories": self.categories, "ranges": self.ranges}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ConditionEncoder:
+        """Inverse of :meth:`to_dict`."""
         return cls(columns=list(data["columns"]), kinds=dict(data["kinds"]),
                    categories={k: list(v) for k, v in data["categories"].items()},
                    ranges={k: list(v) for k, v in data["ranges"].items()})
 
     def to_json(self) -> str:
+        """:meth:`to_dict` as a JSON string."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ConditionEncoder:
+        """Inverse of :meth:`to_json`."""
         return cls.from_dict(json.loads(text))
 
 
@@ -215,7 +220,7 @@ def condition_frame(
     sample_key: str,
     obs: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """The condition columns for the objects of a patch ``index`` (one row per index row).
+    """Return the condition columns for the objects of a patch ``index`` (one row per index row).
 
     A column is taken from the index (``dataset``, ``sample``, ``z``, ``y``, ``x`` and the dataset's
     ``metadata_keys``); ``sample_key`` means the index's ``sample``; any other column is looked up in
@@ -270,7 +275,7 @@ def _same_settings(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 def _stored_index(folder: Path) -> tuple[dict, dict[str, pd.DataFrame]] | None:
-    """(settings, {sample: index rows by obs_name}) of a dataset folder, cached while its files are unchanged."""
+    """Return (settings, {sample: index rows by obs_name}) of a dataset folder (cached while unchanged)."""
     from . import patches as P
 
     try:
@@ -301,7 +306,6 @@ def _plan_sample(
     data_dir: Path | None,
     use_store: bool,
 ) -> _SampleSource:
-    from . import patches as P
 
     names = list(dataset_settings)
     holder = next((n for n in names if sample in dataset_settings[n]["samples"]), None)
@@ -467,6 +471,9 @@ def encode_sample(
         SpatialData with ``tables[table_key]`` and ``images[f"{image_key}_{sample}"]``.
     sample
         Value of ``.obs[sample_key]``.
+    table_key, sample_key, image_key
+        Where the objects and images are: ``sdata.tables[table_key]``, ``.obs[sample_key]``,
+        ``sdata.images[f"{image_key}_{sample}"]``.
     model_config
         The model's configuration (``model_config.json``): ``dataset_settings`` (patch geometry and
         normalization of each training dataset) and the condition encoding.
@@ -476,11 +483,14 @@ def encode_sample(
         Folder of the training datasets; stored patches are read from there when they cover the sample.
     use_store
         Set False to always cut patches from the images.
+    conditions
+        The model's condition encoding (``None`` for a plain CVAE).
 
     Returns
     -------
     dict with ``rows`` (positions in the table), ``latents`` ((n, L) float32, ``z_mean``), ``padded``
     ((n,) bool), ``anchors``, ``anchor_source``, ``patch_source`` and ``conditions_report``.
+
     """
     from . import patches as P
 
@@ -619,7 +629,7 @@ def encode_table(
     table = sdata.tables[table_key]
     check_obs_column(table.obs, sample_key, argument="sample_key")
     if spatial_message_passing_radius is not None:
-        coords = check_obsm(table, spatial_key, argument="spatial_key")
+        check_obsm(table, spatial_key, argument="spatial_key")
         r = float(spatial_message_passing_radius)
         if not np.isfinite(r) or r < 0:
             raise ValueError(f"spatial_message_passing_radius={spatial_message_passing_radius!r} must be >= 0 "

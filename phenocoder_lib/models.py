@@ -82,9 +82,13 @@ def check_architecture(
     try:
         convs = tuple(int(v) for v in conv_layers)
     except (TypeError, ValueError) as err:
-        raise TypeError(f"conv_layers={conv_layers!r} must be a sequence of filter counts, e.g. (32, 64, 128).") from err
+        raise TypeError(
+            f"conv_layers={conv_layers!r} must be a sequence of filter counts, e.g. (32, 64, 128)."
+        ) from err
     if not convs or min(convs) < 1:
-        raise ValueError(f"conv_layers={conv_layers!r} must hold at least one positive filter count, e.g. (32, 64, 128).")
+        raise ValueError(
+            f"conv_layers={conv_layers!r} must hold at least one positive filter count, e.g. (32, 64, 128)."
+        )
     factor = 2 ** len(convs)
     h, w, _ = shape
     if h % factor or w % factor:
@@ -116,6 +120,7 @@ class Sampling(layers.Layer):
     ----------
     seed
         Seed of the layer's ``keras.random.SeedGenerator``; the noise sequence is reproducible.
+
     """
 
     def __init__(self, seed: int | None = None, **kwargs: Any) -> None:
@@ -124,14 +129,17 @@ class Sampling(layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, inputs: Any) -> Any:
+        """Sample ``z`` from ``[z_mean, z_log_var]``."""
         z_mean, z_log_var = inputs
         eps = keras.random.normal(ops.shape(z_mean), seed=self.seed_generator)
         return z_mean + ops.exp(0.5 * z_log_var) * eps
 
     def compute_output_shape(self, input_shape: Any) -> Any:
+        """Return the shape of ``z`` (that of ``z_mean``)."""
         return input_shape[0]
 
     def get_config(self) -> dict[str, Any]:
+        """Return the layer config with the seed."""
         return {**super().get_config(), "seed": self.seed}
 
 
@@ -229,6 +237,7 @@ class CVAE(keras.Model):
         Width of the condition vector (0 for a plain CVAE).
     seed
         Seed for the initializers, dropout and sampling noise.
+
     """
 
     def __init__(
@@ -264,9 +273,11 @@ class CVAE(keras.Model):
 
     @property
     def conditional(self) -> bool:
+        """Whether the model takes a condition vector."""
         return self.n_conditions > 0
 
-    def build(self, input_shape: Any = None) -> None:  # sub-models are built in __init__
+    def build(self, input_shape: Any = None) -> None:
+        """Nothing to build: the encoder and decoder are built in ``__init__``."""
         self.built = True
 
     def _split(self, inputs: Any) -> tuple[Any, Any]:
@@ -298,6 +309,7 @@ class CVAE(keras.Model):
         return ops.sigmoid(self.decoder(dec_in, training=training))
 
     def call(self, inputs: Any, training: bool = False) -> dict[str, Any]:
+        """Encode, sample ``z`` and decode; returns reconstruction, logits, z_mean, z_log_var and z."""
         image, condition = self._split(inputs)
         enc_in = [image, condition] if self.conditional else image
         z_mean, z_log_var = self.encoder(enc_in, training=training)
@@ -322,6 +334,7 @@ class CVAE(keras.Model):
         return reconstruction + self.beta * kl
 
     def get_config(self) -> dict[str, Any]:
+        """Return the constructor arguments (Keras saves the weights separately)."""
         base = super().get_config()
         base = {k: v for k, v in base.items() if k in ("name", "trainable", "dtype")}
         return {
@@ -338,13 +351,17 @@ class CVAE(keras.Model):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> CVAE:
+        """Rebuild the model from :meth:`get_config`."""
         return cls(**config)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class CondCVAE(CVAE):
-    """Conditional CVAE: the condition vector is concatenated to the encoder's flattened features and to
-    the latent before decoding. Same parameters as :class:`CVAE`; ``n_conditions`` must be >= 1."""
+    """Conditional CVAE: the condition vector joins the encoder's features and the latent.
+
+    The condition is concatenated to the encoder's flattened convolution features and to ``z`` before
+    decoding. Same parameters as :class:`CVAE`; ``n_conditions`` must be >= 1.
+    """
 
     def __init__(self, input_shape: Sequence[int], n_latent_dim: int, n_dense_dim: int, *,
                  n_conditions: int, **kwargs: Any) -> None:
@@ -365,7 +382,7 @@ def make_model(
     seed: int,
     name: str | None = None,
 ) -> CVAE:
-    """A :class:`CondCVAE` when ``n_conditions > 0``, else a :class:`CVAE`."""
+    """Build a :class:`CondCVAE` when ``n_conditions > 0``, else a :class:`CVAE`."""
     kwargs = dict(input_shape=input_shape, n_latent_dim=n_latent_dim, n_dense_dim=n_dense_dim,
                   conv_layers=conv_layers, dropout=dropout, beta=beta, seed=seed)
     if name is not None:

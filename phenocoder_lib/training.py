@@ -148,6 +148,7 @@ class PatchData:
 
     @property
     def in_memory(self) -> bool:
+        """Whether the raw patches are held in RAM."""
         return self.raw is not None
 
     def raw_rows(self, pos: np.ndarray) -> np.ndarray:
@@ -183,7 +184,7 @@ class PatchData:
         return data
 
     def batch(self, pos: np.ndarray) -> np.ndarray:
-        """Normalized float32 patches (len(pos), h, w, c) of rows ``pos``."""
+        """Return normalized float32 patches (len(pos), h, w, c) of rows ``pos``."""
         x = self.raw_rows(pos).astype(np.float32)
         if self.scale:
             g = self.group[pos]
@@ -276,7 +277,7 @@ def _check_unit_range(raw: np.ndarray, dataset: str, sample: str) -> None:
 
 
 def training_index(datasets: Sequence[P.PatchDataset]) -> pd.DataFrame:
-    """The concatenated patch indexes in training-row order (samples in dataset order, store order within)."""
+    """Concatenate the patch indexes in training-row order (samples in dataset order, store order within)."""
     frames = []
     for ds in datasets:
         for sample in ds.samples:
@@ -372,6 +373,7 @@ class PatchSequence(keras.utils.PyDataset):
         Seed of the order and the augmentation; batch ``i`` of epoch ``e`` depends only on (seed, e, i).
     workers
         Preparation threads (Keras PyDataset ``workers``).
+
     """
 
     def __init__(self, data: PatchData, positions: np.ndarray, *, batch_size: int, shuffle: bool = False,
@@ -428,13 +430,14 @@ class PatchSequence(keras.utils.PyDataset):
         return out
 
     def on_epoch_end(self) -> None:
+        """Advance to the next epoch's order and augmentation draws."""
         # Called by Keras after the epoch's batches were consumed (the enqueuer is stopped first).
         self.epoch += 1
         self._order = self._make_order(self.epoch)
 
 
     def keras_input(self) -> Any:
-        """What ``fit`` consumes (the PyDataset itself)."""
+        """Return what ``fit`` consumes (the PyDataset itself)."""
         return self
 
 
@@ -466,6 +469,7 @@ class TFPatchBatches:
         return math.ceil(len(self.positions) / self.batch_size)
 
     def keras_input(self) -> Any:
+        """Return the ``tf.data.Dataset`` that ``fit`` consumes (built once)."""
         if self._dataset is None:
             self._dataset = self._build()
         return self._dataset
@@ -518,7 +522,7 @@ class TFPatchBatches:
 
 
 def _tf_dihedral(x: Any, states: Any, square: bool) -> Any:
-    """The dihedral transform ``states[i]`` (as :func:`dihedral`) of each image, in TensorFlow."""
+    """Apply the dihedral transform ``states[i]`` (as :func:`dihedral`) to each image, in TensorFlow."""
     import tensorflow as tf
 
     if not square:
@@ -701,7 +705,7 @@ def predict_z_mean(model: keras.Model, data: PatchData, positions: np.ndarray, b
 
 
 def reconstruct(model: keras.Model, data: PatchData, positions: np.ndarray, batch_size: int = 256) -> tuple:
-    """(inputs, reconstructions from ``z_mean``) of the patches at ``positions`` (deterministic)."""
+    """Return (inputs, reconstructions from ``z_mean``) of the patches at ``positions`` (deterministic)."""
     xs, rs = [], []
     for start in range(0, len(positions), batch_size):
         pos = positions[start:start + batch_size]
