@@ -170,8 +170,11 @@ def cluster_features(
 
     """
     import anndata as ad
-    import scanpy as sc
     from sklearn.decomposition import PCA
+
+    from ._lazy import import_scanpy
+
+    sc = import_scanpy()
 
     x, names = feature_matrix(adata, use_rep=use_rep, layer=layer)
     n, f = x.shape

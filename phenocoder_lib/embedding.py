@@ -163,8 +163,11 @@ def spatialgraph_embedding(
         ``uns['neighbors']``, ``obsm['X_umap']``, ``uns['umap']`` and the mapped ``.obs`` columns.
 
     """
-    import scanpy as sc
     import scipy.sparse as sp
+
+    from ._lazy import import_scanpy
+
+    sc = import_scanpy()
 
     require(adata is not None, "no statistics to embed: run spatialgraph_stats() first.", ValueError)
     require(int(n_dim) >= 1, f"n_dim={n_dim!r} must be a positive int.")

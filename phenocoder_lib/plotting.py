@@ -105,6 +105,9 @@ def embed_2d(latents: np.ndarray, *, seed: int = 0, method: str = "auto") -> tup
         method = "umap" if n >= UMAP_MIN_POINTS else "pca"
     if method == "umap":
         try:
+            from ._lazy import import_scanpy
+
+            import_scanpy()  # imports umap without TensorFlow's parametric UMAP
             import umap
 
             reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed, n_jobs=1)

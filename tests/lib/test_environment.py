@@ -31,3 +31,16 @@ def test_library_import_is_light():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_clustering_does_not_import_tensorflow():
+    code = (
+        "import sys, numpy as np, anndata as ad;"
+        "from phenocoder_lib.clustering import cluster_features;"
+        "a = ad.AnnData(np.random.default_rng(0).normal(size=(300, 8)).astype('float32'));"
+        "labels, ref = cluster_features(a, resolution=0.5);"
+        "print(len(labels)); sys.exit(1 if 'tensorflow' in sys.modules else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "300"
