@@ -32,6 +32,8 @@ from typing import Any
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from phenocoder_lib._io import replace_dir
+
 #: Environment variable that moves the storage root (and the default MLflow store) elsewhere.
 HOME_ENV = "PHENOCODER_HOME"
 #: Environment variable for a landing folder outside the root (e.g. a mounted volume).
@@ -169,7 +171,7 @@ class PhenocoderStorage(ConfigurableResource):
             if not out.exists():
                 raise RuntimeError(f"the {asset!r} step wrote nothing to {str(out)!r}; nothing to commit.")
             if self.is_local:
-                _replace_dir(out, Path(final))
+                replace_dir(out, Path(final))
             else:
                 self._upload_replace(out, final)
         finally:
@@ -192,22 +194,6 @@ def _check_name(name: str, what: str) -> str:
     if not name or "/" in name or "\\" in name or name.startswith(".") or ".." in name:
         raise ValueError(f"{what} name {name!r} cannot be a folder name (no '/', '\\', '..', leading '.').")
     return name
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` is moved aside first and removed only afterwards."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f"{_STAGE_PREFIX}old-{dst.name}-{uuid.uuid4().hex[:8]}")
-        os.replace(dst, old)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        if old is not None:
-            os.replace(old, dst)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _clean_stale_stages(folder: Path) -> None:

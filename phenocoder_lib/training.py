@@ -553,16 +553,11 @@ def make_batches(data: PatchData, positions: np.ndarray, *, batch_size: int, shu
 
 def save_model_atomic(model: keras.Model, path: str | Path) -> Path:
     """``model.save(path)`` through a temporary sibling file, so ``path`` is always a complete model."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{threading.get_ident()}.keras")
-    try:
+    from ._io import atomic_file
+
+    with atomic_file(path) as tmp:
         model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)
 
 
 class BestCheckpoint(keras.callbacks.Callback):
