@@ -123,7 +123,7 @@ class ModelConfig(Config):
 class LatentsConfig(Config):
     """``encode`` (step 4) for one sample with the current model (deterministic ``z_mean``)."""
 
-    batch_size: int = 64
+    batch_size: int = 512
     spatial_message_passing_radius: float | None = Field(
         default=None, description="Also average latents over neighbours within this radius (um); None: off."
     )
