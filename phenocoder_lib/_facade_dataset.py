@@ -49,7 +49,8 @@ class DatasetMixin:
         sdata = self._require_sdata()
         if spatial_key_index is None:
             table = sdata.tables.get(self.table_key)
-            spatial_key_index = "spatial_index" if table is not None and "spatial_index" in table.obsm else self.spatial_key
+            has_index = table is not None and "spatial_index" in table.obsm
+            spatial_key_index = "spatial_index" if has_index else self.spatial_key
         dir_dataset = Path(dir_dataset)
         if self.data_dir is not None and Path(self.data_dir) != dir_dataset and self.datasets:
             raise ValueError(

@@ -140,6 +140,7 @@ def scan_plate(root: str | Path, *, layout: PlateLayout | None = None, plate: st
         File-name conventions; :class:`PlateLayout` defaults match CellVoyager exports.
     plate
         Plate id used in sample ids; defaults to the folder name.
+
     """
     layout = layout or PlateLayout()
     root = Path(root)
@@ -290,7 +291,8 @@ def read_well_table(files: PlateFiles, well: str, geometry: PlateGeometry, layou
         weight = pd.Series(1.0, index=df.index)
     weighted = [layout.y_column, layout.x_column, *features, "_z"]
     plain = [c for c in numeric if c not in weighted]
-    grouped = df.assign(_w=weight, **{f"_wv_{c}": df[c] * weight for c in weighted}).groupby(layout.label_column, sort=True)
+    products = {f"_wv_{c}": df[c] * weight for c in weighted}
+    grouped = df.assign(_w=weight, **products).groupby(layout.label_column, sort=True)
     wsum = grouped["_w"].sum().replace(0, np.nan)
     out = pd.DataFrame({c: grouped[f"_wv_{c}"].sum() / wsum for c in weighted})
     for c in weighted:  # objects with zero area everywhere: plain mean
@@ -347,8 +349,8 @@ def read_plate(
     table ``table_key``: one row per object, intensity features in ``.X``, morphometrics and keys
     (``sample_key``, ``plate``, ``well``, ``instance_id`` = label id, ``region``) in ``.obs``,
     ``.obsm['spatial']`` in um and ``.obsm['spatial_index']`` integer indices, both (y, x[, z]).
+
     """
-    import anndata as ad
     import spatialdata as sd
     from spatialdata.models import Image2DModel, Image3DModel, Labels2DModel, Labels3DModel, TableModel
     from spatialdata.transformations import Scale

@@ -189,8 +189,10 @@ def validate_index(
 
 
 class IntensityAccumulator:
-    """Per-channel pixel statistics of many patch blocks: exact histograms for integer images, a seeded
-    reservoir sample for float images."""
+    """Per-channel pixel statistics of many patch blocks.
+
+    Exact histograms for integer images, a seeded reservoir sample for float images.
+    """
 
     def __init__(self, n_channels: int, dtype: np.dtype, seed: int = 0) -> None:
         self.n_channels = n_channels
@@ -208,7 +210,7 @@ class IntensityAccumulator:
         for c in range(self.n_channels):
             values = flat[:, c]
             if self.integer:
-                counts = np.bincount((values.astype(np.int64) - self.offset))
+                counts = np.bincount(values.astype(np.int64) - self.offset)
                 if len(counts) > len(self.hist[c]):
                     counts[: len(self.hist[c])] += self.hist[c]
                     self.hist[c] = counts
@@ -388,7 +390,9 @@ class PatchDataset:
         return normalize_for(raw, self.settings, sample)
 
 
-def anchors_for(settings: dict[str, Any], sample: str, fallback: dict[str, list] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def anchors_for(
+    settings: dict[str, Any], sample: str, fallback: dict[str, list] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The (low, high) anchors that ``settings`` prescribe for ``sample``.
 
     Per-sample mode uses the sample's stored anchors, or ``fallback`` (anchors computed from that
@@ -407,7 +411,9 @@ def anchors_for(settings: dict[str, Any], sample: str, fallback: dict[str, list]
     return np.asarray(entry["low"], np.float32), np.asarray(entry["high"], np.float32)
 
 
-def normalize_for(raw: np.ndarray, settings: dict[str, Any], sample: str, fallback: dict[str, list] | None = None) -> np.ndarray:
+def normalize_for(
+    raw: np.ndarray, settings: dict[str, Any], sample: str, fallback: dict[str, list] | None = None
+) -> np.ndarray:
     """Normalize raw patches of ``sample`` as ``settings`` prescribe (float32)."""
     if not settings["normalization"]["scale"]:
         return raw.astype(np.float32)
@@ -496,6 +502,13 @@ def generate_dataset(
         Seeded subsets: ``n_samples`` samples, then at most ``n_patches`` patches drawn from those.
     seed
         Seed for the subsets (and the float-image pixel reservoir).
+    sdata, table_key, sample_key, image_key
+        The SpatialData object and where its table, sample column and images are.
+    dir_dataset
+        Parent folder of the dataset.
+    progress
+        Show a progress bar over samples.
+
     """
     from tqdm.auto import tqdm
 
@@ -503,7 +516,9 @@ def generate_dataset(
         raise ValueError(f"dataset={dataset!r} must be a non-empty name without '/' (it becomes a folder).")
     patch_size = check_int_pair(patch_size, argument="patch_size")
     if not 0 <= scale_percentile < 50:
-        raise ValueError(f"scale_percentile={scale_percentile!r} must be in [0, 50) (percent, low = p, high = 100 - p).")
+        raise ValueError(
+            f"scale_percentile={scale_percentile!r} must be in [0, 50) (percent: low = p, high = 100 - p)."
+        )
     check_key(sdata.tables, table_key, argument="table_key", what="table of the SpatialData object")
     table = sdata.tables[table_key]
     check_obs_column(table.obs, sample_key, argument="sample_key")

@@ -63,6 +63,7 @@ class Phenocoder(DatasetMixin, ModelMixin, SpatialMixin):
     **state
         Further attributes of the earlier library's constructor (``data_dir``, ``datasets``,
         ``model_dir``, ...). Unknown names raise a ``TypeError``.
+
     """
 
     def __init__(
@@ -106,7 +107,8 @@ class Phenocoder(DatasetMixin, ModelMixin, SpatialMixin):
 
     def __repr__(self) -> str:
         lines = ["Phenocoder object with:"]
-        lines.append(f"    sdata: {'None' if self.sdata is None else type(self.sdata).__name__ + ' with ' + _describe_sdata(self.sdata)}")
+        sdata = "None" if self.sdata is None else f"{type(self.sdata).__name__} with {_describe_sdata(self.sdata)}"
+        lines.append(f"    sdata: {sdata}")
         lines.append(f"    adata: {'None' if self.adata is None else f'{self.adata.n_obs} x {self.adata.n_vars}'}")
         lines.append(f"    model: {'None' if self.model is None else type(self.model).__name__}")
         keys = {k: getattr(self, k) for k in ("sample_key", "table_key", "image_key", "spatial_key")}

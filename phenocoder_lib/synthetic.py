@@ -83,6 +83,9 @@ def make_synthetic_plate(
         Physical scale recorded in ``plate.json``.
     seed
         Everything is derived from this seed.
+    write_marker
+        Write the ``EXPORT_COMPLETE`` marker (leave it out to simulate an export still being written).
+
     """
     import imageio.v3 as iio
 
@@ -119,7 +122,7 @@ def make_synthetic_plate(
     truth_rows = []
     n_total = 0
     min_dist = 2 * (radius * np.sqrt(elongation)).max() + 1.5
-    for w_i, well in enumerate(wells):
+    for well in wells:
         treatment = well_treatment[well]
         treated = treatment != treatments[0]
         centres = _place_nuclei(rng, nuclei_per_well, image_size, n_z if ndim == 3 else 1, min_dist)
@@ -201,7 +204,9 @@ def slice_measurements(labels: np.ndarray, image: np.ndarray) -> pd.DataFrame:
         return np.bincount(ids, weights=weights, minlength=n)[present] / area
 
     cy, cx = mean(yy), mean(xx)
-    vyy, vxx, vxy = mean(yy.astype(float) ** 2) - cy**2, mean(xx.astype(float) ** 2) - cx**2, mean(yy * xx * 1.0) - cy * cx
+    vyy = mean(yy.astype(float) ** 2) - cy**2
+    vxx = mean(xx.astype(float) ** 2) - cx**2
+    vxy = mean(yy * xx * 1.0) - cy * cx
     half_trace, det_term = (vyy + vxx) / 2, np.sqrt(((vyy - vxx) / 2) ** 2 + vxy**2)
     l1, l2 = half_trace + det_term, np.maximum(half_trace - det_term, 0)
     out = {"label": present, "centroid-0": cy, "centroid-1": cx, "area": area,

@@ -1,4 +1,4 @@
-"""Planted-truth validation: do the embeddings recover the synthetic plate's cell types and treatments?
+"""Planted-truth validation of the embeddings against a synthetic plate's cell types and treatments.
 
 ``python -m phenocoder_lib.validation [--out DIR] [--wells-per-treatment 6] [--epochs 15]`` generates a
 fresh seeded synthetic plate, runs the whole pipeline and prints one table:
@@ -101,7 +101,8 @@ def run_validation(
     pheno = Phenocoder(sdata=sdata, table_key="nuclei_features", sample_key="sample", image_key="IF", seed=seed)
     n_channels = sdata.tables["nuclei_features"].n_vars
     pheno.generate_dataset("validation", out / "datasets", patch_size=(patch_size, patch_size), progress=False)
-    pheno.initialize_model(n_latent_dim=16, n_dense_dim=64, conditions=[], input_shape=(patch_size, patch_size, n_channels),
+    pheno.initialize_model(n_latent_dim=16, n_dense_dim=64, conditions=[],
+                           input_shape=(patch_size, patch_size, n_channels),
                            conv_layers=(32, 64, 128), flip=True)
     pheno.train(n_epochs=epochs, plot=False)
     pheno.encode(spatial_message_passing_radius=radius)

@@ -45,9 +45,8 @@ def test_window_is_centred_on_object(size):
     for i in range(3):
         # the object's own pixel sits at (h // 2, w // 2) of its patch, for odd and even sizes
         np.testing.assert_array_equal(patches[i, h // 2, w // 2], plane[:, ys[i], xs[i]])
-        np.testing.assert_array_equal(
-            patches[i], plane[:, ys[i] - h // 2: ys[i] - h // 2 + h, xs[i] - w // 2: xs[i] - w // 2 + w].transpose(1, 2, 0)
-        )
+        y0, x0 = ys[i] - h // 2, xs[i] - w // 2
+        np.testing.assert_array_equal(patches[i], plane[:, y0: y0 + h, x0: x0 + w].transpose(1, 2, 0))
     assert not padded.any()
 
 
