@@ -337,6 +337,7 @@ class ModelMixin:
         plot_frac: float = 0.001,
         *,
         verbose: int | str = "auto",
+        on_epoch_end: Any = None,
     ) -> dict[str, list[float]]:
         """Fit the model; save it, its history and previews; return the metrics history.
 
@@ -348,6 +349,8 @@ class ModelMixin:
         ``reconstructions.png`` (``n_preview`` validation patches and their reconstructions from
         ``z_mean``), ``latent_space.png`` (``z_mean`` of a seeded ``plot_frac`` share of the training patches,
         at least one batch; UMAP, or PCA below 200 patches) and ``history.png``.
+        ``on_epoch_end(epoch, metrics)``, if given, is called after every epoch (1-based) with that
+        epoch's metrics (e.g. to log them to a tracking server while training runs).
 
         Returns
         -------
@@ -374,6 +377,7 @@ class ModelMixin:
             learning_rate=learning_rate, min_learning_rate=min_learning_rate,
             factor_learning_rate=factor_learning_rate, learning_rate_patience=learning_rate_patience,
             early_stopping_patience=early_stopping_patience, seed=config["seed"], verbose=verbose,
+            on_epoch_end=on_epoch_end,
         )
         T.save_model_atomic(self.model, Path(self.model_dir) / MODEL_FILE)
         history = result["history"]

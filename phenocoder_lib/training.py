@@ -42,7 +42,7 @@ import math  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections import OrderedDict  # noqa: E402
-from collections.abc import Mapping, Sequence  # noqa: E402
+from collections.abc import Callable, Mapping, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Literal  # noqa: E402
@@ -645,11 +645,14 @@ def fit(
     early_stopping_patience: int = 5,
     seed: int = 0,
     verbose: int | str = "auto",
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Compile (Adam) and fit ``model``; returns the history dict and the best epoch.
 
     Writes ``model_dir/checkpoint.keras`` (best so far), ``history.json``/``history.csv`` (every
     epoch) and TensorBoard event files under ``log_dir``. The best weights are restored at the end.
+    ``on_epoch_end(epoch, metrics)`` is called after every epoch (1-based) with that epoch's row of the
+    history (losses, validation losses, learning rate, timings), e.g. to log metrics while training runs.
     """
     for name, value in (("n_epochs", n_epochs), ("learning_rate_patience", learning_rate_patience),
                         ("early_stopping_patience", early_stopping_patience)):
@@ -677,6 +680,9 @@ def fit(
     ]
     if log_dir is not None:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir), write_graph=False))
+    if on_epoch_end is not None:  # last, so the recorder's row for the epoch is complete
+        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch_end(
+            epoch + 1, {k: float(v[-1]) for k, v in recorder.history.items() if len(v) and k != "epoch"})))
     t0 = time.perf_counter()
     model.fit(train.keras_input(), validation_data=val.keras_input(), epochs=int(n_epochs), callbacks=callbacks,
               shuffle=False, verbose=verbose)

@@ -86,6 +86,9 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
     params.pop("memory_budget_bytes")
     timer = Timer()
     name = tracking.registered_model_name
+    def _log_epoch(epoch: int, metrics: dict) -> None:  # live in the MLflow UI while training runs
+        mlflow.log_metrics({METRIC_NAMES.get(k, k): v for k, v in metrics.items() if k in EPOCH_METRICS}, step=epoch)
+
     with storage.stage("model") as out:
         out.mkdir()
         with tracking.start_run(run_name=f"{context.job_name}-{context.run.run_id[:8]}", tags=tags) as run:
@@ -95,7 +98,7 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
                 trained = train_on_datasets(
                     dataset_dirs, out, sdata=sdata, table_key=keys["table_key"], sample_key=keys["sample_key"],
                     image_key=keys["image_key"], seed=config.seed, model_kwargs=config.model_kwargs(input_shape),
-                    train_kwargs={**config.train_kwargs(), "verbose": 0},
+                    train_kwargs={**config.train_kwargs(), "verbose": 0, "on_epoch_end": _log_epoch},
                 )
             history = trained.history
             # the settings that encoding must reproduce, per training dataset (also inside model_config.json)
@@ -104,10 +107,6 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
                        "spatial_key_index": ds["spatial_key_index"], "normalization": ds["normalization"]}
                 for name, ds in trained.config["dataset_settings"].items()})
             n_epochs_run = len(history.get("loss", []))
-            for i in range(n_epochs_run):
-                epoch = int(history["epoch"][i]) if "epoch" in history else i + 1
-                mlflow.log_metrics({METRIC_NAMES.get(k, k): float(history[k][i]) for k in EPOCH_METRICS
-                                    if k in history and i < len(history[k])}, step=epoch)
             with timer.phase("log"):
                 for artifact in ARTIFACTS:
                     if (out / artifact).exists():

@@ -192,8 +192,12 @@ def test_cond_cvae_end_to_end_with_an_unseen_sample(plate_root, tmp_path):
     enc = p.model_oh_enc
     assert enc.kinds == {"dataset": "categorical", "z": "continuous", "well": "categorical"}
     assert p.model.n_conditions == 1 + 1 + 1 == p.model_config["conditions_dim"]
-    history = p.train(n_epochs=1, verbose=0, plot=False)
+    seen = []
+    history = p.train(n_epochs=1, verbose=0, plot=False, on_epoch_end=lambda epoch, m: seen.append((epoch, m)))
     assert len(history["val_loss"]) == 1 and p.model_name.startswith("cond_latent_4")
+    assert [e for e, _ in seen] == [1]  # called live, once per epoch, with that epoch's metrics
+    assert seen[0][1]["val_loss"] == pytest.approx(history["val_loss"][0])
+    assert {"loss", "kl_loss", "learning_rate"} <= set(seen[0][1])
     config = json.loads((p.model_dir / "model_config.json").read_text())
     assert config["conditions_encoder"]["categories"] == {"dataset": ["first"], "well": ["A01"]}
 
