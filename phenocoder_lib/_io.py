@@ -92,15 +92,3 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot serialize {type(value).__name__} to JSON")
-
-
-def clean_stale_tmp(folder: str | Path) -> list[Path]:
-    """Remove leftovers of killed writes (``.name.tmp-*``/``.name.old-*``) in ``folder``."""
-    folder = Path(folder)
-    removed = []
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-                removed.append(p)
-    return removed

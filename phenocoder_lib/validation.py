@@ -122,9 +122,7 @@ def run_validation(
         if name == "latents":
             table.obs["leiden"] = labels
 
-    stats = pheno.spatialgraph_stats(cluster_key="leiden", radii=(radius, 2 * radius), table_key="phenocoder",
-                                     progress=False)
-    del stats
+    pheno.spatialgraph_stats(cluster_key="leiden", radii=(radius, 2 * radius), table_key="phenocoder", progress=False)
     pheno.spatialgraph_embedding(n_dim=min(8, pheno.adata.n_obs - 1), umap=False)
     wells = pheno.adata.obs_names.astype(str)
     y = treatments.reindex(wells).to_numpy()
