@@ -60,6 +60,7 @@ def run_demo(home: str | Path | None = None, *, wells: int = 3, epochs: int = 5,
     """Materialize the whole graph on a synthetic plate (see the module docstring); returns what it made."""
     from dagster import DagsterInstance, build_sensor_context, materialize
 
+    from phenocoder_lib._io import write_text_atomic
     from phenocoder_lib.synthetic import make_synthetic_plate
 
     from .definitions import ASSETS
@@ -75,7 +76,7 @@ def run_demo(home: str | Path | None = None, *, wells: int = 3, epochs: int = 5,
     dagster_home = root / "dagster"
     dagster_home.mkdir(parents=True, exist_ok=True)
     if not (dagster_home / "dagster.yaml").exists():
-        (dagster_home / "dagster.yaml").write_text(DEMO_DAGSTER_YAML)
+        write_text_atomic(dagster_home / "dagster.yaml", DEMO_DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     log_level = "WARNING" if quiet else "INFO"
 

@@ -35,8 +35,10 @@ def figure_png(fig: Any, path: Path | None = None, *, dpi: int = 80) -> bytes:
     plt.close(fig)
     data = buf.getvalue()
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_bytes(data)
+        from phenocoder_lib._io import atomic_file
+
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(data)
     return data
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -51,6 +52,8 @@ def resolve_root(root: str | None) -> str:
     """Return the storage root as an absolute local path or an fsspec URL (``s3://bucket/prefix``)."""
     value = root or os.environ.get(HOME_ENV) or DEFAULT_ROOT
     if _is_url(value) and not value.startswith("file://"):
+        _refuse_credentials(value, "the storage root", "give them through the environment (AWS_ACCESS_KEY_ID/"
+                            "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, ...) or the driver's config")
         return value.rstrip("/")
     if value.startswith("file://"):
         value = value[len("file://"):]
@@ -59,6 +62,20 @@ def resolve_root(root: str | None) -> str:
 
 def _is_url(value: str) -> bool:
     return "://" in value
+
+
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@]*)@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any ``user:password@`` part replaced by ``***@`` (for logs, metadata, files)."""
+    return _USERINFO.sub(lambda m: f"{m['scheme']}***@", str(url))
+
+
+def _refuse_credentials(url: str, what: str, how: str) -> str:
+    if _USERINFO.match(url):
+        raise ValueError(f"{what} {redact_url(url)!r} embeds credentials; remove them from the URL and {how}.")
+    return url
 
 
 class PhenocoderStorage(ConfigurableResource):
@@ -238,6 +255,14 @@ class MLflowTracking(ConfigurableResource):
             )
         return f"sqlite:///{root}/mlflow.db"
 
+    def display_tracking_uri(self) -> str:
+        """The tracking URI with any ``user:password@`` removed: the form that is logged and stored.
+
+        Credentials for a tracking server belong in the environment (``MLFLOW_TRACKING_USERNAME`` /
+        ``MLFLOW_TRACKING_PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``), which MLflow reads itself.
+        """
+        return redact_url(self.resolved_tracking_uri())
+
     def resolved_artifact_location(self) -> str | None:
         """Artifact root for a new experiment (``None``: the tracking server decides)."""
         if self.artifact_location:
@@ -282,6 +307,6 @@ class MLflowTracking(ConfigurableResource):
 
     def run_url(self, run_id: str) -> str:
         """Return a link to the run: the tracking server's page, or the local UI's default address."""
-        uri = self.resolved_tracking_uri()
+        uri = self.display_tracking_uri()
         base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
         return f"{base}/#/experiments/{self.experiment_id()}/runs/{run_id}"

@@ -71,8 +71,9 @@ class ClusterReference:
         if self.scale_mean is not None:
             arrays["scale_mean"] = self.scale_mean
             arrays["scale_std"] = self.scale_std
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as fh:
+        from ._io import atomic_file
+
+        with atomic_file(path) as tmp, open(tmp, "wb") as fh:  # complete or absent, never half-written
             np.savez_compressed(fh, **arrays)
         return path
 

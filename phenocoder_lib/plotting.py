@@ -34,14 +34,12 @@ def _figure(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1) -> tup
 def _save(fig: Any, path: str | Path, dpi: int = 110) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from ._io import _tmp_sibling
+    from ._io import atomic_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    tmp = _tmp_sibling(path, "tmp").with_suffix(".png")
-    fig.savefig(tmp, dpi=dpi)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:  # removed again if savefig fails
+        fig.savefig(tmp, dpi=dpi)
     return path
 
 

@@ -48,5 +48,7 @@ def preview_metadata(png: bytes | None, title: str, final_dir: str | None = None
 
 def write_png(path: Path, png: bytes | None) -> None:
     if png is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(png)
+        from phenocoder_lib._io import atomic_file
+
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(png)

@@ -118,7 +118,7 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
         info = {
             "registered_model_name": name, "version": version, "model_uri": f"models:/{name}/{version}",
             "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-            "tracking_uri": tracking.resolved_tracking_uri(), "model_name": trained.config["model_name"],
+            "tracking_uri": tracking.display_tracking_uri(), "model_name": trained.config["model_name"],
             "samples": samples, "dagster_run_id": context.run.run_id,
             "patches": {"patch_size": settings["patch_size"], "spatial_key_index": settings["spatial_key_index"],
                         "scale": settings["normalization"]["scale"],
