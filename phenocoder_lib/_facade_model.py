@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ._constants import PHENOCODER_TABLE
+from ._constants import DEFAULT_IMAGE_KEY, DEFAULT_SAMPLE_KEY, DEFAULT_TABLE_KEY, PHENOCODER_TABLE, SPATIAL_KEY
 from ._io import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -284,9 +284,7 @@ class ModelMixin:
             hint = f" An interrupted run left {str(folder / CHECKPOINT_FILE)!r}; pass it as path." if (
                 folder / CHECKPOINT_FILE).exists() else " Run train() first."
             raise FileNotFoundError(f"{str(keras_path)!r} does not exist.{hint}")
-        config = json.loads(config_path.read_text())
-        if config.get("format_version", 0) > CONFIG_FORMAT_VERSION:
-            raise ValueError(f"{str(config_path)!r} was written by a newer Phenocoder; upgrade phenocoder.")
+        config = read_model_config(config_path)
         import keras
 
         model = keras.saving.load_model(keras_path, safe_mode=True, compile=False)
@@ -532,6 +530,62 @@ class ModelMixin:
 
     def _has_table(self) -> bool:
         return self.sdata is not None and self.table_key in self.sdata.tables
+
+
+class ModelSchemaWarning(UserWarning):
+    """A model folder written with an older ``model_config.json`` schema was migrated when loaded."""
+
+
+#: Keys of ``model_config.json`` that loading and encoding need; an older file lacking one cannot be migrated.
+REQUIRED_CONFIG_KEYS = ("model_name", "model_class", "input_shape", "conditions", "datasets", "dir_dataset",
+                        "dataset_settings")
+#: Keys added after the first schema, with the value that reproduces the older behaviour.
+_CONFIG_DEFAULTS: dict[str, Any] = {"conditions_encoder": None, "batch_size": 64, "seed": 0, "shuffle": True,
+                                    "validation_fraction": 0.2, "split_by": "object",
+                                    "memory_budget_bytes": _DEFAULT_MEMORY_BUDGET}
+
+
+def read_model_config(config_path: str | Path) -> dict[str, Any]:
+    """Read ``model_config.json``; migrate an older schema (with a :class:`ModelSchemaWarning`) or raise.
+
+    A file without ``format_version`` is schema 0. Older files that hold every key of
+    :data:`REQUIRED_CONFIG_KEYS` are migrated in memory (missing optional keys get the values that
+    reproduce the older behaviour); otherwise a ``ValueError`` names the file, the version found and
+    the missing keys. A newer schema than this Phenocoder understands also raises.
+    """
+    import warnings
+
+    config_path = Path(config_path)
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(config_path)!r} is not valid JSON ({err}); the model folder is damaged: "
+                         "retrain the model or restore the folder from a backup.") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(config_path)!r} holds a {type(config).__name__}, not a model configuration; "
+                         "pass a model folder written by initialize_model()/train().")
+    found = config.get("format_version", 0)
+    if not isinstance(found, int) or found > CONFIG_FORMAT_VERSION:
+        raise ValueError(f"{str(config_path)!r} has format_version={found!r}; this Phenocoder reads versions up to "
+                         f"{CONFIG_FORMAT_VERSION}. Upgrade phenocoder to load this model.")
+    if found < CONFIG_FORMAT_VERSION:
+        missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config]
+        if missing:
+            raise ValueError(
+                f"{str(config_path)!r} has format_version={found!r} (older than {CONFIG_FORMAT_VERSION}) and lacks "
+                f"{missing}, so it cannot be migrated. Retrain the model (initialize_model() and train(), or "
+                "materialize the 'model' asset) to write the current schema.")
+        added = [k for k in _CONFIG_DEFAULTS if k not in config]
+        for key in added:
+            config[key] = _CONFIG_DEFAULTS[key]
+        config.setdefault("keys", {"table_key": DEFAULT_TABLE_KEY, "sample_key": DEFAULT_SAMPLE_KEY,
+                                   "image_key": DEFAULT_IMAGE_KEY, "spatial_key": SPATIAL_KEY})
+        config["migrated_from_format_version"] = found
+        config["format_version"] = CONFIG_FORMAT_VERSION
+        warnings.warn(f"{str(config_path)!r} has format_version={found!r}; migrated to {CONFIG_FORMAT_VERSION} in "
+                      f"memory (defaults for {added}). Retrain or re-save the model to silence this warning.",
+                      ModelSchemaWarning, stacklevel=3)
+    return config
 
 
 def _version() -> str:

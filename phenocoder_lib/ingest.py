@@ -249,13 +249,16 @@ def _checked_read(path: Path, shape: tuple[int, int], dtype: np.dtype) -> np.nda
     return arr.astype(dtype, copy=False)
 
 
-def read_well_table(files: PlateFiles, well: str, geometry: PlateGeometry, layout: PlateLayout) -> pd.DataFrame:
+def read_well_table(
+    files: PlateFiles, well: str, geometry: PlateGeometry, layout: PlateLayout, *, check_labels: bool = True
+) -> pd.DataFrame:
     """Aggregate a well's per-slice tables to one row per object.
 
     Per object (label id): the centroid and the feature columns are area-weighted means over the
     slices where the object appears; other numeric columns are plain means; ``n_slices``, ``z_first``,
     ``z_last`` and ``z_index`` (the slice of largest area, an index into the image z axis) are added,
-    and ``volume_um3`` (the sum of slice areas times the z step) in 3-D.
+    and ``volume_um3`` (the sum of slice areas times the z step) in 3-D. With ``check_labels`` every
+    label id of a slice's table must occur in that slice's mask (a ``ValueError`` names both files).
     """
     frames = []
     z_pos = {z: i for i, z in enumerate(files.z_levels)}
@@ -277,6 +280,8 @@ def read_well_table(files: PlateFiles, well: str, geometry: PlateGeometry, layou
                 f"table {str(path)!r} lacks columns {missing} (has {list(df.columns)}); set "
                 "PlateLayout(label_column=..., y_column=..., x_column=...) to the names your export uses."
             )
+        if check_labels:
+            _check_labels_in_mask(df[layout.label_column], path, files.labels[(w, z)])
         df = df.drop(columns=[c for c in layout.drop_columns if c in df.columns])
         df["_z"] = z_pos[z]
         frames.append(df)
@@ -312,6 +317,25 @@ def read_well_table(files: PlateFiles, well: str, geometry: PlateGeometry, layou
     return out.reset_index()
 
 
+def _check_labels_in_mask(ids: pd.Series, table_path: Path, mask_path: Path) -> None:
+    """Every label id of a slice table must be a (non-zero) id of the slice's mask."""
+    mask = _imread(mask_path).ravel()
+    top = int(mask.max()) if mask.size else 0
+    if mask.dtype.kind in "iu" and 0 <= int(mask.min() if mask.size else 0) and top < 2**24:
+        present = np.flatnonzero(np.bincount(mask, minlength=1))  # linear time; ids are small integers
+    else:
+        present = np.unique(mask)
+    table_ids = pd.to_numeric(ids, errors="coerce").to_numpy()
+    missing = np.unique(table_ids[~np.isin(table_ids, present[present != 0])])
+    if missing.size:
+        raise ValueError(
+            f"table {str(table_path)!r} names {missing.size} label ids that do not occur in its mask "
+            f"{str(mask_path)!r}: {missing[:5].tolist()} (the mask has {int((present != 0).sum())} ids). The table "
+            "and the masks come from different segmentations or wells: re-export them together, or pass "
+            "read_plate(..., check_labels=False) to keep such rows."
+        )
+
+
 def read_plate(
     root: str | Path,
     *,
@@ -324,6 +348,7 @@ def read_plate(
     image_key: str = DEFAULT_IMAGE_KEY,
     table_key: str = DEFAULT_TABLE_KEY,
     sample_key: str = DEFAULT_SAMPLE_KEY,
+    check_labels: bool = True,
 ) -> Any:
     """Read a plate export into a lazily loaded SpatialData object.
 
@@ -341,6 +366,9 @@ def read_plate(
         Physical scale; default from ``plate.json`` or 1.0.
     image_key, table_key, sample_key
         Element and column names of the result.
+    check_labels
+        Check that every label id of each slice table occurs in that slice's mask (reads the masks once;
+        a mismatch raises a ``ValueError`` naming the table and mask files).
 
     Returns
     -------
@@ -394,7 +422,7 @@ def read_plate(
                 image[:, 0], dims=("c", "y", "x"), c_coords=files.channels, transformations=transform
             )
             labels[f"{LABELS_PREFIX}_{sample}"] = Labels2DModel.parse(label[0], dims=axes, transformations=transform)
-        df = read_well_table(files, well, geometry, layout)
+        df = read_well_table(files, well, geometry, layout, check_labels=check_labels)
         df.insert(0, sample_key, sample)
         df.insert(1, "plate", files.plate)
         df.insert(2, "well", well)
