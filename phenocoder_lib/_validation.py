@@ -66,6 +66,18 @@ def check_obsm(adata: Any, key: str, *, argument: str, n_cols: Sequence[int] | N
     return arr
 
 
+def check_unique_obs_names(adata: Any, *, argument: str) -> None:
+    """Object names (``.obs_names``) must be unique: patches, latents and labels are joined on them."""
+    names = pd.Index(adata.obs_names)
+    if not names.is_unique:
+        dup = names[names.duplicated()].unique()
+        raise ValueError(
+            f"{argument}: {len(dup)} object names occur more than once in .obs_names, e.g. {_preview(dup, 5)}; "
+            "objects are matched by name. Make them unique first, e.g. adata.obs_names_make_unique() or "
+            "adata.obs_names = adata.obs[sample_key].astype(str) + '_' + adata.obs['instance_id'].astype(str)."
+        )
+
+
 def check_categorical(obs: pd.DataFrame, column: str, *, argument: str) -> pd.Categorical:
     """The column must exist and be categorical (as scanpy's clustering writes it)."""
     check_obs_column(obs, column, argument=argument)

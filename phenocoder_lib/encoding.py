@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from ._constants import INSTANCE_KEY, LATENT_PREFIX, MESSAGE_PASSING_LAYER, REGION_KEY
-from ._validation import check_key, check_obs_column, check_obsm
+from ._validation import check_key, check_obs_column, check_obsm, check_unique_obs_names
 
 logger = logging.getLogger(__name__)
 
@@ -627,6 +627,7 @@ def encode_table(
 
     check_key(sdata.tables, table_key, argument="table_key", what="table of the SpatialData object")
     table = sdata.tables[table_key]
+    check_unique_obs_names(table, argument=f"table_key={table_key!r}")
     check_obs_column(table.obs, sample_key, argument="sample_key")
     if spatial_message_passing_radius is not None:
         check_obsm(table, spatial_key, argument="spatial_key")

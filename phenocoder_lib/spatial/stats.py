@@ -646,4 +646,17 @@ def table_values(adata, layer: str | None) -> np.ndarray:
     x = x.toarray() if sp.issparse(x) else np.asarray(x)
     if x.dtype.kind not in "iufb":
         raise TypeError(f"moran_features needs numeric variables, found dtype {x.dtype}.")
-    return x.astype(np.float64, copy=False)
+    x = x.astype(np.float64, copy=False)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        import warnings
+
+        from ._warnings import SpatialStatsWarning
+
+        where = ".X" if layer is None else f"layers[{layer!r}]"
+        names = [str(v) for v, b in zip(adata.var_names, bad.any(axis=0), strict=True) if b]
+        warnings.warn(f"moran_features: {int(bad.any(axis=1).sum())} objects have NaN/inf values in {where} "
+                      f"(variables {names[:10]}); Moran's I of those variables is NaN in the samples that hold them. "
+                      "Impute or drop those objects, or leave 'moran_features' out of stats.",
+                      SpatialStatsWarning, stacklevel=3)
+    return x
