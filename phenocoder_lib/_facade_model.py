@@ -336,6 +336,7 @@ class ModelMixin:
         *,
         verbose: int | str = "auto",
         on_epoch_end: Any = None,
+        resume: bool = False,
     ) -> dict[str, list[float]]:
         """Fit the model; save it, its history and previews; return the metrics history.
 
@@ -349,6 +350,10 @@ class ModelMixin:
         at least one batch; UMAP, or PCA below 200 patches) and ``history.png``.
         ``on_epoch_end(epoch, metrics)``, if given, is called after every epoch (1-based) with that
         epoch's metrics (e.g. to log them to a tracking server while training runs).
+        ``resume=True`` continues an interrupted training of this model (same parameters, so the same
+        ``model_dir``, e.g. after ``initialize_model`` or ``load_model`` in a new process) from its best
+        checkpoint: its weights (loaded with ``safe_mode=True``), its epoch and history, its learning rate;
+        ``n_epochs`` counts all epochs, the interrupted ones included (see ``training.fit``).
 
         Returns
         -------
@@ -366,7 +371,16 @@ class ModelMixin:
         if not 0 < float(plot_frac) <= 1:
             raise ValueError(f"plot_frac={plot_frac!r} must be in (0, 1].")
         n_preview = _positive_int(n_preview, "n_preview")
-        if self.dir_tensorboard is not None and Path(self.dir_tensorboard).exists():
+        resume_from = None
+        if resume:
+            import keras
+
+            resume_from = T.checkpoint_state(self.model_dir, CHECKPOINT_FILE)
+            saved = keras.saving.load_model(resume_from["path"], safe_mode=True, compile=False)
+            self.model.set_weights(saved.get_weights())
+            logger.info("resuming %s from epoch %d (val_loss %.4g)", self.model_name, resume_from["epoch"],
+                        resume_from["val_loss"])
+        elif self.dir_tensorboard is not None and Path(self.dir_tensorboard).exists():
             shutil.rmtree(self.dir_tensorboard)
         config = self.model_config
         result = T.fit(
@@ -375,7 +389,7 @@ class ModelMixin:
             learning_rate=learning_rate, min_learning_rate=min_learning_rate,
             factor_learning_rate=factor_learning_rate, learning_rate_patience=learning_rate_patience,
             early_stopping_patience=early_stopping_patience, seed=config["seed"], verbose=verbose,
-            on_epoch_end=on_epoch_end,
+            on_epoch_end=on_epoch_end, resume_from=resume_from,
         )
         T.save_model_atomic(self.model, Path(self.model_dir) / MODEL_FILE)
         history = result["history"]

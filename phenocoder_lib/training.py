@@ -37,6 +37,7 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import threading  # noqa: E402
@@ -561,13 +562,18 @@ def save_model_atomic(model: keras.Model, path: str | Path) -> Path:
 
 
 class BestCheckpoint(keras.callbacks.Callback):
-    """Write the model to ``path`` (atomically) whenever ``monitor`` improves."""
+    """Write the model to ``path`` (atomically) whenever ``monitor`` improves.
 
-    def __init__(self, path: str | Path, monitor: str = "val_loss") -> None:
+    Beside it, ``<stem>.json`` records the checkpoint's epoch (1-based), the monitored value, the learning
+    rate and the SHA-1 of the ``.keras`` file, so :func:`checkpoint_state` can tell which epoch a
+    checkpoint holds after a crash (resuming continues from there).
+    """
+
+    def __init__(self, path: str | Path, monitor: str = "val_loss", best: float = np.inf) -> None:
         super().__init__()
         self.path = Path(path)
         self.monitor = monitor
-        self.best = np.inf
+        self.best = float(best)
         self.best_epoch: int | None = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -575,6 +581,50 @@ class BestCheckpoint(keras.callbacks.Callback):
         if value is not None and np.isfinite(value) and value < self.best:
             self.best, self.best_epoch = float(value), epoch
             save_model_atomic(self.model, self.path)
+            lr = self.model.optimizer.learning_rate
+            write_json_atomic(self.path.with_suffix(".json"), {
+                "epoch": epoch + 1, self.monitor: float(value), "monitor": self.monitor,
+                "learning_rate": float(lr.numpy() if hasattr(lr, "numpy") else lr), "sha1": _sha1(self.path)})
+
+
+def _sha1(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_state(model_dir: str | Path, checkpoint: str = "checkpoint.keras") -> dict[str, Any]:
+    """Where an interrupted training stands: the best checkpoint's epoch, value and the history up to it.
+
+    Returns ``{"path", "epoch" (1-based), "val_loss", "learning_rate", "history"}``. The epoch comes from
+    the checkpoint's ``.json`` record when its SHA-1 matches the ``.keras`` file; a process killed
+    between writing the two leaves a newer checkpoint, which is then the best epoch of ``history.json``
+    (written before the checkpoint in every epoch). Raises ``FileNotFoundError`` without a checkpoint.
+    """
+    folder = Path(model_dir)
+    path = folder / checkpoint
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint {str(path)!r} to resume from; train without resume first.")
+    history_path = folder / "history.json"
+    history = json.loads(history_path.read_text()) if history_path.exists() else {}
+    record_path = path.with_suffix(".json")
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    val = history.get("val_loss") or []
+    if record.get("sha1") == _sha1(path):
+        epoch = int(record["epoch"])
+    elif val:
+        epoch = int(np.nanargmin(val)) + 1
+    else:
+        raise ValueError(f"cannot tell which epoch {str(path)!r} holds: no matching record and no history.json.")
+    history = {k: list(v[:epoch]) for k, v in history.items()}
+    lrs = history.get("learning_rate") or []
+    return {"path": path, "epoch": epoch,
+            "val_loss": float(val[epoch - 1]) if len(val) >= epoch else float(record.get("val_loss", np.inf)),
+            "learning_rate": float(record.get("learning_rate", lrs[-1] if lrs else np.nan)), "history": history}
 
 
 class HistoryRecorder(keras.callbacks.Callback):
@@ -584,11 +634,12 @@ class HistoryRecorder(keras.callbacks.Callback):
     callbacks), ``train_seconds`` (training pass only) and ``train_patches_per_s`` (training pass).
     """
 
-    def __init__(self, folder: str | Path | None, n_train: int) -> None:
+    def __init__(self, folder: str | Path | None, n_train: int,
+                 history: Mapping[str, Sequence[float]] | None = None) -> None:
         super().__init__()
         self.folder = Path(folder) if folder is not None else None
         self.n_train = n_train
-        self.history: dict[str, list[float]] = {}
+        self.history: dict[str, list[float]] = {k: list(v) for k, v in (history or {}).items()}
         self._t0 = 0.0
         self._lr = float("nan")
 
@@ -646,8 +697,14 @@ def fit(
     seed: int = 0,
     verbose: int | str = "auto",
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    resume_from: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compile (Adam) and fit ``model``; returns the history dict and the best epoch.
+
+    ``resume_from`` (a :func:`checkpoint_state` whose weights ``model`` already holds) continues an
+    interrupted training: epochs are numbered on from the checkpoint's epoch up to ``n_epochs`` in all,
+    the history is kept, the learning rate is the one of the checkpoint's epoch and the checkpoint is only
+    replaced by a better epoch. Adam's moments and the plateau/early-stopping counters start afresh.
 
     Writes ``model_dir/checkpoint.keras`` (best so far), ``history.json``/``history.csv`` (every
     epoch) and TensorBoard event files under ``log_dir``. The best weights are restored at the end.
@@ -666,10 +723,15 @@ def fit(
         raise ValueError(f"factor_learning_rate={factor_learning_rate!r} must be strictly between 0 and 1.")
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(int(seed))
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate))
-    recorder = HistoryRecorder(model_dir, n_train=len(train.positions))
-    checkpoint = BestCheckpoint(model_dir / "checkpoint.keras")
+    initial_epoch = int(resume_from["epoch"]) if resume_from else 0
+    keras.utils.set_random_seed(int(seed) + initial_epoch)
+    lr0 = float(resume_from["learning_rate"]) if resume_from and np.isfinite(resume_from["learning_rate"]) \
+        else learning_rate
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr0))
+    recorder = HistoryRecorder(model_dir, n_train=len(train.positions),
+                               history=resume_from["history"] if resume_from else None)
+    checkpoint = BestCheckpoint(model_dir / "checkpoint.keras",
+                                best=resume_from["val_loss"] if resume_from else np.inf)
     callbacks: list[keras.callbacks.Callback] = [
         recorder,
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping_patience,
@@ -684,8 +746,12 @@ def fit(
         callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch_end(
             epoch + 1, {k: float(v[-1]) for k, v in recorder.history.items() if len(v) and k != "epoch"})))
     t0 = time.perf_counter()
-    model.fit(train.keras_input(), validation_data=val.keras_input(), epochs=int(n_epochs), callbacks=callbacks,
-              shuffle=False, verbose=verbose)
+    if initial_epoch < int(n_epochs):
+        model.fit(train.keras_input(), validation_data=val.keras_input(), epochs=int(n_epochs),
+                  initial_epoch=initial_epoch, callbacks=callbacks, shuffle=False, verbose=verbose)
+    if resume_from and checkpoint.best_epoch is None:  # no epoch beat the checkpoint: it stays the result
+        best_model = keras.saving.load_model(resume_from["path"], safe_mode=True, compile=False)
+        model.set_weights(best_model.get_weights())
     seconds = time.perf_counter() - t0
     history = recorder.history
     best = int(np.nanargmin(history["val_loss"])) + 1 if history.get("val_loss") else None

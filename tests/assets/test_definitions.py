@@ -90,8 +90,8 @@ def test_every_asset_takes_a_config_with_the_library_parameters():
     from phenocoder_lib._facade_model import ModelMixin
 
     init = set(inspect.signature(ModelMixin.initialize_model).parameters) - {"self"}
-    # verbose and the on_epoch_end callback are runtime hooks, not settings
-    train = set(inspect.signature(ModelMixin.train).parameters) - {"self", "verbose", "on_epoch_end"}
+    # verbose, the on_epoch_end callback and resume (continue a killed training) are runtime choices, not settings
+    train = set(inspect.signature(ModelMixin.train).parameters) - {"self", "verbose", "on_epoch_end", "resume"}
     config = configs.ModelConfig()
     assert set(config.model_kwargs([32, 32, 4])) == init
     assert set(config.train_kwargs()) == train
