@@ -625,7 +625,8 @@ def encode_table(
     from spatialdata.models import TableModel
     from tqdm.auto import tqdm
 
-    check_key(sdata.tables, table_key, argument="table_key", what="table of the SpatialData object")
+    check_key(sdata.tables, table_key, argument="table_key", what="table of the SpatialData object",
+              fix="Pass the name of the per-object table (read_plate(table_key=...) names it).")
     table = sdata.tables[table_key]
     check_unique_obs_names(table, argument=f"table_key={table_key!r}")
     check_obs_column(table.obs, sample_key, argument="sample_key")

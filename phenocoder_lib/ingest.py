@@ -210,7 +210,10 @@ def scan_plate(root: str | Path, *, layout: PlateLayout | None = None, plate: st
         raise FileNotFoundError(f"plate {plate!r}: wells {no_table} have images but no table in {str(sub['table'])!r}.")
     bad_z = sorted({k[1] for k in tables} - set(z_levels))
     if bad_z:
-        raise ValueError(f"plate {plate!r}: tables name z-slices {bad_z} that have no images (image z: {z_levels}).")
+        raise FileNotFoundError(
+            f"plate {plate!r} is incomplete: tables name z-slices {bad_z} that have no images (image z: {z_levels}). "
+            "Wait until the export has finished, or re-export the missing slices."
+        )
     return PlateFiles(root, plate, wells, channels, z_levels, images, labels, tables)
 
 

@@ -519,7 +519,8 @@ def generate_dataset(
         raise ValueError(
             f"scale_percentile={scale_percentile!r} must be in [0, 50) (percent: low = p, high = 100 - p)."
         )
-    check_key(sdata.tables, table_key, argument="table_key", what="table of the SpatialData object")
+    check_key(sdata.tables, table_key, argument="table_key", what="table of the SpatialData object",
+              fix="Pass the name of the per-object table (read_plate(table_key=...) names it).")
     table = sdata.tables[table_key]
     check_unique_obs_names(table, argument=f"table_key={table_key!r}")
     check_obs_column(table.obs, sample_key, argument="sample_key")
