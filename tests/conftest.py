@@ -48,3 +48,20 @@ def synthetic_plate_2d(tmp_path_factory) -> Path:
     make_synthetic_plate(root, n_wells=2, ndim=2, n_channels=3, image_size=128, nuclei_per_well=50,
                          dtype="uint16", seed=2)
     return root
+
+
+def _folder_digest(folder: Path) -> str:
+    """SHA-256 over the relative names and bytes of every file under ``folder``."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(folder)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def folder_digest():
+    """``folder_digest(path)``: a content hash of a folder, to check that a failed call left it byte-identical."""
+    return _folder_digest

@@ -9,7 +9,6 @@ touch earlier results: see the ``*_keeps_*`` tests. The Dagster side is in
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import warnings
@@ -78,15 +77,6 @@ def _gen(sdata, out: Path, **kwargs):
     args = dict(dataset="d", dir_dataset=out, table_key=TABLE, sample_key="sample", image_key="IF", patch_size=16)
     args.update(kwargs)
     return generate_dataset(sdata, **args)
-
-
-def _digest(folder: Path) -> str:
-    """Content hash of every file under ``folder`` (names and bytes)."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(folder)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def _set_obsm(key, fn):
@@ -248,13 +238,13 @@ DATASET_ERRORS = [
 @pytest.mark.parametrize(
     ("kwargs", "edit", "exc", "match"), [c[1:] for c in DATASET_ERRORS], ids=[c[0] for c in DATASET_ERRORS]
 )
-def test_dataset_bad_input_raises_and_keeps_the_earlier_dataset(sd2, tmp_path, kwargs, edit, exc, match):
+def test_dataset_bad_input_raises_and_keeps_the_earlier_dataset(sd2, tmp_path, folder_digest, kwargs, edit, exc, match):
     first = _gen(sd2, tmp_path)
-    before = _digest(tmp_path / "d")
+    before = folder_digest(tmp_path / "d")
     sdata = _with(sd2, edit=edit) if edit is not None else sd2
     with pytest.raises(exc, match=match):
         _gen(sdata, tmp_path, **kwargs)
-    assert _digest(tmp_path / "d") == before  # the earlier dataset of that name is byte-identical
+    assert folder_digest(tmp_path / "d") == before  # the earlier dataset of that name is byte-identical
     assert len(PatchDataset.open(tmp_path / "d").index) == len(first.index)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no half-written dataset or staging folder
 
@@ -623,10 +613,10 @@ def _first(folder: Path, contains: str = "") -> Path:
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
-def test_unreadable_image_names_the_file_and_keeps_the_earlier_dataset(copy_of, tmp_path, damage):
+def test_unreadable_image_names_the_file_and_keeps_the_earlier_dataset(copy_of, tmp_path, folder_digest, damage):
     root = copy_of("p2d")
     _gen(read_plate(root), tmp_path / "out")
-    before = _digest(tmp_path / "out" / "d")
+    before = folder_digest(tmp_path / "out" / "d")
     victim = _first(root / "imgs", "_A02_")
     data = victim.read_bytes()
     victim.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not an image", "empty": b""}[damage])
@@ -634,7 +624,7 @@ def test_unreadable_image_names_the_file_and_keeps_the_earlier_dataset(copy_of, 
     assert sdata.tables[TABLE].n_obs == 12
     with pytest.raises(OSError, match=rf"(?s)cannot read image file '.*{victim.name}': .*Re-export or remove the file"):
         _gen(read_plate(root), tmp_path / "out")  # lazy: the error surfaces when the pixels are read
-    assert _digest(tmp_path / "out" / "d") == before
+    assert folder_digest(tmp_path / "out" / "d") == before
 
 
 @pytest.mark.parametrize(

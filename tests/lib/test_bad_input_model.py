@@ -8,7 +8,6 @@ calls must leave the model, its folder and the facade's state as they were.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import warnings
@@ -29,14 +28,6 @@ from phenocoder_lib.synthetic import make_synthetic_plate  # noqa: E402
 
 PATCH = 16
 ARCH = dict(input_shape=(PATCH, PATCH, 2), conv_layers=(8, 16), batch_size=16)
-
-
-def _digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(folder)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +84,14 @@ MODEL_ERRORS = [
 
 
 @pytest.mark.parametrize(("kwargs", "exc", "match"), [c[1:] for c in MODEL_ERRORS], ids=[c[0] for c in MODEL_ERRORS])
-def test_model_settings_that_disagree_with_the_data(trained, kwargs, exc, match):
+def test_model_settings_that_disagree_with_the_data(trained, folder_digest, kwargs, exc, match):
     p = trained
-    before = (p.model, p.model_name, _digest(p.model_dir))
+    before = (p.model, p.model_name, folder_digest(p.model_dir))
     args = dict(n_latent_dim=4, n_dense_dim=8, conditions=[], **ARCH)
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         p.initialize_model(**args)
-    assert (p.model, p.model_name, _digest(p.model_dir)) == before  # the trained model is untouched
+    assert (p.model, p.model_name, folder_digest(p.model_dir)) == before  # the trained model is untouched
     assert sorted(f.name for f in (p.data_dir / "models").iterdir()) == [p.model_name]
 
 
