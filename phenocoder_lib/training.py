@@ -314,7 +314,10 @@ def split_train_val(
                          "(one for training, one for validation).")
     rng = np.random.default_rng([int(seed), 7])
     keys = index["dataset"].astype(str) + "\x00" + index["sample"].astype(str)
-    groups = [np.flatnonzero(keys.to_numpy() == k) for k in pd.unique(keys.to_numpy())]
+    # rows of each (dataset, sample) in order of first appearance, ascending: O(n log n), not O(n x samples)
+    codes, uniques = pd.factorize(keys.to_numpy())
+    by_group = np.argsort(codes, kind="stable")
+    groups = np.split(by_group, np.cumsum(np.bincount(codes, minlength=len(uniques)))[:-1])
     val_parts: list[np.ndarray] = []
     if split_by == "sample":
         if len(groups) < 2:

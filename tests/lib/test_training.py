@@ -64,6 +64,21 @@ def test_split_by_object_is_per_sample_seeded_and_near_the_fraction():
     assert not np.array_equal(train, other)
 
 
+def test_split_groups_interleaved_rows_like_a_per_sample_scan():
+    """The split groups rows by (dataset, sample) in one pass (linear in objects, not objects x samples);
+    the seeded result is that of the earlier per-sample scan (rows of each group in order, groups in order
+    of first appearance), also when the samples' rows are interleaved."""
+    rng = np.random.default_rng(0)
+    index = pd.DataFrame({"dataset": rng.choice(["a", "b"], 600), "sample": rng.choice(["s2", "s0", "s1"], 600)})
+    train, val = T.split_train_val(index, validation_fraction=0.3, seed=5)
+    keys = (index["dataset"] + "\x00" + index["sample"]).to_numpy()
+    rng_ref = np.random.default_rng([5, 7])
+    ref = [rng_ref.choice(np.flatnonzero(keys == k), size=round(0.3 * (keys == k).sum()), replace=False)
+           for k in pd.unique(keys)]
+    np.testing.assert_array_equal(val, np.sort(np.concatenate(ref)))
+    assert len(train) + len(val) == 600
+
+
 def test_split_by_sample_holds_out_whole_samples():
     index = _index([10, 10, 10, 10, 10])
     train, val = T.split_train_val(index, validation_fraction=0.4, seed=0, split_by="sample")
