@@ -1,0 +1,37 @@
+"""Load: a reduced soak (benchmarks/soak.py) in CI; the full 96-well figures are in the README.
+
+A synthetic plate of small wells and four bad inputs go into the landing folder; the sensor's run
+requests execute with the multiprocess executor, two runs at a time. Every partition must be
+materialized exactly once per asset, no run may fail, the bad inputs must not become partitions, a
+second sensor tick must request nothing, and the run workers' memory must stay flat.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SOAK = Path(__file__).resolve().parents[2] / "benchmarks" / "soak.py"
+WELLS = 8
+
+
+@pytest.mark.slow
+def test_reduced_soak_materializes_every_partition_exactly_once(tmp_path):
+    proc = subprocess.run([sys.executable, str(SOAK), "--wells", str(WELLS), "--concurrency", "2",
+                           "--home", str(tmp_path / "home")], capture_output=True, text=True, timeout=1500)
+    assert proc.stdout.strip(), proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    assert report["problems"] == [], report
+    assert proc.returncode == 0
+    assert report["partitions_registered"] == report["runs_requested"] == report["runs_succeeded"] == WELLS
+    assert report["materializations"] == {"sdata": WELLS, "patches": WELLS}
+    assert report["every_partition_materialized_exactly_once"] and report["runs_failed"] == 0
+    assert report["bad_inputs_tried"] == 4 and report["bad_inputs_registered"] == 0
+    assert report["second_sensor_tick_run_requests"] == 0 and report["staging_leftovers"] == 0
+    assert all(growth < 150 for growth in report["memory_mb"]["worker_growth_after_warmup"])
+    assert sorted(p.name for p in (tmp_path / "home" / "patches").iterdir()) == \
+        [f"SOAK_{r}{c:02d}" for r, c in [("A", i + 1) for i in range(WELLS)]]
