@@ -139,54 +139,59 @@ def worker_ours(n: int, radii: list[float]) -> dict:
             "groups_per_radius_s": per_radius, "mean_degree": mean_deg}
 
 
+def squidpy_all(a, radius, do_centrality, rss=None, out=None):
+    """squidpy's functions for every comparable group on ``a`` (clusters in ``obs['leiden']``) at one radius."""
+    import anndata as ad
+    import pandas as pd
+    import squidpy as sq
+
+    def timed(name, fn):
+        if rss is not None:
+            rss.reset()
+        t0 = time.perf_counter()
+        val = fn()
+        if out is not None:
+            rec = out.setdefault(name, {"s": 0.0, "peak_rss_gb": 0.0})
+            rec["s"] += time.perf_counter() - t0
+            if rss is not None:
+                rec["peak_rss_gb"] = max(rec["peak_rss_gb"], _gb(rss.peak()))
+        return val
+
+    timed("spatial_neighbors", lambda: sq.gr.spatial_neighbors(a, coord_type="generic", radius=float(radius),
+                                                               delaunay=False))
+    timed("interaction_matrix", lambda: (sq.gr.interaction_matrix(a, "leiden", copy=True),
+                                         sq.gr.interaction_matrix(a, "leiden", normalized=True, copy=True)))
+    timed("nhood_enrichment", lambda: sq.gr.nhood_enrichment(a, "leiden", copy=True, seed=0,
+                                                             show_progress_bar=False))
+    if do_centrality:
+        timed("centrality_scores", lambda: sq.gr.centrality_scores(a, "leiden", copy=True,
+                                                                   show_progress_bar=False))
+    timed("spatial_autocorr_features", lambda: sq.gr.spatial_autocorr(a, mode="moran", n_perms=None,
+                                                                      genes=list(a.var_names), copy=True))
+    onehot = ad.AnnData(pd.get_dummies(a.obs["leiden"]).astype(float).to_numpy(), obs=a.obs)
+    onehot.var_names = [str(c) for c in a.obs["leiden"].cat.categories]
+    onehot.obsp["spatial_connectivities"] = a.obsp["spatial_connectivities"]
+    timed("spatial_autocorr_clusters", lambda: sq.gr.spatial_autocorr(onehot, mode="moran", n_perms=None,
+                                                                      genes=list(onehot.var_names), copy=True))
+
+
 def worker_squidpy(n: int, radii: list[float], centrality_max_edges: float) -> dict:
     import logging
     import warnings
 
     warnings.simplefilter("ignore")
     logging.getLogger("spatialdata").setLevel(logging.WARNING)
-    import anndata as ad
-    import pandas as pd
     import squidpy as sq
 
-    def run_all(a, radius, do_centrality, rss=None, out=None):
-        def timed(name, fn):
-            if rss is not None:
-                rss.reset()
-            t0 = time.perf_counter()
-            val = fn()
-            if out is not None:
-                rec = out.setdefault(name, {"s": 0.0, "peak_rss_gb": 0.0})
-                rec["s"] += time.perf_counter() - t0
-                rec["peak_rss_gb"] = max(rec["peak_rss_gb"], _gb(rss.peak()))
-            return val
-
-        timed("spatial_neighbors", lambda: sq.gr.spatial_neighbors(a, coord_type="generic", radius=float(radius),
-                                                                   delaunay=False))
-        timed("interaction_matrix", lambda: (sq.gr.interaction_matrix(a, "leiden", copy=True),
-                                             sq.gr.interaction_matrix(a, "leiden", normalized=True, copy=True)))
-        timed("nhood_enrichment", lambda: sq.gr.nhood_enrichment(a, "leiden", copy=True, seed=0,
-                                                                 show_progress_bar=False))
-        if do_centrality:
-            timed("centrality_scores", lambda: sq.gr.centrality_scores(a, "leiden", copy=True,
-                                                                       show_progress_bar=False))
-        timed("spatial_autocorr_features", lambda: sq.gr.spatial_autocorr(a, mode="moran", n_perms=None,
-                                                                          genes=list(a.var_names), copy=True))
-        onehot = ad.AnnData(pd.get_dummies(a.obs["leiden"]).astype(float).to_numpy(), obs=a.obs)
-        onehot.var_names = [str(c) for c in a.obs["leiden"].cat.categories]
-        onehot.obsp["spatial_connectivities"] = a.obsp["spatial_connectivities"]
-        timed("spatial_autocorr_clusters", lambda: sq.gr.spatial_autocorr(onehot, mode="moran", n_perms=None,
-                                                                          genes=list(onehot.var_names), copy=True))
-
     warm = make_data(2000, seed=1)
-    run_all(warm, 25, True)
+    squidpy_all(warm, 25, True)
     adata = make_data(n)
     rss = PeakRSS()
     per_radius = {}
     for r in radii:
         expected_edges = n * 4 / 3 * np.pi * r**3 / 1000.0
         out: dict = {}
-        run_all(adata, r, expected_edges <= centrality_max_edges, rss, out)
+        squidpy_all(adata, r, expected_edges <= centrality_max_edges, rss, out)
         per_radius[str(r)] = {k: {"s": round(v["s"], 3), "peak_rss_gb": v["peak_rss_gb"]} for k, v in out.items()}
     rss.close()
     return {"per_radius": per_radius, "version": sq.__version__}
