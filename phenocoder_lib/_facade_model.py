@@ -13,6 +13,7 @@ seed, so the same call gives the same name)::
                                training datasets' names and settings (geometry, normalization anchors)
         model.keras            the trained model (best epoch), loads with safe_mode=True
         checkpoint.keras       best-so-far model, written during training
+        checkpoint.json        its epoch, val_loss, learning rate and SHA-1 (``train(resume=True)``)
         history.json/.csv      metrics per epoch
         history.png reconstructions.png latent_space.png   previews (train(plot=True))
     <data_dir>/tensorboard_logs/<model_name>/   TensorBoard event files
