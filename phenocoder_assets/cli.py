@@ -6,6 +6,10 @@ watches the landing folder in production, materializes the whole asset graph in-
 patches -> model -> latents -> cluster reference -> clusters -> graph statistics -> embedding) into a
 persistent Dagster instance under ``<home>/dagster/`` with MLflow tracking under ``<home>/``, and
 prints how to open the Dagster and MLflow UIs on 127.0.0.1 to inspect the result.
+
+``phenocoder validate [--out DIR] [--wells-per-treatment N] [--epochs N] [--seed S] [--strict]`` scores the
+pipeline against a fresh synthetic plate's planted truth (:mod:`phenocoder_lib.validation`) and prints
+the table and the targets; with ``--strict`` the exit status is 1 when a target is missed.
 """
 
 from __future__ import annotations
@@ -191,11 +195,31 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--patch-size", type=int, default=32, help="Square patch size in pixels (default 32).")
     demo.add_argument("--seed", type=int, default=0, help="Seed of the plate, the model and the clustering.")
     demo.add_argument("--quiet", action="store_true", help="Only print the summary.")
+    validate = sub.add_parser("validate", help="Score the pipeline against a synthetic plate's planted truth.",
+                              description="Generate a fresh seeded synthetic plate, run the pipeline (library "
+                              "only, no Dagster) and print how well clusters recover the planted cell types and "
+                              "the well embedding the treatments, and whether the targets are met. See "
+                              "phenocoder_lib.validation and README 'Planted-truth validation'.")
+    from phenocoder_lib.validation import build_parser  # light: numpy and pandas only
+
+    build_parser(validate)
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        for name in ("wells", "epochs", "patch_size"):
+
+    def require_positive(*names: str) -> None:
+        for name in names:
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+
+    if args.command == "validate":
+        require_positive("wells_per_treatment", "nuclei_per_well", "epochs")
+        if args.wells_per_treatment < 2:
+            parser.error("--wells-per-treatment must be >= 2 (leave-one-out needs two wells per treatment).")
+        from phenocoder_lib.validation import run_from_args
+
+        _quiet_libraries()
+        return run_from_args(args)
+    if args.command == "demo":
+        require_positive("wells", "epochs", "patch_size")
         if args.wells < 2:
             parser.error("--wells must be >= 2 (the well embedding compares wells).")
         result = run_demo(args.home, wells=args.wells, epochs=args.epochs, patch_size=args.patch_size,

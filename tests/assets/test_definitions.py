@@ -118,3 +118,20 @@ def test_cli_help_and_argument_checks(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--wells", "1"])
     assert "--wells must be >= 2" in capsys.readouterr().err
+
+
+def test_cli_validate_help_and_argument_checks(capsys):
+    import pytest
+
+    from phenocoder_assets.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["validate", "--help"])
+    out = capsys.readouterr().out
+    assert "--wells-per-treatment" in out and "--strict" in out and "--seed" in out
+    with pytest.raises(SystemExit):
+        main(["validate", "--wells-per-treatment", "1"])
+    assert "--wells-per-treatment must be >= 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["validate", "--epochs", "0"])
+    assert "--epochs must be >= 1" in capsys.readouterr().err
