@@ -66,6 +66,17 @@ def check_obsm(adata: Any, key: str, *, argument: str, n_cols: Sequence[int] | N
     return arr
 
 
+def check_no_missing(obs: pd.DataFrame, column: str, *, argument: str) -> None:
+    """The ``.obs`` column must exist and have no missing values (e.g. a sample id for every object)."""
+    check_obs_column(obs, column, argument=argument)
+    missing = obs[column].isna().to_numpy()
+    if missing.any():
+        raise ValueError(
+            f"{argument}={column!r}: {int(missing.sum())} objects have no value (NaN) in .obs[{column!r}], e.g. "
+            f"{_preview(obs.index[missing], 3)}; fill or drop them first."
+        )
+
+
 def check_unique_obs_names(adata: Any, *, argument: str) -> None:
     """Object names (``.obs_names``) must be unique: patches, latents and labels are joined on them."""
     names = pd.Index(adata.obs_names)

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from ._constants import INSTANCE_KEY, LATENT_PREFIX, MESSAGE_PASSING_LAYER, REGION_KEY
-from ._validation import check_key, check_obs_column, check_obsm, check_unique_obs_names
+from ._validation import check_key, check_no_missing, check_obsm, check_unique_obs_names
 
 logger = logging.getLogger(__name__)
 
@@ -629,7 +629,7 @@ def encode_table(
               fix="Pass the name of the per-object table (read_plate(table_key=...) names it).")
     table = sdata.tables[table_key]
     check_unique_obs_names(table, argument=f"table_key={table_key!r}")
-    check_obs_column(table.obs, sample_key, argument="sample_key")
+    check_no_missing(table.obs, sample_key, argument="sample_key")
     if spatial_message_passing_radius is not None:
         check_obsm(table, spatial_key, argument="spatial_key")
         r = float(spatial_message_passing_radius)

@@ -51,7 +51,14 @@ import numpy as np
 import pandas as pd
 
 from ._io import atomic_dir, write_json_atomic
-from ._validation import check_int_pair, check_key, check_obs_column, check_obsm, check_unique_obs_names
+from ._validation import (
+    check_int_pair,
+    check_key,
+    check_no_missing,
+    check_obs_column,
+    check_obsm,
+    check_unique_obs_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -523,7 +530,7 @@ def generate_dataset(
               fix="Pass the name of the per-object table (read_plate(table_key=...) names it).")
     table = sdata.tables[table_key]
     check_unique_obs_names(table, argument=f"table_key={table_key!r}")
-    check_obs_column(table.obs, sample_key, argument="sample_key")
+    check_no_missing(table.obs, sample_key, argument="sample_key")
     index_all = check_obsm(table, spatial_key_index, argument="spatial_key_index", n_cols=(2, 3))
     metadata_keys = [k for k in (metadata_keys or []) if k not in (sample_key, "sample", "y", "x", "z", "dataset")]
     for key in metadata_keys:

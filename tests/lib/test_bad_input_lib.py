@@ -101,6 +101,12 @@ def _dup_names(table):
     table.obs_names = names
 
 
+def _no_sample(table):
+    sample = table.obs["sample"].astype(object)
+    sample.iloc[[2, 5]] = None
+    table.obs["sample"] = sample
+
+
 # --------------------------------------------------------------------------------------------------
 # Wrong keys, shapes and types, geometry: generate_dataset (the facade's and the pure function's door)
 # --------------------------------------------------------------------------------------------------
@@ -200,6 +206,14 @@ DATASET_ERRORS = [
         r"objects of sample 'p2d_A01' have y outside the image \(0\.\.63\).*Check the table's scale",
     ),
     (
+        "missing_sample_ids",
+        {},
+        _no_sample,
+        ValueError,
+        r"sample_key='sample': 2 objects have no value \(NaN\) in \.obs\['sample'\], e\.g\. \['p2d_A01_3', "
+        r"'p2d_A01_6'\]; fill or drop them first",
+    ),
+    (
         "duplicated_obs_names",
         {},
         _dup_names,
@@ -291,6 +305,14 @@ def test_2d_image_with_all_zero_z_column_is_accepted(sd2, tmp_path):
     sdata = _with(sd2, edit=_set_obsm("spatial_index", lambda i: np.c_[i, np.zeros(len(i), int)]))
     ds = _gen(sdata, tmp_path)
     assert len(ds.index) == sd2.tables[TABLE].n_obs and (ds.index["z"] == 0).all()
+
+
+def test_unused_sample_category_is_not_a_sample(sd2, tmp_path):
+    def edit(table):
+        table.obs["sample"] = pd.Categorical(table.obs["sample"], categories=["p2d_A01", "p2d_A02", "p2d_EMPTY"])
+
+    ds = _gen(_with(sd2, edit=edit), tmp_path)  # no image IF_p2d_EMPTY is needed: the sample has no objects
+    assert ds.samples == ["p2d_A01", "p2d_A02"] and len(ds.index) == 24
 
 
 def test_int_sample_ids_work_as_strings(sd2, tmp_path):
