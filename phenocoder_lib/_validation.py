@@ -32,8 +32,9 @@ def check_key(mapping: Any, key: Any, *, argument: str, what: str, fix: str = ""
     keys = list(mapping.keys()) if hasattr(mapping, "keys") else list(mapping)
     if key not in keys:
         hint = f" {fix}" if fix else ""
+        article = "an" if what[:1].lower() in "aeiou" else "a"
         raise PhenocoderKeyError(
-            f"{argument}={key!r} is not a {what}; available: {_preview(keys)}.{hint}"
+            f"{argument}={key!r} is not {article} {what}; available: {_preview(keys)}.{hint}"
         )
 
 

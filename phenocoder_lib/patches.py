@@ -96,7 +96,10 @@ def image_array(sdata: Any, key: str) -> tuple[Any, list[str], bool]:
     is_3d = "z" in dims
     order = ("c", "z", "y", "x") if is_3d else ("c", "y", "x")
     if set(dims) != set(order):
-        raise ValueError(f"image {key!r} has dims {dims}; expected {order}.")
+        raise ValueError(
+            f"image {key!r} has dims {dims}; expected {order}. Parse it with spatialdata.models.Image3DModel or "
+            "Image2DModel and name its axes c, (z,) y, x."
+        )
     element = element.transpose(*order)
     channels = [str(c) for c in element.coords["c"].values] if "c" in element.coords else \
         [str(i) for i in range(element.sizes["c"])]

@@ -133,7 +133,7 @@ DATASET_ERRORS = [
         {"image_key": "DAPI"},
         None,
         KeyError,
-        r"image key='DAPI_p2d_A01' is not a image"
+        r"image key='DAPI_p2d_A01' is not an image"
         + AVAILABLE
         + r"Images must be stored as f'\{image_key\}_\{sample\}'",
     ),
