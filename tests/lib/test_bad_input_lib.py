@@ -144,7 +144,13 @@ DATASET_ERRORS = [
         KeyError,
         r"spatial_key_index='xy' is not a key" + AVAILABLE + r"Store coordinates in \.obsm first",
     ),
-    ("metadata_key", {"metadata_keys": ["donor"]}, None, KeyError, r"metadata_keys='donor' is not a column"),
+    (
+        "metadata_key",
+        {"metadata_keys": ["donor"]},
+        None,
+        KeyError,
+        r"metadata_keys='donor' is not a column" + AVAILABLE + "Pass one of the available columns",
+    ),
     # shapes and types
     (
         "obsm_1_column",
@@ -498,8 +504,20 @@ STATS_ERRORS = [
         ValueError,
         r"spatial_key='spatial': \.obsm\['spatial'\] has 4 columns, expected one of \[2, 3\]",
     ),
-    ("radius_negative", {"radii": (-5,)}, None, ValueError, r"radii"),
-    ("unknown_statistic", {"stats": ["bogus"]}, None, ValueError, r"stats has unknown entries \['bogus'\]"),
+    (
+        "radius_negative",
+        {"radii": (-5,)},
+        None,
+        ValueError,
+        r"radii=\(-5,\) must be a positive number or a non-empty sequence of positive numbers .* e\.g\. \(25, 50\)",
+    ),
+    (
+        "unknown_statistic",
+        {"stats": ["bogus"]},
+        None,
+        ValueError,
+        r"stats has unknown entries \['bogus'\]; valid entries: \[.*'interactions'",
+    ),
 ]
 
 
