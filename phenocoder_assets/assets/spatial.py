@@ -173,8 +173,11 @@ def embedding(context: AssetExecutionContext, config: EmbeddingConfig, storage: 
         out.mkdir()
         emb.write_h5ad(out / EMBEDDING_FILE)
         write_png(out / PREVIEW_FILE, png)
+    with timer.phase("planted_truth"):
+        truth = _planted_truth_metadata(context, storage, samples, emb)
     final = storage.url("embedding")
     return MaterializeResult(metadata={
+        **truth,
         "n_samples": MetadataValue.int(int(emb.n_obs)),
         "n_features": MetadataValue.int(int(emb.n_vars)),
         "n_components": MetadataValue.int(int(emb.obsm["X_pca"].shape[1])),
@@ -184,3 +187,48 @@ def embedding(context: AssetExecutionContext, config: EmbeddingConfig, storage: 
         **timer.metadata(),
         **preview_metadata(png, "well embedding", final),
     })
+
+
+def _planted_truth_metadata(context: AssetExecutionContext, storage: PhenocoderStorage, samples: list[str],
+                            emb) -> dict:
+    """``planted_truth/*`` metadata when the samples' plate folders hold ground truth (synthetic plates), else {}.
+
+    The plate folder and well of each sample come from its ``sdata`` summary; cell types are scored
+    against the ``clusters`` labels, treatments against the embedding's ``X_pca``
+    (:func:`phenocoder_lib.validation.planted_truth_metrics`). A failure here is logged, never raised.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from phenocoder_lib.validation import planted_truth_metrics
+
+    from ..state import SUMMARY, read_json
+
+    try:
+        sample_wells = {}
+        for s in samples:
+            if storage.exists("sdata", s):
+                info = read_json(storage.local_path("sdata", s) / SUMMARY)
+                if info.get("plate_dir") and info.get("well"):
+                    sample_wells[s] = (info["plate_dir"], str(info["well"]))
+        frames = []
+        for s in sample_wells:
+            if not storage.exists("clusters", s):
+                continue
+            lab = pd.read_parquet(storage.local_path("clusters", s) / LABELS_FILE)
+            key = [c for c in lab.columns if c != "obs_name" and not c.endswith("_confidence")][0]
+            names = lab["obs_name"].astype(str)
+            ok = names.str.startswith(f"{s}_").to_numpy()
+            label = pd.to_numeric(names[ok].str[len(s) + 1:], errors="coerce")
+            frames.append(pd.DataFrame({"sample": s, "label": label.to_numpy(),
+                                        "cluster": lab.loc[ok, key].astype(str).to_numpy()}).dropna())
+        objects = pd.concat(frames, ignore_index=True) if frames else None
+        metrics = planted_truth_metrics(sample_wells, embedding=np.asarray(emb.obsm["X_pca"]),
+                                        samples=[str(v) for v in emb.obs_names], object_labels=objects)
+    except Exception as err:  # auxiliary: never fail the embedding over its validation
+        context.log.warning(f"planted-truth validation skipped: {type(err).__name__}: {err}")
+        return {}
+    if metrics is None:
+        return {}
+    context.log.info(f"planted truth: {metrics}")
+    return {f"planted_truth/{k}": MetadataValue.float(float(v)) for k, v in metrics.items()}

@@ -193,6 +193,35 @@ def test_failed_run_leaves_the_previous_materialization_intact(demo, instance, m
     assert ad.read_h5ad(target).n_obs == 1
 
 
+def test_embedding_metadata_scores_the_planted_truth(demo, instance):
+    """On a synthetic plate the embedding reports planted-truth scores; without ground truth, none and no failure."""
+    from dagster import materialize
+
+    from phenocoder_assets.definitions import ASSETS
+    from phenocoder_assets.resources import MLflowTracking, PhenocoderStorage
+
+    meta = instance.get_latest_materialization_event(AssetKey("embedding")).asset_materialization.metadata
+    for key in ("cell_type_ari", "cell_type_nmi", "treatment_loo_knn_accuracy"):
+        value = meta[f"planted_truth/{key}"].value
+        assert 0.0 <= value <= 1.0, (key, value)
+    assert -1.0 <= meta["planted_truth/treatment_silhouette"].value <= 1.0
+    assert meta["planted_truth/n_samples_with_truth"].value == len(demo.samples)
+
+    resources = {"storage": PhenocoderStorage(root=str(demo.home)), "mlflow": MLflowTracking(root=str(demo.home))}
+    run_config = {"ops": {"embedding": {"config": {"n_dim": 8, "seed": 0}}}}  # as the demo
+    truth, hidden = demo.plate_dir / "ground_truth", demo.plate_dir / "ground_truth.hidden"
+    truth.rename(hidden)  # the plate now looks like a real export
+    try:
+        res = materialize(ASSETS, selection=["embedding"], instance=instance, resources=resources,
+                          run_config=run_config)
+    finally:
+        hidden.rename(truth)
+    assert res.success
+    meta = res.get_asset_materialization_events()[0].materialization.metadata
+    assert not [k for k in meta if k.startswith("planted_truth/")]
+    assert meta["n_samples"].value == len(demo.samples)
+
+
 # --------------------------------------------------------------------------------------------------
 # dagster-webserver on loopback: lineage through GraphQL, rerun of one latents partition
 # --------------------------------------------------------------------------------------------------
