@@ -460,6 +460,7 @@ def encode_sample(
     data_dir: str | Path | None = None,
     use_store: bool = True,
     conditions: ConditionEncoder | None = None,
+    rows: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Encode every object of one sample (pure: reads ``sdata`` and the dataset store, writes nothing).
 
@@ -485,6 +486,9 @@ def encode_sample(
         Set False to always cut patches from the images.
     conditions
         The model's condition encoding (``None`` for a plain CVAE).
+    rows
+        Positions of the sample's objects in the table, ascending, when the caller knows them already
+        (:func:`encode_table` groups the table once, so a plate costs O(objects), not O(objects x wells)).
 
     Returns
     -------
@@ -495,8 +499,8 @@ def encode_sample(
     from . import patches as P
 
     table = sdata.tables[table_key]
-    sample_col = table.obs[sample_key].astype(str).to_numpy()
-    rows = np.flatnonzero(sample_col == str(sample))
+    if rows is None:
+        rows = np.flatnonzero(table.obs[sample_key].astype(str).to_numpy() == str(sample))
     if not len(rows):
         raise ValueError(f"sample {sample!r} has no objects in table {table_key!r} (column {sample_key!r}).")
     dataset_settings = model_config["dataset_settings"]
@@ -657,10 +661,14 @@ def encode_table(
     latents = np.empty((len(selected), model.n_latent_dim), np.float32)
     padded = np.zeros(len(selected), bool)
     per_sample: dict[str, Any] = {}
+    codes, uniques = pd.factorize(sample_col.to_numpy())  # each sample's rows, in one pass
+    by_code = np.argsort(codes, kind="stable")
+    rows_of = dict(zip(uniques, np.split(by_code, np.cumsum(np.bincount(codes, minlength=len(uniques)))[:-1]),
+                       strict=True))
     for sample in tqdm(chosen, desc="Encoding samples", disable=not progress):
         res = encode_sample(model, sdata, sample, model_config=model_config, table_key=table_key,
                             sample_key=sample_key, image_key=image_key, batch_size=batch_size,
-                            data_dir=data_dir, use_store=use_store, conditions=cond_enc)
+                            data_dir=data_dir, use_store=use_store, conditions=cond_enc, rows=rows_of[sample])
         latents[position[res["rows"]]] = res["latents"]
         padded[position[res["rows"]]] = res["padded"]
         info = {"n_objects": len(res["rows"]), "n_padded": int(res["padded"].sum()),

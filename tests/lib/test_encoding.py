@@ -316,6 +316,40 @@ def test_message_passing_tiny_hand_computed_case(monkeypatch):
     np.testing.assert_array_equal(out.X, latents)
 
 
+def test_encode_table_gives_each_sample_its_rows_grouped_once(monkeypatch):
+    """encode_table groups the table by sample in one pass (not one scan per sample) and passes each sample
+    its rows, ascending, also when the samples' rows are interleaved; latents land in table order."""
+    import anndata as ad
+
+    from phenocoder_lib import encoding as E
+
+    labels = np.array(["s2", "s0", "s2", "s1", "s0", "s2", "s1"])
+    table = ad.AnnData(X=np.zeros((7, 1), np.float32), obs=pd.DataFrame({"sample": labels},
+                                                                        index=[f"o{i}" for i in range(7)]))
+    table.obsm["spatial"] = np.zeros((7, 2))
+    seen = {}
+
+    class FakeSdata:
+        tables = {"t": table}
+
+    def fake_encode_sample(model, sdata, sample, *, rows, **kw):
+        seen[sample] = rows
+        return {"rows": rows, "latents": rows[:, None].astype(np.float32) * [1, 1], "padded": np.zeros(len(rows), bool),
+                "anchors": None, "anchor_source": "-", "patch_source": "-", "dataset": None, "conditions_report": {}}
+
+    monkeypatch.setattr(E, "encode_sample", fake_encode_sample)
+    settings = {"patch_size": [8, 8], "channels": ["c"], "spatial_key_index": "spatial_index",
+                "normalization": {"scale": True, "scale_per_sample": True, "scale_percentile": 1.0}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = E.encode_table(StubModel(2), FakeSdata(), model_config={"dataset_settings": {"d": settings}},
+                             table_key="t", sample_key="sample", image_key="IF")
+    assert list(seen) == ["s2", "s0", "s1"]
+    for sample, rows in seen.items():
+        np.testing.assert_array_equal(rows, np.flatnonzero(labels == sample))
+    np.testing.assert_array_equal(out.X[:, 0], np.arange(7))
+
+
 def test_negative_radius_is_rejected(plate, datasets):
     _, both, _, _ = datasets
     with pytest.raises(ValueError, match="spatial_message_passing_radius=-1"):
