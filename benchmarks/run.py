@@ -419,6 +419,9 @@ def run_size(size: str, plate: Path, workdir: Path, args, opts: dict) -> list[di
                     rec["ratio"] = round(b["wall_s"] / rec["wall_s"], 2)
         _log(f"{size}: {stage}: {rec.get('wall_s', rec.get('error'))} s, ratio {rec.get('ratio')}")
         records.append(rec)
+        if args.out:  # every record as soon as it is measured, so a long run that is stopped keeps them
+            with open(args.out.with_suffix(".partial.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
     if not args.keep:
         shutil.rmtree(run, ignore_errors=True)
     return records
@@ -488,7 +491,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--include", type=Path, action="append", default=[],
                     help="JSON document of an earlier run (repeatable): its records of the sizes that this run "
                          "does not measure are merged (sizes[...].run says which run measured them)")
-    ap.add_argument("--out", type=Path, default=None, help="also write the JSON document here")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON document here (and each record, "
+                                                          "as it is measured, to OUT.partial.jsonl)")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--run", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--opts", default="{}", help=argparse.SUPPRESS)
@@ -520,16 +524,20 @@ def main(argv: list[str] | None = None) -> dict:
         real = None
 
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     report: dict = {"benchmark": "phenocoder suite", "machine": _machine(), "sizes": {}, "stages": []}
     requested = {_size_name(n) for n in sizes} | ({"plate_3d"} if real is not None else set())
     for i, path in enumerate(args.include):
         earlier = json.loads(path.read_text())
         report.setdefault("earlier_runs", []).append({"file": str(path), "machine": earlier["machine"],
                                                       "suite_s": earlier.get("suite_s")})
-        keep = {name for name in earlier["sizes"] if name not in requested}  # this run's sizes win
+        # this run's sizes win, then the first --include that has the size
+        keep = {name for name in earlier["sizes"] if name not in requested and name not in report["sizes"]}
         for name in keep:
             report["sizes"][name] = {**earlier["sizes"][name], "run": f"earlier_runs[{i}]"}
-        keep |= {"demo"} if args.no_dagster else set()
+        if args.no_dagster and not any(r["size"] == "demo" for r in report["stages"]):
+            keep.add("demo")
         report["stages"] += [r for r in earlier["stages"] if r["size"] in keep]
     t_suite = time.perf_counter()
     for n in sizes:
