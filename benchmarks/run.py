@@ -2,7 +2,7 @@
 
     python benchmarks/run.py                          # 1e4, 1e5, 1e6 objects + plate_3d (when present)
     python benchmarks/run.py --sizes 1e4,1e5 --no-baselines --out /tmp/bench.json
-    python benchmarks/run.py --quick                  # tiny sizes (CI smoke test, about a minute)
+    python benchmarks/run.py --quick                  # tiny plates (CI smoke test; minutes, mostly imports)
 
 Plates: ``../shared/data/plate_3d`` (the real 3-D plate, when present; ``--plate PATH`` for another, ``--plate
 none`` to skip) and synthetic 2-D plates of ``--objects-per-well`` objects per well (default 5,000: 2, 20 and
