@@ -13,7 +13,8 @@ assembled from ``--template-wells`` distinct generated wells (hard links, rename
 Stages, each in its own Python process (so its peak RSS, ``ru_maxrss`` of that process, is its own and
 TensorFlow/numba imports do not leak between stages); ``wall_s`` is timed inside the process around the work
 itself (imports, reading the inputs of the stage and writing its outputs for the next one are excluded), and
-``objects_per_s = n_objects / wall_s``:
+``objects_per_s = n_objects / wall_s``; ``cpu_s`` is the CPU time of the process (all threads) over the same
+work, which other load on the machine inflates much less than the wall time:
 
 - ``ingest``: per well, as the Dagster ``sdata`` asset does: ``read_plate(wells=[w])`` + ``write_sdata``;
 - ``patches``: ``generate_dataset`` (32x32) over the lazily read plate;
@@ -130,15 +131,21 @@ def _read(plate: Path, wells=None):
 
 
 class Timer:
+    """Wall time and CPU time of this process (all threads) inside ``with`` blocks, summed."""
+
     def __init__(self):
-        self.wall = 0.0
+        self.wall = self.cpu = 0.0
 
     def __enter__(self):
-        self._t = time.perf_counter()
+        self._t, self._c = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc):
         self.wall += time.perf_counter() - self._t
+        self.cpu += time.process_time() - self._c
+
+    def times(self) -> dict:
+        return {"wall_s": self.wall, "cpu_s": self.cpu}
 
 
 def stage_ingest(plate: Path, run: Path, opts: dict) -> dict:
@@ -156,7 +163,7 @@ def stage_ingest(plate: Path, run: Path, opts: dict) -> dict:
         n += sd.tables[TABLE].n_obs
         del sd
     shutil.rmtree(out, ignore_errors=True)  # the next stages read the plate lazily
-    return {"n_objects": n, "wall_s": timer.wall, "n_wells": len(wells)}
+    return {"n_objects": n, **timer.times(), "n_wells": len(wells)}
 
 
 def stage_patches(plate: Path, run: Path, opts: dict) -> dict:
@@ -166,7 +173,7 @@ def stage_patches(plate: Path, run: Path, opts: dict) -> dict:
     with Timer() as timer:
         ds = generate_dataset(sdata, dataset="bench", dir_dataset=run / "data", table_key=TABLE,
                               sample_key=SAMPLE, image_key=IMAGE, patch_size=PATCH)
-    return {"n_objects": len(ds.index), "wall_s": timer.wall}
+    return {"n_objects": len(ds.index), **timer.times()}
 
 
 def _pheno(plate: Path, run: Path, with_sdata: bool = True):
@@ -192,7 +199,7 @@ def stage_train_epoch(plate: Path, run: Path, opts: dict) -> dict:
     split = pheno.model_config["split"]
     (run / "model_dir.txt").write_text(str(pheno.model_dir))
     n = split["n_train"] + split["n_val"]
-    rec = {"n_objects": n, "wall_s": timer.wall, "n_train": split["n_train"], "n_val": split["n_val"],
+    rec = {"n_objects": n, **timer.times(), "n_train": split["n_train"], "n_val": split["n_val"],
            "train_patches_per_s": history["train_patches_per_s"][0]}
     if cap and n < len(pheno.open_datasets()[0].index):
         rec["note"] = (f"epoch over a seeded subsample of {n} of the {len(pheno.open_datasets()[0].index)} objects "
@@ -236,7 +243,7 @@ def stage_encode(plate: Path, run: Path, opts: dict) -> dict:
     out = ad.AnnData(np.asarray(table.X, dtype=np.float32), obs=keep)
     out.obsm["spatial"] = np.asarray(table.obsm["spatial"], dtype=np.float64)
     out.write_h5ad(run / "latents.h5ad")
-    return {"n_objects": int(table.n_obs), "wall_s": timer.wall, "warmup_s": warm.wall}
+    return {"n_objects": int(table.n_obs), **timer.times(), "warmup_s": warm.wall}
 
 
 def _latents(run: Path, name: str = "latents.h5ad"):
@@ -253,7 +260,7 @@ def stage_message_passing(plate: Path, run: Path, opts: dict) -> dict:
         spatial_message_passing(a.obsm["spatial"][:200], a.X[:200], MP_RADIUS)
     with Timer() as timer:
         spatial_message_passing(a.obsm["spatial"], a.X, MP_RADIUS, samples=a.obs[SAMPLE].to_numpy())
-    return {"n_objects": a.n_obs, "wall_s": timer.wall, "warmup_s": warm.wall, "radius_um": MP_RADIUS}
+    return {"n_objects": a.n_obs, **timer.times(), "warmup_s": warm.wall, "radius_um": MP_RADIUS}
 
 
 def stage_cluster(plate: Path, run: Path, opts: dict) -> dict:
@@ -266,7 +273,7 @@ def stage_cluster(plate: Path, run: Path, opts: dict) -> dict:
         labels, _ = cluster_features(a, resolution=1.0, seed=0)
     a.obs["leiden"] = labels
     a.write_h5ad(run / "clustered.h5ad")
-    return {"n_objects": a.n_obs, "wall_s": timer.wall, "warmup_s": warm.wall, "n_clusters": len(labels.categories)}
+    return {"n_objects": a.n_obs, **timer.times(), "warmup_s": warm.wall, "n_clusters": len(labels.categories)}
 
 
 def stage_cluster_scanpy(plate: Path, run: Path, opts: dict) -> dict:
@@ -284,7 +291,7 @@ def stage_cluster_scanpy(plate: Path, run: Path, opts: dict) -> dict:
         scanpy_leiden(a[: min(WARM_KNN, a.n_obs)].copy())
     with Timer() as timer:
         scanpy_leiden(a)
-    return {"n_objects": a.n_obs, "wall_s": timer.wall, "warmup_s": warm.wall,
+    return {"n_objects": a.n_obs, **timer.times(), "warmup_s": warm.wall,
             "n_clusters": int(a.obs["leiden"].nunique()),
             "what": "scanpy scale + pca + neighbors (15) + leiden (igraph, 2 iterations)"}
 
@@ -302,7 +309,7 @@ def stage_spatial_stats(plate: Path, run: Path, opts: dict) -> dict:
         with Timer() as timer:
             stats = compute_spatial_stats(a, sample_key=SAMPLE, cluster_key="leiden", radii=RADII, progress=False)
     stats.write_h5ad(run / "stats.h5ad")
-    return {"n_objects": a.n_obs, "wall_s": timer.wall, "warmup_s": warm.wall, "radii": list(RADII),
+    return {"n_objects": a.n_obs, **timer.times(), "warmup_s": warm.wall, "radii": list(RADII),
             "n_features": stats.n_vars}
 
 
@@ -321,7 +328,7 @@ def stage_spatial_stats_squidpy(plate: Path, run: Path, opts: dict) -> dict:
                     squidpy_all(w, r, True, out=groups)
     import squidpy as sq
 
-    return {"n_objects": a.n_obs, "wall_s": timer.wall, "what": f"squidpy {sq.__version__} per well, radii "
+    return {"n_objects": a.n_obs, **timer.times(), "what": f"squidpy {sq.__version__} per well, radii "
             f"{list(RADII)}, nhood_enrichment with 1000 permutations",
             "per_function_s": {k: round(v["s"], 3) for k, v in groups.items()}}
 
@@ -339,7 +346,7 @@ def stage_embedding(plate: Path, run: Path, opts: dict) -> dict:
         with Timer() as timer:
             spatialgraph_embedding(stats, n_dim=min(32, stats.n_obs), seed=0)
     n_objects = int(json.loads((run / "n_objects.json").read_text())) if (run / "n_objects.json").exists() else 0
-    return {"n_objects": n_objects, "n_wells": stats.n_obs, "wall_s": timer.wall, "warmup_s": warm.wall}
+    return {"n_objects": n_objects, "n_wells": stats.n_obs, **timer.times(), "warmup_s": warm.wall}
 
 
 def stage_dagster_demo(plate: Path, run: Path, opts: dict) -> dict:
@@ -352,7 +359,7 @@ def stage_dagster_demo(plate: Path, run: Path, opts: dict) -> dict:
         import pandas as pd
 
         objects = pd.read_csv(res.plate_dir / "ground_truth" / "objects.csv")
-    return {"n_objects": len(objects), "wall_s": timer.wall, "n_wells": len(res.samples),
+    return {"n_objects": len(objects), **timer.times(), "n_wells": len(res.samples),
             "what": "run_demo: writes the demo plate and materializes the whole asset graph" +
                     (" (quick: 2 wells, 1 epoch)" if opts.get("quick") else " (3 wells, 5 epochs)")}
 
@@ -385,6 +392,8 @@ def _record(stage: str, size: str, rec: dict) -> dict:
     n, wall = rec.pop("n_objects"), rec.pop("wall_s")
     out.update(n_objects=int(n), wall_s=round(wall, 3), objects_per_s=round(n / wall, 1) if wall > 0 else None,
                peak_rss_mb=round(rec.pop("peak_rss_mb"), 1))
+    if "cpu_s" in rec:
+        out["cpu_s"] = round(rec.pop("cpu_s"), 3)
     out.update(rec)
     return out
 
@@ -439,8 +448,11 @@ def _slope(records: list[dict], stage: str, sizes: list[str], key: str) -> dict 
             return round(math.log(q["wall_s"] / p["wall_s"]) / math.log(q["n_objects"] / p["n_objects"]), 3)
 
         steps = {f"{x}->{y}": slope(pts[x], pts[y]) for x, y in zip(have, have[1:], strict=False)}
-        return {"slope": slope(a, b), "from": have[0], "to": have[-1], "wall_s": [a["wall_s"], b["wall_s"]],
-                "steps": steps}
+        out = {"slope": slope(a, b), "from": have[0], "to": have[-1], "wall_s": [a["wall_s"], b["wall_s"]],
+               "steps": steps}
+        if a.get("cpu_s") and b.get("cpu_s"):  # CPU time: robust to other work sharing the machine
+            out["cpu_slope"] = round(math.log(b["cpu_s"] / a["cpu_s"]) / math.log(b["n_objects"] / a["n_objects"]), 3)
+        return out
     return {"from": have[0], "to": have[-1], "peak_rss_mb": [a["peak_rss_mb"], b["peak_rss_mb"]],
             "growth": round(b["peak_rss_mb"] / a["peak_rss_mb"], 2),
             "n_growth": round(b["n_objects"] / a["n_objects"], 1)}

@@ -32,7 +32,7 @@ def test_quick_suite_prints_one_json_document_with_every_stage(tmp_path):
         for size in sizes:
             rec = records[(stage, size)]
             assert "error" not in rec, rec
-            assert rec["wall_s"] > 0 and rec["objects_per_s"] > 0 and rec["peak_rss_mb"] > 0
+            assert rec["wall_s"] > 0 and rec["cpu_s"] > 0 and rec["objects_per_s"] > 0 and rec["peak_rss_mb"] > 0
             expected = int(size) if stage != "train_epoch" else rec["n_train"] + rec["n_val"]
             assert abs(rec["n_objects"] - expected) <= 0.05 * int(size), rec  # a few nuclei may not fit
         assert isinstance(report["scaling"][stage]["slope"], float)
