@@ -1,7 +1,8 @@
-"""Smoke test of the benchmark suite: ``benchmarks/run.py --quick`` end to end on tiny plates."""
+"""The benchmark suite ``benchmarks/run.py``: its plate assembly and summaries, and a smoke run end to end."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,16 +11,54 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("phenocoder_benchmark_suite", REPO / "benchmarks" / "run.py")
+suite = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(suite)
 
 STAGES = ("ingest", "patches", "train_epoch", "encode", "message_passing", "cluster", "spatial_stats", "embedding")
 
 
+def test_synthetic_plate_grows_by_wells_of_fixed_size_and_is_cached(tmp_path):
+    from phenocoder_lib.ingest import read_plate
+
+    plate = suite.synthetic_plate(tmp_path, 150, objects_per_well=30, template_wells=2)
+    tables = sorted(p.stem for p in (plate / "tables").glob("*.csv"))
+    assert len(tables) == 5 and len(set(tables)) == 5  # 150 / 30 wells, distinct names
+    sdata = read_plate(plate)
+    table = sdata.tables["nuclei_features"]
+    counts = table.obs["well"].value_counts()
+    assert set(counts.index) == set(tables) and counts.max() <= 30 and table.n_obs >= 0.9 * 150
+    # wells reuse the 2 template wells' files (hard links), under their own names
+    a01 = next((plate / "imgs").glob("*_A01_*"))
+    a03 = next((plate / "imgs").glob(f"*_A03_{a01.name.split('_A01_')[1]}"))
+    assert a01.stat().st_nlink >= 2 and a01.read_bytes() == a03.read_bytes()
+    stamp = (plate / "tables" / "A01.csv").stat().st_mtime_ns
+    assert suite.synthetic_plate(tmp_path, 150, objects_per_well=30, template_wells=2) == plate
+    assert (plate / "tables" / "A01.csv").stat().st_mtime_ns == stamp  # cached: not written again
+    assert len(suite._well_names(700)) == len(set(suite._well_names(700))) == 700
+
+
+def test_slopes_and_memory_growth():
+    recs = [{"stage": "s", "size": "1e4", "n_objects": 10_000, "wall_s": 2.0, "cpu_s": 1.0, "peak_rss_mb": 100.0},
+            {"stage": "s", "size": "1e5", "n_objects": 100_000, "wall_s": 20.0, "cpu_s": 10.0, "peak_rss_mb": 110.0},
+            {"stage": "s", "size": "1e6", "n_objects": 1_000_000, "wall_s": 2000.0, "cpu_s": 100.0,
+             "peak_rss_mb": 1100.0}]
+    scaling = suite._slope(recs, "s", ["1e4", "1e5", "1e6"], "wall_s")
+    assert scaling["slope"] == 1.5 and scaling["cpu_slope"] == 1.0
+    assert scaling["steps"] == {"1e4->1e5": 1.0, "1e5->1e6": 2.0}
+    memory = suite._slope(recs, "s", ["1e4", "1e5", "1e6"], "peak_rss_mb")
+    assert memory["growth"] == 11.0 and memory["n_growth"] == 100.0
+    assert suite._slope(recs[:1], "s", ["1e4", "1e5"], "wall_s") is None
+
+
 @pytest.mark.slow
 def test_quick_suite_prints_one_json_document_with_every_stage(tmp_path):
+    """``--quick`` on two tiny plates, without the baselines and the Dagster demo (each stage is a fresh
+    process importing TensorFlow, scanpy and umap, so even this takes minutes on 2 cores)."""
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--plate", "none",
-                           "--workdir", str(tmp_path / "work"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=1800, cwd=REPO)
+                           "--no-baselines", "--no-dagster", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=3600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)  # stdout is exactly one JSON document
     assert report == json.loads(out.read_text())
@@ -37,10 +76,7 @@ def test_quick_suite_prints_one_json_document_with_every_stage(tmp_path):
             assert abs(rec["n_objects"] - expected) <= 0.05 * int(size), rec  # a few nuclei may not fit
         assert isinstance(report["scaling"][stage]["slope"], float)
         assert report["memory"][stage]["peak_rss_mb"][1] > 0
-    for stage, baseline in (("cluster", "scanpy"), ("spatial_stats", "squidpy")):
-        rec = records[(stage, "400")]
-        assert rec["baseline"]["wall_s"] > 0 and rec["ratio"] > 0, rec
-        assert baseline in rec["baseline"]["what"]
-    demo = records[("dagster_demo", "demo")]
-    assert "error" not in demo, demo
-    assert demo["wall_s"] > 0 and demo["n_wells"] == 2 and demo["n_objects"] > 0
+    for stage in ("cluster", "spatial_stats"):
+        assert records[(stage, "400")]["baseline"]["error"].startswith("not measured")
+    partial = [json.loads(line) for line in out.with_suffix(".partial.jsonl").read_text().splitlines()]
+    assert len(partial) == len(report["stages"])
