@@ -451,6 +451,11 @@ def stats_pheno():
     return Phenocoder(sdata=sd.SpatialData(tables={"t": table}), table_key="t", sample_key="sample")
 
 
+def _recast_leiden(pheno, dtype):
+    table = pheno.sdata.tables["t"]
+    table.obs["leiden"] = table.obs["leiden"].astype(dtype)
+
+
 def _table_edit(pheno, fn):
     fn(pheno.sdata.tables["t"])
     return pheno
@@ -476,7 +481,7 @@ STATS_ERRORS = [
     (
         "non_categorical_str",
         {},
-        lambda p: _table_edit(p, lambda t: t.obs.__setitem__("leiden", t.obs["leiden"].astype(str))),
+        lambda p: _recast_leiden(p, str),
         TypeError,
         r"cluster_key='leiden': \.obs\['leiden'\] must be categorical, found dtype object\. Convert it with "
         r"adata\.obs\['leiden'\] = adata\.obs\['leiden'\]\.astype\('category'\)",
@@ -484,7 +489,7 @@ STATS_ERRORS = [
     (
         "non_categorical_int",
         {},
-        lambda p: _table_edit(p, lambda t: t.obs.__setitem__("leiden", t.obs["leiden"].astype(int))),
+        lambda p: _recast_leiden(p, int),
         TypeError,
         r"must be categorical, found dtype int64",
     ),
