@@ -170,6 +170,7 @@ class GraphStatsConfig(Config):
     subunit_origin: list[float] | None = None
     seed: int = 0
     n_jobs: int = 1
+    max_clusters: int = Field(default=500, description="Refuse a clustering with more clusters (k x k columns).")
 
 
 class EmbeddingConfig(Config):

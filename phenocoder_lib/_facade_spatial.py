@@ -98,6 +98,7 @@ class SpatialMixin:
         progress: bool = True,
         n_jobs: int = 1,
         verbose: bool = False,
+        max_clusters: int = 500,
     ):
         """Spatial graph statistics per sample (or per subunit) into ``self.adata``.
 
@@ -122,7 +123,7 @@ class SpatialMixin:
                       exact=exact, n_clustering_samples=n_clustering_samples, use_subunits=use_subunits,
                       dim_subunit=dim_subunit, min_obs_per_subunit=min_obs_per_subunit,
                       max_obs_per_subunit=max_obs_per_subunit, subunit_origin=subunit_origin, seed=self.seed,
-                      n_jobs=n_jobs, progress=progress, table_key=key)
+                      n_jobs=n_jobs, progress=progress, table_key=key, max_clusters=max_clusters)
         _validate_stats_args(table, **kwargs)
         try:
             result = compute_spatial_stats(table, **kwargs)
@@ -171,11 +172,14 @@ class SpatialMixin:
 def _validate_stats_args(table, **kwargs) -> None:
     """Argument checks that must fail before ``self.adata`` is touched."""
     from ._validation import check_categorical, check_obs_column, check_obsm
+    from .spatial.driver import check_max_clusters
     from .spatial.stats import normalize_radii, normalize_stats, validate_hull_params
 
     check_obs_column(table.obs, kwargs["sample_key"], argument="sample_key")
-    check_categorical(table.obs, kwargs["cluster_key"], argument="cluster_key")
+    cats = check_categorical(table.obs, kwargs["cluster_key"], argument="cluster_key")
     coords = check_obsm(table, kwargs["spatial_key"], argument="spatial_key", n_cols=(2, 3))
     normalize_stats(kwargs["stats"])
-    normalize_radii(kwargs["radii"])
+    radii = normalize_radii(kwargs["radii"])
+    check_max_clusters(len(cats.categories), kwargs["max_clusters"], cluster_key=kwargs["cluster_key"],
+                       n_radii=len(radii), n_samples=int(table.obs[kwargs["sample_key"]].nunique()))
     validate_hull_params(kwargs["chull_min_nds"], kwargs["chull_min_degree"], coords.shape[1])

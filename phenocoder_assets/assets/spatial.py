@@ -74,6 +74,7 @@ def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig,
             dim_subunit=config.dim_subunit, min_obs_per_subunit=config.min_obs_per_subunit,
             max_obs_per_subunit=config.max_obs_per_subunit, subunit_origin=config.subunit_origin,
             seed=config.seed, n_jobs=config.n_jobs, progress=False, table_key="phenocoder",
+            max_clusters=config.max_clusters,
         )
     for col in ("plate", "well"):  # per-sample constants, for the embedding's obs_keys/batch_key
         if col in table.obs.columns:

@@ -55,6 +55,24 @@ def sample_order(values: pd.Series) -> list[Any]:
         return sorted(uniq.tolist(), key=str)
 
 
+#: Default upper bound on the number of clusters (see ``max_clusters``).
+DEFAULT_MAX_CLUSTERS = 500
+
+
+def check_max_clusters(n_clusters: int, max_clusters: int, *, cluster_key: str, n_radii: int,
+                       n_samples: int) -> None:
+    """Refuse a cluster column with more than ``max_clusters`` categories (``k x k`` columns per radius)."""
+    require(isinstance(max_clusters, (int, np.integer)) and not isinstance(max_clusters, bool) and max_clusters >= 1,
+            f"max_clusters={max_clusters!r} must be an int >= 1.")
+    if n_clusters > max_clusters:
+        n_features = n_clusters**2 * n_radii
+        raise ValueError(
+            f"cluster_key={cluster_key!r} has {n_clusters} categories, more than max_clusters={max_clusters}: "
+            f"the interaction statistics alone would hold {n_features:,} columns per sample "
+            f"(~{n_features * 8 * max(1, n_samples) / 1e9:.1f} GB for {n_samples} samples). Cluster at a lower "
+            "resolution (e.g. cluster(resolution=0.2)), or pass a larger max_clusters if this is intended.")
+
+
 def compute_spatial_stats(
     table,
     *,
@@ -77,6 +95,7 @@ def compute_spatial_stats(
     n_jobs: int = 1,
     progress: bool = True,
     table_key: str | None = None,
+    max_clusters: int = DEFAULT_MAX_CLUSTERS,
 ):
     """Spatial graph statistics of every sample (or subunit) of ``table``.
 
@@ -110,6 +129,10 @@ def compute_spatial_stats(
         Show a progress bar.
     table_key
         Recorded in ``uns`` only (where the table came from).
+    max_clusters
+        Refuse more categories than this in ``cluster_key``: the interaction and centrality groups keep
+        ``k x k`` and ``k`` columns per radius for every sample, so a clustering at a far too fine resolution
+        (thousands of clusters) would need gigabytes per well. Raise it deliberately if you need more.
 
     Returns
     -------
@@ -142,6 +165,8 @@ def compute_spatial_stats(
         dims = normalize_dim_subunit(dim_subunit, coords.shape[1])
         require(int(min_obs_per_subunit) >= 1, f"min_obs_per_subunit={min_obs_per_subunit!r} must be >= 1.")
     categories = list(cats.categories)
+    check_max_clusters(len(categories), max_clusters, cluster_key=cluster_key, n_radii=len(radii_t),
+                       n_samples=len(sample_order(table.obs[sample_key])))
     values = table_values(table, layer) if "moran_features" in stats_t else None
     var_names = tuple(str(v) for v in table.var_names) if "moran_features" in stats_t else ()
     config = StatsConfig(radii=radii_t, stats=stats_t, categories=tuple(str(c) for c in categories),

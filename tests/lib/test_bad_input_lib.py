@@ -517,6 +517,15 @@ STATS_ERRORS = [
         r"radii=\(-5,\) must be a positive number or a non-empty sequence of positive numbers .* e\.g\. \(25, 50\)",
     ),
     (
+        "too_many_clusters",
+        {"max_clusters": 2},
+        None,
+        ValueError,
+        r"cluster_key='leiden' has 3 categories, more than max_clusters=2: the interaction statistics alone would "
+        r"hold 9 columns per sample .* Cluster at a lower resolution .* or pass a larger max_clusters",
+    ),
+    ("max_clusters_not_int", {"max_clusters": 2.5}, None, ValueError, r"max_clusters=2\.5 must be an int >= 1"),
+    (
         "unknown_statistic",
         {"stats": ["bogus"]},
         None,
