@@ -7,8 +7,9 @@
 Plates: ``../shared/data/plate_3d`` (the real 3-D plate, when present; ``--plate PATH`` for another, ``--plate
 none`` to skip) and synthetic 2-D plates of ``--objects-per-well`` objects per well (default 5,000: 2, 20 and
 200 wells for 1e4, 1e5 and 1e6 objects, so "memory bounded by one well" is visible). A synthetic plate is
-assembled from ``--template-wells`` distinct generated wells (hard links, renamed per well) and cached in
-``--workdir``; generating it is not a benchmarked stage.
+generated well by well (every well distinct by default; ``--template-wells N`` reuses N generated wells as hard
+links, faster to make, but identical copies distort the clustering) and cached in ``--workdir``; generating it
+is not a benchmarked stage.
 
 Stages, each in its own Python process (so its peak RSS, ``ru_maxrss`` of that process, is its own and
 TensorFlow/numba imports do not leak between stages); ``wall_s`` is timed inside the process around the work
@@ -88,7 +89,10 @@ def synthetic_plate(workdir: Path, n_objects: int, objects_per_well: int, templa
     plate = workdir / "plates" / f"N{n_objects}_W{per_well}"
     if (plate / EXPORT_COMPLETE_MARKER).exists():
         return plate
-    n_templates = min(template_wells, n_wells)
+    # copies of a well have identical patches and latents: kNN graphs of many copies are cliques of
+    # duplicates and Leiden returns thousands of clusters (18,529 at 10^6 from 16 templates), so by default
+    # (template_wells=0) every well is generated distinct; a positive value reuses that many templates
+    n_templates = n_wells if template_wells <= 0 else min(template_wells, n_wells)
     template = workdir / "templates" / f"W{per_well}_T{n_templates}"
     if not (template / EXPORT_COMPLETE_MARKER).exists():
         shutil.rmtree(template, ignore_errors=True)
@@ -491,7 +495,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                   "present; 'none' to skip)")
     ap.add_argument("--no-dagster", action="store_true", help="skip the Dagster demo materialization")
     ap.add_argument("--objects-per-well", type=int, default=5000)
-    ap.add_argument("--template-wells", type=int, default=16, help="distinct generated wells per plate")
+    ap.add_argument("--template-wells", type=int, default=0,
+                    help="distinct generated wells per plate (0, the default: every well distinct; a positive "
+                         "number reuses that many, faster to generate but copies distort the clustering)")
     ap.add_argument("--train-max-objects", type=float, default=None,
                     help="train the epoch on a seeded subsample of at most this many objects (stated in the record)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per stage")
