@@ -1,9 +1,11 @@
 """Load: a reduced soak (benchmarks/soak.py) in CI; the full 96-well figures are in the README.
 
 A synthetic plate of small wells and four bad inputs go into the landing folder; the sensor's run
-requests execute with the multiprocess executor, two runs at a time. Every partition must be
-materialized exactly once per asset, no run may fail, the bad inputs must not become partitions, a
-second sensor tick must request nothing, and the run workers' memory must stay flat.
+requests execute with the multiprocess executor, two runs at a time, in three phases: sdata -> patches,
+then (after a tiny model) latents, then (after the cluster reference) clusters -> graph_stats. Every
+partition must be materialized exactly once per per-well asset, no run may fail, the bad inputs must
+not become partitions, a final sensor tick must request nothing, and the run workers' memory must
+stay flat.
 """
 
 from __future__ import annotations
@@ -27,8 +29,15 @@ def test_reduced_soak_materializes_every_partition_exactly_once(tmp_path):
     report = json.loads(proc.stdout)
     assert report["problems"] == [], report
     assert proc.returncode == 0
-    assert report["partitions_registered"] == report["runs_requested"] == report["runs_succeeded"] == WELLS
-    assert report["materializations"] == {"sdata": WELLS, "patches": WELLS}
+    assert report["partitions_registered"] == WELLS
+    phases = report["phases"]
+    assert list(phases) == ["ingest", "encode", "spatial"]
+    assert [phases[p]["assets"] for p in phases] == [["patches", "sdata"], ["latents"], ["clusters", "graph_stats"]]
+    assert all(phases[p]["runs_requested"] == phases[p]["runs_executed"] == WELLS for p in phases)
+    assert phases["encode"]["model"]["ok"] and phases["spatial"]["cluster_reference"]["ok"]
+    assert report["runs_requested"] == report["runs_executed"] == 3 * WELLS
+    assert report["runs_succeeded"] == 3 * WELLS + 2 and report["training_runs_succeeded"] == 2  # + model, reference
+    assert report["materializations"] == {a: WELLS for a in ("sdata", "patches", "latents", "clusters", "graph_stats")}
     assert report["every_partition_materialized_exactly_once"] and report["runs_failed"] == 0
     assert report["bad_inputs_tried"] == 4 and report["bad_inputs_registered"] == 0
     assert report["second_sensor_tick_run_requests"] == 0 and report["staging_leftovers"] == 0
