@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from ._constants import INSTANCE_KEY, LATENT_PREFIX, MESSAGE_PASSING_LAYER, REGION_KEY
+from ._grouping import group_rows
 from ._validation import check_key, check_no_missing, check_obsm, check_unique_obs_names
 
 logger = logging.getLogger(__name__)
@@ -661,10 +662,7 @@ def encode_table(
     latents = np.empty((len(selected), model.n_latent_dim), np.float32)
     padded = np.zeros(len(selected), bool)
     per_sample: dict[str, Any] = {}
-    codes, uniques = pd.factorize(sample_col.to_numpy())  # each sample's rows, in one pass
-    by_code = np.argsort(codes, kind="stable")
-    rows_of = dict(zip(uniques, np.split(by_code, np.cumsum(np.bincount(codes, minlength=len(uniques)))[:-1]),
-                       strict=True))
+    rows_of = dict(zip(*group_rows(sample_col.to_numpy()), strict=True))  # each sample's rows, in one pass
     for sample in tqdm(chosen, desc="Encoding samples", disable=not progress):
         res = encode_sample(model, sdata, sample, model_config=model_config, table_key=table_key,
                             sample_key=sample_key, image_key=image_key, batch_size=batch_size,

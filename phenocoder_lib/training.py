@@ -53,6 +53,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from . import patches as P  # noqa: E402
+from ._grouping import group_rows  # noqa: E402
 from ._io import write_json_atomic, write_text_atomic  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -314,10 +315,7 @@ def split_train_val(
                          "(one for training, one for validation).")
     rng = np.random.default_rng([int(seed), 7])
     keys = index["dataset"].astype(str) + "\x00" + index["sample"].astype(str)
-    # rows of each (dataset, sample) in order of first appearance, ascending: O(n log n), not O(n x samples)
-    codes, uniques = pd.factorize(keys.to_numpy())
-    by_group = np.argsort(codes, kind="stable")
-    groups = np.split(by_group, np.cumsum(np.bincount(codes, minlength=len(uniques)))[:-1])
+    _, groups = group_rows(keys.to_numpy())  # rows of each (dataset, sample), in order of first appearance
     val_parts: list[np.ndarray] = []
     if split_by == "sample":
         if len(groups) < 2:

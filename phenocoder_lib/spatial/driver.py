@@ -165,8 +165,9 @@ def compute_spatial_stats(
         dims = normalize_dim_subunit(dim_subunit, coords.shape[1])
         require(int(min_obs_per_subunit) >= 1, f"min_obs_per_subunit={min_obs_per_subunit!r} must be >= 1.")
     categories = list(cats.categories)
+    samples = sample_order(samples_col)
     check_max_clusters(len(categories), max_clusters, cluster_key=cluster_key, n_radii=len(radii_t),
-                       n_samples=len(sample_order(table.obs[sample_key])))
+                       n_samples=len(samples))
     values = table_values(table, layer) if "moran_features" in stats_t else None
     var_names = tuple(str(v) for v in table.var_names) if "moran_features" in stats_t else ()
     config = StatsConfig(radii=radii_t, stats=stats_t, categories=tuple(str(c) for c in categories),
@@ -176,7 +177,6 @@ def compute_spatial_stats(
     codes = np.asarray(cats.codes, dtype=np.int32)
 
     # rows of each sample, without a boolean scan per sample
-    samples = sample_order(samples_col)
     sample_codes = pd.Index(samples).get_indexer(samples_col.to_numpy())
     by_sample = np.argsort(sample_codes, kind="stable")
     bounds = np.searchsorted(sample_codes[by_sample], np.arange(len(samples) + 1))
