@@ -86,13 +86,14 @@ def synthetic_plate(workdir: Path, n_objects: int, objects_per_well: int, templa
 
     per_well = min(objects_per_well, n_objects)
     n_wells = max(1, round(n_objects / per_well))
-    plate = workdir / "plates" / f"N{n_objects}_W{per_well}"
-    if (plate / EXPORT_COMPLETE_MARKER).exists():
-        return plate
     # copies of a well have identical patches and latents: kNN graphs of many copies are cliques of
     # duplicates and Leiden returns thousands of clusters (18,529 at 10^6 from 16 templates), so by default
     # (template_wells=0) every well is generated distinct; a positive value reuses that many templates
     n_templates = n_wells if template_wells <= 0 else min(template_wells, n_wells)
+    # the cache key names the templates too: a plate of copies must never stand in for a distinct one
+    plate = workdir / "plates" / f"N{n_objects}_W{per_well}_T{n_templates}"
+    if (plate / EXPORT_COMPLETE_MARKER).exists():
+        return plate
     template = workdir / "templates" / f"W{per_well}_T{n_templates}"
     if not (template / EXPORT_COMPLETE_MARKER).exists():
         shutil.rmtree(template, ignore_errors=True)
