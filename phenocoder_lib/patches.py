@@ -8,7 +8,10 @@ flagged ``padded`` in the index; every object gets a patch.
 
 Extraction reads one (channel, y, x) plane at a time from the (lazy) image and gathers all windows of
 the objects in that plane with one fancy-indexing call on a sliding-window view, so memory is bounded
-by one plane plus one write buffer, never a whole stack.
+by one plane plus one write buffer, never a whole stack. Samples are processed and written one at a
+time: the table is grouped by sample once, and each sample's index rows go to ``index.parquet`` as
+soon as its patches are stored (at most one Parquet row group is buffered), so besides the returned
+index only a few bytes per object (row positions) are held for the whole table.
 
 Storage (``<dir_dataset>/<dataset>/``):
 
@@ -50,6 +53,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ._grouping import group_rows
 from ._io import atomic_dir, write_json_atomic
 from ._validation import (
     check_int_pair,
@@ -69,6 +73,9 @@ STATS_FILE = "stats.parquet"
 STORE_DIR = "patches.zarr"
 _RESERVOIR = 200_000  # float images: pixels kept per channel and sample for the percentiles
 _CHUNK_ROWS = 1024
+_GATHER_BYTES = 16 * 2**20  # patch_windows gathers windows in blocks of this size
+_HIST_ROWS = 2**20  # IntensityAccumulator counts integer pixels in blocks of this many (8 B each as int64)
+_ROW_GROUP = 1024 * 1024  # pyarrow's default largest row group (the one DataFrame.to_parquet writes)
 
 
 class ConstantChannelWarning(UserWarning):
@@ -122,9 +129,14 @@ def patch_windows(
     padded_plane[...] = fill[:, None, None]
     padded_plane[:, top:top + height, left:left + width] = plane
     view = np.lib.stride_tricks.sliding_window_view(padded_plane, (h, w), axis=(1, 2))  # (c, Y, X, h, w)
-    patches = view[:, ys, xs]  # (c, n, h, w): gathers copy
+    # gathered in blocks straight into the (n, h, w, c) output: one copy of the patches, not a (c, n, h, w)
+    # gather plus its transposed copy
+    patches = np.empty((len(ys), h, w, n_c), dtype=plane.dtype)
+    step = max(1, _GATHER_BYTES // max(h * w * n_c * plane.dtype.itemsize, 1))
+    for i in range(0, len(ys), step):
+        patches[i:i + step] = view[:, ys[i:i + step], xs[i:i + step]].transpose(1, 2, 3, 0)
     padded = (ys - top < 0) | (xs - left < 0) | (ys - top + h > height) | (xs - left + w > width)
-    return np.ascontiguousarray(patches.transpose(1, 2, 3, 0)), padded
+    return patches, padded
 
 
 def iter_patches(
@@ -217,18 +229,29 @@ class IntensityAccumulator:
     def add(self, patches: np.ndarray) -> None:
         flat = patches.reshape(-1, self.n_channels)
         self.count += flat.shape[0]
+        if self.integer:  # in blocks: the int64 copy bincount needs is 8 bytes a pixel
+            for start in range(0, flat.shape[0], _HIST_ROWS):
+                block = flat[start:start + _HIST_ROWS]
+                for c in range(self.n_channels):
+                    self._count(c, block[:, c])
+            return
         for c in range(self.n_channels):
             values = flat[:, c]
-            if self.integer:
-                counts = np.bincount(values.astype(np.int64) - self.offset)
-                if len(counts) > len(self.hist[c]):
-                    counts[: len(self.hist[c])] += self.hist[c]
-                    self.hist[c] = counts
-                else:
-                    self.hist[c][: len(counts)] += counts
-            else:
-                take = min(len(values), _RESERVOIR)
-                self.samples[c].append(self.rng.choice(values, size=take, replace=False).astype(np.float64))
+            take = min(len(values), _RESERVOIR)
+            # kept in the image's dtype (float32 or narrower; exact) and widened to float64 when pooled
+            self.samples[c].append(self.rng.choice(values, size=take, replace=False))
+
+    def _count(self, c: int, values: np.ndarray) -> None:
+        counts = np.bincount(values.astype(np.int64) - self.offset)
+        if len(counts) > len(self.hist[c]):
+            counts[: len(self.hist[c])] += self.hist[c]
+            self.hist[c] = counts
+        else:
+            self.hist[c][: len(counts)] += counts
+
+    def _pooled(self, c: int) -> np.ndarray:
+        """Reservoir values of channel ``c`` as one float64 array."""
+        return np.concatenate(self.samples[c], dtype=np.float64) if self.samples[c] else np.zeros(1)
 
     def merged(self, others: Sequence[IntensityAccumulator]) -> IntensityAccumulator:
         out = IntensityAccumulator(self.n_channels, self.dtype)
@@ -254,7 +277,7 @@ class IntensityAccumulator:
                 return np.zeros(len(qs))
             pos = np.searchsorted(cum, np.maximum(np.asarray(qs) * cum[-1], 1), side="left")
             return np.minimum(pos, len(hist) - 1).astype(np.float64) + self.offset
-        values = np.concatenate(self.samples[c]) if self.samples[c] else np.zeros(1)
+        values = self._pooled(c)
         return np.quantile(values, qs)
 
     def foreground_quantile(self, c: int, q: float) -> float:
@@ -268,7 +291,7 @@ class IntensityAccumulator:
             if cum.size == 0 or cum[-1] == 0:
                 return float(med)
             return float(min(np.searchsorted(cum, max(q * cum[-1], 1), side="left"), len(hist) - 1) + self.offset)
-        values = np.concatenate(self.samples[c]) if self.samples[c] else np.zeros(1)
+        values = self._pooled(c)
         fg = values[values > med]
         return float(np.quantile(fg, q)) if fg.size else float(med)
 
@@ -289,7 +312,7 @@ class IntensityAccumulator:
             vmin = float(values[nz[0]]) if len(nz) else 0.0
             vmax = float(values[nz[-1]]) if len(nz) else 0.0
         else:
-            v = np.concatenate(self.samples[c]) if self.samples[c] else np.zeros(1)
+            v = self._pooled(c)
             mean, std, mad = float(v.mean()), float(v.std()), float(np.median(np.abs(v - med)))
             vmin, vmax = float(v.min()), float(v.max())
         return {"mean": mean, "std": std, "median": float(med), "mad": mad, "min": vmin, "max": vmax,
@@ -470,6 +493,95 @@ class _ChunkWriter:
         self.buffered = len(rest)
 
 
+def _sample_rows(column: pd.Series) -> tuple[list[str], list[np.ndarray]]:
+    """Sample ids as strings, in order of first appearance, and each one's row positions (ascending).
+
+    Values that print the same (``1`` and ``"1"``) are one sample, as ``column.astype(str)`` would make them.
+    """
+    uniques, groups = group_rows(column)
+    names = [str(u) for u in uniques]
+    if len(set(names)) == len(names):
+        return names, groups
+    merged: dict[str, list[np.ndarray]] = {}
+    for name, rows in zip(names, groups, strict=True):
+        merged.setdefault(name, []).append(rows)
+    return list(merged), [np.sort(np.concatenate(r)) if len(r) > 1 else r[0] for r in merged.values()]
+
+
+def _arrow_type(values: np.ndarray, groups: Sequence[np.ndarray]) -> Any:
+    """The Arrow type that ``DataFrame.to_parquet`` infers for object ``values`` over the rows of ``groups``."""
+    import pyarrow as pa
+
+    types = {pa.infer_type(values[rows], from_pandas=True) for rows in groups}
+    if len(types) == 1:
+        return types.pop()
+    schemas = [pa.schema([("v", t)]) for t in types]
+    return pa.unify_schemas(schemas, promote_options="permissive").field("v").type
+
+
+class _IndexWriter:
+    """Write ``index.parquet`` from per-sample frames, as ``pd.concat(frames).to_parquet(index=False)`` would.
+
+    Each frame becomes Arrow columns at once (a few bytes a row, no Python object per row), and a row group is
+    written as soon as pyarrow's default row-group size is buffered, so at most one row group is held and
+    the file is byte-identical to the one ``to_parquet`` writes for the whole index. ``object_types`` are the
+    Arrow types of object columns over all samples (a sample's own values may infer another type, e.g. null).
+    """
+
+    def __init__(self, path: Path, object_types: dict[str, Any]) -> None:
+        self.path, self.object_types = path, object_types
+        self.schema: Any = None
+        self.writer: Any = None
+        self.pieces: list[Any] = []
+        self.buffered = 0
+
+    def __enter__(self) -> _IndexWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None and self.buffered:
+            self._write(self.buffered)
+        if self.writer is not None:
+            self.writer.close()
+
+    def _schema(self, frame: pd.DataFrame) -> Any:
+        import json
+
+        import pyarrow as pa
+        from pyarrow.pandas_compat import get_logical_type
+
+        schema = pa.Schema.from_pandas(frame, preserve_index=False)
+        other = {k: t for k, t in self.object_types.items() if schema.field(k).type != t}
+        if not other:
+            return schema
+        meta = json.loads(schema.metadata[b"pandas"])
+        for name, arrow_type in other.items():
+            schema = schema.set(schema.get_field_index(name), pa.field(name, arrow_type))
+            next(c for c in meta["columns"] if c["name"] == name)["pandas_type"] = get_logical_type(arrow_type)
+        return schema.with_metadata({b"pandas": json.dumps(meta).encode("utf8")})
+
+    def append(self, frame: pd.DataFrame) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.writer is None:
+            self.schema = self._schema(frame)
+            self.writer = pq.ParquetWriter(self.path, self.schema, compression="snappy")  # to_parquet's default
+        self.pieces.append(pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False))
+        self.buffered += len(frame)
+        while self.buffered >= _ROW_GROUP:
+            self._write(_ROW_GROUP)
+
+    def _write(self, n: int) -> None:
+        import pyarrow as pa
+
+        table = pa.concat_tables(self.pieces)
+        self.writer.write_table(table.slice(0, n))
+        rest = table.slice(n)
+        self.pieces = [rest] if rest.num_rows else []
+        self.buffered = rest.num_rows
+
+
 def generate_dataset(
     sdata: Any,
     *,
@@ -539,34 +651,45 @@ def generate_dataset(
     for key in metadata_keys:
         check_obs_column(table.obs, key, argument="metadata_keys")
 
-    rng = np.random.default_rng(seed)
-    sample_col = table.obs[sample_key].astype(str).to_numpy()
-    samples = list(pd.unique(sample_col))
+    # one pass over the table: each sample's rows (ascending), samples in order of first appearance;
+    # no per-object strings and no per-sample scans of the whole table
+    samples, groups = _sample_rows(table.obs[sample_key])
     if not samples:
         raise ValueError(f"table {table_key!r} has no objects; nothing to extract.")
+    rows_of = dict(zip(samples, groups, strict=True))
+    rng = np.random.default_rng(seed)
     if n_samples is not None:
         if not 1 <= n_samples <= len(samples):
             raise ValueError(f"n_samples={n_samples!r} must be between 1 and the number of samples ({len(samples)}).")
         samples = sorted(rng.choice(samples, size=n_samples, replace=False).tolist(), key=samples.index)
-    selected = np.flatnonzero(np.isin(sample_col, samples))
     if n_patches is not None:
         if n_patches < 1:
             raise ValueError(f"n_patches={n_patches!r} must be >= 1.")
-        if n_patches < len(selected):
-            selected = np.sort(rng.choice(selected, size=n_patches, replace=False))
-        samples = [s for s in samples if np.any(sample_col[selected] == s)]
+        n_selected = sum(len(rows_of[s]) for s in samples)
+        if n_patches < n_selected:
+            selected = np.sort(np.concatenate([rows_of[s] for s in samples]))  # the rows of the drawn samples
+            keep = np.zeros(table.n_obs, bool)
+            keep[np.sort(rng.choice(selected, size=n_patches, replace=False))] = True
+            del selected
+            rows_of = {s: rows_of[s][keep[rows_of[s]]] for s in samples}
+            del keep
+            samples = [s for s in samples if len(rows_of[s])]
+    # metadata columns: numpy columns are sliced per sample in place; others (categoricals) converted once
+    meta_values = {key: table.obs[key].to_numpy() for key in metadata_keys}
 
     dir_dataset = Path(dir_dataset)
     channels_ref: list[str] | None = None
     accs: dict[str, IntensityAccumulator] = {}
-    frames = []
     dtype_ref = None
-    with atomic_dir(dir_dataset / dataset) as tmp:
+    n_total = n_padded = 0
+    object_types = {key: _arrow_type(values, [rows_of[s] for s in samples])
+                    for key, values in meta_values.items() if values.dtype == object}
+    with atomic_dir(dir_dataset / dataset) as tmp, _IndexWriter(tmp / INDEX_FILE, object_types) as index_writer:
         import zarr
 
         store = zarr.open_group(tmp / STORE_DIR, mode="w")
         for sample in tqdm(samples, desc="Extracting patches", disable=not progress):
-            rows = selected[sample_col[selected] == sample]
+            rows = rows_of[sample]
             image, channels, is_3d = image_array(sdata, f"{image_key}_{sample}")
             if channels_ref is None:
                 channels_ref, dtype_ref = channels, np.dtype(image.dtype)
@@ -599,9 +722,12 @@ def generate_dataset(
                 "row": store_row, "padded": padded, "dataset": dataset,
             })
             for key in metadata_keys:
-                frame[key] = table.obs[key].to_numpy()[rows]
-            frames.append(frame)
+                frame[key] = meta_values[key][rows]
+            index_writer.append(frame)  # written now, as compact Arrow columns: no Python object per row is kept
+            n_total, n_padded = n_total + len(rows), n_padded + int(padded.sum())
             logger.info("sample %s: %d patches (%d padded at the border)", sample, len(rows), int(padded.sum()))
+            frame = writer = patches = idx = None  # freed before the next sample is read
+        del rows_of, groups, meta_values, rows
 
         assert channels_ref is not None  # samples is non-empty
         stats_rows, per_sample = [], {}
@@ -612,8 +738,6 @@ def generate_dataset(
                 per_sample[sample] = anchors_from(acc, scale_percentile, channels_ref, f"sample {sample!r}")
         pooled = next(iter(accs.values())).merged(list(accs.values())[1:])
         global_anchors = anchors_from(pooled, scale_percentile, channels_ref, "all samples") if scale else None
-        index = pd.concat(frames, ignore_index=True)
-        index.to_parquet(tmp / INDEX_FILE, index=False)
         pd.DataFrame(stats_rows).to_parquet(tmp / STATS_FILE, index=False)
         settings = {
             "format_version": FORMAT_VERSION,
@@ -628,8 +752,8 @@ def generate_dataset(
             "spatial_key_index": spatial_key_index,
             "metadata_keys": list(metadata_keys),
             "samples": samples,
-            "n_patches": int(len(index)),
-            "n_padded": int(index["padded"].sum()),
+            "n_patches": n_total,
+            "n_padded": n_padded,
             "seed": seed,
             "padding": "constant: per-plane channel minimum",
             "normalization": {
