@@ -8,6 +8,12 @@ and a (seeded, optionally subsampled) reference set of PCA coordinates with thei
 their ``k`` nearest reference objects, so a new plate never changes the labels, and therefore the
 spatial statistics, of earlier wells. The reference is saved as one ``.npz`` (arrays plus a JSON
 header), read back with ``allow_pickle=False``.
+
+Scale: above ``max_fit`` objects the fit (standardisation, PCA, kNN graph, Leiden) runs on a seeded uniform
+subsample and every other object is labelled by the same kNN vote against the fitted objects, so time grows
+linearly and memory beyond the input stays bounded. The kNN graph of large fits comes from a faiss HNSW
+index (:class:`FaissKNNTransformer`, no JIT compilation; built single-threaded so that labels are
+reproducible) instead of scanpy's pynndescent default.
 """
 
 from __future__ import annotations
@@ -25,9 +31,14 @@ from ._validation import check_key, require
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClusterReference", "cluster_features", "transfer_labels", "feature_matrix"]
+__all__ = ["ClusterReference", "FaissKNNTransformer", "cluster_features", "transfer_labels", "feature_matrix"]
 
 _FORMAT = "phenocoder.cluster_reference/1"
+KNN_BACKENDS = ("faiss", "pynndescent", "exact")
+# scanpy computes Euclidean neighbours by brute force below 8192 objects (``use_dense_distances`` in
+# ``Neighbors._handle_transformer``); every backend keeps that, so small plates are clustered as before.
+_EXACT_KNN_BELOW = 8192
+_TRANSFER_CHUNK = 65_536  # rows projected and labelled at a time (bounded memory)
 
 
 @dataclass
@@ -128,6 +139,154 @@ def feature_matrix(adata, *, use_rep: str | None = None, layer: str | None = Non
     return x, names
 
 
+class FaissKNNTransformer:
+    """Approximate Euclidean kNN graph from a faiss HNSW index, usable as ``sc.pp.neighbors(transformer=...)``.
+
+    Follows the :class:`~sklearn.neighbors.KNeighborsTransformer` protocol as scanpy uses it:
+    :meth:`fit_transform` returns a CSR matrix with exactly ``n_neighbors`` stored entries per row, in
+    ascending distance, the first being the object itself at distance 0; distances are Euclidean (faiss
+    returns squared ones). :meth:`transform` gives the ``n_neighbors`` nearest indexed objects of new points.
+
+    Exact duplicates are indexed once (HNSW misses neighbours among many points at distance 0) and expanded
+    afterwards: an object's duplicates come first, as stored zeros, then the copies of the next points.
+
+    The index is built with one OpenMP thread (faiss's parallel insertion depends on thread timing; the
+    level draws are seeded), so the graph and every label derived from it are identical in any process;
+    searches use all threads (queries are independent). A query that finds fewer than the requested
+    neighbours is answered by exact search. faiss is imported only when the index is built.
+    """
+
+    def __init__(self, n_neighbors: int = 15, *, m: int = 16, ef_construction: int = 40, ef_search: int = 32):
+        self.n_neighbors = n_neighbors
+        self.m = m
+        self.ef_construction = ef_construction
+        self.ef_search = ef_search
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Constructor arguments (scanpy reads ``n_neighbors``)."""
+        return {"n_neighbors": self.n_neighbors, "m": self.m, "ef_construction": self.ef_construction,
+                "ef_search": self.ef_search}
+
+    def set_params(self, **params: Any) -> FaissKNNTransformer:
+        """Set constructor arguments (sklearn protocol)."""
+        for key, value in params.items():
+            require(key in self.get_params(), f"unknown parameter {key!r}; known: {sorted(self.get_params())}.")
+            setattr(self, key, value)
+        return self
+
+    def fit(self, x, y=None) -> FaissKNNTransformer:
+        """Build the HNSW index of the distinct rows of ``x`` (single-threaded, hence deterministic)."""
+        import faiss
+
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        require(x.ndim == 2 and x.shape[0] > int(self.n_neighbors) >= 1,
+                f"need a 2-D array with more than n_neighbors={self.n_neighbors} rows, found shape {x.shape}.")
+        uniq, inverse, counts = np.unique(x, axis=0, return_inverse=True, return_counts=True)
+        self.n_samples_fit_ = x.shape[0]
+        self.inverse_ = self.members_ = self.starts_ = self.counts_ = None
+        if uniq.shape[0] < x.shape[0]:
+            x = np.ascontiguousarray(uniq)
+            self.inverse_ = inverse.ravel()
+            self.counts_ = counts
+            self.members_ = np.argsort(self.inverse_, kind="stable")  # objects grouped by distinct row
+            self.starts_ = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        del uniq
+        index = faiss.IndexHNSWFlat(x.shape[1], int(self.m))
+        index.hnsw.efConstruction = int(self.ef_construction)
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            index.add(x)
+        finally:
+            faiss.omp_set_num_threads(threads)
+        self.faiss_index_ = index  # not ``index_``: scanpy treats that attribute as a pynndescent index
+        return self
+
+    def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest indexed (distinct) rows: Euclidean distances and ids, ascending."""
+        import faiss
+
+        index = self.faiss_index_
+        index.hnsw.efSearch = max(int(self.ef_search), 2 * k)
+        d2, idx = index.search(q, k)
+        missing = (idx < 0).any(axis=1)
+        if missing.any():  # fewer than k reachable: exact search for those rows
+            flat = faiss.IndexFlatL2(q.shape[1])
+            flat.add(index.reconstruct_n(0, index.ntotal))
+            d2[missing], idx[missing] = flat.search(q[missing], k)
+        return np.sqrt(np.maximum(d2, 0)), idx.astype(np.int64)
+
+    def _expand(self, dist: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Replace distinct rows by their objects (all copies of a row in object order), first ``k``."""
+        if self.members_ is None:
+            return dist[:, :k], idx[:, :k]
+        m = idx.shape[0]
+        counts = self.counts_[idx]
+        before = np.cumsum(counts, axis=1) - counts  # objects placed before each column
+        out_i = np.empty((m, k), dtype=np.int64)
+        out_d = np.empty((m, k), dtype=dist.dtype)
+        for j in range(idx.shape[1]):
+            start = self.starts_[idx[:, j]]
+            for o in range(min(k, int(counts[:, j].max()))):
+                pos = before[:, j] + o
+                rows = np.flatnonzero((o < counts[:, j]) & (pos < k))
+                if rows.size == 0:
+                    break
+                out_i[rows, pos[rows]] = self.members_[start[rows] + o]
+                out_d[rows, pos[rows]] = dist[rows, j]
+        return out_d, out_i
+
+    def kneighbors(self, x, n_neighbors: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Euclidean distances and indices of the ``n_neighbors`` nearest indexed objects, ascending."""
+        k = int(self.n_neighbors if n_neighbors is None else n_neighbors)
+        require(1 <= k <= self.n_samples_fit_, f"n_neighbors must be in [1, {self.n_samples_fit_}], found {k}.")
+        dist, idx = self._search(np.ascontiguousarray(x, dtype=np.float32), min(k, self.faiss_index_.ntotal))
+        return self._expand(dist, idx, k)
+
+    def transform(self, x):
+        """CSR distance matrix of new points against the index (``n_neighbors`` entries per row)."""
+        dist, idx = self.kneighbors(x)
+        return _knn_csr(dist, idx, self.n_samples_fit_)
+
+    def fit_transform(self, x, y=None):
+        """Index ``x`` and return its kNN graph with the self entry first (what scanpy expects)."""
+        self.fit(x)
+        n, k = self.n_samples_fit_, int(self.n_neighbors)
+        n_rows = self.faiss_index_.ntotal
+        dist, idx = _self_first(*self._search(self.faiss_index_.reconstruct_n(0, n_rows), min(k + 1, n_rows)))
+        dist, idx = self._expand(dist, idx, k)  # a distinct row's own copies first
+        if self.inverse_ is not None:
+            dist, idx = dist[self.inverse_], idx[self.inverse_]
+        return _knn_csr(*_self_first(dist, idx), n)
+
+
+def _self_first(dist: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row ``i`` starts with ``i`` at distance 0, then the others in their order (same width)."""
+    n, k = idx.shape
+    rows = np.arange(n)[:, None]
+    # a stable sort moves the self entry, where found, to the end; otherwise the farthest is dropped
+    order = np.argsort(idx == rows, axis=1, kind="stable")[:, : k - 1]
+    return (np.hstack([np.zeros((n, 1), dist.dtype), np.take_along_axis(dist, order, axis=1)]),
+            np.hstack([rows, np.take_along_axis(idx, order, axis=1)]))
+
+
+def _knn_csr(dist: np.ndarray, idx: np.ndarray, n_cols: int):
+    """Row-major kNN CSR (storage order = distance order; explicit zeros kept, as scanpy reads them)."""
+    import scipy.sparse as sp
+
+    n, k = idx.shape
+    return sp.csr_matrix((dist.astype(np.float32).ravel(), idx.ravel(), np.arange(0, n * k + 1, k)),
+                         shape=(n, n_cols))
+
+
+def _check_scale_args(max_fit: int | None, knn: str) -> None:
+    if max_fit is not None and (isinstance(max_fit, bool) or not isinstance(max_fit, (int, np.integer))
+                                or max_fit < 3):
+        raise ValueError(f"max_fit must be None (fit on all objects) or an integer >= 3, found {max_fit!r}.")
+    if knn not in KNN_BACKENDS:
+        raise ValueError(f"knn must be one of {list(KNN_BACKENDS)}, found {knn!r}.")
+
+
 def cluster_features(
     adata,
     *,
@@ -141,6 +300,8 @@ def cluster_features(
     seed: int = 0,
     max_reference: int | None = 200_000,
     transfer_k: int = 15,
+    max_fit: int | None = 200_000,
+    knn: str = "faiss",
 ) -> tuple[pd.Categorical, ClusterReference]:
     """Cluster the objects of all samples together (PCA -> kNN -> Leiden, seeded).
 
@@ -157,17 +318,29 @@ def cluster_features(
     n_neighbors, resolution, n_iterations
         scanpy ``pp.neighbors`` and ``tl.leiden(flavor='igraph')`` settings.
     seed
-        Seed for PCA, neighbours, Leiden and the reference subsample.
+        Seed for the fit subsample, PCA, neighbours, Leiden and the reference subsample.
     max_reference
-        Keep at most this many objects (seeded uniform subsample) as the transfer reference.
+        Keep at most this many fitted objects (seeded uniform subsample) as the transfer reference.
     transfer_k
-        Neighbours voting in :func:`transfer_labels`.
+        Neighbours voting in :func:`transfer_labels` (and for the objects left out of the fit).
+    max_fit
+        Fit (standardisation, PCA, kNN graph, Leiden) on at most this many objects: above it, a seeded
+        uniform subsample is fitted and every other object gets the majority vote of its ``transfer_k``
+        nearest fitted objects in PCA space (as :func:`transfer_labels`), so time grows linearly with the
+        number of objects and memory beyond the input is bounded. ``None``: fit all objects.
+    knn
+        kNN graph backend for fits of at least 8192 objects (below that, every backend uses scanpy's exact
+        brute-force search, as scanpy does): ``'faiss'`` (HNSW index, :class:`FaissKNNTransformer`, no JIT
+        compilation, reproducible), ``'pynndescent'`` (scanpy's default; about 95 s of numba compilation in
+        each new process) or ``'exact'`` (brute force; fine for small fits). With ``'faiss'`` the objects left
+        out of the fit are searched in the same index, otherwise exactly.
 
     Returns
     -------
     (labels, reference)
         Categorical labels (categories ``'0'``, ``'1'``, ...) in the row order of ``adata``, and the
-        :class:`ClusterReference`.
+        :class:`ClusterReference`. ``reference.params`` records ``n_objects`` and ``n_fit`` (the objects
+        Leiden saw).
 
     """
     import anndata as ad
@@ -175,45 +348,98 @@ def cluster_features(
 
     from ._lazy import import_scanpy
 
+    _check_scale_args(max_fit, knn)
     sc = import_scanpy()
 
     x, names = feature_matrix(adata, use_rep=use_rep, layer=layer)
-    n, f = x.shape
-    require(n >= 3, f"clustering needs at least 3 objects, found {n}.")
+    n_objects, f = x.shape
+    require(n_objects >= 3, f"clustering needs at least 3 objects, found {n_objects}.")
+    rng = np.random.default_rng(seed)
+    fit_rows = None
+    if max_fit is not None and n_objects > int(max_fit):
+        fit_rows = np.sort(rng.choice(n_objects, size=int(max_fit), replace=False))
+    xf = x if fit_rows is None else x[fit_rows]
+    x_rest = None if fit_rows is None else x  # the objects left out of the fit are labelled from here
+    del x
+    n = xf.shape[0]
     mean = std = None
     if scale:
-        mean = x.mean(axis=0)
-        std = x.std(axis=0)
+        mean = xf.mean(axis=0)
+        std = xf.std(axis=0)
         std[~(std > 0)] = 1.0
-        x = (x - mean) / std
+        xf = (xf - mean) / std
     n_comp = int(max(1, min(n_pcs, n - 1, f)))
     if n_comp < n_pcs:
         logger.info("n_pcs=%d reduced to %d (n_obs=%d, n_features=%d)", n_pcs, n_comp, n, f)
     pca = PCA(n_components=n_comp, svd_solver="full" if min(n, f) <= 1000 else "randomized", random_state=seed)
-    emb = pca.fit_transform(x).astype(np.float32)
+    emb = pca.fit_transform(xf).astype(np.float32)
+    del xf
     tmp = ad.AnnData(X=np.zeros((n, 0), dtype=np.float32))
     tmp.obsm["X_pca"] = emb
     k = int(max(2, min(n_neighbors, n - 1)))
-    sc.pp.neighbors(tmp, n_neighbors=k, use_rep="X_pca", random_state=seed)
+    transformer: Any = None  # scanpy's choice: exact below 8192 objects, pynndescent above
+    if knn == "exact":
+        transformer = "sklearn"
+    elif knn == "faiss" and n >= _EXACT_KNN_BELOW:
+        transformer = FaissKNNTransformer(n_neighbors=k)
+    sc.pp.neighbors(tmp, n_neighbors=k, use_rep="X_pca", random_state=seed, transformer=transformer)
     sc.tl.leiden(tmp, resolution=resolution, flavor="igraph", n_iterations=n_iterations, directed=False,
                  random_state=seed, key_added="leiden")
     labels = tmp.obs["leiden"].astype(str).to_numpy()
+    del tmp
     categories = sorted(set(labels), key=lambda s: (len(s), s))
-    cat = pd.Categorical(labels, categories=categories)
+    fit_codes = pd.Categorical(labels, categories=categories).codes.astype(np.int32)
     keep = np.arange(n)
     if max_reference is not None and n > int(max_reference):
-        keep = np.sort(np.random.default_rng(seed).choice(n, size=int(max_reference), replace=False))
+        keep = np.sort(rng.choice(n, size=int(max_reference), replace=False))
     source = {"use_rep": use_rep or "", "layer": layer or ""}
     params = {"scale": bool(scale), "n_pcs": n_comp, "n_neighbors": k, "resolution": float(resolution),
               "n_iterations": int(n_iterations), "seed": int(seed), "transfer_k": int(transfer_k),
-              "n_fit": int(n), "n_reference": int(keep.shape[0])}
+              "n_fit": int(n), "n_objects": int(n_objects), "n_reference": int(keep.shape[0]),
+              "max_fit": None if max_fit is None else int(max_fit), "knn": knn,
+              "knn_exact": knn == "exact" or n < _EXACT_KNN_BELOW}
     reference = ClusterReference(categories=categories, var_names=names, source=source, scale_mean=mean,
                                  scale_std=std, pca_mean=pca.mean_.astype(np.float64),
                                  pca_components=pca.components_.astype(np.float64),
-                                 ref_embedding=emb[keep], ref_labels=cat.codes[keep].astype(np.int32),
-                                 params=params)
-    logger.info("Leiden: %d clusters on %d objects (%d PCs)", len(categories), n, n_comp)
+                                 ref_embedding=emb[keep], ref_labels=fit_codes[keep], params=params)
+    codes = fit_codes
+    if fit_rows is not None:  # the objects left out of the fit: kNN vote against all fitted objects
+        codes = np.empty(n_objects, dtype=np.int32)
+        codes[fit_rows] = fit_codes
+        rest = np.setdiff1d(np.arange(n_objects), fit_rows, assume_unique=True)
+        kv = max(1, min(int(transfer_k), n))
+        search = transformer.kneighbors if isinstance(transformer, FaissKNNTransformer) else _exact_search(emb)
+        for start in range(0, rest.shape[0], _TRANSFER_CHUNK):
+            rows = rest[start:start + _TRANSFER_CHUNK]
+            _, idx = search(reference.transform(x_rest[rows]), kv)
+            codes[rows] = _vote(fit_codes[idx], len(categories))[0]
+    cat = pd.Categorical.from_codes(codes, categories=categories)
+    logger.info("Leiden: %d clusters on %d of %d objects (%d PCs, knn=%s)", len(categories), n, n_objects,
+                n_comp, knn)
     return cat, reference
+
+
+def _exact_search(ref_embedding: np.ndarray):
+    """``search(queries, k) -> (distances, indices)``: exact nearest reference objects."""
+    from sklearn.neighbors import NearestNeighbors
+
+    nn = NearestNeighbors().fit(ref_embedding)
+    return lambda queries, k: nn.kneighbors(queries, n_neighbors=k)
+
+
+def _vote(votes_lab: np.ndarray, n_cat: int) -> tuple[np.ndarray, np.ndarray]:
+    """Majority label per row of ``votes_lab`` (m, k; neighbours by distance) and its vote count.
+
+    Ties go to the label of the nearest tied neighbour.
+    """
+    m, k = votes_lab.shape
+    counts = np.zeros((m, n_cat), dtype=np.int64)
+    np.add.at(counts, (np.repeat(np.arange(m), k), votes_lab.ravel()), 1)
+    best = counts.max(axis=1)
+    tied = counts == best[:, None]
+    # nearest neighbour whose label is among the tied winners
+    first = np.argmax(tied[np.arange(m)[:, None], votes_lab], axis=1)
+    return votes_lab[np.arange(m), first], best
 
 
 def transfer_labels(reference: ClusterReference, adata=None, *, x: np.ndarray | None = None,
@@ -239,8 +465,6 @@ def transfer_labels(reference: ClusterReference, adata=None, *, x: np.ndarray | 
         Ties go to the label of the nearest tied neighbour.
 
     """
-    from sklearn.neighbors import NearestNeighbors
-
     require((adata is None) != (x is None), "pass either adata or x.")
     if adata is not None:
         src = reference.source
@@ -251,16 +475,7 @@ def transfer_labels(reference: ClusterReference, adata=None, *, x: np.ndarray | 
     emb = reference.transform(x)
     k = int(reference.params.get("transfer_k", 15) if k is None else k)
     k = max(1, min(k, reference.ref_embedding.shape[0]))
-    nn = NearestNeighbors(n_neighbors=k).fit(reference.ref_embedding)
-    dist, idx = nn.kneighbors(emb)
-    votes_lab = reference.ref_labels[idx]  # (m, k), neighbours sorted by distance
-    n_cat = len(reference.categories)
-    counts = np.zeros((emb.shape[0], n_cat), dtype=np.int64)
-    np.add.at(counts, (np.repeat(np.arange(emb.shape[0]), k), votes_lab.ravel()), 1)
-    best = counts.max(axis=1)
-    tied = counts == best[:, None]
-    # nearest neighbour whose label is among the tied winners
-    first = np.argmax(tied[np.arange(emb.shape[0])[:, None], votes_lab], axis=1)
-    winner = votes_lab[np.arange(emb.shape[0]), first]
+    _, idx = _exact_search(reference.ref_embedding)(emb, k)
+    winner, best = _vote(reference.ref_labels[idx], len(reference.categories))
     labels = pd.Categorical.from_codes(winner, categories=reference.categories)
     return labels, best / k
