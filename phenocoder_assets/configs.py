@@ -91,7 +91,8 @@ class ModelConfig(Config):
     shuffle: bool = True
     validation_fraction: float = 0.2
     split_by: str = Field(default="object", description="'object' (within each sample) or 'sample'.")
-    memory_budget_gib: float = Field(default=8.0, description="Raw patches up to this size are held in RAM.")
+    memory_budget_gib: float = Field(default=1.0, description="Raw patches up to this size are held in RAM; "
+                                      "larger datasets stream through a chunk cache of this size.")
     n_epochs: int = 100
     learning_rate: float = 1e-3
     min_learning_rate: float = 1e-4
@@ -143,6 +144,9 @@ class ClusterReferenceConfig(Config):
     seed: int = 0
     max_reference: int | None = 200_000
     transfer_k: int = 15
+    max_fit: int | None = Field(default=200_000, description="Fit Leiden on at most this many objects (seeded "
+                                "subsample); the others get the kNN vote. None: fit all.")
+    knn: str = Field(default="faiss", description="kNN graph backend: 'faiss' (HNSW), 'pynndescent' or 'exact'.")
 
 
 class ClustersConfig(Config):

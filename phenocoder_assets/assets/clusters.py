@@ -32,7 +32,7 @@ POOLED_LABELS_FILE = "pooled_labels.parquet"
     deps=[AssetDep("latents", partition_mapping=AllPartitionMapping())],
     group_name="cross_sample",
     kinds={"scanpy", "numpy"},
-    code_version="1",
+    code_version="2",  # 2: faiss kNN graph from 8192 objects on; fit capped at max_fit objects
     description="Pooled Leiden clustering of the latents of the reference samples; the reference that labels "
     "every later sample the same way (<root>/cluster_reference/_/).",
 )
@@ -66,7 +66,8 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
         labels, ref = cluster_features(pooled, layer=layer, scale=config.scale, n_pcs=config.n_pcs,
                                        n_neighbors=config.n_neighbors, resolution=config.resolution,
                                        n_iterations=config.n_iterations, seed=config.seed,
-                                       max_reference=config.max_reference, transfer_k=config.transfer_k)
+                                       max_reference=config.max_reference, transfer_k=config.transfer_k,
+                                       max_fit=config.max_fit, knn=config.knn)
     sample_key = tables[0].uns["phenocoder_latents"]["sample_key"]
     frame = pd.DataFrame({"obs_name": pooled.obs_names.astype(str),
                           "sample": pooled.obs[sample_key].astype(str).to_numpy(),
