@@ -1,15 +1,17 @@
 """Training: input pipeline from the patch store, split, callbacks, checkpoints, metrics history.
 
-Input pipeline
-    Each sample's raw patches are read from the dataset's zarr store once, with one sequential read
-    per sample (no per-patch file reads), and kept in memory in the store's dtype (uint8/uint16: 4 KiB
-    per 32x32x4 uint8 patch). Batches are gathered, normalized with the dataset's stored anchors
-    (``(v - low) / (high - low)`` clipped to [0, 1], per sample or global as the dataset was made) and
-    augmented in a ``keras.utils.PyDataset``; with the TensorFlow backend Keras feeds it through a
-    prefetching ``tf.data`` pipeline, so batch preparation runs on one core while the model trains on
-    the other (``n_workers > 1`` adds preparation threads). When the raw patches would exceed
-    ``memory_budget_bytes`` the data stays on disk and batches are read chunk-wise (see
-    :class:`PatchData`), with a block-wise shuffle.
+Input pipeline and memory
+    Raw patches stay in the store's dtype (uint8/uint16: 4 KiB per 32x32x4 uint8 patch). When they fit
+    ``memory_budget_bytes`` (default :data:`DEFAULT_MEMORY_BUDGET`, 1 GiB) every sample is read once,
+    sequentially, into RAM; otherwise they stay on disk and are read in whole zarr chunks through a
+    least-recently-used cache of at most ``memory_budget_bytes`` and at most three shuffle windows
+    (768 MiB), the next window's chunks being decoded in a background thread. Peak memory is thus
+    bounded by the budget, not by the plate: per object only the compact index (about 30 bytes plus the
+    object name) and the condition rows are kept. Batches are gathered in one short numpy call, then
+    normalized with the dataset's stored anchors (``(v - low) / (high - low)`` clipped to [0, 1], per
+    sample or global as the dataset was made) and augmented as TensorFlow ops in a prefetching
+    ``tf.data`` pipeline, so batch preparation runs on one core while the model trains on the other
+    (``n_workers > 1`` adds preparation threads).
 
 Split
     By object within each (dataset, sample): a seeded ``validation_fraction`` of every sample's
@@ -20,8 +22,11 @@ Split
 Augmentation and order
     Training batches only: with ``flip=True`` each patch gets one of the 8 dihedral transforms
     (rotations by 0/90/180/270 degrees, with or without a mirror; 4 for non-square patches), drawn
-    from ``(seed, epoch, batch)``; with ``shuffle=True`` the training order is a seeded permutation
-    per epoch. Validation batches are neither shuffled nor augmented.
+    from ``(seed, epoch, batch)``; with ``shuffle=True`` the training order is a seeded chunk-wise
+    shuffle per epoch (:func:`batch_plan`: store chunks in random order, rows shuffled within windows
+    of about :data:`SHUFFLE_WINDOW_BYTES`; a split under one window is uniformly permuted). The order
+    does not depend on the memory budget: in RAM or streamed, a seed gives the same batches.
+    Validation batches are neither shuffled nor augmented.
 
 Callbacks (:func:`fit`)
     EarlyStopping on ``val_loss`` with the best weights restored, ReduceLROnPlateau, TensorBoard
@@ -44,6 +49,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from collections import OrderedDict  # noqa: E402
 from collections.abc import Callable, Mapping, Sequence  # noqa: E402
+from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Literal  # noqa: E402
@@ -59,18 +65,23 @@ from ._io import write_json_atomic, write_text_atomic  # noqa: E402
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BatchPlan",
     "PatchData",
     "PatchSequence",
     "check_datasets",
     "TFPatchBatches",
+    "batch_plan",
     "fit",
     "load_patch_data",
     "make_batches",
     "split_train_val",
 ]
 
-#: Default memory budget for raw patches held in RAM during training.
-DEFAULT_MEMORY_BUDGET = 8 * 2**30
+#: Default memory budget: raw patches up to this size are held in RAM during training; larger sets are
+#: streamed from the store through a chunk cache of at most this size.
+DEFAULT_MEMORY_BUDGET = 2**30
+#: Training rows are shuffled within windows of whole store chunks of about this many raw bytes.
+SHUFFLE_WINDOW_BYTES = 256 * 2**20
 _SETTING_KEYS = ("patch_size", "channels", "spatial_key_index", "store_dtype")
 _NORM_KEYS = ("scale", "scale_per_sample", "scale_percentile")
 
@@ -119,81 +130,204 @@ def check_datasets(datasets: Sequence[P.PatchDataset], input_shape: Sequence[int
     return ref
 
 
+class _ChunkCache:
+    """Decoded store chunks, least recently used out first, never more than ``max_bytes`` in all.
+
+    ``get`` returns a chunk (decoding it when absent; a chunk larger than ``max_bytes`` is returned but
+    not kept); ``prefetch`` decodes chunks in one background thread ahead of their use. Thread-safe: the
+    tf.data pipeline gathers batches in parallel map calls.
+    """
+
+    def __init__(self, load: Callable[[int], np.ndarray], max_bytes: int) -> None:
+        self._load = load
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self.peak_nbytes = 0
+        self.n_loads = 0
+        self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._pending: dict[int, Future] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def get(self, key: int) -> np.ndarray:
+        """Chunk ``key``, from the cache, from a pending prefetch, or decoded now."""
+        with self._lock:
+            arr = self._chunks.get(key)
+            if arr is not None:
+                self._chunks.move_to_end(key)
+                return arr
+            pending = self._pending.get(key)
+        return pending.result() if pending is not None else self._fetch(key)
+
+    def prefetch(self, keys: Sequence[int]) -> None:
+        """Decode ``keys`` (in order) in the background unless cached or already on their way."""
+        with self._lock:
+            todo = [k for k in keys if k not in self._chunks and k not in self._pending]
+            if todo and self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="phenocoder-chunks")
+            for key in todo:
+                self._pending[key] = self._pool.submit(self._fetch, key)
+
+    def _fetch(self, key: int) -> np.ndarray:
+        try:
+            arr = self._load(key)
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+        with self._lock:
+            self.n_loads += 1
+            if key not in self._chunks and arr.nbytes <= self.max_bytes:
+                while self._chunks and self.nbytes + arr.nbytes > self.max_bytes:
+                    _, old = self._chunks.popitem(last=False)
+                    self.nbytes -= old.nbytes
+                self._chunks[key] = arr
+                self.nbytes += arr.nbytes
+                self.peak_nbytes = max(self.peak_nbytes, self.nbytes)
+        return arr
+
+
 @dataclass
 class PatchData:
-    """All training patches of a model: raw values (in RAM or on disk), anchors and conditions.
+    """All training patches of a model: raw values (in RAM or streamed from the store), anchors, conditions.
 
-    Rows follow ``index`` (datasets in order, samples in dataset order, store order within a sample).
-    ``group`` maps each row to its (low, inv) anchor pair; ``conditions`` is (n, width) or None.
+    Rows follow ``index`` (datasets in order, samples in dataset order, store order within a sample): a
+    block of consecutive rows per (dataset, sample), rows ``block_start[b]:block_start[b + 1]`` being the
+    rows of the store ``stores[b]`` in order. Per row only ``index`` and ``conditions`` ((n, width) or
+    None) are kept; blocks carry the anchor group (``block_group``, into ``low``/``inv``) and the store's
+    chunk length (``chunk_rows``, an int or one per block).
+
+    With ``raw`` None the patches are read from the store in whole chunks through a least-recently-used
+    cache of at most ``cache_bytes`` decoded bytes. The store chunks also define the training order
+    (see :func:`batch_plan`), in memory or not, so both give the same batches.
     """
 
     index: pd.DataFrame
-    group: np.ndarray
     low: np.ndarray
     inv: np.ndarray
     scale: bool
     conditions: np.ndarray | None
     patch_shape: tuple[int, int, int]
-    raw: np.ndarray | None = None  # in-memory raw patches, or None when streaming from disk
-    stores: list[tuple[Path, str]] | None = None  # per block id: (dataset folder, sample)
-    block_of_row: np.ndarray | None = None  # streaming: block id of every row
-    store_row: np.ndarray | None = None  # streaming: row in the sample's zarr array
-    chunk_rows: int = 1024
+    dtype: np.dtype
+    stores: list[tuple[Path, str]]
+    block_start: np.ndarray
+    block_group: np.ndarray
+    chunk_rows: np.ndarray | int = P._CHUNK_ROWS
+    raw: np.ndarray | None = None
+    cache_bytes: int = 2**30
+    shuffle_window_bytes: int = 0  # 0: SHUFFLE_WINDOW_BYTES
 
     def __post_init__(self) -> None:
-        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-        self.cache_chunks = 32
+        self.dtype = np.dtype(self.dtype)
+        self.block_start = np.asarray(self.block_start, np.int64)
+        self.block_group = np.asarray(self.block_group, np.int32)
+        self._cache = _ChunkCache(self._load_chunk, self.cache_bytes)
+        self._arrays: dict[int, Any] = {}
 
     def __len__(self) -> int:
-        return len(self.index)
+        return int(self.block_start[-1])
 
     @property
     def in_memory(self) -> bool:
         """Whether the raw patches are held in RAM."""
         return self.raw is not None
 
-    def raw_rows(self, pos: np.ndarray) -> np.ndarray:
-        """Raw patches of rows ``pos`` (in the given order)."""
+    @property
+    def patch_bytes(self) -> int:
+        """Bytes of one raw patch."""
+        return int(np.prod(self.patch_shape)) * self.dtype.itemsize
+
+    @property
+    def window_chunks(self) -> int:
+        """Store chunks per shuffle window (whole chunks of about ``SHUFFLE_WINDOW_BYTES``, at least one)."""
+        chunk_bytes = int(np.max(self._layout()[0])) * self.patch_bytes
+        return max(int(self.shuffle_window_bytes or SHUFFLE_WINDOW_BYTES) // max(chunk_bytes, 1), 1)
+
+    def block_of(self, pos: np.ndarray) -> np.ndarray:
+        """Block (dataset, sample) of rows ``pos``."""
+        return np.searchsorted(self.block_start, pos, side="right") - 1
+
+    def group_of(self, pos: np.ndarray) -> np.ndarray:
+        """Anchor group (row of ``low``/``inv``) of rows ``pos``."""
+        return self.block_group[self.block_of(pos)]
+
+    def _layout(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rows per chunk of every block and the global id of every block's first chunk (n_blocks + 1)."""
+        n_blocks = len(self.block_start) - 1
+        rows = np.broadcast_to(np.asarray(self.chunk_rows, np.int64), (n_blocks,))
+        n_chunks = -(-np.diff(self.block_start) // rows)
+        return rows, np.concatenate([[0], np.cumsum(n_chunks)])
+
+    def chunk_of(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global store chunk of rows ``pos`` and their row within the chunk."""
+        rows, base = self._layout()
+        block = self.block_of(pos)
+        local = np.asarray(pos, np.int64) - self.block_start[block]
+        per = rows[block]
+        return base[block] + local // per, local % per
+
+    def raw_rows(self, pos: np.ndarray, plan: BatchPlan | None = None) -> np.ndarray:
+        """Raw patches of rows ``pos`` (in the given order); ``plan`` lets the cache prefetch the next window."""
         if self.raw is not None:
             return self.raw[pos]
-        out = None
-        blocks, chunks = self.block_of_row[pos], self.store_row[pos] // self.chunk_rows
-        for key in sorted(set(zip(blocks.tolist(), chunks.tolist(), strict=True))):
-            sel = np.flatnonzero((blocks == key[0]) & (chunks == key[1]))
-            data = self._chunk(*key)
-            part = data[self.store_row[pos[sel]] - key[1] * self.chunk_rows]
-            if out is None:
-                out = np.empty((len(pos), *part.shape[1:]), part.dtype)
-            out[sel] = part
+        chunk, offset = self.chunk_of(pos)
+        keys, inverse = np.unique(chunk, return_inverse=True)
+        if plan is not None:
+            self._prefetch_after(plan, keys)
+        out = np.empty((len(pos), *self.patch_shape), self.dtype)
+        by_chunk = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[by_chunk], np.arange(len(keys) + 1))
+        for j, key in enumerate(keys.tolist()):
+            sel = by_chunk[bounds[j]:bounds[j + 1]]
+            out[sel] = self._cache.get(key)[offset[sel]]
         return out
 
-    def _chunk(self, block: int, chunk: int) -> np.ndarray:
+    def _prefetch_after(self, plan: BatchPlan, keys: np.ndarray) -> None:
+        """Decode the chunks of the window after the latest one ``keys`` touch, as far as the cache holds them."""
+        nxt = int(plan.window_of_chunk[keys].max()) + 1
+        if nxt < plan.next_prefetch or nxt >= len(plan.windows):
+            return
+        plan.next_prefetch = nxt + 1
+        chunk_bytes = int(np.max(self._layout()[0])) * self.patch_bytes
+        room = self._cache.max_bytes // max(chunk_bytes, 1) - len(plan.windows[nxt - 1])
+        if room > 0:
+            self._cache.prefetch(plan.windows[nxt][:room].tolist())
+
+    def start(self, plan: BatchPlan) -> None:
+        """Begin decoding the first window of ``plan`` (streaming only)."""
+        if self.raw is None and plan.windows:
+            plan.next_prefetch = 1
+            chunk_bytes = int(np.max(self._layout()[0])) * self.patch_bytes
+            self._cache.prefetch(plan.windows[0][:max(self._cache.max_bytes // max(chunk_bytes, 1), 0)].tolist())
+
+    def _load_chunk(self, key: int) -> np.ndarray:
         import zarr
 
-        key = (block, chunk)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        folder, sample = self.stores[block]
-        arr = zarr.open_array(folder / P.STORE_DIR / sample, mode="r")
-        data = arr[chunk * self.chunk_rows:(chunk + 1) * self.chunk_rows]
-        with self._lock:
-            self._cache[key] = data
-            while len(self._cache) > self.cache_chunks:
-                self._cache.popitem(last=False)
-        return data
+        rows, base = self._layout()
+        block = int(np.searchsorted(base, key, side="right") - 1)
+        lo = self.block_start[block] + (key - base[block]) * rows[block]
+        hi = min(lo + rows[block], self.block_start[block + 1])
+        arr = self._arrays.get(block)
+        if arr is None:
+            folder, sample = self.stores[block]
+            arr = self._arrays[block] = zarr.open_array(folder / P.STORE_DIR / sample, mode="r")
+        start = int(lo - self.block_start[block])
+        return np.asarray(arr[start:start + int(hi - lo)])
 
-    def batch(self, pos: np.ndarray) -> np.ndarray:
-        """Return normalized float32 patches (len(pos), h, w, c) of rows ``pos``."""
-        x = self.raw_rows(pos).astype(np.float32)
+    def normalize(self, raw: np.ndarray, group: np.ndarray) -> np.ndarray:
+        """Normalized float32 patches of ``raw`` patches whose anchor groups are ``group``."""
+        x = raw.astype(np.float32)
         if self.scale:
-            g = self.group[pos]
-            x -= self.low[g][:, None, None, :]
-            x *= self.inv[g][:, None, None, :]
+            x -= self.low[group][:, None, None, :]
+            x *= self.inv[group][:, None, None, :]
             np.clip(x, 0.0, 1.0, out=x)
         return x
+
+    def batch(self, pos: np.ndarray, plan: BatchPlan | None = None) -> np.ndarray:
+        """Return normalized float32 patches (len(pos), h, w, c) of rows ``pos``."""
+        return self.normalize(self.raw_rows(pos, plan), self.group_of(pos))
 
 
 def load_patch_data(
@@ -205,67 +339,68 @@ def load_patch_data(
     """Read the raw patches of every dataset (one sequential read per sample) into a :class:`PatchData`.
 
     ``conditions`` must have one row per row of the concatenated dataset indexes (see
-    :func:`training_index`). Above ``memory_budget_bytes`` the patches stay on disk and are read
-    chunk-wise per batch.
+    :func:`training_index`). When the raw patches exceed ``memory_budget_bytes`` they stay on disk and
+    are read in whole store chunks through a cache of at most ``memory_budget_bytes`` and at most three
+    shuffle windows (``3 * SHUFFLE_WINDOW_BYTES``); the batches are the same either way.
     """
-    index = training_index(datasets)
+    import zarr
+
+    blocks = _training_blocks(datasets)
+    index = _concat_index([frame for _, _, frame in blocks])
     ref = datasets[0].settings
     h, w = ref["patch_size"]
     c = len(ref["channels"])
-    itemsize = np.dtype(ref["store_dtype"]).itemsize
-    total = len(index) * h * w * c * itemsize
+    dtype = np.dtype(ref["store_dtype"])
+    total = len(index) * h * w * c * dtype.itemsize
     norm = ref["normalization"]
     scale = bool(norm["scale"])
+    if conditions is not None and len(conditions) != len(index):
+        raise ValueError(f"conditions has {len(conditions)} rows; the datasets have {len(index)} patches.")
     groups: dict[tuple, int] = {}
-    lows, highs = [], []
-    group = np.empty(len(index), np.int32)
-    stores: list[tuple[Path, str]] = []
-    block_of_row = np.empty(len(index), np.int32)
+    lows, highs, block_group, chunk_rows = [], [], [], []
+    block_start = np.concatenate([[0], np.cumsum([len(frame) for _, _, frame in blocks])]).astype(np.int64)
     in_memory = total <= memory_budget_bytes
-    raw = np.empty((len(index), h, w, c), np.dtype(ref["store_dtype"])) if in_memory else None
-    start = 0
-    for ds in datasets:
-        for sample in ds.samples:
-            n = int((ds.index["sample"] == sample).sum())
-            if n == 0:
-                continue
-            sl = slice(start, start + n)
-            if scale:
-                key = (ds.name, sample) if norm["scale_per_sample"] else (ds.name,)
-                if key not in groups:
-                    low, high = ds.anchors(sample)
-                    groups[key] = len(lows)
-                    lows.append(low)
-                    highs.append(high)
-                group[sl] = groups[key]
-            else:
-                group[sl] = 0
-            block_of_row[sl] = len(stores)
-            stores.append((ds.path, sample))
-            if raw is not None:
-                raw[sl] = ds.read(sample, normalized=False)
+    raw = np.empty((len(index), h, w, c), dtype) if in_memory else None
+    for b, (ds, sample, _) in enumerate(blocks):
+        if scale:
+            key = (ds.name, sample) if norm["scale_per_sample"] else (ds.name,)
+            if key not in groups:
+                low, high = ds.anchors(sample)
+                groups[key] = len(lows)
+                lows.append(low)
+                highs.append(high)
+            block_group.append(groups[key])
+        else:
+            block_group.append(0)
+        chunk_rows.append(int(zarr.open_array(ds.path / P.STORE_DIR / sample, mode="r").chunks[0]))
+        if raw is not None:
+            sl = slice(block_start[b], block_start[b + 1])
+            raw[sl] = ds.read(sample, normalized=False)
             if not scale:
-                _check_unit_range(raw[sl] if raw is not None else ds.read(sample, normalized=False), ds.name, sample)
-            start += n
+                _check_unit_range(raw[sl], ds.name, sample)
     if not lows:
         lows, highs = [np.zeros(c, np.float32)], [np.ones(c, np.float32)]
     low = np.asarray(lows, np.float32)
     inv = (1.0 / (np.asarray(highs, np.float32) - low)).astype(np.float32)
-    if conditions is not None and len(conditions) != len(index):
-        raise ValueError(f"conditions has {len(conditions)} rows; the datasets have {len(index)} patches.")
+    data = PatchData(index=_compact_index(index), low=low, inv=inv, scale=scale, conditions=conditions,
+                     patch_shape=(h, w, c), dtype=dtype, stores=[(ds.path, sample) for ds, sample, _ in blocks],
+                     block_start=block_start, block_group=block_group, chunk_rows=np.asarray(chunk_rows, np.int64),
+                     raw=raw, cache_bytes=memory_budget_bytes)
     if not in_memory:
-        logger.info("raw patches (%.1f GiB) exceed memory_budget_bytes (%.1f GiB): streaming from the store",
-                    total / 2**30, memory_budget_bytes / 2**30)
-    data = PatchData(index=index, group=group, low=low, inv=inv, scale=scale, conditions=conditions,
-                     patch_shape=(h, w, c), raw=raw)
-    if not in_memory:
-        import zarr
-
-        data.stores = stores
-        data.block_of_row = block_of_row
-        data.store_row = index["row"].to_numpy(np.int64)
-        first = zarr.open_array(stores[0][0] / P.STORE_DIR / stores[0][1], mode="r")
-        data.chunk_rows = int(first.chunks[0])
+        window = data.window_chunks * int(max(chunk_rows)) * data.patch_bytes
+        data._cache.max_bytes = min(int(memory_budget_bytes), 3 * window)  # current, next and a spare window
+        logger.info("raw patches (%.2f GiB) exceed memory_budget_bytes (%.2f GiB): streaming from the store "
+                    "through a chunk cache of at most %.0f MiB", total / 2**30, memory_budget_bytes / 2**30,
+                    data._cache.max_bytes / 2**20)
+        if memory_budget_bytes < 2 * window:
+            logger.warning("memory_budget_bytes=%d holds less than two shuffle windows (2 x %.0f MiB): chunks are "
+                           "decoded more than once per epoch; raise the budget for full speed.",
+                           memory_budget_bytes, window / 2**20)
+        if not scale:
+            base = data._layout()[1]
+            for b, (ds, sample, _) in enumerate(blocks):
+                for key in range(int(base[b]), int(base[b + 1])):
+                    _check_unit_range(data._load_chunk(key), ds.name, sample)
     return data
 
 
@@ -278,21 +413,50 @@ def _check_unit_range(raw: np.ndarray, dataset: str, sample: str) -> None:
         )
 
 
-def training_index(datasets: Sequence[P.PatchDataset]) -> pd.DataFrame:
-    """Concatenate the patch indexes in training-row order (samples in dataset order, store order within)."""
-    frames = []
+def _training_blocks(datasets: Sequence[P.PatchDataset]) -> list[tuple[P.PatchDataset, str, pd.DataFrame]]:
+    """(dataset, sample, index rows in store order) of every non-empty sample, in training-row order."""
+    blocks = []
     for ds in datasets:
+        keys, rows = group_rows(ds.index["sample"].to_numpy())  # one pass, not one scan per sample
+        rows_of = dict(zip(keys.tolist(), rows, strict=True))
         for sample in ds.samples:
-            sub = ds.index[ds.index["sample"] == sample].sort_values("row", kind="stable")
-            if not len(sub):
+            if sample not in rows_of:
                 continue
+            sub = ds.index.iloc[rows_of[sample]].sort_values("row", kind="stable")
             if not np.array_equal(sub["row"].to_numpy(), np.arange(len(sub))):
                 raise ValueError(f"dataset {ds.name!r}, sample {sample!r}: the index rows do not cover the store "
                                  "(0..n-1); regenerate the dataset.")
-            frames.append(sub)
+            blocks.append((ds, sample, sub))
+    return blocks
+
+
+def _concat_index(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
     index = pd.concat(frames, ignore_index=True)
     index["sample"] = index["sample"].astype(str)
     return index
+
+
+def training_index(datasets: Sequence[P.PatchDataset]) -> pd.DataFrame:
+    """Concatenate the patch indexes in training-row order (samples in dataset order, store order within)."""
+    return _concat_index([frame for _, _, frame in _training_blocks(datasets)])
+
+
+def _compact_index(index: pd.DataFrame) -> pd.DataFrame:
+    """The index as :class:`PatchData` keeps it (about 30 bytes per object plus the object name).
+
+    Without the store ``row`` and ``padded`` (the blocks give the row), repeated strings as categories,
+    object names as Arrow strings, integers as int32 where they fit.
+    """
+    out = index.drop(columns=[col for col in ("row", "padded") if col in index.columns])
+    for col in out.columns:
+        values = out[col]
+        if values.dtype == object and pd.api.types.infer_dtype(values, skipna=False) == "string":
+            many = values.nunique() > len(values) // 4
+            out[col] = values.astype("string[pyarrow]" if many else "category")
+        elif pd.api.types.is_integer_dtype(values.dtype) and values.dtype.itemsize > 4 and len(values) and \
+                np.iinfo(np.int32).min <= values.min() and values.max() <= np.iinfo(np.int32).max:
+            out[col] = values.astype(np.int32)
+    return out
 
 
 def split_train_val(
@@ -358,30 +522,55 @@ def dihedral(x: np.ndarray, states: np.ndarray) -> np.ndarray:
     return out
 
 
-class PatchSequence(keras.utils.PyDataset):
-    """Batches ``{"image": ..., ["condition": ...]}`` of ``positions`` of a :class:`PatchData`.
+@dataclass
+class BatchPlan:
+    """One epoch's order of a split: ``order`` (rows in batch order) and its store chunks, window by window."""
 
-    Parameters
-    ----------
-    data
-        The patches.
-    positions
-        Rows of ``data`` in this split.
-    batch_size
-        Patches per batch (the last batch may be smaller; no patch is dropped).
-    shuffle, flip
-        Seeded per-epoch permutation and dihedral augmentation (training split only).
-    seed
-        Seed of the order and the augmentation; batch ``i`` of epoch ``e`` depends only on (seed, e, i).
-    workers
-        Preparation threads (Keras PyDataset ``workers``).
+    order: np.ndarray
+    windows: list[np.ndarray]  # store chunks of each window, in the order the epoch first uses them
+    window_of_chunk: np.ndarray  # window of every store chunk (-1: not in this split)
+    next_prefetch: int = 0  # first window not yet handed to the chunk cache's prefetch
 
+
+def batch_plan(data: PatchData, positions: np.ndarray, *, shuffle: bool, seed: int, epoch: int) -> BatchPlan:
+    """The order of ``positions`` in epoch ``epoch``: a chunk-wise shuffle, or ``positions`` as given.
+
+    Shuffled, the store chunks touched are put in a seeded random order and cut into windows of
+    ``data.window_chunks`` chunks (about ``SHUFFLE_WINDOW_BYTES`` of raw patches); the rows of each window
+    are then shuffled together. A split smaller than one window is thus uniformly permuted, and a batch
+    never needs more than two windows' chunks, so streaming decodes each chunk about once per epoch. The
+    order depends on (seed, epoch), the positions and the store chunks only: not on the memory budget,
+    nor on whether the patches are in RAM.
+    """
+    chunk, _ = data.chunk_of(positions)
+    if shuffle:
+        rng = np.random.default_rng([int(seed), int(epoch), 1])
+        keys, inverse = np.unique(chunk, return_inverse=True)
+        perm = rng.permutation(len(keys))
+        rank = np.empty(len(keys), np.int64)
+        rank[perm] = np.arange(len(keys))
+        order = positions[np.lexsort((rng.random(len(positions)), rank[inverse] // data.window_chunks))]
+        sequence = keys[perm]
+    else:
+        order, sequence = positions, pd.unique(chunk)
+    w = data.window_chunks
+    windows = [sequence[i:i + w] for i in range(0, len(sequence), w)]
+    window_of_chunk = np.full(int(data._layout()[1][-1]), -1, np.int32)
+    for k, keys_k in enumerate(windows):
+        window_of_chunk[keys_k] = k
+    return BatchPlan(order=order, windows=windows, window_of_chunk=window_of_chunk)
+
+
+class _PlannedBatches:
+    """Batches of ``positions`` of a :class:`PatchData` following :func:`batch_plan`, with seeded flips.
+
+    Batch ``i`` of epoch ``e`` holds rows ``plan(e).order[i * batch_size:(i + 1) * batch_size]``; with
+    ``flip`` its patches get the dihedral states ``default_rng([seed, e, i, 2]).integers(0, 8)`` (even
+    states only for non-square patches).
     """
 
-    def __init__(self, data: PatchData, positions: np.ndarray, *, batch_size: int, shuffle: bool = False,
-                 flip: bool = False, seed: int = 0, workers: int = 1) -> None:
-        super().__init__(workers=max(int(workers), 1), use_multiprocessing=False,
-                         max_queue_size=max(4, 2 * int(workers)))
+    def _setup(self, data: PatchData, positions: np.ndarray, batch_size: int, shuffle: bool, flip: bool,
+               seed: int) -> None:
         if len(positions) == 0:
             raise ValueError("a split has no patches.")
         self.data = data
@@ -392,39 +581,75 @@ class PatchSequence(keras.utils.PyDataset):
         self.seed = int(seed)
         h, w, _ = data.patch_shape
         self.n_states = 8 if h == w else 4
-        self.epoch = 0
-        self._order = self._make_order(0)
-
-    def _make_order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return self.positions
-        rng = np.random.default_rng([self.seed, epoch, 1])
-        if self.data.in_memory:
-            return self.positions[rng.permutation(len(self.positions))]
-        # Streaming: shuffle whole chunks, then rows within windows of a few chunks, so that a batch
-        # touches few chunks and each chunk is decoded about once per epoch.
-        pos = self.positions
-        chunk_id = self.data.block_of_row[pos].astype(np.int64) * 1_000_000 + self.data.store_row[pos] // \
-            self.data.chunk_rows
-        uniq, inverse = np.unique(chunk_id, return_inverse=True)
-        chunk_order = rng.permutation(len(uniq))
-        rank = np.empty(len(uniq), np.int64)
-        rank[chunk_order] = np.arange(len(uniq))
-        window = rank[inverse] // max(self.data.cache_chunks // 4, 1)
-        return pos[np.lexsort((rng.random(len(pos)), window))]
+        self._plans: OrderedDict[int, BatchPlan] = OrderedDict()
+        self._plan_lock = threading.Lock()
 
     def __len__(self) -> int:
         return math.ceil(len(self.positions) / self.batch_size)
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    def plan(self, epoch: int) -> BatchPlan:
+        """The order of epoch ``epoch`` (the last two epochs' plans are kept)."""
+        key = int(epoch) if self.shuffle else 0
+        with self._plan_lock:
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = self._plans[key] = batch_plan(self.data, self.positions, shuffle=self.shuffle, seed=self.seed,
+                                                     epoch=key)
+                self.data.start(plan)
+                while len(self._plans) > 2:
+                    self._plans.popitem(last=False)
+            return plan
+
+    def batch_arrays(self, epoch: int, i: int) -> tuple[np.ndarray, ...]:
+        """Raw patches, anchor groups, dihedral states (zeros without ``flip``) and positions of batch ``i``."""
         if i < 0 or i >= len(self):
             raise IndexError(f"batch {i} out of range (0..{len(self) - 1}).")
-        pos = self._order[i * self.batch_size:(i + 1) * self.batch_size]
-        x = self.data.batch(pos)
+        plan = self.plan(epoch)
+        pos = plan.order[i * self.batch_size:(i + 1) * self.batch_size]
+        states = np.zeros(len(pos), np.int32)
         if self.flip:
-            states = np.random.default_rng([self.seed, self.epoch, i, 2]).integers(0, 8, size=len(pos))
+            states = np.random.default_rng([self.seed, int(epoch), int(i), 2]).integers(0, 8, size=len(pos))
             if self.n_states == 4:
                 states = states - states % 2  # 0, 2, 4, 6: the symmetries of a rectangle
+        return self.data.raw_rows(pos, plan), self.data.group_of(pos).astype(np.int32), states.astype(np.int32), pos
+
+
+class PatchSequence(_PlannedBatches, keras.utils.PyDataset):
+    """Batches ``{"image": ..., ["condition": ...]}`` of ``positions`` of a :class:`PatchData` (numpy, any backend).
+
+    Parameters
+    ----------
+    data
+        The patches.
+    positions
+        Rows of ``data`` in this split.
+    batch_size
+        Patches per batch (the last batch may be smaller; no patch is dropped).
+    shuffle, flip
+        Seeded per-epoch chunk-wise shuffle (:func:`batch_plan`) and dihedral augmentation (training split only).
+    seed
+        Seed of the order and the augmentation; batch ``i`` of epoch ``e`` depends only on (seed, e, i).
+    workers
+        Preparation threads (Keras PyDataset ``workers``).
+
+    """
+
+    def __init__(self, data: PatchData, positions: np.ndarray, *, batch_size: int, shuffle: bool = False,
+                 flip: bool = False, seed: int = 0, workers: int = 1) -> None:
+        keras.utils.PyDataset.__init__(self, workers=max(int(workers), 1), use_multiprocessing=False,
+                                       max_queue_size=max(4, 2 * int(workers)))
+        self._setup(data, positions, batch_size, shuffle, flip, seed)
+        self.epoch = 0
+
+    @property
+    def order(self) -> np.ndarray:
+        """Rows of the current epoch in batch order."""
+        return self.plan(self.epoch).order
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        raw, group, states, pos = self.batch_arrays(self.epoch, i)
+        x = self.data.normalize(raw, group)
+        if self.flip:
             x = dihedral(x, states)
         out = {"image": x}
         if self.data.conditions is not None:
@@ -435,40 +660,29 @@ class PatchSequence(keras.utils.PyDataset):
         """Advance to the next epoch's order and augmentation draws."""
         # Called by Keras after the epoch's batches were consumed (the enqueuer is stopped first).
         self.epoch += 1
-        self._order = self._make_order(self.epoch)
-
 
     def keras_input(self) -> Any:
         """Return what ``fit`` consumes (the PyDataset itself)."""
         return self
 
 
-class TFPatchBatches:
-    """The same batches as :class:`PatchSequence`, as a ``tf.data`` pipeline (TensorFlow backend, data in RAM).
+class TFPatchBatches(_PlannedBatches):
+    """The batches of :class:`PatchSequence` as a ``tf.data`` pipeline (TensorFlow backend).
 
-    Gathering, normalization and the dihedral transforms run as TensorFlow ops in parallel map calls
-    with prefetching, so no Python runs per batch (a Python ``PyDataset`` behind ``tf.data`` holds the
-    GIL for every batch and halves the throughput of small models on two cores). The order is a seeded
-    ``shuffle`` reshuffled every epoch and the transforms are drawn from a seeded
-    ``tf.data.Dataset.random`` re-drawn every epoch: reproducible under the seed, but not the same
-    draws as :class:`PatchSequence`.
+    One short numpy call per batch gathers the raw patches (from RAM, or from the chunk cache while the
+    next window's chunks are decoded in the background); normalization and the dihedral transforms run
+    as TensorFlow ops in parallel map calls with prefetching, so no other Python runs per batch (a Python
+    ``PyDataset`` behind ``tf.data`` holds the GIL for every batch and halves the throughput of small
+    models on two cores). Every pass over :meth:`keras_input` is the next epoch (0, 1, ...), with the
+    order and draws of that epoch of :class:`PatchSequence`.
     """
 
     def __init__(self, data: PatchData, positions: np.ndarray, *, batch_size: int, shuffle: bool = False,
                  flip: bool = False, seed: int = 0, workers: int = 1) -> None:
-        if not data.in_memory:
-            raise ValueError("TFPatchBatches needs the patches in memory; use PatchSequence to stream from disk.")
-        if len(positions) == 0:
-            raise ValueError("a split has no patches.")
-        self.data = data
-        self.positions = np.asarray(positions, np.int64)
-        self.batch_size = int(batch_size)
-        self.shuffle, self.flip, self.seed = bool(shuffle), bool(flip), int(seed)
+        self._setup(data, positions, batch_size, shuffle, flip, seed)
         self.workers = max(int(workers), 1)
+        self.epoch = 0  # the epoch the next pass will be
         self._dataset = None
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.positions) / self.batch_size)
 
     def keras_input(self) -> Any:
         """Return the ``tf.data.Dataset`` that ``fit`` consumes (built once)."""
@@ -476,47 +690,48 @@ class TFPatchBatches:
             self._dataset = self._build()
         return self._dataset
 
+    def _next_epoch(self) -> np.int64:
+        with self._plan_lock:
+            epoch, self.epoch = self.epoch, self.epoch + 1
+        return np.int64(epoch)
+
+    def _arrays(self, epoch: np.int64, i: np.int64) -> list[np.ndarray]:
+        raw, group, states, pos = self.batch_arrays(int(epoch), int(i))
+        out = [raw, group, states]
+        if self.data.conditions is not None:
+            out.append(np.asarray(self.data.conditions[pos], np.float32))
+        return out
+
     def _build(self) -> Any:
         import tensorflow as tf
 
         data = self.data
         h, w, _ = data.patch_shape
-        raw_np = data.raw
-        raw_dtype = tf.as_dtype(raw_np.dtype)
-        low = tf.constant(data.low[data.group] if data.scale else np.zeros((len(data), data.low.shape[1]),
-                                                                               np.float32))
-        inv = tf.constant(data.inv[data.group] if data.scale else np.ones((len(data), data.low.shape[1]),
-                                                                              np.float32))
-        cond = tf.constant(data.conditions) if data.conditions is not None else None
-        scale = data.scale
-        square = h == w
+        low, inv = tf.constant(data.low), tf.constant(data.inv)
+        n_cond = data.conditions.shape[1] if data.conditions is not None else None
+        types = [tf.as_dtype(data.dtype), tf.int32, tf.int32] + ([tf.float32] if n_cond is not None else [])
+        scale, flip, square, n = data.scale, self.flip, h == w, len(self)
 
-        ds = tf.data.Dataset.from_tensor_slices(self.positions)
-        if self.shuffle:
-            ds = ds.shuffle(len(self.positions), seed=self.seed, reshuffle_each_iteration=True)
-        ds = ds.batch(self.batch_size)
-        if self.flip:
-            rand = tf.data.Dataset.random(seed=self.seed + 1, rerandomize_each_iteration=True).batch(self.batch_size)
-            ds = tf.data.Dataset.zip((ds, rand))
-        else:
-            ds = ds.map(lambda p: (p, tf.zeros_like(p)))
+        def epoch_batches(_):  # runs once per pass: the pass's epoch number, then (batch, epoch) pairs
+            epoch = tf.numpy_function(self._next_epoch, [], tf.int64, stateful=True)
+            return tf.data.Dataset.from_tensors(epoch).repeat(n).enumerate()
 
-        def make(pos, r):
-            # The raw patches stay in the numpy array (no TensorFlow copy of a multi-GB array); the
-            # gather is one short numpy call per batch, everything after it is graph ops.
-            x = tf.numpy_function(lambda p: raw_np[p], [pos], raw_dtype, stateful=False)
-            x = tf.cast(tf.ensure_shape(x, (None, *data.patch_shape)), tf.float32)
+        def make(i, epoch):
+            raw, group, states, *cond = tf.numpy_function(self._arrays, [epoch, i], types, stateful=False)
+            x = tf.cast(tf.ensure_shape(raw, (None, *data.patch_shape)), tf.float32)
             if scale:
-                x = (x - tf.gather(low, pos)[:, None, None, :]) * tf.gather(inv, pos)[:, None, None, :]
+                group = tf.ensure_shape(group, (None,))
+                x = (x - tf.gather(low, group)[:, None, None, :]) * tf.gather(inv, group)[:, None, None, :]
                 x = tf.clip_by_value(x, 0.0, 1.0)
-            if self.flip:
-                states = tf.math.floormod(r[: tf.shape(pos)[0]], 8)
-                x = _tf_dihedral(x, states, square)
+            if flip:
+                x = _tf_dihedral(x, tf.ensure_shape(states, (None,)), square)
             out = {"image": x}
-            if cond is not None:
-                out["condition"] = tf.gather(cond, pos)
+            if cond:
+                out["condition"] = tf.ensure_shape(cond[0], (None, n_cond))
             return out
 
+        ds = tf.data.Dataset.from_tensors(np.int64(0)).flat_map(epoch_batches)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(n))
         ds = ds.map(make, num_parallel_calls=max(self.workers, 2), deterministic=True)
         options = tf.data.Options()
         options.deterministic = True
@@ -541,9 +756,9 @@ def _tf_dihedral(x: Any, states: Any, square: bool) -> Any:
 
 def make_batches(data: PatchData, positions: np.ndarray, *, batch_size: int, shuffle: bool = False,
                  flip: bool = False, seed: int = 0, workers: int = 1) -> PatchSequence | TFPatchBatches:
-    """:class:`TFPatchBatches` with the TensorFlow backend and the patches in RAM, else :class:`PatchSequence`."""
+    """:class:`TFPatchBatches` with the TensorFlow backend, else :class:`PatchSequence` (the same batches)."""
     kw = dict(batch_size=batch_size, shuffle=shuffle, flip=flip, seed=seed, workers=workers)
-    if keras.backend.backend() == "tensorflow" and data.in_memory:
+    if keras.backend.backend() == "tensorflow":
         return TFPatchBatches(data, positions, **kw)
     return PatchSequence(data, positions, **kw)
 

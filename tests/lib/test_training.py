@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -119,10 +122,11 @@ def test_batches_are_the_normalized_stored_patches(dataset):
     assert data.in_memory and data.raw.dtype == np.uint8
     pos = np.arange(len(data))
     x = data.batch(pos)
-    for sample in dataset.samples:
-        rows = np.flatnonzero(data.index["sample"].to_numpy() == sample)
-        expected = dataset.read(sample)[data.index["row"].to_numpy()[rows]]
-        np.testing.assert_allclose(x[rows], expected, atol=1e-6)
+    assert [sample for _, sample in data.stores] == dataset.samples
+    for b, sample in enumerate(dataset.samples):  # one block of rows per sample, in store order
+        rows = np.arange(data.block_start[b], data.block_start[b + 1])
+        assert (data.index["sample"].to_numpy()[rows] == sample).all()
+        np.testing.assert_allclose(x[rows], dataset.read(sample), atol=1e-6)
     assert x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
 
 
@@ -167,7 +171,7 @@ def test_conditions_travel_with_the_batches(dataset):
     data = T.load_patch_data([dataset], conditions=cond)
     seq = T.PatchSequence(data, np.arange(len(cond)), batch_size=8, shuffle=True, seed=0)
     b = seq[1]
-    order = seq._order[8:16]
+    order = seq.order[8:16]
     np.testing.assert_array_equal(b["condition"], cond[order])
     np.testing.assert_array_equal(b["image"], data.batch(order))
 
@@ -180,7 +184,7 @@ def test_streaming_from_disk_gives_the_same_patches(dataset):
     pos = np.random.default_rng(0).permutation(len(mem))[:50]
     np.testing.assert_array_equal(disk.batch(pos), mem.batch(pos))
     seq = T.PatchSequence(disk, np.arange(len(disk)), batch_size=10, shuffle=True, seed=0)
-    seen = np.concatenate([seq._order[i * 10:(i + 1) * 10] for i in range(len(seq))])
+    seen = np.concatenate([seq.order[i * 10:(i + 1) * 10] for i in range(len(seq))])
     np.testing.assert_array_equal(np.sort(seen), np.arange(len(disk)))
 
 
@@ -259,3 +263,145 @@ def test_tf_validation_batches_are_plain_and_ordered(dataset):
     pos = np.arange(20)
     val = _epoch(T.make_batches(data, pos, batch_size=8, seed=0))
     np.testing.assert_array_equal(np.concatenate([b["image"] for b in val]), data.batch(pos))
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: bounded chunk cache, streamed batches identical to in-memory ones, compact metadata
+# --------------------------------------------------------------------------------------------------
+
+
+PATCH = 16  # the dataset fixture's patch size
+CHUNK = 8  # rows per (sub-)chunk: several chunks per sample on a small plate
+CHUNK_BYTES = CHUNK * PATCH * PATCH * 4  # uint8, 4 channels
+
+
+def _small_chunks(dataset, budget, cond=None):
+    """PatchData with small chunks and windows of 2 chunks, so an epoch spans several windows."""
+    data = T.load_patch_data([dataset], conditions=cond, memory_budget_bytes=budget)
+    data.chunk_rows = CHUNK  # reading sub-chunks of the store is exact; set before the first read
+    data.shuffle_window_bytes = 2 * CHUNK_BYTES
+    return data
+
+
+def test_streaming_gives_the_in_memory_batches(dataset):
+    """Same seed, same batches (order, values, dihedral draws, conditions), in RAM or streamed through a tiny
+    cache; the tf.data pipeline gives the batches of the numpy PatchSequence."""
+    pytest.importorskip("tensorflow")
+    cond = np.arange(len(dataset.index), dtype=np.float32)[:, None]
+    mem, disk = _small_chunks(dataset, 2**30, cond), _small_chunks(dataset, 5 * CHUNK_BYTES, cond)
+    assert mem.in_memory and not disk.in_memory and mem.window_chunks == disk.window_chunks == 2
+    pos = np.arange(len(mem))[::2]
+    kw = dict(batch_size=8, shuffle=True, flip=True, seed=4)
+    a, b = T.make_batches(mem, pos, **kw), T.make_batches(disk, pos, **kw)
+    assert isinstance(b, T.TFPatchBatches)
+    seq = T.PatchSequence(disk, pos, **kw)
+    orders = []
+    for _ in range(2):
+        ea, eb = _epoch(a), _epoch(b)
+        assert len(ea) == len(eb) == len(seq)
+        for i, (ba, bb) in enumerate(zip(ea, eb, strict=True)):
+            np.testing.assert_array_equal(ba["image"], bb["image"])
+            np.testing.assert_array_equal(ba["condition"], bb["condition"])
+            ref = seq[i]
+            np.testing.assert_allclose(bb["image"], ref["image"], rtol=0, atol=1e-6)
+            np.testing.assert_array_equal(bb["condition"], ref["condition"])
+        order = np.concatenate([x["condition"][:, 0] for x in eb]).astype(int)
+        np.testing.assert_array_equal(np.sort(order), pos)  # every training patch once per epoch
+        orders.append(order)
+        seq.on_epoch_end()
+    assert not np.array_equal(orders[0], orders[1])  # reshuffled every epoch
+    assert disk._cache.peak_nbytes <= 5 * CHUNK_BYTES
+
+
+def test_shuffle_windows_hold_few_chunks_and_a_small_split_is_fully_permuted(dataset):
+    data = _small_chunks(dataset, 2**30)
+    pos = np.arange(len(data))
+    plan = T.batch_plan(data, pos, shuffle=True, seed=0, epoch=0)
+    chunk, _ = data.chunk_of(plan.order)
+    cuts = np.cumsum([0] + [int(np.isin(chunk, w).sum()) for w in plan.windows])
+    for k, w in enumerate(plan.windows):  # rows come window after window, each window from its 2 chunks
+        assert len(w) <= 2 and set(chunk[cuts[k]:cuts[k + 1]].tolist()) == set(w.tolist())
+    assert cuts[-1] == len(pos) and len(plan.windows) > 2
+    again = T.batch_plan(data, pos, shuffle=True, seed=0, epoch=0)
+    np.testing.assert_array_equal(plan.order, again.order)
+    data.shuffle_window_bytes = 0  # default window (256 MiB): the whole plate in one window
+    full = T.batch_plan(data, pos, shuffle=True, seed=0, epoch=0)
+    assert len(full.windows) == 1 and not np.array_equal(full.order, pos)
+    np.testing.assert_array_equal(np.sort(full.order), pos)
+    plain = T.batch_plan(data, pos, shuffle=False, seed=0, epoch=3)
+    np.testing.assert_array_equal(plain.order, pos)
+
+
+def test_streaming_decodes_each_chunk_about_once_per_pass_within_the_budget(dataset):
+    pytest.importorskip("tensorflow")
+    budget = 5 * CHUNK_BYTES
+    data = _small_chunks(dataset, budget)
+    pos = np.arange(len(data))
+    n_chunks = len(np.unique(data.chunk_of(pos)[0]))
+    batches = T.make_batches(data, pos, batch_size=8, shuffle=True, flip=True, seed=0)
+    for _ in range(2):
+        _epoch(batches)
+    assert data._cache.n_loads <= 2 * n_chunks + 2  # prefetched windows are used, not decoded again
+    assert data._cache.nbytes <= data._cache.peak_nbytes <= budget
+
+
+def test_chunk_cache_never_holds_more_than_its_budget():
+    sizes = {k: (k % 5 + 1) * 100 for k in range(40)}
+    loaded = []
+    seen = []
+
+    def load(key):
+        loaded.append(key)
+        return np.zeros(sizes[key], np.uint8)
+
+    cache = T._ChunkCache(load, 1000)
+    rng = np.random.default_rng(0)
+    workers = [threading.Thread(target=lambda s=s: [cache.get(int(k)) for k in np.random.default_rng(s)
+                                                      .integers(0, 40, 200)]) for s in range(3)]
+    for t in workers:
+        t.start()
+    for _ in range(50):
+        cache.prefetch(rng.integers(0, 40, 5).tolist())
+        seen.append(cache.nbytes)
+    for t in workers:
+        t.join()
+    while cache._pending:  # let the background prefetch finish
+        time.sleep(0.01)
+    assert max(seen) <= 1000 and cache.peak_nbytes <= 1000
+    assert cache.nbytes == sum(a.nbytes for a in cache._chunks.values()) <= 1000
+    assert cache.get(3) is cache.get(3)  # cached: decoded once
+    n = len(loaded)
+    small = T._ChunkCache(load, 150)
+    small.get(9)  # 500 bytes: returned, never kept
+    assert len(small) == 0 and small.nbytes == 0 and len(loaded) == n + 1
+
+
+def test_metadata_per_object_is_compact(dataset):
+    data = T.load_patch_data([dataset])
+    index = data.index
+    assert "row" not in index and "padded" not in index
+    assert str(index["sample"].dtype) == "category" and str(index["dataset"].dtype) == "category"
+    assert all(index[c].dtype == np.int32 for c in ("y", "x", "z"))
+    per_object = index.memory_usage(deep=True).sum() / len(index)
+    assert per_object < 60, per_object  # was about 230 bytes (object strings, int64)
+    assert data.block_start.nbytes + data.block_group.nbytes < 100  # per sample, not per object
+    assert not hasattr(data, "group") and not hasattr(data, "store_row")
+
+
+def test_training_with_a_tiny_budget_matches_in_memory_training(dataset, tmp_path):
+    pytest.importorskip("tensorflow")
+    from phenocoder_lib import models as M
+
+    histories = []
+    for budget in (2**30, 3 * CHUNK_BYTES):
+        data = _small_chunks(dataset, budget)
+        train, val = T.split_train_val(data.index, seed=0)
+        model = M.make_model(input_shape=(PATCH, PATCH, 4), n_latent_dim=4, n_dense_dim=8, conv_layers=(8,),
+                             dropout=None, beta=0.01, n_conditions=0, seed=0)
+        res = T.fit(model, T.make_batches(data, train, batch_size=16, shuffle=True, flip=True, seed=0),
+                    T.make_batches(data, val, batch_size=16, seed=0), model_dir=tmp_path / str(budget),
+                    log_dir=None, n_epochs=2, seed=0, verbose=0)
+        assert data.in_memory == (budget == 2**30)
+        histories.append(res["history"])
+    for key in ("loss", "val_loss", "reconstruction_loss", "kl_loss"):
+        np.testing.assert_allclose(histories[0][key], histories[1][key], rtol=1e-5, err_msg=key)
