@@ -40,7 +40,7 @@ MODEL_CONFIG_FILE = "model_config.json"
 MODEL_FILE = "model.keras"
 CHECKPOINT_FILE = "checkpoint.keras"
 CONFIG_FORMAT_VERSION = 1
-_DEFAULT_MEMORY_BUDGET = 8 * 2**30
+_DEFAULT_MEMORY_BUDGET = 2**30  # = training.DEFAULT_MEMORY_BUDGET (training imports TensorFlow)
 
 
 def _positive_int(value: Any, argument: str) -> int:
@@ -137,7 +137,9 @@ class ModelMixin:
         seed
             Seed of the split, order, augmentation, weights and sampling noise (default: ``self.seed``).
         memory_budget_bytes
-            Raw patches up to this size are held in RAM; larger datasets are streamed from the store.
+            Raw patches up to this size (default 1 GiB) are held in RAM; larger datasets are streamed from
+            the store through a chunk cache of at most this size, so training memory does not grow with the
+            plate. The batches are the same either way (the budget is not part of the model name).
 
         Returns
         -------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 
@@ -386,6 +387,24 @@ def test_metadata_per_object_is_compact(dataset):
     assert per_object < 60, per_object  # was about 230 bytes (object strings, int64)
     assert data.block_start.nbytes + data.block_group.nbytes < 100  # per sample, not per object
     assert not hasattr(data, "group") and not hasattr(data, "store_row")
+
+
+def test_the_facade_uses_the_default_budget(plate, tmp_path, monkeypatch):
+    from phenocoder_lib import Phenocoder
+    from phenocoder_lib import _facade_model as F
+
+    assert T.DEFAULT_MEMORY_BUDGET == F._DEFAULT_MEMORY_BUDGET == 2**30
+    assert inspect.signature(Phenocoder.initialize_model).parameters["memory_budget_bytes"].default == 2**30
+    budgets = []
+    load = T.load_patch_data
+    monkeypatch.setattr(T, "load_patch_data", lambda *a, **kw: budgets.append(kw["memory_budget_bytes"]) or
+                        load(*a, **kw))
+    pheno = Phenocoder(sdata=plate, seed=0)
+    pheno.generate_dataset("d", tmp_path, patch_size=PATCH, progress=False)
+    pheno.initialize_model(4, 8, [], input_shape=(PATCH, PATCH, 4), conv_layers=(8,), batch_size=16)
+    assert budgets == [T.DEFAULT_MEMORY_BUDGET] and pheno.model_config["memory_budget_bytes"] == 2**30
+    configs = pytest.importorskip("phenocoder_assets.configs")
+    assert configs.ModelConfig().model_kwargs([PATCH, PATCH, 4])["memory_budget_bytes"] == T.DEFAULT_MEMORY_BUDGET
 
 
 def test_training_with_a_tiny_budget_matches_in_memory_training(dataset, tmp_path):
