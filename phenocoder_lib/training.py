@@ -4,8 +4,8 @@ Input pipeline and memory
     Raw patches stay in the store's dtype (uint8/uint16: 4 KiB per 32x32x4 uint8 patch). When they fit
     ``memory_budget_bytes`` (default :data:`DEFAULT_MEMORY_BUDGET`, 1 GiB) every sample is read once,
     sequentially, into RAM; otherwise they stay on disk and are read in whole zarr chunks through a
-    least-recently-used cache of at most ``memory_budget_bytes`` and at most three shuffle windows
-    (768 MiB), the next window's chunks being decoded in a background thread. Peak memory is thus
+    least-recently-used cache of at most ``memory_budget_bytes`` and at most two shuffle windows
+    (about 520 MiB), the next window's chunks being decoded in a background thread. Peak memory is thus
     bounded by the budget, not by the plate: per object only the compact index (about 30 bytes plus the
     object name) and the condition rows are kept. Batches are gathered in one short numpy call, then
     normalized with the dataset's stored anchors (``(v - low) / (high - low)`` clipped to [0, 1], per
@@ -340,8 +340,8 @@ def load_patch_data(
 
     ``conditions`` must have one row per row of the concatenated dataset indexes (see
     :func:`training_index`). When the raw patches exceed ``memory_budget_bytes`` they stay on disk and
-    are read in whole store chunks through a cache of at most ``memory_budget_bytes`` and at most three
-    shuffle windows (``3 * SHUFFLE_WINDOW_BYTES``); the batches are the same either way.
+    are read in whole store chunks through a cache of at most ``memory_budget_bytes`` and at most two
+    shuffle windows (``2 * SHUFFLE_WINDOW_BYTES`` plus two chunks); the batches are the same either way.
     """
     import zarr
 
@@ -387,8 +387,9 @@ def load_patch_data(
                      block_start=block_start, block_group=block_group, chunk_rows=np.asarray(chunk_rows, np.int64),
                      raw=raw, cache_bytes=memory_budget_bytes)
     if not in_memory:
-        window = data.window_chunks * int(max(chunk_rows)) * data.patch_bytes
-        data._cache.max_bytes = min(int(memory_budget_bytes), 3 * window)  # current, next and a spare window
+        chunk_bytes = int(max(chunk_rows)) * data.patch_bytes
+        window = data.window_chunks * chunk_bytes
+        data._cache.max_bytes = min(int(memory_budget_bytes), 2 * window + 2 * chunk_bytes)  # current and next
         logger.info("raw patches (%.2f GiB) exceed memory_budget_bytes (%.2f GiB): streaming from the store "
                     "through a chunk cache of at most %.0f MiB", total / 2**30, memory_budget_bytes / 2**30,
                     data._cache.max_bytes / 2**20)
