@@ -18,7 +18,9 @@ itself (imports, reading the inputs of the stage and writing its outputs for the
 work, which other load on the machine inflates much less than the wall time:
 
 - ``ingest``: per well, as the Dagster ``sdata`` asset does: ``read_plate(wells=[w])`` + ``write_sdata``;
-- ``patches``: ``generate_dataset`` (32x32) over the lazily read plate;
+- ``patches``: ``generate_dataset`` (32x32) over the lazily read plate (``input_rss_mb``: the process before the
+  call, the plate's table included); ``per_well``: the same per well in its own process, as the Dagster
+  ``patches`` asset calls it (one well's SpatialData a call), with its own ``peak_rss_mb``;
 - ``train_epoch``: one epoch of the CVAE (``conv_layers=(16, 32, 64)``, 16 latents, batch 128, no conditions)
   over every patch (training + validation pass; ``--train-max-objects N`` trains it on a seeded subsample, which
   the record then says);
@@ -171,14 +173,47 @@ def stage_ingest(plate: Path, run: Path, opts: dict) -> dict:
     return {"n_objects": n, **timer.times(), "n_wells": len(wells)}
 
 
+def _rss_mb() -> float | None:
+    """Resident memory of this process now (Linux), in MB."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return None
+
+
 def stage_patches(plate: Path, run: Path, opts: dict) -> dict:
+    # the platform's way first, in its own process (its own peak RSS, started before any import here: a child's
+    # ru_maxrss starts at its parent's resident size): the Dagster `patches` asset, one well's sdata a call
+    per_well = _record("patches_per_well", "", _child("patches_per_well", plate, run, opts, 3600))
     from phenocoder_lib.patches import generate_dataset
 
     sdata = _read(plate)
+    input_rss = _rss_mb()  # imports and the caller's input (the plate's table), before generate_dataset
     with Timer() as timer:
         ds = generate_dataset(sdata, dataset="bench", dir_dataset=run / "data", table_key=TABLE,
                               sample_key=SAMPLE, image_key=IMAGE, patch_size=PATCH)
-    return {"n_objects": len(ds.index), **timer.times()}
+    return {"n_objects": len(ds.index), **timer.times(), "input_rss_mb": input_rss and round(input_rss, 1),
+            "per_well": {k: v for k, v in per_well.items() if k not in ("stage", "size")}}
+
+
+def stage_patches_per_well(plate: Path, run: Path, opts: dict) -> dict:
+    """``generate_dataset`` on one well's SpatialData at a time, as the Dagster ``patches`` asset calls it."""
+    from phenocoder_lib.ingest import scan_plate
+    from phenocoder_lib.patches import generate_dataset
+
+    wells = scan_plate(plate).wells
+    out = run / "patches_per_well"
+    n, largest, timer = 0, 0, Timer()
+    for well in wells:
+        sdata = _read(plate, wells=[well])  # the asset's input (the well's sdata), untimed like the plate above
+        with timer:
+            ds = generate_dataset(sdata, dataset=well, dir_dataset=out, table_key=TABLE, sample_key=SAMPLE,
+                                  image_key=IMAGE, patch_size=PATCH)
+        n, largest = n + len(ds.index), max(largest, len(ds.index))
+        del ds, sdata
+        shutil.rmtree(out / well)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"n_objects": n, **timer.times(), "n_wells": len(wells), "largest_well": largest}
 
 
 def _pheno(plate: Path, run: Path, with_sdata: bool = True):
