@@ -65,7 +65,7 @@ BASELINES = {"cluster": "cluster_scanpy", "spatial_stats": "spatial_stats_squidp
 RADII = (25.0, 50.0)
 MP_RADIUS = 50.0
 PATCH = 32
-WARM_KNN = 5000  # warm-up size of the clustering stages: scanpy's kNN switches to pynndescent above 4,096
+WARM_KNN = 9000  # warm-up size of the clustering stages: scanpy (and our faiss backend) use exact kNN below 8,192
 TABLE, SAMPLE, IMAGE = "nuclei_features", "sample", "IF"
 
 
@@ -198,10 +198,16 @@ def stage_patches(plate: Path, run: Path, opts: dict) -> dict:
 
 def stage_patches_per_well(plate: Path, run: Path, opts: dict) -> dict:
     """``generate_dataset`` on one well's SpatialData at a time, as the Dagster ``patches`` asset calls it."""
+    import numpy as np
+
     from phenocoder_lib.ingest import scan_plate
     from phenocoder_lib.patches import generate_dataset
 
     wells = scan_plate(plate).wells
+    n_all = len(wells)
+    if opts.get("per_well_max_wells"):  # the peak is one well's: a seeded sample of wells bounds the stage's time
+        k = int(opts["per_well_max_wells"])
+        wells = sorted(np.random.default_rng(0).choice(wells, size=k, replace=False)) if n_all > k else wells
     out = run / "patches_per_well"
     n, largest, timer = 0, 0, Timer()
     for well in wells:
@@ -213,7 +219,7 @@ def stage_patches_per_well(plate: Path, run: Path, opts: dict) -> dict:
         del ds, sdata
         shutil.rmtree(out / well)
     shutil.rmtree(out, ignore_errors=True)
-    return {"n_objects": n, **timer.times(), "n_wells": len(wells), "largest_well": largest}
+    return {"n_objects": n, **timer.times(), "n_wells": len(wells), "n_wells_plate": n_all, "largest_well": largest}
 
 
 def _pheno(plate: Path, run: Path, with_sdata: bool = True):
@@ -536,6 +542,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "number reuses that many, faster to generate but copies distort the clustering)")
     ap.add_argument("--train-max-objects", type=float, default=None,
                     help="train the epoch on a seeded subsample of at most this many objects (stated in the record)")
+    ap.add_argument("--per-well-max-wells", type=int, default=20,
+                    help="per-well patch extraction (patches.per_well) on a seeded sample of at most this many "
+                         "wells (0: every well)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per stage")
     ap.add_argument("--baseline-timeout", type=float, default=900, help="seconds per baseline")
     ap.add_argument("--workdir", type=Path, default=None, help="cache of plates and stage outputs "
@@ -565,7 +574,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.sizes, args.objects_per_well, args.template_wells = "400,1600", 200, 4
     sizes = sorted(_parse_sizes(args.sizes))
-    opts = {"quick": args.quick, "train_max_objects": args.train_max_objects}
+    opts = {"quick": args.quick, "train_max_objects": args.train_max_objects,
+            "per_well_max_wells": args.per_well_max_wells}
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="phenocoder_bench_")
