@@ -10,7 +10,7 @@ from ..resources import MLflowTracking, PhenocoderStorage
     deps=[AssetDep("patches", partition_mapping=AllPartitionMapping())],
     group_name="cross_sample",
     kinds={"keras", "tensorflow", "mlflow"},
-    code_version="1",
+    code_version="2",  # 2: one seeded chunk-window batch order (the same in RAM or streamed); a retrain differs from 1
     pool="gpu",
     description="Model trained on the patch datasets of the chosen samples (<root>/model/_/model.keras); one MLflow "
     "run per training, registered in the MLflow model registry. Retraining is a deliberate action.",
