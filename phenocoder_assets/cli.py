@@ -4,8 +4,11 @@
 landing folder ``<home>/incoming/<plate>/``, registers its wells through the same sensor code that
 watches the landing folder in production, materializes the whole asset graph in-process (ingest ->
 patches -> model -> latents -> cluster reference -> clusters -> graph statistics -> embedding) into a
-persistent Dagster instance under ``<home>/dagster/`` with MLflow tracking under ``<home>/``, and
-prints how to open the Dagster and MLflow UIs on 127.0.0.1 to inspect the result.
+persistent Dagster instance (``$DAGSTER_HOME`` when set, else ``<home>/dagster/``; a ``dagster.yaml``
+already there, e.g. one for PostgreSQL, is kept) with MLflow tracking under ``<home>/``, and prints how
+to open the Dagster and MLflow UIs on 127.0.0.1 to inspect the result. Every stage runs with the
+defaults of :mod:`phenocoder_assets.configs` (the values the sensor, the schedule and a launch from
+the UI use) except what the command line sets and the demo's small network.
 
 ``phenocoder validate [--out DIR] [--wells-per-treatment N] [--epochs N] [--seed S] [--strict]`` scores the
 pipeline against a fresh synthetic plate's planted truth (:mod:`phenocoder_lib.validation`) and prints
@@ -67,6 +70,7 @@ def run_demo(home: str | Path | None = None, *, wells: int = 3, epochs: int = 5,
     from phenocoder_lib._io import write_text_atomic
     from phenocoder_lib.synthetic import make_synthetic_plate
 
+    from .configs import DEMO_MODEL
     from .definitions import ASSETS
     from .resources import HOME_ENV, MLflowTracking, PhenocoderStorage, resolve_root
     from .sensors import incoming_plates_sensor
@@ -77,7 +81,9 @@ def run_demo(home: str | Path | None = None, *, wells: int = 3, epochs: int = 5,
     if "://" in str(root):
         raise ValueError(f"the demo needs a local home folder, got {root!r}.")
     os.environ[HOME_ENV] = str(root)  # step code and anything launched later resolve the same root
-    dagster_home = root / "dagster"
+    # An instance the user chose (DAGSTER_HOME, e.g. one on PostgreSQL) wins over the demo's own.
+    dagster_home = Path(os.environ["DAGSTER_HOME"]).expanduser().resolve() if os.environ.get("DAGSTER_HOME") \
+        else root / "dagster"
     dagster_home.mkdir(parents=True, exist_ok=True)
     if not (dagster_home / "dagster.yaml").exists():
         write_text_atomic(dagster_home / "dagster.yaml", DEMO_DAGSTER_YAML)
@@ -117,20 +123,21 @@ def run_demo(home: str | Path | None = None, *, wells: int = 3, epochs: int = 5,
                 raise RuntimeError(f"the demo run for {what} failed; see the Dagster UI (run {res.run_id}).")
             result.run_ids.setdefault(selection[0], []).append(res.run_id)
 
-        patches_cfg = {"patches": {"config": {"patch_size": [patch_size, patch_size]}}}
+        # Only what the command line chose differs from the stage defaults (configs.py), so a rerun from
+        # the UI with an empty config, the sensor's runs and the nightly schedule compute the same data.
+        seeded = {"seed": seed} if seed != 0 else {}
+        patches_cfg = {"patches": {"config": {"patch_size": [patch_size, patch_size], **seeded}}}
         for s in result.samples:
             run(["sdata", "patches"], s, patches_cfg)
         run(["model"], config={"model": {"config": {
-            "samples": result.samples, "n_epochs": epochs, "n_latent_dim": 16, "n_dense_dim": 32,
-            "conv_layers": [16, 32, 64], "batch_size": 64, "early_stopping_patience": max(epochs, 5),
-            "seed": seed}}})
+            **DEMO_MODEL, "samples": result.samples, "n_epochs": epochs,
+            "early_stopping_patience": max(epochs, 5), "seed": seed}}})
         for s in result.samples:
-            run(["latents"], s, {"latents": {"config": {"spatial_message_passing_radius": 30.0}}})
-        run(["cluster_reference"], config={"cluster_reference": {"config": {
-            "samples": result.samples, "resolution": 0.5, "seed": seed}}})
+            run(["latents"], s)
+        run(["cluster_reference"], config={"cluster_reference": {"config": seeded}} if seeded else None)
         for s in result.samples:
-            run(["clusters", "graph_stats"], s)
-        run(["embedding"], config={"embedding": {"config": {"n_dim": 8, "seed": seed}}})
+            run(["clusters", "graph_stats"], s, {"graph_stats": {"config": seeded}} if seeded else None)
+        run(["embedding"], config={"embedding": {"config": seeded}} if seeded else None)
 
     from .state import current_model_info
 
@@ -189,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                           description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--home", default=None,
                       help="Storage root (default: $PHENOCODER_HOME or ./.phenocoder). Dagster keeps its runs in "
-                      "<home>/dagster, MLflow in <home>/mlflow.db.")
+                      "$DAGSTER_HOME if set, else <home>/dagster; MLflow in <home>/mlflow.db.")
     demo.add_argument("--wells", type=int, default=3, help="Wells of the synthetic plate (default 3).")
     demo.add_argument("--epochs", type=int, default=5, help="Training epochs (default 5).")
     demo.add_argument("--patch-size", type=int, default=32, help="Square patch size in pixels (default 32).")

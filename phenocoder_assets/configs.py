@@ -1,6 +1,9 @@
 """Run configuration of every asset: the library's parameters, settable from the UI's launchpad.
 
-Defaults are the library's defaults unless noted. Each class documents which library call its
+This module is the one place that holds the default settings of every stage: a launch from the UI
+with an empty config, the sensor's runs, the nightly schedule and ``phenocoder demo`` all take
+these values unless the user sets others (the demo sets only what its command line chooses, plus
+the small network of :data:`DEMO_MODEL`). Defaults are the library's defaults unless noted. Each class documents which library call its
 fields go to; field names follow the workflow guide so that a run can be relaunched from the UI
 with other settings and compared (the ``model`` settings are logged to MLflow as parameters).
 """
@@ -51,13 +54,29 @@ class IngestConfig(Config):
         return PlateLayout(**kwargs)
 
 
+#: Patch size before any model exists; afterwards an empty ``patch_size`` means the current model's.
+DEFAULT_PATCH_SIZE = [128, 128]
+
+
+def resolve_patch_size(patch_size: list[int] | None, model_info: dict | None) -> list[int]:
+    """``patch_size`` when given, else the patch size the current model was trained on, else the default."""
+    if patch_size:
+        return [int(v) for v in patch_size]
+    trained = (model_info or {}).get("patches", {}).get("patch_size")
+    return [int(v) for v in trained] if trained else list(DEFAULT_PATCH_SIZE)
+
+
 class PatchesConfig(Config):
     """:func:`phenocoder_lib.patches.generate_dataset` (step 1 of the workflow guide) for one sample.
 
     The dataset is named after the sample; its normalization settings travel with it.
     """
 
-    patch_size: list[int] = Field(default_factory=lambda: [128, 128], description="(height, width) in pixels.")
+    patch_size: list[int] | None = Field(
+        default=None,
+        description="(height, width) in pixels. Default: the size the current model was trained on (new wells match "
+        "it), or 128 x 128 before any model exists.",
+    )
     spatial_key_index: str = "spatial_index"
     scale: bool = True
     scale_percentile: float = 1.0
@@ -65,6 +84,11 @@ class PatchesConfig(Config):
     metadata_keys: list[str] = Field(default_factory=list, description="Extra .obs columns kept per patch.")
     n_patches: int | None = Field(default=None, description="Seeded subset of patches (default: every object).")
     seed: int = 0
+
+
+#: The small network ``phenocoder demo`` trains on its 32-px patches (training is a deliberate action;
+#: every other stage of the demo runs with the defaults below).
+DEMO_MODEL = {"n_latent_dim": 16, "n_dense_dim": 32, "conv_layers": [16, 32, 64]}
 
 
 class ModelConfig(Config):
@@ -139,7 +163,7 @@ class ClusterReferenceConfig(Config):
     scale: bool = True
     n_pcs: int = 50
     n_neighbors: int = 15
-    resolution: float = 1.0
+    resolution: float = Field(default=0.5, description="Leiden resolution (the workflow guide's 0.5).")
     n_iterations: int = 2
     seed: int = 0
     max_reference: int | None = 200_000

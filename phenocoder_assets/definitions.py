@@ -17,6 +17,7 @@ from .assets.patches import patches
 from .assets.spatial import embedding, graph_stats
 from .executors import select_executor
 from .jobs import refresh_summaries_job, sample_pipeline_job, train_model_job
+from .refresh import refresh_stale_sensor
 from .resources import MLflowTracking, PhenocoderStorage
 from .schedules import nightly_refresh_schedule
 from .sensors import incoming_plates_sensor
@@ -30,7 +31,7 @@ def build_definitions(*, storage: PhenocoderStorage | None = None, mlflow: MLflo
     return Definitions(
         assets=ASSETS,
         jobs=[sample_pipeline_job, train_model_job, refresh_summaries_job],
-        sensors=[incoming_plates_sensor],
+        sensors=[incoming_plates_sensor, refresh_stale_sensor],
         schedules=[nightly_refresh_schedule],
         resources={"storage": storage or PhenocoderStorage(), "mlflow": mlflow or MLflowTracking()},
         executor=executor if executor is not None else select_executor(),

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dagster import MetadataValue
+from dagster import DataVersion, MetadataValue
 
 from ..previews import png_markdown
 
@@ -17,6 +20,11 @@ LABELS_FILE = "labels.parquet"
 STATS_FILE = "stats.h5ad"
 EMBEDDING_FILE = "embedding.h5ad"
 PREVIEW_FILE = "preview.png"
+#: Written into every asset folder with the data version the materialization reported, so that a
+#: downstream step derives its own version from the versions of exactly the folders it read.
+VERSION_FILE = "data_version.json"
+#: Version recorded for an upstream folder written before data versions existed.
+UNVERSIONED = "unversioned"
 
 
 class Timer:
@@ -52,3 +60,65 @@ def write_png(path: Path, png: bytes | None) -> None:
 
         with atomic_file(path) as tmp:
             tmp.write_bytes(png)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data versions: Dagster marks a partition STALE when the data version of something it was computed
+# from changed. Versions are digests, never random, so a rerun that writes the same data (or
+# derives it from the same inputs with the same settings and code) reports the same version and
+# leaves everything downstream FRESH.
+# ----------------------------------------------------------------------------------------------
+
+
+def digest(*parts: Any) -> str:
+    """SHA-256 (24 hex digits) of ``parts`` as canonical JSON (numpy scalars and paths via ``str``)."""
+    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def array_digest(arrays: Iterable[Any]) -> str:
+    """SHA-256 (24 hex digits) of the dtypes, shapes and bytes of ``arrays`` (a content digest)."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for arr in arrays:
+        a = np.ascontiguousarray(np.asarray(arr))
+        if a.dtype == object:
+            a = a.astype(str)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:24]
+
+
+def settings_of(config: Any, exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """The run config fields that change what a stage writes (``exclude``: cosmetic ones such as previews)."""
+    return config.model_dump(exclude=set(exclude))
+
+
+def logical_version(code_version: str, settings: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
+    """Version of a deterministic stage: digest of its code version, settings and input versions."""
+    return digest("v1", code_version, dict(settings), dict(inputs))
+
+
+def read_version(storage: Any, asset: str, partition: str | None = None) -> str:
+    """The data version recorded in the folder of ``asset``/``partition`` (``"unversioned"`` when absent)."""
+    url = f"{storage.url(asset, partition)}/{VERSION_FILE}"
+    try:
+        if storage.is_local:
+            text = Path(url).read_text()
+        else:
+            import fsspec
+
+            with fsspec.open(url, "r") as f:
+                text = f.read()
+        return str(json.loads(text)["data_version"])
+    except (OSError, KeyError, ValueError):
+        return UNVERSIONED
+
+
+def write_version(out: Path, version: str, inputs: Mapping[str, Any] | None = None) -> DataVersion:
+    """Record ``version`` (and the input versions it came from) in a staged folder; return it for Dagster."""
+    from phenocoder_lib._io import write_json_atomic
+
+    write_json_atomic(out / VERSION_FILE, {"data_version": version, "inputs": dict(inputs or {})})
+    return DataVersion(version)

@@ -11,7 +11,20 @@ from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, 
 from ..configs import LatentsConfig, ModelConfig
 from ..resources import MLflowTracking, PhenocoderStorage
 from ..state import MODEL_INFO, SUMMARY, model_tag, read_json
-from ._common import LATENTS_FILE, PREVIEW_FILE, SDATA_FILE, Timer, preview_metadata, write_png
+from ._common import (
+    LATENTS_FILE,
+    PREVIEW_FILE,
+    SDATA_FILE,
+    Timer,
+    array_digest,
+    digest,
+    logical_version,
+    preview_metadata,
+    read_version,
+    settings_of,
+    write_png,
+    write_version,
+)
 
 MODEL_FILE = "model.keras"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -127,6 +140,11 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
                         "metadata_keys": settings.get("metadata_keys", [])},
         }
         write_json_atomic(out / MODEL_INFO, info)
+        # content digest: the weights and the normalization that encoding reproduces. A retraining that
+        # yields other weights makes every latents partition STALE; an identical one leaves them FRESH.
+        data_version = write_version(
+            out, digest("model", array_digest(trained.model.get_weights()), read_json(out / NORMALIZATION_FILE)),
+            {f"patches/{s}": read_version(storage, "patches", s) for s in samples})
         curves = (out / "history.png").read_bytes() if (out / "history.png").exists() else None
         recon = (out / "reconstructions.png").read_bytes() if (out / "reconstructions.png").exists() else None
     # The registry alias follows the asset: moved only once the new model folder is in place.
@@ -156,7 +174,7 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
         metadata["reconstructions"] = MetadataValue.md(
             png_markdown(recon, "validation patches: input | reconstruction"))
     context.log.info(f"trained {trained.config['model_name']} on {len(samples)} samples; registered {name} v{version}")
-    return MaterializeResult(metadata=metadata)
+    return MaterializeResult(data_version=data_version, metadata=metadata)
 
 
 def load_current_model(storage: PhenocoderStorage) -> tuple[Any, dict[str, Any], dict[str, Any], Path]:
@@ -179,9 +197,13 @@ def encode_sample(context: AssetExecutionContext, config: LatentsConfig,
     from phenocoder_lib.encoding import encode_table
 
     from ..previews import scatter, two_columns
-    from .latents import CHECK_EVERY_OBJECT, CHECK_FINITE
+    from .latents import CHECK_EVERY_OBJECT, CHECK_FINITE, CODE_VERSION, COSMETIC
 
     sample = context.partition_key
+    # what this partition is computed from: the well, its patch dataset (normalization anchors) and the model
+    inputs = {"sdata": read_version(storage, "sdata", sample), "patches": read_version(storage, "patches", sample),
+              "model": read_version(storage, "model")}
+    version = logical_version(CODE_VERSION, settings_of(config, COSMETIC), inputs)
     timer = Timer()
     with timer.phase("load_model"):
         keras_model, model_config, info, _ = load_current_model(storage)
@@ -218,9 +240,11 @@ def encode_sample(context: AssetExecutionContext, config: LatentsConfig,
                                              "n_latent_dim": int(out.n_vars),
                                              "message_passing_radius": config.spatial_message_passing_radius})
         write_png(folder / PREVIEW_FILE, png)
+        data_version = write_version(folder, version, inputs)
     per_sample = out.uns["phenocoder"]["samples"].get(sample, {})
     final = storage.url("latents", sample)
     return MaterializeResult(
+        data_version=data_version,
         metadata={
             "n_objects": MetadataValue.int(int(out.n_obs)),
             "n_latent_dim": MetadataValue.int(int(out.n_vars)),

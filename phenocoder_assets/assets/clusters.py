@@ -22,25 +22,38 @@ from ..configs import ClusterReferenceConfig, ClustersConfig
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
 from ..state import REFERENCE_INFO, read_json
-from ._common import LABELS_FILE, LATENTS_FILE, PREVIEW_FILE, Timer, preview_metadata, write_png
+from ._common import (
+    LABELS_FILE,
+    LATENTS_FILE,
+    PREVIEW_FILE,
+    Timer,
+    array_digest,
+    digest,
+    logical_version,
+    preview_metadata,
+    read_version,
+    settings_of,
+    write_png,
+    write_version,
+)
 
 REFERENCE_FILE = "reference.npz"
 POOLED_LABELS_FILE = "pooled_labels.parquet"
+REFERENCE_CODE_VERSION = "2"  # 2: faiss kNN graph from 8192 objects on; fit capped at max_fit objects
+CLUSTERS_CODE_VERSION = "1"
 
 
 @asset(
     deps=[AssetDep("latents", partition_mapping=AllPartitionMapping())],
     group_name="cross_sample",
     kinds={"scanpy", "numpy"},
-    code_version="2",  # 2: faiss kNN graph from 8192 objects on; fit capped at max_fit objects
+    code_version=REFERENCE_CODE_VERSION,
     description="Pooled Leiden clustering of the latents of the reference samples; the reference that labels "
     "every later sample the same way (<root>/cluster_reference/_/).",
 )
 def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceConfig,
                       storage: PhenocoderStorage) -> MaterializeResult:
     """:func:`phenocoder_lib.clustering.cluster_features` on the concatenated latents (read by path)."""
-    import uuid
-
     import anndata as ad
     import pandas as pd
 
@@ -72,7 +85,13 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
     frame = pd.DataFrame({"obs_name": pooled.obs_names.astype(str),
                           "sample": pooled.obs[sample_key].astype(str).to_numpy(),
                           "label": pd.Categorical(labels)})
-    info = {"id": uuid.uuid4().hex[:12], "model": models[0], "samples": list(samples),
+    # content digest of the reference (labels, loadings, labelled points): it names the reference that
+    # the clusters and graph_stats of every well record, and is the asset's data version
+    version = digest("cluster_reference", array_digest([frame["obs_name"], frame["sample"], labels, ref.pca_mean,
+                                                        ref.pca_components, ref.ref_embedding, ref.ref_labels]),
+                     list(ref.categories), layer or "")
+    inputs = {f"latents/{s}": read_version(storage, "latents", s) for s in samples}
+    info = {"id": version[:12], "model": models[0], "samples": list(samples),
             "categories": list(ref.categories), "layer": layer or "", "n_objects": int(pooled.n_obs),
             "params": ref.params}
     ref_names = [ref.categories[i] for i in ref.ref_labels]
@@ -84,9 +103,10 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
         frame.to_parquet(out / POOLED_LABELS_FILE, index=False)
         write_json_atomic(out / REFERENCE_INFO, info)
         write_png(out / PREVIEW_FILE, png)
+        data_version = write_version(out, version, inputs)
     counts = frame["label"].value_counts().sort_index()
     final = storage.url("cluster_reference")
-    return MaterializeResult(metadata={
+    return MaterializeResult(data_version=data_version, metadata={
         "n_clusters": MetadataValue.int(len(ref.categories)),
         "n_objects": MetadataValue.int(int(pooled.n_obs)),
         "samples": MetadataValue.json(list(samples)),
@@ -104,7 +124,7 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
     deps=["latents", "cluster_reference"],
     group_name="per_sample",
     kinds={"parquet"},
-    code_version="1",
+    code_version=CLUSTERS_CODE_VERSION,
     description="Cluster label of every object of a well, consistent across wells "
     "(<root>/clusters/<sample>/labels.parquet).",
 )
@@ -127,6 +147,9 @@ def clusters(context: AssetExecutionContext, config: ClustersConfig, storage: Ph
         raise ValueError(f"the latents of {sample!r} come from model {model!r} but the cluster reference was built on "
                          f"{info['model']!r}; rebuild 'cluster_reference' (or re-encode {sample!r}) first.")
     ref = ClusterReference.load(ref_dir / REFERENCE_FILE)
+    inputs = {"latents": read_version(storage, "latents", sample),
+              "cluster_reference": read_version(storage, "cluster_reference")}
+    version = logical_version(CLUSTERS_CODE_VERSION, settings_of(config), inputs)
     timer = Timer()
     obs_names = table.obs_names.astype(str)
     pooled = pd.read_parquet(ref_dir / POOLED_LABELS_FILE)
@@ -148,9 +171,10 @@ def clusters(context: AssetExecutionContext, config: ClustersConfig, storage: Ph
         out.mkdir()
         frame.to_parquet(out / LABELS_FILE, index=False)
         write_png(out / PREVIEW_FILE, png)
+        data_version = write_version(out, version, inputs)
     counts = pd.Series(np.asarray(labels)).value_counts()
     final = storage.url("clusters", sample)
-    return MaterializeResult(metadata={
+    return MaterializeResult(data_version=data_version, metadata={
         "n_objects": MetadataValue.int(len(frame)),
         "source": MetadataValue.text(source),
         "reference_id": MetadataValue.text(info["id"]),

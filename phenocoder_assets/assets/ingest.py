@@ -7,14 +7,27 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 from ..configs import IngestConfig
 from ..partitions import samples_partitions, split_sample
 from ..resources import PhenocoderStorage
-from ._common import PREVIEW_FILE, SDATA_FILE, Timer, preview_metadata, write_png
+from ._common import (
+    PREVIEW_FILE,
+    SDATA_FILE,
+    Timer,
+    logical_version,
+    preview_metadata,
+    settings_of,
+    write_png,
+    write_version,
+)
+
+CODE_VERSION = "1"
+#: Settings that change only the preview, not the data (left out of the data version).
+COSMETIC = ("preview",)
 
 
 @asset(
     partitions_def=samples_partitions,
     group_name="per_sample",
     kinds={"spatialdata", "zarr"},
-    code_version="1",
+    code_version=CODE_VERSION,
     description="One well of a plate export read into a SpatialData object (images, labels, per-object table "
     "in um), written as <root>/sdata/<sample>/sdata.zarr.",
 )
@@ -39,6 +52,10 @@ def sdata(context: AssetExecutionContext, config: IngestConfig, storage: Phenoco
     table = sd.tables[config.table_key]
     image = sd.images[f"{config.image_key}_{sample}"]
     png = None
+    # the well's files (names, sizes, times) and the reading settings: a re-export or another setting is a
+    # new version, an unchanged rerun the same one
+    inputs = {"source": str(digest)}
+    version = logical_version(CODE_VERSION, settings_of(config, COSMETIC), inputs)
     with storage.stage("sdata", sample) as out:
         with timer.phase("write"):
             write_sdata(sd, out / SDATA_FILE)
@@ -50,13 +67,14 @@ def sdata(context: AssetExecutionContext, config: IngestConfig, storage: Phenoco
             "channels": [str(c) for c in image.coords["c"].values],
         }
         write_json_atomic(out / "summary.json", summary)
+        data_version = write_version(out, version, inputs)
         if config.preview:
             with timer.phase("preview"):
                 png = _thumbnail(image, sample)
             write_png(out / PREVIEW_FILE, png)
     final = storage.url("sdata", sample)
     context.log.info(f"{sample}: {table.n_obs} objects, image {tuple(image.shape)} -> {final}")
-    return MaterializeResult(metadata={
+    return MaterializeResult(data_version=data_version, metadata={
         "n_objects": MetadataValue.int(int(table.n_obs)),
         "n_features": MetadataValue.int(int(table.n_vars)),
         "image_shape": MetadataValue.text(" x ".join(f"{d}={s}" for d, s in zip(image.dims, image.shape, strict=True))),

@@ -8,6 +8,9 @@ from ..resources import PhenocoderStorage
 
 CHECK_EVERY_OBJECT = "every_object_has_a_latent"
 CHECK_FINITE = "latents_finite"
+CODE_VERSION = "1"
+#: Settings that do not change the latents (left out of the data version): the encoding batch size.
+COSMETIC = ("batch_size",)
 
 
 @asset(
@@ -15,7 +18,7 @@ CHECK_FINITE = "latents_finite"
     deps=["patches", "model", "sdata"],
     group_name="per_sample",
     kinds={"anndata", "tensorflow"},
-    code_version="1",
+    code_version=CODE_VERSION,
     check_specs=[
         AssetCheckSpec(CHECK_EVERY_OBJECT, asset="latents", description="Every object of the well has a latent."),
         AssetCheckSpec(CHECK_FINITE, asset="latents", description="No NaN or infinite latent value."),

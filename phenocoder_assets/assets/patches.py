@@ -14,7 +14,19 @@ from ..configs import PatchesConfig
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
 from ..state import SUMMARY, read_json
-from ._common import PREVIEW_FILE, SDATA_FILE, Timer, preview_metadata, write_png
+from ._common import (
+    PREVIEW_FILE,
+    SDATA_FILE,
+    Timer,
+    logical_version,
+    preview_metadata,
+    read_version,
+    settings_of,
+    write_png,
+    write_version,
+)
+
+CODE_VERSION = "1"
 
 CHECK_EVERY_OBJECT = "every_object_has_a_patch"
 
@@ -24,7 +36,7 @@ CHECK_EVERY_OBJECT = "every_object_has_a_patch"
     deps=["sdata"],
     group_name="per_sample",
     kinds={"zarr", "parquet"},
-    code_version="1",
+    code_version=CODE_VERSION,
     check_specs=[AssetCheckSpec(CHECK_EVERY_OBJECT, asset="patches",
                                 description="Every object of the well's table has a patch.")],
     description="Patch dataset of one well (<root>/patches/<sample>/: patches.zarr, index.parquet, stats.parquet, "
@@ -37,9 +49,14 @@ def patches(context: AssetExecutionContext, config: PatchesConfig, storage: Phen
 
     from phenocoder_lib.patches import generate_dataset
 
+    from ..configs import resolve_patch_size
     from ..previews import patch_montage
+    from ..state import current_model_info
 
     sample = context.partition_key
+    patch_size = resolve_patch_size(config.patch_size, current_model_info(storage))
+    inputs = {"sdata": read_version(storage, "sdata", sample)}
+    version = logical_version(CODE_VERSION, {**settings_of(config), "patch_size": patch_size}, inputs)
     src = storage.local_path("sdata", sample)
     info = read_json(src / SUMMARY)
     timer = Timer()
@@ -50,7 +67,7 @@ def patches(context: AssetExecutionContext, config: PatchesConfig, storage: Phen
         with timer.phase("extract"):
             ds = generate_dataset(
                 sd, dataset=sample, dir_dataset=out.parent, table_key=info["table_key"],
-                sample_key=info["sample_key"], image_key=info["image_key"], patch_size=config.patch_size,
+                sample_key=info["sample_key"], image_key=info["image_key"], patch_size=patch_size,
                 spatial_key_index=config.spatial_key_index, scale=config.scale,
                 scale_percentile=config.scale_percentile, scale_per_sample=config.scale_per_sample,
                 metadata_keys=config.metadata_keys or None, n_patches=config.n_patches, seed=config.seed,
@@ -60,6 +77,7 @@ def patches(context: AssetExecutionContext, config: PatchesConfig, storage: Phen
             png = patch_montage(ds.read(sample, rows=np.arange(min(16, n))), title=f"{sample}: first patches")
             write_png(out / PREVIEW_FILE, png)
         settings = ds.settings
+        data_version = write_version(out, version, inputs)
     expected = set(table.obs_names.astype(str))
     have = set(ds.index["obs_name"].astype(str))
     missing = sorted(expected - have)
@@ -67,6 +85,7 @@ def patches(context: AssetExecutionContext, config: PatchesConfig, storage: Phen
     norm = settings["normalization"]
     anchors = norm["per_sample"].get(sample) if norm["scale_per_sample"] else norm["global"]
     return MaterializeResult(
+        data_version=data_version,
         metadata={
             "n_patches": MetadataValue.int(n),
             "n_padded": MetadataValue.int(int(settings["n_padded"])),

@@ -21,11 +21,19 @@ from ._common import (
     PREVIEW_FILE,
     STATS_FILE,
     Timer,
+    logical_version,
     preview_metadata,
+    read_version,
+    settings_of,
     write_png,
+    write_version,
 )
 
 CHECK_COMPLETE = "graph_stats_complete"
+GRAPH_STATS_CODE_VERSION = "1"
+EMBEDDING_CODE_VERSION = "1"
+#: Settings that do not change the statistics (left out of the data version): parallelism.
+GRAPH_STATS_COSMETIC = ("n_jobs",)
 
 
 @asset(
@@ -33,7 +41,7 @@ CHECK_COMPLETE = "graph_stats_complete"
     deps=["latents", "clusters"],
     group_name="per_sample",
     kinds={"anndata", "numba"},
-    code_version="1",
+    code_version=GRAPH_STATS_CODE_VERSION,
     check_specs=[AssetCheckSpec(CHECK_COMPLETE, asset="graph_stats",
                                 description="Every row computed (status 'ok') with every expected feature column.")],
     description="Spatial graph statistics of a well: one row of radius:{r}_stat:{group}_{column} features "
@@ -53,6 +61,9 @@ def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig,
     from ..state import SUMMARY
 
     sample = context.partition_key
+    inputs = {"latents": read_version(storage, "latents", sample), "clusters": read_version(storage, "clusters", sample),
+              "cluster_reference": read_version(storage, "cluster_reference")}
+    version = logical_version(GRAPH_STATS_CODE_VERSION, settings_of(config, GRAPH_STATS_COSMETIC), inputs)
     table = ad.read_h5ad(storage.local_path("latents", sample) / LATENTS_FILE)
     info = table.uns["phenocoder_latents"]
     sample_key = info["sample_key"]
@@ -85,6 +96,7 @@ def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig,
         out.mkdir()
         result.write_h5ad(out / STATS_FILE)
         write_json_atomic(out / SUMMARY, {"sample": sample, **provenance, "n_rows": int(result.n_obs)})
+        data_version = write_version(out, version, inputs)
 
     stats_t = normalize_stats(config.stats)
     var_names = [str(v) for v in table.var_names] if "moran_features" in stats_t else []
@@ -96,6 +108,7 @@ def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig,
     n_nan = int(np.isnan(result.X).sum())
     final = storage.url("graph_stats", sample)
     return MaterializeResult(
+        data_version=data_version,
         metadata={
             "n_rows": MetadataValue.int(int(result.n_obs)),
             "n_features": MetadataValue.int(int(result.n_vars)),
@@ -121,10 +134,13 @@ def _reference_info(storage: PhenocoderStorage) -> dict:
 
 
 @asset(
-    deps=[AssetDep("graph_stats", partition_mapping=AllPartitionMapping())],
+    # latents as well: Dagster marks an asset STALE only when a direct dependency changed, and the
+    # embedding must say so as soon as the latents its statistics were computed from are replaced
+    deps=[AssetDep("graph_stats", partition_mapping=AllPartitionMapping()),
+          AssetDep("latents", partition_mapping=AllPartitionMapping())],
     group_name="cross_sample",
     kinds={"scanpy", "umap"},
-    code_version="1",
+    code_version=EMBEDDING_CODE_VERSION,
     description="Embedding of every sample's spatial statistics: scaled, optionally batch-corrected, PCA, "
     "neighbours, UMAP (<root>/embedding/_/embedding.h5ad). Refreshed nightly.",
 )
@@ -144,6 +160,8 @@ def embedding(context: AssetExecutionContext, config: EmbeddingConfig, storage: 
         raise ValueError(f"the embedding needs the graph_stats of at least 2 samples, found {samples}; materialize "
                          "'graph_stats' for more samples first.")
     known = set(context.instance.get_dynamic_partitions("samples"))
+    inputs = {f"graph_stats/{s}": read_version(storage, "graph_stats", s) for s in samples}
+    version = logical_version(EMBEDDING_CODE_VERSION, settings_of(config), inputs)
     timer = Timer()
     with timer.phase("read"):
         parts = [ad.read_h5ad(storage.local_path("graph_stats", s) / STATS_FILE) for s in samples]
@@ -174,10 +192,11 @@ def embedding(context: AssetExecutionContext, config: EmbeddingConfig, storage: 
         out.mkdir()
         emb.write_h5ad(out / EMBEDDING_FILE)
         write_png(out / PREVIEW_FILE, png)
+        data_version = write_version(out, version, inputs)
     with timer.phase("planted_truth"):
         truth = _planted_truth_metadata(context, storage, samples, emb)
     final = storage.url("embedding")
-    return MaterializeResult(metadata={
+    return MaterializeResult(data_version=data_version, metadata={
         **truth,
         "n_samples": MetadataValue.int(int(emb.n_obs)),
         "n_features": MetadataValue.int(int(emb.n_vars)),
