@@ -137,7 +137,12 @@ def refresh_stale_sensor(context: SensorEvaluationContext, storage: PhenocoderSt
     from .sensors import patches_run_config
     from .state import current_model_info
 
-    asset_graph = context.repository_def.asset_graph
+    if context.repository_def is not None:
+        asset_graph = context.repository_def.asset_graph
+    else:  # evaluated outside a code location (a script or test without definitions)
+        from .definitions import defs
+
+        asset_graph = defs.resolve_asset_graph()
     busy = busy_partitions(context.instance)
     plan = refresh_plan(context.instance, asset_graph, busy=busy - {"*"})
     if "*" in busy:  # an unpartitioned run (training, reference, embedding) in flight: the summaries wait

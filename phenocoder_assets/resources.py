@@ -267,8 +267,10 @@ class MLflowTracking(ConfigurableResource):
         """Artifact root for a new experiment (``None``: the tracking server decides)."""
         if self.artifact_location:
             return self.artifact_location
-        if not self.resolved_tracking_uri().startswith("sqlite"):
+        scheme = self.resolved_tracking_uri().split(":", 1)[0].split("+")[0].lower()
+        if scheme in ("http", "https", "databricks"):
             return None  # a tracking server decides where artifacts go
+        # a database store (SQLite, PostgreSQL, MySQL) keeps no artifacts: they go under the root
         return Path(resolve_root(self.root), "mlartifacts").as_uri()
 
     def client(self) -> Any:

@@ -6,7 +6,8 @@ import json
 import os
 
 import pytest
-from dagster import AssetKey, build_sensor_context, instance_for_test
+from _instances import make_instance  # noqa: F401 (fixture: SQLite, and PostgreSQL when configured)
+from dagster import AssetKey, build_sensor_context
 
 from phenocoder_assets.partitions import partition_key_problem, split_sample, validate_partition_key
 from phenocoder_assets.resources import PhenocoderStorage
@@ -40,10 +41,10 @@ def test_marker_name_matches_library():
     assert MARKER == EXPORT_COMPLETE_MARKER
 
 
-def test_new_plate_registers_wells_and_requests_runs_once(tmp_path, copy_plate):
+def test_new_plate_registers_wells_and_requests_runs_once(make_instance, tmp_path, copy_plate):
     home = tmp_path / "home"
     copy_plate(home / "incoming" / "PLATE1")
-    with instance_for_test() as instance:
+    with make_instance() as instance:
         first = _evaluate(instance, home)
         assert [r.partition_keys for r in first.dynamic_partitions_requests] == [["PLATE1_A01", "PLATE1_A02"]]
         assert first.dynamic_partitions_requests[0].partitions_def_name == "samples"
@@ -69,11 +70,11 @@ def test_new_plate_registers_wells_and_requests_runs_once(tmp_path, copy_plate):
         assert not again.dynamic_partitions_requests  # partitions already registered
 
 
-def test_changed_well_runs_again(tmp_path, copy_plate):
+def test_changed_well_runs_again(make_instance, tmp_path, copy_plate):
     home = tmp_path / "home"
     plate = copy_plate(home / "incoming" / "PLATE1")
     storage = PhenocoderStorage(root=str(home))
-    with instance_for_test() as instance:
+    with make_instance() as instance:
         first = _evaluate(instance, home)
         _apply(instance, first)
         for req in first.run_requests:
@@ -87,10 +88,10 @@ def test_changed_well_runs_again(tmp_path, copy_plate):
         assert second.run_requests[0].run_key != first.run_requests[1].run_key
 
 
-def test_incomplete_plate_waits_until_marker(tmp_path, copy_plate):
+def test_incomplete_plate_waits_until_marker(make_instance, tmp_path, copy_plate):
     home = tmp_path / "home"
     plate = copy_plate(home / "incoming" / "PLATE2", marker=False)
-    with instance_for_test() as instance:
+    with make_instance() as instance:
         waiting = _evaluate(instance, home)
         assert not waiting.run_requests and not waiting.dynamic_partitions_requests
         assert "PLATE2" in waiting.skip_reason.skip_message and MARKER in waiting.skip_reason.skip_message
@@ -99,17 +100,17 @@ def test_incomplete_plate_waits_until_marker(tmp_path, copy_plate):
         assert [r.partition_key for r in done.run_requests] == ["PLATE2_A01", "PLATE2_A02"]
 
 
-def test_quiet_period(tmp_path, copy_plate, monkeypatch):
+def test_quiet_period(make_instance, tmp_path, copy_plate, monkeypatch):
     home = tmp_path / "home"
     copy_plate(home / "incoming" / "PLATE3")
     monkeypatch.setenv("PHENOCODER_QUIET_SECONDS", "3600")
-    with instance_for_test() as instance:
+    with make_instance() as instance:
         result = _evaluate(instance, home)
         assert not result.run_requests
         assert "quiet period" in result.skip_reason.skip_message
 
 
-def test_unsafe_names_and_symlinks_are_refused(tmp_path, copy_plate):
+def test_unsafe_names_and_symlinks_are_refused(make_instance, tmp_path, copy_plate):
     home = tmp_path / "home"
     landing = home / "incoming"
     outside = copy_plate(tmp_path / "OUTSIDE")
@@ -121,7 +122,7 @@ def test_unsafe_names_and_symlinks_are_refused(tmp_path, copy_plate):
     victim.unlink()
     victim.symlink_to(next((outside / "imgs").iterdir()))
     (landing / "notes.txt").write_text("not a plate")
-    with instance_for_test() as instance:
+    with make_instance() as instance:
         result = _evaluate(instance, home)
     assert not result.run_requests
     assert not result.dynamic_partitions_requests
@@ -130,11 +131,11 @@ def test_unsafe_names_and_symlinks_are_refused(tmp_path, copy_plate):
     assert "symbolic link" in message
 
 
-def test_stages_follow_the_model_and_the_cluster_reference(tmp_path, copy_plate):
+def test_stages_follow_the_model_and_the_cluster_reference(make_instance, tmp_path, copy_plate):
     home = tmp_path / "home"
     copy_plate(home / "incoming" / "PLATE1")
     storage = PhenocoderStorage(root=str(home))
-    with instance_for_test() as instance:
+    with make_instance() as instance:
         first = _evaluate(instance, home)
         _apply(instance, first)
         for req in first.run_requests:

@@ -1,0 +1,74 @@
+"""Dagster instances for the platform tests: the embedded SQLite default, or a fresh PostgreSQL database.
+
+``PHENOCODER_TEST_POSTGRES_URL`` (e.g. ``postgresql://postgres@127.0.0.1:55432/postgres``, set by
+``.ci/run``) names a server the tests may create databases on; each instance gets its own database.
+Without it the PostgreSQL variants are skipped locally, and fail in CI (``CI=true``), where the
+server is always started.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+POSTGRES_ENV = "PHENOCODER_TEST_POSTGRES_URL"
+BACKENDS = ["sqlite", "postgres"]
+
+
+def postgres_url() -> str:
+    """The server URL, or skip (locally) / fail (in CI) when it is not set."""
+    url = os.environ.get(POSTGRES_ENV, "")
+    if not url:
+        message = f"{POSTGRES_ENV} is not set: no PostgreSQL server to run the instance tests on (.ci/run starts one)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message + "; CI must run them.")
+        pytest.skip(message)
+    return url
+
+
+def fresh_database(prefix: str = "phenocoder_test") -> str:
+    """Create an empty database on the test server and return its URL."""
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres_url())
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    conn = psycopg2.connect(host=url.host, port=url.port, user=url.username, password=url.password,
+                            dbname=url.database or "postgres")
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        conn.close()
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+def storage_yaml(backend: str) -> str:
+    """The ``storage:`` block of a dagster.yaml for ``backend`` (empty for SQLite, the default)."""
+    if backend == "sqlite":
+        return ""
+    if backend == "postgres":
+        return f'storage:\n  postgres:\n    postgres_url: "{fresh_database()}"\n'
+    raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+
+
+def write_instance(dagster_home: Path, backend: str, extra: str = "telemetry:\n  enabled: false\n") -> Path:
+    """Write ``dagster_home/dagster.yaml`` for ``backend`` (plus ``extra`` settings); return the folder."""
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    (dagster_home / "dagster.yaml").write_text(storage_yaml(backend) + extra)
+    return dagster_home
+
+
+@pytest.fixture(params=BACKENDS)
+def make_instance(request):
+    """``make_instance()``: a context manager yielding a temporary instance on each backend in turn."""
+    from dagster import instance_for_test
+
+    if request.param == "sqlite":
+        return instance_for_test
+    url = fresh_database()
+    return lambda: instance_for_test(overrides={"storage": {"postgres": {"postgres_url": url}}})
