@@ -1,7 +1,9 @@
 """End to end: the whole graph on a synthetic plate, MLflow, checks, failures, and the UI's GraphQL API.
 
-One session-scoped demo run (``phenocoder_assets.cli.run_demo``: the sensor registers the wells, then
-every asset is materialized in-process into a persistent instance) is shared by the tests below.
+One session-scoped demo run per instance backend (``phenocoder_assets.cli.run_demo``: the sensor
+registers the wells, then every asset is materialized in-process into a persistent instance) is
+shared by the tests below: on the embedded SQLite instance and, when ``PHENOCODER_TEST_POSTGRES_URL``
+is set (always in CI), on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _instances import BACKENDS, write_instance
 from dagster import AssetKey, DagsterInstance, build_sensor_context
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,15 +41,15 @@ EPOCHS = 3
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    """The demo on a small plate in a temporary home (3 wells, 16x16 patches, 3 epochs)."""
+@pytest.fixture(scope="session", params=BACKENDS)
+def demo(request, tmp_path_factory):
+    """The demo on a small plate in a temporary home (3 wells, 16x16 patches, 3 epochs), per backend."""
     from phenocoder_assets.cli import print_instructions, run_demo
 
-    home = tmp_path_factory.mktemp("platform") / "home"
-    (home / "dagster").mkdir(parents=True)
-    (home / "dagster" / "dagster.yaml").write_text(DAGSTER_YAML)
+    home = tmp_path_factory.mktemp(f"platform-{request.param}") / "home"
+    write_instance(home / "dagster", request.param, DAGSTER_YAML)
     saved = {k: os.environ.get(k) for k in ("PHENOCODER_HOME", "DAGSTER_HOME")}
+    os.environ.pop("DAGSTER_HOME", None)  # the demo's own instance folder <home>/dagster
     try:
         result = run_demo(home, wells=3, epochs=EPOCHS, patch_size=16, image_size=128, nuclei_per_well=50,
                           quiet=True)
@@ -142,7 +145,7 @@ def test_outputs_have_the_expected_content(demo):
     emb = ad.read_h5ad(demo.home / "embedding" / "_" / "embedding.h5ad")
     assert list(emb.obs_names) == demo.samples and emb.obsm["X_umap"].shape == (3, 2)
     latents = ad.read_h5ad(demo.home / "latents" / "DEMO_A02" / "latents.h5ad")
-    assert "spatial_message_passing" in latents.layers
+    assert "spatial_message_passing" not in latents.layers  # the default: message passing off
     assert latents.uns["phenocoder_latents"]["model"].endswith(f"/{demo.mlflow['version']}")
 
 
@@ -208,7 +211,7 @@ def test_embedding_metadata_scores_the_planted_truth(demo, instance):
     assert meta["planted_truth/n_samples_with_truth"].value == len(demo.samples)
 
     resources = {"storage": PhenocoderStorage(root=str(demo.home)), "mlflow": MLflowTracking(root=str(demo.home))}
-    run_config = {"ops": {"embedding": {"config": {"n_dim": 8, "seed": 0}}}}  # as the demo
+    run_config = {}  # the defaults, as the demo and the nightly schedule
     truth, hidden = demo.plate_dir / "ground_truth", demo.plate_dir / "ground_truth.hidden"
     truth.rename(hidden)  # the plate now looks like a real export
     try:
