@@ -1,11 +1,12 @@
 """Run configuration of every asset: the library's parameters, settable from the UI's launchpad.
 
 This module is the one place that holds the default settings of every stage: a launch from the UI
-with an empty config, the sensor's runs, the nightly schedule and ``phenocoder demo`` all take
-these values unless the user sets others (the demo sets only what its command line chooses, plus
-the small network of :data:`DEMO_MODEL`). Defaults are the library's defaults unless noted. Each class documents which library call its
-fields go to; field names follow the workflow guide so that a run can be relaunched from the UI
-with other settings and compared (the ``model`` settings are logged to MLflow as parameters).
+with an empty config, the sensor's runs, the nightly schedule and ``phenocoder demo`` all take these
+values unless the user sets others (the demo sets only what its command line chooses, plus the small
+network of :data:`DEMO_MODEL`). Defaults are the library's defaults unless noted. Each class
+documents which library call its fields go to; field names follow the workflow guide so that a run
+can be relaunched from the UI with other settings and compared (the ``model`` settings are logged to
+MLflow as parameters).
 """
 
 from __future__ import annotations

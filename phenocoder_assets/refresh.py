@@ -80,8 +80,25 @@ def stale_stages(resolver: CachingStaleStatusResolver, sample: str) -> list[str]
     return [a for a, s in zip(CHAIN[first:], statuses[first:], strict=True) if s != StaleStatus.MISSING]
 
 
+def embedding_inputs_changed(storage: PhenocoderStorage) -> bool:
+    """Whether the graph_stats folders now differ from those the embedding recorded reading.
+
+    Dagster stops comparing partition versions of a fan-in dependency from 100 upstream partitions
+    on; the versions recorded in the folders cover any number of wells.
+    """
+    from .assets._common import VERSION_FILE, read_version
+    from .state import read_json
+
+    if not storage.exists("embedding"):
+        return False
+    path = storage.local_path("embedding") / VERSION_FILE
+    recorded = read_json(path).get("inputs", {}) if path.exists() else {}
+    current = {f"graph_stats/{s}": read_version(storage, "graph_stats", s) for s in storage.partitions("graph_stats")}
+    return recorded != current
+
+
 def refresh_plan(instance, asset_graph, samples: list[str] | None = None,
-                 busy: set[str] | None = None) -> dict[str, Any]:
+                 busy: set[str] | None = None, storage: PhenocoderStorage | None = None) -> dict[str, Any]:
     """What is stale now: ``{"samples": {sample: stages}, "summaries": [...], "deliberate": [...]}``.
 
     ``busy`` partitions (with runs in flight) are left out; summaries are only planned when no
@@ -98,7 +115,8 @@ def refresh_plan(instance, asset_graph, samples: list[str] | None = None,
         if stages:
             per_sample[sample] = stages
     summaries = [] if per_sample or busy else \
-        [a for a in SUMMARIES if resolver.get_status(AssetKey(a)) == StaleStatus.STALE]
+        [a for a in SUMMARIES if resolver.get_status(AssetKey(a)) == StaleStatus.STALE
+         or (a == "embedding" and storage is not None and embedding_inputs_changed(storage))]
     deliberate = [a for a in DELIBERATE if resolver.get_status(AssetKey(a)) == StaleStatus.STALE]
     versions = {f"{a}/{s}": resolver.get_current_data_version(AssetKey(a), s).value
                 for s, stages in per_sample.items() for a in CHAIN}
@@ -144,7 +162,7 @@ def refresh_stale_sensor(context: SensorEvaluationContext, storage: PhenocoderSt
 
         asset_graph = defs.resolve_asset_graph()
     busy = busy_partitions(context.instance)
-    plan = refresh_plan(context.instance, asset_graph, busy=busy - {"*"})
+    plan = refresh_plan(context.instance, asset_graph, busy=busy - {"*"}, storage=storage)
     if "*" in busy:  # an unpartitioned run (training, reference, embedding) in flight: the summaries wait
         plan["summaries"] = []
     for name in plan["deliberate"]:

@@ -5,14 +5,14 @@ from dagster import AllPartitionMapping, AssetDep, AssetExecutionContext, Materi
 from ..configs import ModelConfig
 from ..resources import MLflowTracking, PhenocoderStorage
 
-CODE_VERSION = "2"
+CODE_VERSION = "2"  # 2: one seeded chunk-window batch order (the same in RAM or streamed); a retrain differs
 
 
 @asset(
     deps=[AssetDep("patches", partition_mapping=AllPartitionMapping())],
     group_name="cross_sample",
     kinds={"keras", "tensorflow", "mlflow"},
-    code_version=CODE_VERSION,  # 2: one seeded chunk-window batch order (the same in RAM or streamed); a retrain differs from 1
+    code_version=CODE_VERSION,
     pool="gpu",
     description="Model trained on the patch datasets of the chosen samples (<root>/model/_/model.keras); one MLflow "
     "run per training, registered in the MLflow model registry. Retraining is a deliberate action.",

@@ -61,7 +61,8 @@ def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig,
     from ..state import SUMMARY
 
     sample = context.partition_key
-    inputs = {"latents": read_version(storage, "latents", sample), "clusters": read_version(storage, "clusters", sample),
+    inputs = {"latents": read_version(storage, "latents", sample),
+              "clusters": read_version(storage, "clusters", sample),
               "cluster_reference": read_version(storage, "cluster_reference")}
     version = logical_version(GRAPH_STATS_CODE_VERSION, settings_of(config, GRAPH_STATS_COSMETIC), inputs)
     table = ad.read_h5ad(storage.local_path("latents", sample) / LATENTS_FILE)

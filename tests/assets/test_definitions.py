@@ -13,7 +13,8 @@ CROSS_SAMPLE = {"model", "cluster_reference", "embedding"}
 EDGES = {
     "sdata": set(), "patches": {"sdata"}, "model": {"patches"}, "latents": {"sdata", "patches", "model"},
     "cluster_reference": {"latents"}, "clusters": {"latents", "cluster_reference"},
-    "graph_stats": {"latents", "clusters"}, "embedding": {"graph_stats"},
+    # embedding -> latents: Dagster reports only a direct dependency's change as STALE
+    "graph_stats": {"latents", "clusters"}, "embedding": {"graph_stats", "latents"},
 }
 
 
@@ -57,6 +58,9 @@ def test_sensor_schedule_and_jobs():
         sensor = defs.resolve_sensor_def("incoming_plates_sensor")
         assert sensor.default_status == DefaultSensorStatus.RUNNING
         assert sensor.job_name == "sample_pipeline"
+        refresh_stale = defs.resolve_sensor_def("refresh_stale_sensor")
+        assert refresh_stale.default_status == DefaultSensorStatus.STOPPED  # started deliberately
+        assert {t.job_name for t in refresh_stale.targets} == {"sample_pipeline", "refresh_summaries"}
         schedule = defs.resolve_schedule_def("nightly_refresh")
         assert schedule.default_status == DefaultScheduleStatus.RUNNING
         assert schedule.cron_schedule == "0 3 * * *"

@@ -189,6 +189,8 @@ def _evaluate_refresh(plate, instance):
 
 
 def test_refresh_stale_sensor_brings_everything_up_to_date(plate, instance, graphql):
+    from phenocoder_assets.refresh import embedding_inputs_changed
+
     samples = plate.samples
     sample = samples[2]
     materialize_one(plate, instance, ["latents"], sample, RADIUS)
@@ -200,12 +202,16 @@ def test_refresh_stale_sensor_brings_everything_up_to_date(plate, instance, grap
     assert [r.run_key for r in again.run_requests] == [r.run_key for r in first.run_requests]  # one key per state
     request = first.run_requests[0]
     materialize_one(plate, instance, ["clusters", "graph_stats"], sample, request.run_config)
+    # the folder-recorded check that also holds beyond Dagster's 100-partition limit sees the new graph_stats
+    storage = resources(plate)["storage"]
+    assert embedding_inputs_changed(storage)
 
     second = _evaluate_refresh(plate, instance)
     assert [([k.path[0] for k in r.asset_selection], r.job_name, r.partition_key) for r in second.run_requests] == \
         [(["embedding"], "refresh_summaries", None)]
     materialize_one(plate, instance, ["embedding"])
 
+    assert not embedding_inputs_changed(storage)
     third = _evaluate_refresh(plate, instance)
     assert isinstance(third, SkipReason) and "nothing stale" in third.skip_message
     # the reference fans in over every well's latents: STALE, and left for a deliberate rebuild

@@ -44,7 +44,8 @@ def test_reduced_soak_materializes_every_partition_exactly_once(tmp_path, backen
     assert phases["encode"]["model"]["ok"] and phases["spatial"]["cluster_reference"]["ok"]
     assert report["runs_requested"] == report["runs_executed"] == 3 * n_wells
     assert report["runs_succeeded"] == 3 * n_wells + 2 and report["training_runs_succeeded"] == 2  # + model, reference
-    assert report["materializations"] == {a: n_wells for a in ("sdata", "patches", "latents", "clusters", "graph_stats")}
+    per_well = ("sdata", "patches", "latents", "clusters", "graph_stats")
+    assert report["materializations"] == {a: n_wells for a in per_well}
     assert report["every_partition_materialized_exactly_once"] and report["runs_failed"] == 0
     assert report["bad_inputs_tried"] == 4 and report["bad_inputs_registered"] == 0
     assert report["second_sensor_tick_run_requests"] == 0 and report["staging_leftovers"] == 0
