@@ -87,7 +87,8 @@ def run_demo(home: str | Path | None = None, *, wells: int = 3, epochs: int = 5,
     dagster_home.mkdir(parents=True, exist_ok=True)
     if not (dagster_home / "dagster.yaml").exists():
         write_text_atomic(dagster_home / "dagster.yaml", DEMO_DAGSTER_YAML)
-    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    # DAGSTER_HOME itself is left as it was: the runs get the instance explicitly, and a second demo in the
+    # same process (tests, benchmarks) must not inherit the first one's instance.
     log_level = "WARNING" if quiet else "INFO"
 
     storage = PhenocoderStorage(root=str(root))
