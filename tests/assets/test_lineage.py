@@ -25,7 +25,64 @@ CHAIN = ["sdata", "patches", "latents", "clusters", "graph_stats"]
 SUMMARIES = ["model", "cluster_reference", "embedding"]
 RADIUS = {"ops": {"latents": {"config": {"spatial_message_passing_radius": 30.0}}}}
 
-pytestmark = pytest.mark.slow
+
+
+def test_versions_are_digests_of_content_and_settings():
+    import numpy as np
+
+    from phenocoder_assets.assets._common import array_digest, digest, logical_version, settings_of
+    from phenocoder_assets.configs import GraphStatsConfig, LatentsConfig, resolve_patch_size
+
+    a = np.arange(6, dtype=np.float32)
+    assert array_digest([a]) == array_digest([a.copy()]) != array_digest([a.reshape(2, 3)])
+    assert array_digest([a]) != array_digest([a.astype(np.float64)])
+    assert digest({"b": 1, "a": 2}) == digest({"a": 2, "b": 1})
+    base = logical_version("1", settings_of(LatentsConfig(), ["batch_size"]), {"model": "m1"})
+    assert base == logical_version("1", settings_of(LatentsConfig(batch_size=7), ["batch_size"]), {"model": "m1"})
+    assert base != logical_version(
+        "1", settings_of(LatentsConfig(spatial_message_passing_radius=30.0), ["batch_size"]), {"model": "m1"})
+    assert base != logical_version("1", settings_of(LatentsConfig(), ["batch_size"]), {"model": "m2"})
+    assert base != logical_version("2", settings_of(LatentsConfig(), ["batch_size"]), {"model": "m1"})
+    assert "n_jobs" not in settings_of(GraphStatsConfig(), ["n_jobs"])
+    assert resolve_patch_size(None, None) == [128, 128]
+    assert resolve_patch_size(None, {"patches": {"patch_size": [32, 32]}}) == [32, 32]
+    assert resolve_patch_size([16, 24], {"patches": {"patch_size": [32, 32]}}) == [16, 24]
+
+
+def test_defaults_live_in_the_config_classes():
+    """The demo's stages, the sensor, the schedule and an empty UI launch read the same defaults."""
+    from phenocoder_assets.configs import ClusterReferenceConfig, EmbeddingConfig, LatentsConfig, PatchesConfig
+
+    assert LatentsConfig().spatial_message_passing_radius is None
+    assert ClusterReferenceConfig().resolution == 0.5 and EmbeddingConfig().n_dim == 32
+    assert PatchesConfig().patch_size is None  # the current model's patch size
+
+
+def test_the_demo_passes_only_what_its_command_line_sets(tmp_path, monkeypatch):
+    """The demo's run configs, captured without running them: every other setting is a config default."""
+    import dagster
+
+    from phenocoder_assets.cli import run_demo
+    from phenocoder_assets.configs import DEMO_MODEL
+
+    calls = []
+
+    class Done:
+        success, run_id = True, "captured"
+
+    def capture(assets, selection, partition_key=None, run_config=None, **_):
+        calls.append((tuple(selection), partition_key, run_config["ops"]))
+        return Done()
+
+    monkeypatch.setattr(dagster, "materialize", capture)
+    monkeypatch.setenv("DAGSTER_HOME", str(write_instance(tmp_path / "instance", "sqlite")))
+    run_demo(tmp_path / "home", wells=2, epochs=1, patch_size=16, image_size=64, nuclei_per_well=10, quiet=True)
+    ops = {sel: cfg for sel, _, cfg in calls}
+    assert ops[("sdata", "patches")] == {"patches": {"config": {"patch_size": [16, 16]}}}
+    assert ops[("model",)]["model"]["config"] == {**DEMO_MODEL, "samples": ["DEMO_A01", "DEMO_A02"], "n_epochs": 1,
+                                                  "early_stopping_patience": 5, "seed": 0}
+    for selection in [("latents",), ("cluster_reference",), ("clusters", "graph_stats"), ("embedding",)]:
+        assert ops[selection] == {}, selection
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -124,6 +181,7 @@ def latest_version(instance, name: str, partition: str | None = None) -> str:
     return records[0].event_log_entry.asset_materialization.tags["dagster/data_version"]
 
 
+@pytest.mark.slow
 def test_after_the_demo_everything_is_fresh_with_digest_versions(plate, instance, graphql):
     samples = plate.samples
     assert plate.dagster_home == plate.home / "instance"  # the demo used DAGSTER_HOME, not <home>/dagster
@@ -144,6 +202,7 @@ def test_after_the_demo_everything_is_fresh_with_digest_versions(plate, instance
     assert latest_version(instance, "cluster_reference").startswith(reference["id"])  # id = content digest
 
 
+@pytest.mark.slow
 def test_an_identical_rerun_leaves_everything_fresh(plate, instance, graphql):
     sample = plate.samples[0]
     before = latest_version(instance, "latents", sample)
@@ -154,6 +213,7 @@ def test_an_identical_rerun_leaves_everything_fresh(plate, instance, graphql):
     assert api_status(instance, plate.samples) == all_fresh(plate.samples)
 
 
+@pytest.mark.slow
 def test_other_latents_make_exactly_their_downstream_stale(plate, instance, graphql):
     samples = plate.samples
     sample = samples[1]
@@ -172,6 +232,7 @@ def test_other_latents_make_exactly_their_downstream_stale(plate, instance, grap
             {("latents", sample, "has a new data version")}, name
 
 
+@pytest.mark.slow
 def test_back_to_the_old_settings_is_fresh_again(plate, instance, graphql):
     materialize_one(plate, instance, ["latents"], plate.samples[1])  # the default settings, as the demo used
     assert gql_status(graphql, plate.samples) == all_fresh(plate.samples)
@@ -188,6 +249,7 @@ def _evaluate_refresh(plate, instance):
     return refresh_stale_sensor(ctx)
 
 
+@pytest.mark.slow
 def test_refresh_stale_sensor_brings_everything_up_to_date(plate, instance, graphql):
     from phenocoder_assets.refresh import embedding_inputs_changed
 
