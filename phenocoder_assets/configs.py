@@ -62,7 +62,7 @@ DEFAULT_PATCH_SIZE = [128, 128]
 def resolve_patch_size(patch_size: list[int] | None, model_info: dict | None) -> list[int]:
     """``patch_size`` when given, else the patch size the current model was trained on, else the default."""
     if patch_size:
-        return [int(v) for v in patch_size]
+        return list(patch_size)  # as given: the library names a bad value
     trained = (model_info or {}).get("patches", {}).get("patch_size")
     return [int(v) for v in trained] if trained else list(DEFAULT_PATCH_SIZE)
 
