@@ -19,10 +19,20 @@ from dagster import (
 )
 
 from ..configs import ClusterReferenceConfig, ClustersConfig
+from ..metadata_docs import describe
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
 from ..state import REFERENCE_INFO, read_json
-from ._common import LABELS_FILE, LATENTS_FILE, PREVIEW_FILE, Timer, preview_metadata, write_png
+from ._common import (
+    LABELS_FILE,
+    LATENTS_FILE,
+    PREVIEW_FILE,
+    Timer,
+    check_known_samples,
+    number,
+    preview_metadata,
+    write_png,
+)
 
 REFERENCE_FILE = "reference.npz"
 POOLED_LABELS_FILE = "pooled_labels.parquet"
@@ -33,8 +43,9 @@ POOLED_LABELS_FILE = "pooled_labels.parquet"
     group_name="cross_sample",
     kinds={"scanpy", "numpy"},
     code_version="2",  # 2: faiss kNN graph from 8192 objects on; fit capped at max_fit objects
-    description="Pooled Leiden clustering of the latents of the reference samples; the reference that labels "
-    "every later sample the same way (<root>/cluster_reference/_/).",
+    description=describe("cluster_reference", "Pooled Leiden clustering of the latents of the reference samples; "
+                         "the reference that labels every later sample the same way "
+                         "(`<root>/cluster_reference/_/`)."),
 )
 def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceConfig,
                       storage: PhenocoderStorage) -> MaterializeResult:
@@ -50,6 +61,7 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
 
     from ..previews import scatter, two_columns
 
+    check_known_samples(context, list(config.samples), "ClusterReferenceConfig.samples")
     samples = config.samples or storage.partitions("latents")
     if not samples:
         raise FileNotFoundError("no latents materialized yet: materialize 'latents' for some samples first.")
@@ -87,6 +99,7 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
     counts = frame["label"].value_counts().sort_index()
     final = storage.url("cluster_reference")
     return MaterializeResult(metadata={
+        **preview_metadata(png, "cluster reference", final),
         "n_clusters": MetadataValue.int(len(ref.categories)),
         "n_objects": MetadataValue.int(int(pooled.n_obs)),
         "samples": MetadataValue.json(list(samples)),
@@ -95,7 +108,6 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
         "cluster_sizes": MetadataValue.json({str(k): int(v) for k, v in counts.items()}),
         "path": MetadataValue.path(final),
         **timer.metadata(),
-        **preview_metadata(png, "cluster reference", final),
     })
 
 
@@ -105,8 +117,8 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
     group_name="per_sample",
     kinds={"parquet"},
     code_version="1",
-    description="Cluster label of every object of a well, consistent across wells "
-    "(<root>/clusters/<sample>/labels.parquet).",
+    description=describe("clusters", "Cluster label of every object of a well, consistent across wells "
+                         "(`<root>/clusters/<sample>/labels.parquet`)."),
 )
 def clusters(context: AssetExecutionContext, config: ClustersConfig, storage: PhenocoderStorage) -> MaterializeResult:
     """Pooled labels for reference objects, :func:`~phenocoder_lib.clustering.transfer_labels` for the rest."""
@@ -151,12 +163,12 @@ def clusters(context: AssetExecutionContext, config: ClustersConfig, storage: Ph
     counts = pd.Series(np.asarray(labels)).value_counts()
     final = storage.url("clusters", sample)
     return MaterializeResult(metadata={
+        **preview_metadata(png, f"{sample}: clusters", final),
         "n_objects": MetadataValue.int(len(frame)),
         "source": MetadataValue.text(source),
         "reference_id": MetadataValue.text(info["id"]),
-        "mean_confidence": MetadataValue.float(float(np.mean(confidence)) if len(confidence) else float("nan")),
+        "mean_confidence": number(float(np.mean(confidence)) if len(confidence) else float("nan")),
         "cluster_sizes": MetadataValue.json({str(k): int(v) for k, v in counts.items()}),
         "path": MetadataValue.path(f"{final}/{LABELS_FILE}"),
         **timer.metadata(),
-        **preview_metadata(png, f"{sample}: clusters", final),
     })

@@ -3,6 +3,7 @@
 from dagster import AllPartitionMapping, AssetDep, AssetExecutionContext, MaterializeResult, asset
 
 from ..configs import ModelConfig
+from ..metadata_docs import describe
 from ..resources import MLflowTracking, PhenocoderStorage
 
 
@@ -12,8 +13,10 @@ from ..resources import MLflowTracking, PhenocoderStorage
     kinds={"keras", "tensorflow", "mlflow"},
     code_version="2",  # 2: one seeded chunk-window batch order (the same in RAM or streamed); a retrain differs from 1
     pool="gpu",
-    description="Model trained on the patch datasets of the chosen samples (<root>/model/_/model.keras); one MLflow "
-    "run per training, registered in the MLflow model registry. Retraining is a deliberate action.",
+    description=describe("model", "Model trained on the patch datasets of the chosen samples "
+                         "(`<root>/model/_/model.keras`); one MLflow run per training, named "
+                         "`model <samples>` and tagged with the Dagster run id, registered in the MLflow model "
+                         "registry. Retraining is a deliberate action."),
 )
 def model(context: AssetExecutionContext, config: ModelConfig, storage: PhenocoderStorage,
           mlflow: MLflowTracking) -> MaterializeResult:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import shutil
 from pathlib import Path
 
@@ -29,3 +32,42 @@ def copy_plate(tiny_plate_template):
         return dest
 
     return _copy
+
+
+# Launched runs must execute without the daemon: the default run launcher behind a DefaultRunCoordinator.
+DEMO_DAGSTER_YAML = """\
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: DefaultRunCoordinator
+run_launcher:
+  module: dagster._core.launcher
+  class: DefaultRunLauncher
+telemetry:
+  enabled: false
+"""
+DEMO_EPOCHS = 3
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The demo on a small plate in a temporary home (3 wells, 16x16 patches, 3 epochs), once per session.
+
+    Shared by test_platform.py and test_ui_browser.py.
+    """
+    from phenocoder_assets.cli import print_instructions, run_demo
+
+    home = tmp_path_factory.mktemp("platform") / "home"
+    (home / "dagster").mkdir(parents=True)
+    (home / "dagster" / "dagster.yaml").write_text(DEMO_DAGSTER_YAML)
+    saved = {k: os.environ.get(k) for k in ("PHENOCODER_HOME", "DAGSTER_HOME")}
+    try:
+        result = run_demo(home, wells=3, epochs=DEMO_EPOCHS, patch_size=16, image_size=128, nuclei_per_well=50,
+                          quiet=True)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_instructions(result)
+        result.printed = out.getvalue()
+        yield result
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

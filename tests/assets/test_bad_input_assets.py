@@ -176,7 +176,8 @@ CONFIG_ERRORS = [
         "model",
         None,
         {**MODEL, "samples": ["TINY_Z99"]},
-        r"FileNotFoundError: samples \['TINY_Z99'\] have no patch dataset; materialize 'patches' for them first",
+        r"ValueError: ModelConfig.samples=\['TINY_Z99'\] names unknown samples; registered samples are: TINY_A01, "
+        r"TINY_A02\. Fix the names",
     ),
     (
         "latents_spatial_key",
@@ -190,7 +191,9 @@ CONFIG_ERRORS = [
         "latents",
         A01,
         {"spatial_message_passing_radius": -1.0},
-        r"ValueError: spatial_message_passing_radius=-1\.0 must be >= 0",
+        # refused by the config's bound before the step reads anything
+        r"ValidationError: 1 validation error for LatentsConfig\nspatial_message_passing_radius\n"
+        r"  Input should be greater than 0 \[type=greater_than, input_value=-1\.0",
     ),
 ]
 
