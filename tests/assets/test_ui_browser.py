@@ -60,9 +60,9 @@ def server(args: list[str], env: dict[str, str], url: str, log: Path, timeout: f
         yield proc
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its children (same session)
+            os.killpg(proc.pid, signal.SIGINT)  # the server and its children (same session); as Ctrl-C
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
