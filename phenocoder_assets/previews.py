@@ -173,8 +173,11 @@ def training_curves(history: dict[str, list[float]], *, title: str = "training")
     plt = _pyplot()
     panels = [("loss", "loss"), ("reconstruction_loss", "reconstruction loss"), ("kl_loss", "KL loss"),
               ("learning_rate", "learning rate")]
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(2, 2, figsize=(6.4, 4.6), squeeze=False)
     for ax, (key, label) in zip(axes.ravel(), panels, strict=True):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         for prefix, name in (("", "training"), ("val_", "validation")):
             values = history.get(prefix + key) or []
             if values:

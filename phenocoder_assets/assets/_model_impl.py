@@ -111,7 +111,9 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
 
     with storage.stage("model") as out:
         out.mkdir()
-        with tracking.start_run(run_name=run_name("model", samples), tags=tags) as run:
+        # the Dagster run's short id tells two trainings on the same samples apart in MLflow's comparison
+        with tracking.start_run(run_name=f"{run_name('model', samples)} ({context.run.run_id[:8]})",
+                                tags=tags) as run:
             mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, tuple, dict)) or v is None else v
                                for k, v in params.items()})
             with timer.phase("train"):

@@ -15,7 +15,7 @@ from ..resources import MLflowTracking, PhenocoderStorage
     pool="gpu",
     description=describe("model", "Model trained on the patch datasets of the chosen samples "
                          "(`<root>/model/_/model.keras`); one MLflow run per training, named "
-                         "`model <samples>` and tagged with the Dagster run id, registered in the MLflow model "
+                         "`model <samples> (<Dagster run id>)` and tagged with the Dagster run id, registered in the MLflow model "
                          "registry. Retraining is a deliberate action."),
 )
 def model(context: AssetExecutionContext, config: ModelConfig, storage: PhenocoderStorage,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -62,7 +63,7 @@ def server(args: list[str], env: dict[str, str], url: str, log: Path, timeout: f
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGINT)  # the server and its children (same session); as Ctrl-C
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -176,10 +177,10 @@ def test_lineage_shows_every_asset(ui, page):
     page.locator("foreignObject").first.hover()
     page.keyboard.press("Alt+e")  # "Expand all groups" (the graph settings menu's shortcut)
     page.get_by_role("button", name="Hide navigation").click()
+    page.locator("[aria-label=panel_show_right]").first.click()  # hide the asset tree beside the graph
     graph = page.locator("foreignObject")
     for name in ASSETS:
         graph.get_by_text(name, exact=True).first.wait_for(state="visible")
-    page.locator("[aria-label=zoom_in]").first.click()
     page.wait_for_timeout(1500)  # let the graph settle before the picture
     for name in ASSETS:
         assert graph.get_by_text(name, exact=True).first.is_visible(), name
@@ -240,4 +241,13 @@ def test_mlflow_compares_the_two_trainings(ui, page):
     page.get_by_text("val_loss").first.wait_for(state="visible")
     close_mlflow_assistant(page)
     page.wait_for_timeout(1500)
-    page.screenshot(path=str(shots / "7-mlflow-compare.png"), full_page=True)
+    page.screenshot(path=str(shots / "7-mlflow-compare.png"))
+    # the validation loss of both trainings, epoch by epoch, in one chart
+    page.get_by_role("link", name="val_loss", exact=True).first.click()
+    chart = page.locator("svg").filter(has_text="Step").first
+    chart.wait_for(state="visible")
+    legend = page.get_by_text(re.compile(r"^model DEMO_A01,DEMO_A02.* \(val_loss\)$"))
+    legend.first.wait_for(state="visible")
+    assert legend.count() == 2  # one curve per training (the older run trained on all three wells)
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(shots / "8-mlflow-val-loss-curves.png"))
