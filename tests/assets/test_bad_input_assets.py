@@ -133,7 +133,7 @@ CONFIG_ERRORS = [
         "patches",
         A01,
         {"patch_size": [0, 16]},
-        r"ValueError: patch_size=\[0, 16\] must be a \(height, width\) pair of positive ints",
+        r"ValidationError: 1 validation error for PatchesConfig\npatch_size\.0\n  Input should be greater than 0 ",
     ),
     ("patch_size_three_values", "patches", A01, {"patch_size": [16, 16, 3]}, r"patch_size=\[16, 16, 3\] must be"),
     (
@@ -155,7 +155,7 @@ CONFIG_ERRORS = [
         "sdata",
         A01,
         {"pixel_size_um": -1.0, "preview": False},
-        r"ValueError: pixel_size_um=-1\.0 must be a positive number",
+        r"ValidationError: 1 validation error for IngestConfig\npixel_size_um\n  Input should be greater than 0 ",
     ),
     (
         "hw_not_divisible",
