@@ -135,7 +135,8 @@ CONFIG_ERRORS = [
         {"patch_size": [0, 16]},
         r"ValidationError: 1 validation error for PatchesConfig\npatch_size\.0\n  Input should be greater than 0 ",
     ),
-    ("patch_size_three_values", "patches", A01, {"patch_size": [16, 16, 3]}, r"patch_size=\[16, 16, 3\] must be"),
+    ("patch_size_three_values", "patches", A01, {"patch_size": [16, 16, 3]},
+     r"ValidationError: 1 validation error for PatchesConfig\npatch_size\n  List should have at most 2 items"),
     (
         "ingest_column",
         "sdata",
