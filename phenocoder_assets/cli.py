@@ -154,7 +154,7 @@ def _quiet_libraries() -> None:
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
-    warnings.filterwarnings("ignore", message="zarr v3 autosharding")
+    # zarr's autosharding notice is answered where the tables are written (phenocoder_lib.ingest.write_sdata)
     warnings.filterwarnings("ignore", message=".*without specifying model signature")
     for name in ("ome_zarr", "mlflow", "alembic", "absl", "tensorflow"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -7,12 +7,37 @@ network of :data:`DEMO_MODEL`). Defaults are the library's defaults unless noted
 documents which library call its fields go to; field names follow the workflow guide so that a run
 can be relaunched from the UI with other settings and compared (the ``model`` settings are logged to
 MLflow as parameters).
+
+Defaults are the library's defaults unless noted. Fields carry pydantic bounds (radii and sizes
+> 0, counts >= 1) and ``Literal`` choices: the launchpad offers the choices and refuses any other
+value before a run is created; a value out of bounds stops the step before it reads any data, with
+pydantic's message naming the field, the value and the bound. Each class documents which library call its
+fields go to; field names follow the workflow guide so that a run can be relaunched from the UI
+with other settings and compared (the ``model`` settings are logged to MLflow as parameters).
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
+from typing import Literal
+
 from dagster import Config
-from pydantic import Field
+from pydantic import Field, PositiveFloat, PositiveInt
+
+
+
+class StatGroup(StrEnum):
+    """Statistic groups of :func:`phenocoder_lib.spatial.compute_spatial_stats` (the launchpad offers these).
+
+    An enum rather than ``Literal``: Dagster's config schema accepts ``Literal`` fields but not lists of them.
+    """
+
+    interactions = "interactions"
+    centrality = "centrality"
+    connectivity = "connectivity"
+    moran_features = "moran_features"
+    moran_clusters = "moran_clusters"
+    chull = "chull"
 
 
 class IngestConfig(Config):
@@ -22,9 +47,10 @@ class IngestConfig(Config):
         default=None,
         description="Plate export folder. Default: <landing>/<plate> where <plate> is the partition key's prefix.",
     )
-    pixel_size_um: float | None = Field(default=None, description="um per pixel (default: plate.json or 1.0).")
-    z_step_um: float | None = Field(default=None, description="um between z-slices (default: plate.json or 1.0).")
-    table_scale: float | None = Field(default=None, description="Table coordinate units per image pixel.")
+    pixel_size_um: float | None = Field(default=None, gt=0, description="um per pixel (default: plate.json or 1.0).")
+    z_step_um: float | None = Field(default=None, gt=0,
+                                    description="um between z-slices (default: plate.json or 1.0).")
+    table_scale: float | None = Field(default=None, gt=0, description="Table coordinate units per image pixel.")
     image_key: str = "IF"
     table_key: str = "nuclei_features"
     sample_key: str = "sample"
@@ -73,17 +99,17 @@ class PatchesConfig(Config):
     The dataset is named after the sample; its normalization settings travel with it.
     """
 
-    patch_size: list[int] | None = Field(
+    patch_size: list[PositiveInt] | None = Field(
         default=None,
-        description="(height, width) in pixels. Default: the size the current model was trained on (new wells match "
-        "it), or 128 x 128 before any model exists.",
+        description="(height, width) in pixels, each >= 1. Default: the size the current model was trained on "
+        "(new wells match it), or 128 x 128 before any model exists.",
     )
     spatial_key_index: str = "spatial_index"
     scale: bool = True
-    scale_percentile: float = 1.0
+    scale_percentile: float = Field(default=1.0, ge=0, lt=50)
     scale_per_sample: bool = True
     metadata_keys: list[str] = Field(default_factory=list, description="Extra .obs columns kept per patch.")
-    n_patches: int | None = Field(default=None, description="Seeded subset of patches (default: every object).")
+    n_patches: int | None = Field(default=None, ge=1, description="Seeded subset of patches (default: every object).")
     seed: int = 0
 
 
@@ -102,31 +128,31 @@ class ModelConfig(Config):
         default_factory=list,
         description="Partitions to train on (default: every sample with a patch dataset).",
     )
-    n_latent_dim: int = 32
-    n_dense_dim: int = 64
+    n_latent_dim: int = Field(default=32, ge=1)
+    n_dense_dim: int = Field(default=64, ge=1)
     conditions: list[str] = Field(default_factory=list,
                                   description="[] for a CVAE, e.g. ['dataset', 'z'] for a CondCVAE.")
     continuous_conditions: list[str] | None = Field(default=None, description="Default: 'z' and float columns.")
-    dropout: float | None = 0.25
-    batch_size: int = 64
-    n_workers: int = 1
-    conv_layers: list[int] = Field(default_factory=lambda: [8, 16, 32, 64, 128])
-    beta: float = 0.01
+    dropout: float | None = Field(default=0.25, ge=0, lt=1)
+    batch_size: int = Field(default=64, ge=1)
+    n_workers: int = Field(default=1, ge=1)
+    conv_layers: list[PositiveInt] = Field(default_factory=lambda: [8, 16, 32, 64, 128], min_length=1)
+    beta: float = Field(default=0.01, ge=0)
     flip: bool = False
     shuffle: bool = True
-    validation_fraction: float = 0.2
-    split_by: str = Field(default="object", description="'object' (within each sample) or 'sample'.")
-    memory_budget_gib: float = Field(default=1.0, description="Raw patches up to this size are held in RAM; "
+    validation_fraction: float = Field(default=0.2, ge=0, lt=1)
+    split_by: Literal["object", "sample"] = Field(default="object", description="'object' (within each sample) or 'sample'.")
+    memory_budget_gib: float = Field(default=1.0, gt=0, description="Raw patches up to this size are held in RAM; "
                                       "larger datasets stream through a chunk cache of this size.")
-    n_epochs: int = 100
-    learning_rate: float = 1e-3
-    min_learning_rate: float = 1e-4
-    factor_learning_rate: float = 0.2
-    learning_rate_patience: int = 3
-    early_stopping_patience: int = 5
+    n_epochs: int = Field(default=100, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    min_learning_rate: float = Field(default=1e-4, ge=0)
+    factor_learning_rate: float = Field(default=0.2, gt=0, lt=1)
+    learning_rate_patience: int = Field(default=3, ge=0)
+    early_stopping_patience: int = Field(default=5, ge=0)
     plot: bool = True
-    n_preview: int = 300
-    plot_frac: float = 0.001
+    n_preview: int = Field(default=300, ge=0)
+    plot_frac: float = Field(default=0.001, ge=0, le=1)
     seed: int = 0
 
     def model_kwargs(self, input_shape: list[int]) -> dict:
@@ -149,9 +175,9 @@ class ModelConfig(Config):
 class LatentsConfig(Config):
     """``encode`` (step 4) for one sample with the current model (deterministic ``z_mean``)."""
 
-    batch_size: int = 512
+    batch_size: int = Field(default=512, ge=1)
     spatial_message_passing_radius: float | None = Field(
-        default=None, description="Also average latents over neighbours within this radius (um); None: off."
+        default=None, gt=0, description="Also average latents over neighbours within this radius (um); None: off."
     )
     spatial_key: str = "spatial"
 
@@ -162,58 +188,60 @@ class ClusterReferenceConfig(Config):
     samples: list[str] = Field(default_factory=list, description="Reference samples (default: all with latents).")
     use_message_passing: bool = Field(default=False, description="Cluster the message-passed layer instead of X.")
     scale: bool = True
-    n_pcs: int = 50
-    n_neighbors: int = 15
-    resolution: float = Field(default=0.5, description="Leiden resolution (the workflow guide's 0.5).")
+    n_pcs: int = Field(default=50, ge=1)
+    n_neighbors: int = Field(default=15, ge=1)
+    resolution: float = Field(default=0.5, gt=0, description="Leiden resolution (the workflow guide's 0.5).")
     n_iterations: int = 2
     seed: int = 0
-    max_reference: int | None = 200_000
-    transfer_k: int = 15
-    max_fit: int | None = Field(default=200_000, description="Fit Leiden on at most this many objects (seeded "
+    max_reference: int | None = Field(default=200_000, ge=1)
+    transfer_k: int = Field(default=15, ge=1)
+    max_fit: int | None = Field(default=200_000, ge=1, description="Fit Leiden on at most this many objects (seeded "
                                 "subsample); the others get the kNN vote. None: fit all.")
-    knn: str = Field(default="faiss", description="kNN graph backend: 'faiss' (HNSW), 'pynndescent' or 'exact'.")
+    knn: Literal["faiss", "pynndescent", "exact"] = Field(default="faiss", description="kNN graph backend: 'faiss' (HNSW), 'pynndescent' or 'exact'.")
 
 
 class ClustersConfig(Config):
     """Per-sample labels: the pooled Leiden labels for reference samples, kNN transfer for new ones."""
 
-    transfer_k: int | None = Field(default=None, description="Voting neighbours (default: the reference's).")
+    transfer_k: int | None = Field(default=None, ge=1, description="Voting neighbours (default: the reference's).")
     key_added: str = "leiden"
 
 
 class GraphStatsConfig(Config):
     """:func:`phenocoder_lib.spatial.compute_spatial_stats` (step 5) for one sample."""
 
-    radii: list[float] = Field(default_factory=lambda: [25.0, 50.0])
-    stats: list[str] | None = Field(default=None, description="Subset of the six groups (default: all).")
+    radii: list[PositiveFloat] = Field(default_factory=lambda: [25.0, 50.0], min_length=1,
+                               description="Graph radii (um), each > 0.")
+    stats: list[StatGroup] | None = Field(default=None, description="Subset of the six groups (default: all).")
     spatial_key: str = "spatial"
     layer: str | None = None
-    chull_min_nds: int = 10
-    chull_min_degree: int = 3
+    chull_min_nds: int = Field(default=10, ge=1)
+    chull_min_degree: int = Field(default=3, ge=0)
     exact: bool = False
-    n_clustering_samples: int = 1000
+    n_clustering_samples: int = Field(default=1000, ge=1)
     use_subunits: bool = False
-    dim_subunit: list[float] = Field(default_factory=lambda: [500.0, 500.0, 100.0])
-    min_obs_per_subunit: int = 100
-    max_obs_per_subunit: int | None = None
+    dim_subunit: list[PositiveFloat] = Field(default_factory=lambda: [500.0, 500.0, 100.0], min_length=2, max_length=3,
+                                     description="Subunit size (um) per axis, each > 0.")
+    min_obs_per_subunit: int = Field(default=100, ge=1)
+    max_obs_per_subunit: int | None = Field(default=None, ge=1)
     subunit_origin: list[float] | None = None
     seed: int = 0
-    n_jobs: int = 1
-    max_clusters: int = Field(default=500, description="Refuse a clustering with more clusters (k x k columns).")
+    n_jobs: int = Field(default=1, ge=1)
+    max_clusters: int = Field(default=500, ge=1, description="Refuse a clustering with more clusters (k x k columns).")
 
 
 class EmbeddingConfig(Config):
     """:func:`phenocoder_lib.embedding.spatialgraph_embedding` (step 6) over every sample's statistics."""
 
-    n_dim: int = 32
+    n_dim: int = Field(default=32, ge=1)
     scale: bool = True
     variable_features: bool = False
     n_variable_features: int | None = Field(
-        default=None, description="Keep this many variable features (overrides variable_features).")
+        default=None, ge=1, description="Keep this many variable features (overrides variable_features).")
     batch_correction: bool = False
     batch_key: str | None = None
     confounder_key: list[str] = Field(default_factory=list)
-    n_neighbors: int = 15
+    n_neighbors: int = Field(default=15, ge=1)
     umap: bool = True
     obs_keys: list[str] = Field(default_factory=lambda: ["plate", "well"])
     seed: int = 0

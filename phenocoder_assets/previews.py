@@ -1,6 +1,13 @@
 """Small PNG previews for the asset pages (inline base64 in Markdown metadata).
 
-Matplotlib is imported inside the functions (Agg backend), never at definition load.
+Dagster 1.13 shows a Markdown metadata value inline on the asset page only when it is shorter than
+1,000 characters; a picture (a data URI) is always longer, so it opens with one click on
+"[Show Markdown]" in a dialog that is at most 80 % of the window wide. Every picture is therefore
+downscaled here to at most :data:`MAX_WIDTH_PX` pixels wide and :data:`MAX_INLINE_BYTES` bytes, so
+that it fits the dialog and keeps the event log small; the full-size file stays next to the asset's
+data (the ``preview_path`` metadata).
+
+Matplotlib and Pillow are imported inside the functions (Agg backend), never at definition load.
 """
 
 from __future__ import annotations
@@ -14,7 +21,10 @@ if TYPE_CHECKING:
     import numpy as np
 
 
-_MAX_INLINE_BYTES = 400_000  # keep event-log entries small; larger images go by path only
+#: Widest picture put into the metadata (fits the metadata dialog on a 1280 px wide window).
+MAX_WIDTH_PX = 640
+#: Largest PNG put into the metadata; larger ones are shrunk until they fit.
+MAX_INLINE_BYTES = 300_000
 
 
 def _pyplot() -> Any:
@@ -27,7 +37,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def figure_png(fig: Any, path: Path | None = None, *, dpi: int = 80) -> bytes:
+def figure_png(fig: Any, path: Path | None = None, *, dpi: int = 100) -> bytes:
     """Render a matplotlib figure to PNG bytes (and to ``path`` if given), then close it."""
     plt = _pyplot()
     buf = io.BytesIO()
@@ -42,11 +52,42 @@ def figure_png(fig: Any, path: Path | None = None, *, dpi: int = 80) -> bytes:
     return data
 
 
+def fit_png(png: bytes, *, max_width: int = MAX_WIDTH_PX, max_bytes: int = MAX_INLINE_BYTES) -> bytes:
+    """Return ``png`` downscaled (aspect kept) to at most ``max_width`` pixels wide and ``max_bytes`` bytes.
+
+    A picture that already fits is returned unchanged. Larger ones are resampled with a Lanczos filter,
+    halving the width further until the PNG is small enough (never below 64 px).
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as img:
+        width, height = img.size
+        if width <= max_width and len(png) <= max_bytes:
+            return png
+        img = img.convert("RGBA") if img.mode not in ("RGB", "RGBA") else img
+        target = min(width, max_width)
+        while True:
+            size = (target, max(1, round(height * target / width)))
+            buf = io.BytesIO()
+            img.resize(size, Image.Resampling.LANCZOS).save(buf, format="PNG", optimize=True)
+            data = buf.getvalue()
+            if len(data) <= max_bytes or target <= 64:
+                return data
+            target = max(64, target // 2)
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) in pixels of a PNG."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as img:
+        return img.size
+
+
 def png_markdown(png: bytes, title: str) -> str:
-    """Markdown with the PNG inlined as a data URI (or a note when it is too large to inline)."""
-    if len(png) > _MAX_INLINE_BYTES:
-        return f"**{title}**: preview too large to inline ({len(png) // 1024} KiB); see the file path metadata."
-    return f"**{title}**\n\n![{title}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
+    """Markdown with the PNG (downscaled to fit the metadata dialog) inlined as a data URI."""
+    data = fit_png(png)
+    return f"**{title}**\n\n![{title}](data:image/png;base64,{base64.b64encode(data).decode('ascii')})"
 
 
 def two_columns(xy: np.ndarray) -> np.ndarray:
@@ -125,6 +166,34 @@ def scatter(xy: np.ndarray, labels: Any = None, *, title: str = "", xlabel: str 
     return figure_png(fig)
 
 
+def training_curves(history: dict[str, list[float]], *, title: str = "training") -> bytes:
+    """Loss, reconstruction loss, KL loss (training and validation) and learning rate per epoch, 2 x 2 panels."""
+    import numpy as np
+
+    plt = _pyplot()
+    panels = [("loss", "loss"), ("reconstruction_loss", "reconstruction loss"), ("kl_loss", "KL loss"),
+              ("learning_rate", "learning rate")]
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(2, 2, figsize=(6.4, 4.6), squeeze=False)
+    for ax, (key, label) in zip(axes.ravel(), panels, strict=True):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        for prefix, name in (("", "training"), ("val_", "validation")):
+            values = history.get(prefix + key) or []
+            if values:
+                ax.plot(np.arange(1, len(values) + 1), values, marker="o", ms=3, label=name)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if key == "learning_rate":
+            ax.set_yscale("log")
+        elif ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
 def curves(history: dict[str, list[float]], *, title: str = "training") -> bytes:
     """Per-epoch metric curves (one line per metric, log-free)."""
     import numpy as np
@@ -148,3 +217,32 @@ def _stretch(plane: np.ndarray) -> np.ndarray:
     if hi <= lo:
         hi = lo + 1.0
     return np.clip((plane - lo) / (hi - lo), 0, 1)
+
+
+def heatmap(matrix: np.ndarray, labels: list[str], *, title: str = "", colorbar: str = "",
+            xlabel: str = "", ylabel: str = "") -> bytes:
+    """Square matrix (rows x columns labelled by ``labels``) on a diverging scale centred on 0; NaN in grey."""
+    import numpy as np
+
+    plt = _pyplot()
+    m = np.asarray(matrix, dtype=float)
+    k = len(labels)
+    side = min(6.0, 2.5 + 0.18 * k)
+    fig, ax = plt.subplots(figsize=(side + 0.8, side))
+    finite = m[np.isfinite(m)]
+    bound = float(np.abs(finite).max()) if finite.size else 1.0
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#dddddd")
+    im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=-bound or -1, vmax=bound or 1)
+    if k <= 40:
+        ax.set_xticks(range(k), labels, fontsize=6, rotation=90)
+        ax.set_yticks(range(k), labels, fontsize=6)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label(colorbar, fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    return figure_png(fig)

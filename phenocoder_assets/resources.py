@@ -41,6 +41,16 @@ HOME_ENV = "PHENOCODER_HOME"
 LANDING_ENV = "PHENOCODER_LANDING"
 #: Environment variable for an MLflow tracking server (teams); default: SQLite under the root.
 TRACKING_ENV = "PHENOCODER_MLFLOW_TRACKING_URI"
+#: Environment variable for the address of the MLflow UI that the ``model`` page links to.
+MLFLOW_UI_ENV = "PHENOCODER_MLFLOW_UI_URL"
+#: Where ``mlflow ui`` listens by default (and what the demo prints).
+DEFAULT_MLFLOW_UI_URL = "http://127.0.0.1:5000"
+#: MLflow 3 opens an experiment in its model-training view (runs, metrics, charts) rather than its GenAI
+#: view (traces) when the experiment carries this tag with this value.
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+#: MLflow 3's UI remembers a "GenAI" / "Model training" switch per browser (GenAI by default); a link that
+#: carries this query parameter opens in the model-training layout whatever the browser remembered.
+_ML_VIEW = "workflowType=machine_learning"
 DEFAULT_ROOT = ".phenocoder"
 #: Folder name used for unpartitioned assets, so every asset has the same depth.
 UNPARTITIONED = "_"
@@ -242,6 +252,11 @@ class MLflowTracking(ConfigurableResource):
     registered_model_name: str = Field(default="phenocoder-cvae", description="Model registry name.")
     champion_alias: str = Field(default="champion", description="Registry alias moved to each new model version.")
     root: str | None = Field(default=None, description="Storage root for the defaults (as PhenocoderStorage.root).")
+    ui_url: str | None = Field(
+        default=None, description="Address of the MLflow UI that the model page links to. Default: "
+        "$PHENOCODER_MLFLOW_UI_URL, else the tracking server's address (http tracking URI), else "
+        "http://127.0.0.1:5000 (where `mlflow ui` listens by default).",
+    )
 
     def resolved_tracking_uri(self) -> str:
         """Return the tracking URI in use (config, environment, or the SQLite file under the root)."""
@@ -288,15 +303,19 @@ class MLflowTracking(ConfigurableResource):
         """Id of the configured experiment, created on first use."""
         client = self.client()
         exp = client.get_experiment_by_name(self.experiment_name)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            return client.create_experiment(self.experiment_name, artifact_location=self.resolved_artifact_location())
-        except Exception:  # created concurrently by another step
-            exp = client.get_experiment_by_name(self.experiment_name)
-            if exp is None:
-                raise
-            return exp.experiment_id
+        if exp is None:
+            try:
+                return client.create_experiment(self.experiment_name,
+                                                artifact_location=self.resolved_artifact_location(),
+                                                tags=dict([EXPERIMENT_KIND_TAG]))
+            except Exception:  # created concurrently by another step
+                exp = client.get_experiment_by_name(self.experiment_name)
+                if exp is None:
+                    raise
+        key, value = EXPERIMENT_KIND_TAG
+        if exp.tags.get(key) != value:  # experiments made before the tag existed (or by hand)
+            client.set_experiment_tag(exp.experiment_id, key, value)
+        return exp.experiment_id
 
     @contextlib.contextmanager
     def start_run(self, *, run_name: str, tags: dict[str, str]) -> Iterator[Any]:
@@ -307,8 +326,43 @@ class MLflowTracking(ConfigurableResource):
         with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
             yield run
 
-    def run_url(self, run_id: str) -> str:
-        """Return a link to the run: the tracking server's page, or the local UI's default address."""
+    def resolved_ui_url(self) -> str:
+        """Address of the MLflow UI: ``ui_url``, ``$PHENOCODER_MLFLOW_UI_URL``, the tracking server, the default."""
+        for candidate in (self.ui_url, os.environ.get(MLFLOW_UI_ENV)):
+            if candidate:
+                if not candidate.startswith(("http://", "https://")):
+                    raise ValueError(f"the MLflow UI address {candidate!r} (MLflowTracking.ui_url or ${MLFLOW_UI_ENV}) "
+                                     "must start with http:// or https://, e.g. http://127.0.0.1:5000.")
+                return redact_url(candidate).rstrip("/")
         uri = self.display_tracking_uri()
-        base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
-        return f"{base}/#/experiments/{self.experiment_id()}/runs/{run_id}"
+        return uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_MLFLOW_UI_URL
+
+    def run_url(self, run_id: str, experiment_id: str | None = None) -> str:
+        """Return the link to the run's page in the MLflow UI (see :meth:`resolved_ui_url`)."""
+        experiment_id = experiment_id or self.experiment_id()
+        return f"{self.resolved_ui_url()}/#/experiments/{experiment_id}/runs/{run_id}?{_ML_VIEW}"
+
+    def compare_url(self, run_ids: list[str], experiment_id: str) -> str:
+        """Return the link to MLflow's side-by-side comparison of ``run_ids`` (parameters and metric curves)."""
+        import json
+        from urllib.parse import quote
+
+        runs = quote(json.dumps(list(run_ids), separators=(",", ":")))
+        experiments = quote(json.dumps([experiment_id], separators=(",", ":")))
+        return f"{self.resolved_ui_url()}/#/compare-runs?runs={runs}&experiments={experiments}&{_ML_VIEW}"
+
+
+def run_name(asset: str, partitions: list[str] | str | None) -> str:
+    """MLflow run name of a materialization: the asset, then its partition or the samples it used.
+
+    ``run_name("model", ["DEMO_A01", "DEMO_A02"])`` is ``"model DEMO_A01,DEMO_A02"``; more than three
+    samples read ``"model DEMO_A01..DEMO_H12 (96 samples)"``.
+    """
+    if partitions is None or partitions == []:
+        return asset
+    if isinstance(partitions, str):
+        return f"{asset} {partitions}"
+    names = sorted(str(p) for p in partitions)
+    if len(names) <= 3:
+        return f"{asset} {','.join(names)}"
+    return f"{asset} {names[0]}..{names[-1]} ({len(names)} samples)"

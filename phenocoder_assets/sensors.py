@@ -16,7 +16,8 @@ wells. Only stale stages are requested: the per-sample ``summary.json`` files re
 digest (``sdata``), the model (``latents``) and the cluster reference (``graph_stats``) each
 partition was computed from, so wells materialized by ``phenocoder demo`` or by hand are not
 redone. The cursor remembers each plate's marker and folder times, so an unchanged landing
-folder costs a few ``stat`` calls per plate.
+folder costs a few ``stat`` calls per plate. Refused and waiting plates are logged when that list
+changes (the cursor keeps a digest of it), so an idle sensor writes nothing to its tick logs.
 
 Safety: only direct sub-folders of the landing folder are considered; names must be valid plate
 ids (letters, digits, ``_ . -``; no ``..``), symlinks are refused (the plate folder itself and
@@ -248,11 +249,13 @@ def incoming_plates_sensor(context: SensorEvaluationContext, storage: Phenocoder
             ))
         plates_seen[entry.name] = f"{signature}:{token}"
 
-    for reason in refused:
-        context.log.warning(f"landing folder: refused {reason}")
-    for reason in waiting:
-        context.log.info(f"landing folder: waiting for {reason}")
-    new_cursor = json.dumps({"plates": plates_seen}, sort_keys=True)
+    # Log a refused or waiting plate when that news changes, not on every evaluation (every 30 s).
+    notes = sorted(f"refused {r}" for r in refused) + sorted(f"waiting for {r}" for r in waiting)
+    logged = hashlib.sha1("\n".join(notes).encode()).hexdigest()[:12] if notes else ""
+    if logged != cursor.get("logged", ""):
+        for note in notes:
+            (context.log.warning if note.startswith("refused") else context.log.info)(f"landing folder: {note}")
+    new_cursor = json.dumps({"plates": plates_seen, **({"logged": logged} if logged else {})}, sort_keys=True)
     if not requests and not new_keys:
         detail = "; ".join((waiting + refused)[:5])
         return SensorResult(skip_reason=SkipReason("no new or changed plates" + (f" ({detail})" if detail else "")),

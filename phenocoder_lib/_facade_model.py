@@ -84,7 +84,7 @@ class ModelMixin:
         self,
         n_latent_dim: int,
         n_dense_dim: int,
-        conditions: Sequence[str],
+        conditions: Sequence[str] | None,
         dropout: float | None = 0.25,
         batch_size: int = 64,
         n_workers: int = 1,
@@ -111,7 +111,8 @@ class ModelMixin:
         n_latent_dim, n_dense_dim
             Latent size and width of the dense layer.
         conditions
-            Condition columns: ``[]`` for a plain CVAE; any column of the patch index (``dataset``,
+            Condition columns: ``[]`` (or ``None``, as the earlier ``phenocoder`` library accepted) for a
+            plain CVAE; any column of the patch index (``dataset``,
             ``sample``, ``z``, ``metadata_keys`` of the dataset) or of the table's ``.obs``. ``z`` and float
             columns are continuous (scaled to [0, 1] by the training range), others one-hot encoded.
         dropout, beta
@@ -150,7 +151,9 @@ class ModelMixin:
         from . import models as M
         from . import training as T
 
-        if isinstance(conditions, str) or conditions is None:
+        if conditions is None:  # the earlier phenocoder library's spelling of "no conditions"
+            conditions = []
+        if isinstance(conditions, str):
             raise TypeError(f"conditions={conditions!r} must be a list of column names; pass [] for a plain CVAE.")
         conditions = [str(c) for c in conditions]
         if len(set(conditions)) != len(conditions):

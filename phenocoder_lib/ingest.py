@@ -489,7 +489,11 @@ def write_sdata(sdata: Any, path: str | Path, *, overwrite: bool = True) -> Path
     """
     from ._io import atomic_dir
 
+    import anndata as ad
+
     path = Path(path)
-    with atomic_dir(path, overwrite=overwrite) as tmp:
+    # anndata warns once per table array ("zarr v3 autosharding will be the default ...") unless the choice is
+    # explicit: keep today's unsharded layout, which every reader of this format understands.
+    with atomic_dir(path, overwrite=overwrite) as tmp, ad.settings.override(auto_shard_zarr_v3=False):
         sdata.write(tmp, overwrite=True)
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
@@ -39,13 +40,54 @@ class Timer:
         try:
             yield
         finally:
-            self.seconds[name] = round(time.perf_counter() - t0, 3)
+            self.seconds[name] = time.perf_counter() - t0
 
     def metadata(self) -> dict[str, Any]:
-        return {f"seconds_{k}": MetadataValue.float(v) for k, v in self.seconds.items()}
+        return {f"seconds_{k}": number(v) for k, v in self.seconds.items()}
+
+
+#: Significant digits of every float shown on an asset page (``1907.3880615234375`` reads ``1907``).
+SIGNIFICANT_DIGITS = 4
+
+
+def round_sig(value: float, digits: int = SIGNIFICANT_DIGITS) -> float:
+    """``value`` rounded to ``digits`` significant digits (NaN and infinities unchanged)."""
+    value = float(value)
+    if value == 0 or not math.isfinite(value):
+        return value
+    return float(f"{value:.{digits}g}")
+
+
+def round_floats(obj: Any, digits: int = SIGNIFICANT_DIGITS) -> Any:
+    """``obj`` (nested dicts, lists, tuples) with every float rounded by :func:`round_sig`."""
+    if isinstance(obj, float):
+        return round_sig(obj, digits)
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [round_floats(v, digits) for v in obj]
+    return obj
+
+
+def number(value: float) -> Any:
+    """A float metadata value rounded to :data:`SIGNIFICANT_DIGITS` significant digits."""
+    return MetadataValue.float(round_sig(value))
+
+
+def check_known_samples(context: Any, samples: list[str], field: str) -> None:
+    """Raise ``ValueError`` when ``samples`` (a config field) names keys that are not registered partitions."""
+    from ..partitions import SAMPLES
+
+    known = set(context.instance.get_dynamic_partitions(SAMPLES))
+    unknown = [s for s in samples if s not in known]
+    if unknown:
+        shown = ", ".join(sorted(known)[:8]) + (" ..." if len(known) > 8 else "")
+        raise ValueError(f"{field}={unknown} names unknown samples; registered samples are: {shown or 'none'}. "
+                         "Fix the names, or drop the plate into the landing folder so the sensor registers it.")
 
 
 def preview_metadata(png: bytes | None, title: str, final_dir: str | None = None) -> dict[str, Any]:
+    """``preview`` (the picture, one click away in the UI) and ``preview_path`` (the full-size file)."""
     if png is None:
         return {}
     meta: dict[str, Any] = {"preview": MetadataValue.md(png_markdown(png, title))}

@@ -9,7 +9,7 @@ from typing import Any
 from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, MetadataValue
 
 from ..configs import LatentsConfig, ModelConfig
-from ..resources import MLflowTracking, PhenocoderStorage
+from ..resources import MLflowTracking, PhenocoderStorage, run_name
 from ..state import MODEL_INFO, SUMMARY, model_tag, read_json
 from ._common import (
     LATENTS_FILE,
@@ -17,8 +17,10 @@ from ._common import (
     SDATA_FILE,
     Timer,
     array_digest,
+    check_known_samples,
     digest,
     logical_version,
+    number,
     preview_metadata,
     read_version,
     settings_of,
@@ -36,6 +38,10 @@ METRIC_NAMES = {"learning_rate": "lr"}
 EPOCH_METRICS = ("loss", "reconstruction_loss", "kl_loss", "val_loss", "val_reconstruction_loss", "val_kl_loss",
                  "learning_rate", "epoch_seconds", "train_patches_per_s")
 NORMALIZATION_FILE = "normalization.json"
+#: Pictures the library writes next to the model, shown on the model page (metadata key -> file).
+PICTURES = {"reconstructions": "reconstructions.png", "latent_space": "latent_space.png", "curves": "history.png"}
+PICTURE_TITLES = {"reconstructions": "validation patches: input | reconstruction",
+                  "latent_space": "validation latents", "curves": "training curves"}
 ARTIFACTS = (MODEL_FILE, MODEL_CONFIG_FILE, NORMALIZATION_FILE, "history.json", "history.csv", "history.png",
              "reconstructions.png", "latent_space.png")
 
@@ -79,6 +85,7 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
 
     from ..previews import png_markdown
 
+    check_known_samples(context, list(config.samples), "ModelConfig.samples")
     samples = list(config.samples) or storage.partitions("patches")
     if not samples:
         raise FileNotFoundError("no patch datasets yet: materialize 'patches' for some samples first.")
@@ -91,8 +98,12 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
     input_shape = [*settings["patch_size"], len(settings["channels"])]
     keys = read_json(storage.local_path("sdata", samples[0]) / SUMMARY)
     sdata = _training_sdata(storage, samples, keys["table_key"], list(config.conditions))
-    tags = {"dagster.run_id": context.run.run_id, "dagster.job": context.job_name, "dagster.asset": "model",
-            "dagster.partition_set": ",".join(samples), "code_version": code_version()}
+    # Asset jobs that the UI builds on the fly ("Materialize") have internal names such as __ASSET_JOB.
+    job = context.job_name if context.job_name and not context.job_name.startswith("__") else "materialize"
+    tags = {"dagster.run_id": context.run.run_id, "dagster.job": job, "dagster.asset": "model",
+            "dagster.partition_set": ",".join(samples), "code_version": code_version(),
+            "mlflow.note.content": f"Dagster run {context.run.run_id} (job {job}) materialized the `model` asset "
+                                  f"on {len(samples)} samples: {', '.join(samples)}."}
     params = {**config.model_kwargs(input_shape), **config.train_kwargs(), "n_samples": len(samples),
               "patch_normalization": json.dumps({k: settings["normalization"][k]
                                                  for k in ("scale", "scale_per_sample", "scale_percentile")})}
@@ -100,11 +111,15 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
     timer = Timer()
     name = tracking.registered_model_name
     def _log_epoch(epoch: int, metrics: dict) -> None:  # live in the MLflow UI while training runs
-        mlflow.log_metrics({METRIC_NAMES.get(k, k): v for k, v in metrics.items() if k in EPOCH_METRICS}, step=epoch)
+        # Keras reports float32 values; 7 significant digits drop the float64 noise (lr 0.0010000000474974513).
+        mlflow.log_metrics({METRIC_NAMES.get(k, k): float(f"{float(v):.7g}") for k, v in metrics.items()
+                            if k in EPOCH_METRICS}, step=epoch)
 
     with storage.stage("model") as out:
         out.mkdir()
-        with tracking.start_run(run_name=f"{context.job_name}-{context.run.run_id[:8]}", tags=tags) as run:
+        # the Dagster run's short id tells two trainings on the same samples apart in MLflow's comparison
+        with tracking.start_run(run_name=f"{run_name('model', samples)} ({context.run.run_id[:8]})",
+                                tags=tags) as run:
             mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, tuple, dict)) or v is None else v
                                for k, v in params.items()})
             with timer.phase("train"):
@@ -145,14 +160,17 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
         data_version = write_version(
             out, digest("model", array_digest(trained.model.get_weights()), read_json(out / NORMALIZATION_FILE)),
             {f"patches/{s}": read_version(storage, "patches", s) for s in samples})
-        curves = (out / "history.png").read_bytes() if (out / "history.png").exists() else None
-        recon = (out / "reconstructions.png").read_bytes() if (out / "reconstructions.png").exists() else None
+        pictures = {key: (out / file).read_bytes() for key, file in PICTURES.items() if (out / file).exists()}
+        if history.get("loss"):  # larger type than the library's one-row history.png, for the metadata dialog
+            from ..previews import training_curves
+
+            pictures["curves"] = training_curves(history, title=f"training on {len(samples)} samples")
     # The registry alias follows the asset: moved only once the new model folder is in place.
     tracking.client().set_registered_model_alias(name, tracking.champion_alias, version)
     final = storage.url("model")
     training = trained.config.get("training", {})
     metadata: dict[str, Any] = {
-        "mlflow_run": MetadataValue.url(tracking.run_url(run.info.run_id)),
+        "mlflow_run": MetadataValue.url(tracking.run_url(run.info.run_id, run.info.experiment_id)),
         "mlflow_run_id": MetadataValue.text(run.info.run_id),
         "registered_model": MetadataValue.text(f"{name}/{version} (@{tracking.champion_alias})"),
         "model_version": MetadataValue.text(version),
@@ -165,14 +183,17 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
         "path": MetadataValue.path(f"{final}/{MODEL_FILE}"),
         **timer.metadata(),
     }
+    previous = tracking.client().search_runs([run.info.experiment_id], order_by=["attributes.start_time DESC"],
+                                             max_results=2)
+    if len(previous) == 2 and previous[0].info.run_id == run.info.run_id:
+        metadata["mlflow_compare"] = MetadataValue.url(tracking.compare_url(
+            [previous[1].info.run_id, run.info.run_id], run.info.experiment_id))
     for key in ("loss", "val_loss", "reconstruction_loss", "kl_loss"):
         if history.get(key):
-            metadata[f"final_{key}"] = MetadataValue.float(float(history[key][-1]))
-    if curves is not None:
-        metadata["curves"] = MetadataValue.md(png_markdown(curves, "training curves"))
-    if recon is not None:
-        metadata["reconstructions"] = MetadataValue.md(
-            png_markdown(recon, "validation patches: input | reconstruction"))
+            metadata[f"final_{key}"] = number(float(history[key][-1]))
+    # the pictures first: they are what a person looks at on the model page
+    metadata = {key: MetadataValue.md(png_markdown(png, PICTURE_TITLES[key])) for key, png in pictures.items()} \
+        | metadata
     context.log.info(f"trained {trained.config['model_name']} on {len(samples)} samples; registered {name} v{version}")
     return MaterializeResult(data_version=data_version, metadata=metadata)
 

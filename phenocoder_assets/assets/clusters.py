@@ -19,6 +19,7 @@ from dagster import (
 )
 
 from ..configs import ClusterReferenceConfig, ClustersConfig
+from ..metadata_docs import describe
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
 from ..state import REFERENCE_INFO, read_json
@@ -28,8 +29,10 @@ from ._common import (
     PREVIEW_FILE,
     Timer,
     array_digest,
+    check_known_samples,
     digest,
     logical_version,
+    number,
     preview_metadata,
     read_version,
     settings_of,
@@ -48,8 +51,9 @@ CLUSTERS_CODE_VERSION = "1"
     group_name="cross_sample",
     kinds={"scanpy", "numpy"},
     code_version=REFERENCE_CODE_VERSION,
-    description="Pooled Leiden clustering of the latents of the reference samples; the reference that labels "
-    "every later sample the same way (<root>/cluster_reference/_/).",
+    description=describe("cluster_reference", "Pooled Leiden clustering of the latents of the reference samples; "
+                         "the reference that labels every later sample the same way "
+                         "(`<root>/cluster_reference/_/`)."),
 )
 def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceConfig,
                       storage: PhenocoderStorage) -> MaterializeResult:
@@ -63,6 +67,7 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
 
     from ..previews import scatter, two_columns
 
+    check_known_samples(context, list(config.samples), "ClusterReferenceConfig.samples")
     samples = config.samples or storage.partitions("latents")
     if not samples:
         raise FileNotFoundError("no latents materialized yet: materialize 'latents' for some samples first.")
@@ -107,6 +112,7 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
     counts = frame["label"].value_counts().sort_index()
     final = storage.url("cluster_reference")
     return MaterializeResult(data_version=data_version, metadata={
+        **preview_metadata(png, "cluster reference", final),
         "n_clusters": MetadataValue.int(len(ref.categories)),
         "n_objects": MetadataValue.int(int(pooled.n_obs)),
         "samples": MetadataValue.json(list(samples)),
@@ -115,7 +121,6 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
         "cluster_sizes": MetadataValue.json({str(k): int(v) for k, v in counts.items()}),
         "path": MetadataValue.path(final),
         **timer.metadata(),
-        **preview_metadata(png, "cluster reference", final),
     })
 
 
@@ -125,8 +130,8 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
     group_name="per_sample",
     kinds={"parquet"},
     code_version=CLUSTERS_CODE_VERSION,
-    description="Cluster label of every object of a well, consistent across wells "
-    "(<root>/clusters/<sample>/labels.parquet).",
+    description=describe("clusters", "Cluster label of every object of a well, consistent across wells "
+                         "(`<root>/clusters/<sample>/labels.parquet`)."),
 )
 def clusters(context: AssetExecutionContext, config: ClustersConfig, storage: PhenocoderStorage) -> MaterializeResult:
     """Pooled labels for reference objects, :func:`~phenocoder_lib.clustering.transfer_labels` for the rest."""
@@ -175,12 +180,12 @@ def clusters(context: AssetExecutionContext, config: ClustersConfig, storage: Ph
     counts = pd.Series(np.asarray(labels)).value_counts()
     final = storage.url("clusters", sample)
     return MaterializeResult(data_version=data_version, metadata={
+        **preview_metadata(png, f"{sample}: clusters", final),
         "n_objects": MetadataValue.int(len(frame)),
         "source": MetadataValue.text(source),
         "reference_id": MetadataValue.text(info["id"]),
-        "mean_confidence": MetadataValue.float(float(np.mean(confidence)) if len(confidence) else float("nan")),
+        "mean_confidence": number(float(np.mean(confidence)) if len(confidence) else float("nan")),
         "cluster_sizes": MetadataValue.json({str(k): int(v) for k, v in counts.items()}),
         "path": MetadataValue.path(f"{final}/{LABELS_FILE}"),
         **timer.metadata(),
-        **preview_metadata(png, f"{sample}: clusters", final),
     })

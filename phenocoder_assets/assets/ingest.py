@@ -5,6 +5,7 @@ from pathlib import Path
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from ..configs import IngestConfig
+from ..metadata_docs import describe
 from ..partitions import samples_partitions, split_sample
 from ..resources import PhenocoderStorage
 from ._common import (
@@ -28,8 +29,8 @@ COSMETIC = ("preview",)
     group_name="per_sample",
     kinds={"spatialdata", "zarr"},
     code_version=CODE_VERSION,
-    description="One well of a plate export read into a SpatialData object (images, labels, per-object table "
-    "in um), written as <root>/sdata/<sample>/sdata.zarr.",
+    description=describe("sdata", "One well of a plate export read into a SpatialData object (images, labels, "
+                         "per-object table in um), written as `<root>/sdata/<sample>/sdata.zarr`."),
 )
 def sdata(context: AssetExecutionContext, config: IngestConfig, storage: PhenocoderStorage) -> MaterializeResult:
     """:func:`phenocoder_lib.ingest.read_plate` for the partition's well, written atomically."""
@@ -75,6 +76,7 @@ def sdata(context: AssetExecutionContext, config: IngestConfig, storage: Phenoco
     final = storage.url("sdata", sample)
     context.log.info(f"{sample}: {table.n_obs} objects, image {tuple(image.shape)} -> {final}")
     return MaterializeResult(data_version=data_version, metadata={
+        **preview_metadata(png, f"{sample}: max projection", final),
         "n_objects": MetadataValue.int(int(table.n_obs)),
         "n_features": MetadataValue.int(int(table.n_vars)),
         "image_shape": MetadataValue.text(" x ".join(f"{d}={s}" for d, s in zip(image.dims, image.shape, strict=True))),
@@ -82,7 +84,6 @@ def sdata(context: AssetExecutionContext, config: IngestConfig, storage: Phenoco
         "source_digest": MetadataValue.text(str(digest)),
         "path": MetadataValue.path(f"{final}/{SDATA_FILE}"),
         **timer.metadata(),
-        **preview_metadata(png, f"{sample}: max projection", final),
     })
 
 

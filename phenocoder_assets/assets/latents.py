@@ -3,6 +3,7 @@
 from dagster import AssetCheckSpec, AssetExecutionContext, MaterializeResult, asset
 
 from ..configs import LatentsConfig
+from ..metadata_docs import describe
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
 
@@ -23,8 +24,9 @@ COSMETIC = ("batch_size",)
         AssetCheckSpec(CHECK_EVERY_OBJECT, asset="latents", description="Every object of the well has a latent."),
         AssetCheckSpec(CHECK_FINITE, asset="latents", description="No NaN or infinite latent value."),
     ],
-    description="Latents of one well (<root>/latents/<sample>/latents.h5ad: the 'phenocoder' table, z_mean per "
-    "object, optional spatial message passing layer), with the model version that encoded them.",
+    description=describe("latents", "Latents of one well (`<root>/latents/<sample>/latents.h5ad`: the "
+                         "'phenocoder' table, `z_mean` per object, optional spatial message passing layer), with "
+                         "the model version that encoded them."),
 )
 def latents(context: AssetExecutionContext, config: LatentsConfig, storage: PhenocoderStorage) -> MaterializeResult:
     """Encode the well's patch dataset with the current model (library ``encoding``)."""

@@ -3,6 +3,7 @@
 from dagster import AllPartitionMapping, AssetDep, AssetExecutionContext, MaterializeResult, asset
 
 from ..configs import ModelConfig
+from ..metadata_docs import describe
 from ..resources import MLflowTracking, PhenocoderStorage
 
 CODE_VERSION = "2"  # 2: one seeded chunk-window batch order (the same in RAM or streamed); a retrain differs
@@ -14,8 +15,10 @@ CODE_VERSION = "2"  # 2: one seeded chunk-window batch order (the same in RAM or
     kinds={"keras", "tensorflow", "mlflow"},
     code_version=CODE_VERSION,
     pool="gpu",
-    description="Model trained on the patch datasets of the chosen samples (<root>/model/_/model.keras); one MLflow "
-    "run per training, registered in the MLflow model registry. Retraining is a deliberate action.",
+    description=describe("model", "Model trained on the patch datasets of the chosen samples "
+                         "(`<root>/model/_/model.keras`); one MLflow run per training, named "
+                         "`model <samples> (<Dagster run id>)` and tagged with the Dagster run id, registered in the MLflow model "
+                         "registry. Retraining is a deliberate action."),
 )
 def model(context: AssetExecutionContext, config: ModelConfig, storage: PhenocoderStorage,
           mlflow: MLflowTracking) -> MaterializeResult:

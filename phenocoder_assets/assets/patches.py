@@ -11,6 +11,7 @@ from dagster import (
 )
 
 from ..configs import PatchesConfig
+from ..metadata_docs import describe
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
 from ..state import SUMMARY, read_json
@@ -21,6 +22,7 @@ from ._common import (
     logical_version,
     preview_metadata,
     read_version,
+    round_sig,
     settings_of,
     write_png,
     write_version,
@@ -39,8 +41,8 @@ CHECK_EVERY_OBJECT = "every_object_has_a_patch"
     code_version=CODE_VERSION,
     check_specs=[AssetCheckSpec(CHECK_EVERY_OBJECT, asset="patches",
                                 description="Every object of the well's table has a patch.")],
-    description="Patch dataset of one well (<root>/patches/<sample>/: patches.zarr, index.parquet, stats.parquet, "
-    "settings.json with the normalization anchors).",
+    description=describe("patches", "Patch dataset of one well (`<root>/patches/<sample>/`: `patches.zarr`, "
+                         "`index.parquet`, `stats.parquet`, `settings.json` with the normalization anchors)."),
 )
 def patches(context: AssetExecutionContext, config: PatchesConfig, storage: PhenocoderStorage) -> MaterializeResult:
     """:func:`phenocoder_lib.patches.generate_dataset` on the well's SpatialData."""
@@ -87,14 +89,14 @@ def patches(context: AssetExecutionContext, config: PatchesConfig, storage: Phen
     return MaterializeResult(
         data_version=data_version,
         metadata={
+            **preview_metadata(png, f"{sample}: patches", final),
             "n_patches": MetadataValue.int(n),
             "n_padded": MetadataValue.int(int(settings["n_padded"])),
             "patch_size": MetadataValue.text("x".join(map(str, settings["patch_size"]))),
             "channels": MetadataValue.text(", ".join(settings["channels"])),
-            "anchors": MetadataValue.json(anchors or {}),
+            "anchors": MetadataValue.text(_anchor_text(settings["channels"], anchors)),
             "path": MetadataValue.path(final),
             **timer.metadata(),
-            **preview_metadata(png, f"{sample}: patches", final),
         },
         check_results=[AssetCheckResult(
             check_name=CHECK_EVERY_OBJECT,
@@ -104,3 +106,11 @@ def patches(context: AssetExecutionContext, config: PatchesConfig, storage: Phen
                       "missing_examples": MetadataValue.text(", ".join(missing[:10]))},
         )],
     )
+
+
+def _anchor_text(channels: list[str], anchors: dict | None) -> str:
+    """``"C01 0-214, C02 0-252"``: each channel's low and high normalization anchor (4 significant digits)."""
+    if not anchors:
+        return "none (patches not scaled)"
+    low, high = anchors.get("low", []), anchors.get("high", [])
+    return ", ".join(f"{c} {round_sig(lo):g}-{round_sig(hi):g}" for c, lo, hi in zip(channels, low, high, strict=False))

@@ -1,5 +1,7 @@
 """``graph_stats`` (per sample) and ``embedding`` (all samples): steps 5 and 6 of the workflow guide."""
 
+from pathlib import Path
+
 from dagster import (
     AllPartitionMapping,
     AssetCheckResult,
@@ -12,6 +14,7 @@ from dagster import (
 )
 
 from ..configs import EmbeddingConfig, GraphStatsConfig
+from ..metadata_docs import describe
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
 from ._common import (
@@ -22,6 +25,7 @@ from ._common import (
     STATS_FILE,
     Timer,
     logical_version,
+    number,
     preview_metadata,
     read_version,
     settings_of,
@@ -44,8 +48,9 @@ GRAPH_STATS_COSMETIC = ("n_jobs",)
     code_version=GRAPH_STATS_CODE_VERSION,
     check_specs=[AssetCheckSpec(CHECK_COMPLETE, asset="graph_stats",
                                 description="Every row computed (status 'ok') with every expected feature column.")],
-    description="Spatial graph statistics of a well: one row of radius:{r}_stat:{group}_{column} features "
-    "(or one per subunit), <root>/graph_stats/<sample>/stats.h5ad.",
+    description=describe("graph_stats", "Spatial graph statistics of a well: one row of "
+                         "`radius:{r}_stat:{group}_{column}` features (or one per subunit), "
+                         "`<root>/graph_stats/<sample>/stats.h5ad`."),
 )
 def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig,
                 storage: PhenocoderStorage) -> MaterializeResult:
@@ -80,7 +85,8 @@ def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig,
     with timer.phase("compute"):
         result = compute_spatial_stats(
             table, sample_key=sample_key, cluster_key=cluster_key, spatial_key=config.spatial_key,
-            radii=config.radii, stats=config.stats, layer=config.layer, chull_min_nds=config.chull_min_nds,
+            radii=config.radii, stats=None if config.stats is None else [str(s) for s in config.stats],
+            layer=config.layer, chull_min_nds=config.chull_min_nds,
             chull_min_degree=config.chull_min_degree, exact=config.exact,
             n_clustering_samples=config.n_clustering_samples, use_subunits=config.use_subunits,
             dim_subunit=config.dim_subunit, min_obs_per_subunit=config.min_obs_per_subunit,
@@ -93,11 +99,13 @@ def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig,
             result.obs[col] = str(table.obs[col].astype(str).iloc[0])
     provenance = {"model": info["model"], "reference_id": ref_info["id"]}
     result.uns["phenocoder_graph_stats"] = provenance
+    png = _interaction_heatmap(result, ref_info["categories"], config.radii, sample)
     with storage.stage("graph_stats", sample) as out:
         out.mkdir()
         result.write_h5ad(out / STATS_FILE)
         write_json_atomic(out / SUMMARY, {"sample": sample, **provenance, "n_rows": int(result.n_obs)})
         data_version = write_version(out, version, inputs)
+        write_png(out / PREVIEW_FILE, png)
 
     stats_t = normalize_stats(config.stats)
     var_names = [str(v) for v in table.var_names] if "moran_features" in stats_t else []
@@ -111,6 +119,7 @@ def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig,
     return MaterializeResult(
         data_version=data_version,
         metadata={
+            **preview_metadata(png, f"{sample}: neighbourhood enrichment", final),
             "n_rows": MetadataValue.int(int(result.n_obs)),
             "n_features": MetadataValue.int(int(result.n_vars)),
             "n_skipped": MetadataValue.int(int((status != "ok").sum())),
@@ -128,6 +137,30 @@ def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig,
     )
 
 
+def _interaction_heatmap(result, categories: list, radii: list[float], sample: str) -> bytes | None:
+    """Cluster x cluster neighbourhood-enrichment z-scores at the smallest radius (mean over rows), or None."""
+    import numpy as np
+
+    from phenocoder_lib.spatial.stats import format_radius
+
+    from ..previews import heatmap
+
+    cats = [str(c) for c in categories]
+    radius = format_radius(min(radii))
+    columns = [f"radius:{radius}_stat:interactions_enrichment_zscore_{a}_{b}" for a in cats for b in cats]
+    if not cats or not set(columns) <= set(result.var_names):
+        return None  # the interactions group was not computed
+    values = np.asarray(result[:, columns].X, dtype=float)
+    if values.shape[0] == 0:
+        return None
+    with np.errstate(all="ignore"):  # an absent cluster pair is NaN in every row: shown grey
+        matrix = np.nanmean(np.where(np.isfinite(values), values, np.nan), axis=0) if values.shape[0] > 1 \
+            else values[0]
+    return heatmap(matrix.reshape(len(cats), len(cats)), cats, colorbar="enrichment z-score",
+                   title=f"{sample}: neighbours within {radius} um", xlabel="neighbour cluster",
+                   ylabel="cluster")
+
+
 def _reference_info(storage: PhenocoderStorage) -> dict:
     from ..state import REFERENCE_INFO, read_json
 
@@ -142,8 +175,9 @@ def _reference_info(storage: PhenocoderStorage) -> dict:
     group_name="cross_sample",
     kinds={"scanpy", "umap"},
     code_version=EMBEDDING_CODE_VERSION,
-    description="Embedding of every sample's spatial statistics: scaled, optionally batch-corrected, PCA, "
-    "neighbours, UMAP (<root>/embedding/_/embedding.h5ad). Refreshed nightly.",
+    description=describe("embedding", "Embedding of every sample's spatial statistics: scaled, optionally "
+                         "batch-corrected, PCA, neighbours, UMAP (`<root>/embedding/_/embedding.h5ad`). "
+                         "Refreshed nightly."),
 )
 def embedding(context: AssetExecutionContext, config: EmbeddingConfig, storage: PhenocoderStorage) -> MaterializeResult:
     """:func:`phenocoder_lib.embedding.spatialgraph_embedding` over the graph_stats of all samples (read by path)."""
@@ -186,9 +220,10 @@ def embedding(context: AssetExecutionContext, config: EmbeddingConfig, storage: 
         context.log.warning(f"embedding: {w.message}")
     key = "X_umap" if config.umap else "X_pca"
     xy = two_columns(np.asarray(emb.obsm[key]))
-    color = emb.obs["plate"].astype(str).to_numpy() if "plate" in emb.obs.columns else None
-    png = scatter(xy, color, title=f"{emb.n_obs} samples ({key[2:].upper()})", xlabel=f"{key[2:].upper()}1",
-                  ylabel=f"{key[2:].upper()}2", size=30, annotate=[str(s) for s in emb.obs_names])
+    color, legend = _well_colours(storage, [str(s) for s in emb.obs_names], emb.obs)
+    png = scatter(xy, color, title=f"{emb.n_obs} wells ({key[2:].upper()}), coloured by {legend}",
+                  xlabel=f"{key[2:].upper()}1", ylabel=f"{key[2:].upper()}2", size=30,
+                  annotate=[str(s) for s in emb.obs_names])
     with storage.stage("embedding") as out:
         out.mkdir()
         emb.write_h5ad(out / EMBEDDING_FILE)
@@ -198,6 +233,7 @@ def embedding(context: AssetExecutionContext, config: EmbeddingConfig, storage: 
         truth = _planted_truth_metadata(context, storage, samples, emb)
     final = storage.url("embedding")
     return MaterializeResult(data_version=data_version, metadata={
+        **preview_metadata(png, "well embedding", final),
         **truth,
         "n_samples": MetadataValue.int(int(emb.n_obs)),
         "n_features": MetadataValue.int(int(emb.n_vars)),
@@ -206,8 +242,37 @@ def embedding(context: AssetExecutionContext, config: EmbeddingConfig, storage: 
         "partitions_without_graph_stats": MetadataValue.json(sorted(known - set(samples))),
         "path": MetadataValue.path(f"{final}/{EMBEDDING_FILE}"),
         **timer.metadata(),
-        **preview_metadata(png, "well embedding", final),
     })
+
+
+def _well_colours(storage: PhenocoderStorage, samples: list[str], obs) -> tuple[list[str] | None, str]:
+    """Colour of each well in the embedding picture: its treatment when known, else its plate.
+
+    Treatments come from an ``obs`` column ``treatment`` or from the plate export's
+    ``ground_truth/wells.csv`` (synthetic plates); the plate from ``obs['plate']``.
+    """
+    import pandas as pd
+
+    from ..state import SUMMARY, read_json
+
+    if "treatment" in obs.columns:
+        return obs["treatment"].astype(str).tolist(), "treatment"
+    treatments: dict[str, str] = {}
+    try:
+        for s in samples:
+            info = read_json(storage.local_path("sdata", s) / SUMMARY)
+            table = Path(info.get("plate_dir", "")) / "ground_truth" / "wells.csv"
+            if table.is_file():
+                wells = pd.read_csv(table, dtype=str).set_index("well")["treatment"]
+                if str(info.get("well")) in wells.index:
+                    treatments[s] = str(wells[str(info["well"])])
+    except (OSError, KeyError, ValueError):
+        treatments = {}
+    if treatments and len(treatments) == len(samples):
+        return [treatments[s] for s in samples], "treatment"
+    if "plate" in obs.columns:
+        return obs["plate"].astype(str).tolist(), "plate"
+    return None, "well"
 
 
 def _planted_truth_metadata(context: AssetExecutionContext, storage: PhenocoderStorage, samples: list[str],
@@ -252,4 +317,4 @@ def _planted_truth_metadata(context: AssetExecutionContext, storage: PhenocoderS
     if metrics is None:
         return {}
     context.log.info(f"planted truth: {metrics}")
-    return {f"planted_truth/{k}": MetadataValue.float(float(v)) for k, v in metrics.items()}
+    return {f"planted_truth/{k}": number(float(v)) for k, v in metrics.items()}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import shutil
 from pathlib import Path
 
@@ -29,3 +32,58 @@ def copy_plate(tiny_plate_template):
         return dest
 
     return _copy
+
+
+# Launched runs must execute without the daemon: the default run launcher behind a DefaultRunCoordinator.
+DEMO_DAGSTER_YAML = """\
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: DefaultRunCoordinator
+run_launcher:
+  module: dagster._core.launcher
+  class: DefaultRunLauncher
+telemetry:
+  enabled: false
+"""
+DEMO_EPOCHS = 3
+
+
+_DEMOS: dict = {}
+
+
+def _demo(backend: str, tmp_path_factory):
+    """The demo on a small plate in a temporary home (3 wells, 16x16 patches, 3 epochs), once per backend."""
+    from _instances import write_instance
+
+    from phenocoder_assets.cli import print_instructions, run_demo
+
+    if backend in _DEMOS:
+        return _DEMOS[backend]
+    home = tmp_path_factory.mktemp(f"platform-{backend}") / "home"
+    write_instance(home / "dagster", backend, DEMO_DAGSTER_YAML)
+    saved = {k: os.environ.get(k) for k in ("PHENOCODER_HOME", "DAGSTER_HOME")}
+    os.environ.pop("DAGSTER_HOME", None)  # the demo's own instance folder <home>/dagster
+    try:
+        result = run_demo(home, wells=3, epochs=DEMO_EPOCHS, patch_size=16, image_size=128, nuclei_per_well=50,
+                          quiet=True)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_instructions(result)
+        result.printed = out.getvalue()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    _DEMOS[backend] = result
+    return result
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def demo(request, tmp_path_factory):
+    """The session's demo materialization on each instance backend (shared by test_platform.py)."""
+    return _demo(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def demo_sqlite(tmp_path_factory):
+    """The demo on the embedded SQLite instance only (the same run as ``demo[sqlite]``)."""
+    return _demo("sqlite", tmp_path_factory)

@@ -133,9 +133,10 @@ CONFIG_ERRORS = [
         "patches",
         A01,
         {"patch_size": [0, 16]},
-        r"ValueError: patch_size=\[0, 16\] must be a \(height, width\) pair of positive ints",
+        r"ValidationError: 1 validation error for PatchesConfig\npatch_size\.0\n  Input should be greater than 0 ",
     ),
-    ("patch_size_three_values", "patches", A01, {"patch_size": [16, 16, 3]}, r"patch_size=\[16, 16, 3\] must be"),
+    ("patch_size_three_values", "patches", A01, {"patch_size": [16, 16, 3]},
+     r"ValidationError: 1 validation error for PatchesConfig\npatch_size\n  List should have at most 2 items"),
     (
         "ingest_column",
         "sdata",
@@ -155,7 +156,7 @@ CONFIG_ERRORS = [
         "sdata",
         A01,
         {"pixel_size_um": -1.0, "preview": False},
-        r"ValueError: pixel_size_um=-1\.0 must be a positive number",
+        r"ValidationError: 1 validation error for IngestConfig\npixel_size_um\n  Input should be greater than 0 ",
     ),
     (
         "hw_not_divisible",
@@ -176,7 +177,8 @@ CONFIG_ERRORS = [
         "model",
         None,
         {**MODEL, "samples": ["TINY_Z99"]},
-        r"FileNotFoundError: samples \['TINY_Z99'\] have no patch dataset; materialize 'patches' for them first",
+        r"ValueError: ModelConfig.samples=\['TINY_Z99'\] names unknown samples; registered samples are: TINY_A01, "
+        r"TINY_A02\. Fix the names",
     ),
     (
         "latents_spatial_key",
@@ -190,7 +192,9 @@ CONFIG_ERRORS = [
         "latents",
         A01,
         {"spatial_message_passing_radius": -1.0},
-        r"ValueError: spatial_message_passing_radius=-1\.0 must be >= 0",
+        # refused by the config's bound before the step reads anything
+        r"ValidationError: 1 validation error for LatentsConfig\nspatial_message_passing_radius\n"
+        r"  Input should be greater than 0 \[type=greater_than, input_value=-1\.0",
     ),
 ]
 

@@ -1,15 +1,14 @@
 """End to end: the whole graph on a synthetic plate, MLflow, checks, failures, and the UI's GraphQL API.
 
-One session-scoped demo run per instance backend (``phenocoder_assets.cli.run_demo``: the sensor
-registers the wells, then every asset is materialized in-process into a persistent instance) is
-shared by the tests below: on the embedded SQLite instance and, when ``PHENOCODER_TEST_POSTGRES_URL``
-is set (always in CI), on PostgreSQL.
+One session-scoped demo run per instance backend (the ``demo`` fixture of conftest.py,
+``phenocoder_assets.cli.run_demo``: the sensor registers the wells, then every asset is materialized
+in-process into a persistent instance) is shared by the tests below: on the embedded SQLite instance
+and, when ``PHENOCODER_TEST_POSTGRES_URL`` is set (always in CI), on PostgreSQL.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import signal
 import socket
@@ -19,48 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
-from _instances import BACKENDS, write_instance
 from dagster import AssetKey, DagsterInstance, build_sensor_context
 
 REPO = Path(__file__).resolve().parents[2]
 PER_SAMPLE = ["sdata", "patches", "latents", "clusters", "graph_stats"]
 CROSS_SAMPLE = ["model", "cluster_reference", "embedding"]
-# Launched runs must execute without the daemon: the default run launcher behind a DefaultRunCoordinator.
-DAGSTER_YAML = """\
-run_coordinator:
-  module: dagster._core.run_coordinator
-  class: DefaultRunCoordinator
-run_launcher:
-  module: dagster._core.launcher
-  class: DefaultRunLauncher
-telemetry:
-  enabled: false
-"""
-EPOCHS = 3
+EPOCHS = 3  # the demo fixture's training epochs (conftest.DEMO_EPOCHS)
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session", params=BACKENDS)
-def demo(request, tmp_path_factory):
-    """The demo on a small plate in a temporary home (3 wells, 16x16 patches, 3 epochs), per backend."""
-    from phenocoder_assets.cli import print_instructions, run_demo
-
-    home = tmp_path_factory.mktemp(f"platform-{request.param}") / "home"
-    write_instance(home / "dagster", request.param, DAGSTER_YAML)
-    saved = {k: os.environ.get(k) for k in ("PHENOCODER_HOME", "DAGSTER_HOME")}
-    os.environ.pop("DAGSTER_HOME", None)  # the demo's own instance folder <home>/dagster
-    try:
-        result = run_demo(home, wells=3, epochs=EPOCHS, patch_size=16, image_size=128, nuclei_per_well=50,
-                          quiet=True)
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            print_instructions(result)
-        result.printed = out.getvalue()
-        yield result
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.fixture
