@@ -120,9 +120,12 @@ def check_layout(layout: pd.DataFrame, *, argument: str = "layout") -> pd.DataFr
         control = text.isin(["true", "1", "yes"])
     out["control"] = control.astype(bool)
     out["mechanism"] = out["mechanism"].astype(str) if "mechanism" in out.columns else ""
-    dup = out["well"][out["well"].duplicated()].unique().tolist()
+    keys = ["plate", "well"] if "plate" in out.columns else ["well"]
+    if "plate" in out.columns:
+        out["plate"] = out["plate"].astype(str)
+    dup = out.loc[out.duplicated(keys), keys].drop_duplicates().to_numpy().tolist()
     if dup:
-        raise ValueError(f"{argument} lists wells {dup} more than once; each well needs exactly one row.")
+        raise ValueError(f"{argument} lists {keys} {dup[:5]} more than once; each well needs exactly one row.")
     return out
 
 
