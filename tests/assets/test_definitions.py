@@ -136,3 +136,9 @@ def test_cli_validate_help_and_argument_checks(capsys):
     with pytest.raises(SystemExit):
         main(["validate", "--epochs", "0"])
     assert "--epochs must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["validate", "--help"])
+    assert "--json" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["validate", "--json", "--plates", "0"])
+    assert "--plates must be >= 1" in capsys.readouterr().err
