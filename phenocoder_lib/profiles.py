@@ -37,8 +37,10 @@ LAYOUT_FILE = "layout.csv"
 LAYOUT_COLUMNS = ("well", "treatment", "dose", "control")
 #: Metadata columns a profile frame carries (those present).
 METADATA_COLUMNS = ("sample", "plate", "well", "treatment", "dose", "control", "mechanism")
-#: Default feature-selection operations (pycytominer names).
-DEFAULT_SELECTION = ("variance_threshold", "correlation_threshold")
+#: Default feature-selection operations (pycytominer names). ``drop_outliers`` drops features with a normalized
+#: value beyond +-500 in some well: features that are zero up to rounding (e.g. odd central moments of a symmetric
+#: nucleus) have a MAD of ~1e-16 and would otherwise reach z-scores of 1e15 and decide every similarity alone.
+DEFAULT_SELECTION = ("variance_threshold", "correlation_threshold", "drop_outliers")
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,42 @@ def aggregate_table(
                            feature_names=[str(v) for v in table.var_names], method=method, prefix=prefix)
 
 
+def aggregate_by_cluster(
+    table: Any,
+    *,
+    cluster_key: str,
+    layer: str | None = None,
+    sample_key: str = "sample",
+    method: Literal["median", "mean"] = "median",
+    prefix: str = "",
+    min_fraction: float = 0.05,
+) -> pd.DataFrame:
+    """Per-well aggregate of each cluster's objects: columns ``f"{prefix}{feature}|{cluster_key}={c}"``.
+
+    A well's median over all its objects mixes cell types, so it moves when the mix moves and hides a change
+    of one type behind the others; one aggregate per cluster (e.g. per Leiden cluster of the latents, a
+    proxy of the cell type) keeps them apart. Clusters holding fewer than ``min_fraction`` of all objects
+    are left out; a cluster absent from a well gives NaN (set to the controls' median by
+    :func:`normalize_profiles`).
+    """
+    if cluster_key not in table.obs.columns:
+        raise KeyError(f"cluster_key={cluster_key!r} is not a column of the table's obs; cluster the objects first.")
+    clusters = table.obs[cluster_key].astype(str).to_numpy()
+    names, counts = np.unique(clusters, return_counts=True)
+    kept = names[counts >= min_fraction * len(clusters)]
+    x = table.layers[layer] if layer is not None else table.X
+    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+    samples = table.obs[sample_key].astype(str).to_numpy()
+    parts = []
+    for c in kept:
+        rows = clusters == c
+        agg = aggregate_wells(x[rows], samples[rows], feature_names=[str(v) for v in table.var_names], method=method,
+                              prefix=prefix).drop(columns="n_objects")
+        parts.append(agg.add_suffix(f"|{cluster_key}={c}"))
+    out = pd.concat(parts, axis=1) if parts else pd.DataFrame(index=pd.Index(np.unique(samples), name="sample"))
+    return out.reindex(np.unique(samples))
+
+
 def attach_layout(features: pd.DataFrame, samples: pd.DataFrame, layout: pd.DataFrame) -> pd.DataFrame:
     """Join well-level features with their plate/well and the layout (treatment, dose, control, mechanism).
 
@@ -267,11 +305,15 @@ def normalize_profiles(
     plate_key: str = "plate",
     control_key: str = "control",
     method: Literal["mad_robustize", "standardize", "robustize"] = "mad_robustize",
+    max_missing: float = 0.25,
 ) -> tuple[pd.DataFrame, list[str]]:
     """Normalize every plate against its own negative-control wells (pycytominer ``normalize``).
 
-    Features whose controls do not vary on some plate (MAD 0) are dropped first: they have no scale to
-    normalize by, and a tiny epsilon would turn any treated value into a huge outlier.
+    Features are dropped first when their controls do not vary on some plate (MAD 0: there is no scale to
+    normalize by, and a tiny epsilon would turn any treated value into a huge outlier) or when more than
+    ``max_missing`` of the wells lack a value. A value missing in a well that is kept (NaN or inf: e.g. the
+    interaction statistics of a cluster absent from that well) is set to 0 after normalization, the
+    controls' median: "no evidence of a difference".
 
     Parameters
     ----------
@@ -283,6 +325,8 @@ def normalize_profiles(
         Plate id and negative-control flag columns.
     method
         pycytominer method; ``mad_robustize`` is the field's default for well profiles.
+    max_missing
+        Largest fraction of wells without a value for a feature to be kept.
 
     Returns
     -------
@@ -292,15 +336,21 @@ def normalize_profiles(
     from pycytominer import normalize
 
     features = _split(profiles, features)
+    if not 0 <= max_missing < 1:
+        raise ValueError(f"max_missing={max_missing!r} must be in [0, 1).")
     _check_controls(profiles, plate_key, control_key, minimum=2)
+    profiles = profiles.copy()
+    values = profiles[features].astype(np.float64)
+    profiles[features] = values.where(np.isfinite(values))
     ctrl = profiles[profiles[control_key].astype(bool)]
-    x = ctrl[features].astype(np.float64)
-    mad = x.groupby(ctrl[plate_key]).agg(lambda s: float(np.nanmedian(np.abs(s - np.nanmedian(s)))))
-    finite = profiles[features].apply(lambda s: np.isfinite(s.astype(float)).all())
-    keep = [f for f in features if bool((mad[f] > 0).all()) and bool(finite[f])]
+    x = ctrl[features]
+    mad = x.groupby(ctrl[plate_key]).agg(lambda s: float(np.nanmedian(np.abs(s - np.nanmedian(s))))
+                                         if s.notna().any() else np.nan)
+    missing = profiles[features].isna().mean()
+    keep = [f for f in features if bool((mad[f] > 0).all()) and float(missing[f]) <= max_missing]
     dropped = [f for f in features if f not in keep]
     if not keep:
-        raise ValueError("every feature is constant among the control wells of some plate (or non-finite); "
+        raise ValueError("every feature is constant among the control wells of some plate (or mostly missing); "
                          "nothing is left to normalize.")
     meta = [c for c in profiles.columns if c not in set(features)]
     parts = []
@@ -312,6 +362,7 @@ def normalize_profiles(
                          method=method)
         parts.append(norm.drop(columns="_is_control"))
     out = pd.concat(parts).loc[profiles.index]
+    out[keep] = out[keep].fillna(0.0)
     return out[meta + keep], dropped
 
 
@@ -322,11 +373,13 @@ def select_features(
     operations: Sequence[str] = DEFAULT_SELECTION,
     corr_threshold: float = 0.9,
     min_variance: float = 1e-6,
+    outlier_cutoff: float = 500.0,
 ) -> tuple[list[str], list[str]]:
     """Feature selection with pycytominer ``feature_select``; returns (kept, dropped) feature names.
 
     ``variance_threshold`` drops features with variance below ``min_variance``; ``correlation_threshold`` drops
-    one of every pair correlated above ``corr_threshold`` (pycytominer keeps the one least correlated overall).
+    one of every pair correlated above ``corr_threshold`` (pycytominer keeps the one least correlated overall);
+    ``drop_outliers`` drops features with an absolute value above ``outlier_cutoff`` (for normalized profiles).
     """
     from pycytominer import feature_select
 
@@ -336,7 +389,8 @@ def select_features(
     if len(features) < 2:
         return features, []
     out = feature_select(profiles[features].astype(np.float64).reset_index(drop=True), features=features,
-                         operation=list(operations), corr_threshold=corr_threshold, min_variance=min_variance)
+                         operation=list(operations), corr_threshold=corr_threshold, min_variance=min_variance,
+                         outlier_cutoff=outlier_cutoff)
     kept = [f for f in features if f in out.columns]
     if not kept:  # every feature flagged: keep the most variable one rather than nothing
         kept = [str(profiles[features].var().idxmax())]

@@ -40,6 +40,7 @@ import pandas as pd
 from .evaluation import evaluate_profiles
 from .profiles import (
     WellProfiles,
+    aggregate_by_cluster,
     aggregate_table,
     aggregate_wells,
     attach_layout,
@@ -54,6 +55,10 @@ logger = logging.getLogger(__name__)
 REPRESENTATIONS = ("latents", "latents_message_passing", "graph_stats", "combined", "regionprops", "cellprofiler")
 #: Measurement-table columns of the regionprops baseline besides the intensities (those present are used).
 REGIONPROPS_MORPHOLOGY = ("area", "eccentricity", "major_axis_length", "minor_axis_length")
+#: Spatial-statistics groups of the ``graph_stats`` profile: who sits next to whom (cluster interaction counts
+#: and enrichment, Moran's I of each cluster). Chosen on seed 0 (docs/profiling.md): with every group the noise of
+#: the others (connectivity spread, convex hulls, Moran's I of each latent) halves the retrieval.
+GRAPH_STAT_GROUPS = ("interactions", "moran_clusters")
 #: Summary metrics per representation.
 METRICS = ("map_activity", "map_consistency", "fraction_retrieved_activity", "percent_replicating")
 
@@ -73,6 +78,9 @@ def screen_profiles(
     sample_key: str = "sample",
     layer: str = "spatial_message_passing",
     sphere: bool = False,
+    method: str = "median",
+    per_cluster: str | None = None,
+    graph_stat_groups: Sequence[str] | None = GRAPH_STAT_GROUPS,
 ) -> dict[str, WellProfiles]:
     """Normalized well profiles of every representation.
 
@@ -93,6 +101,12 @@ def screen_profiles(
         Sample column and message-passing layer.
     sphere
         ZCA sphering on the controls after selection.
+    method
+        Aggregation of object-level values per well (``median``, the field's default, or ``mean``).
+    per_cluster
+        Also aggregate the latents per cluster of this ``table.obs`` column (:func:`aggregate_by_cluster`).
+    graph_stat_groups
+        Spatial-statistics groups kept in the ``graph_stats`` profile (``None``: all).
 
     """
     samples = _sample_frame(table.obs, sample_key)
@@ -104,23 +118,28 @@ def screen_profiles(
                               sphere=sphere)
 
     out: dict[str, WellProfiles] = {}
-    out["latents"] = build(aggregate_table(table, sample_key=sample_key, prefix="latent:"), "latents")
+    lat = aggregate_table(table, sample_key=sample_key, prefix="latent:", method=method)
+    if per_cluster:
+        lat = lat.join(aggregate_by_cluster(table, sample_key=sample_key, cluster_key=per_cluster, method=method,
+                                            prefix="latent:"))
+    out["latents"] = build(lat, "latents")
     out["latents_message_passing"] = build(aggregate_table(table, layer=layer, sample_key=sample_key,
-                                                           prefix="mp:"), "latents_message_passing")
+                                                           prefix="mp:", method=method), "latents_message_passing")
     stats = pd.DataFrame(np.asarray(graph_stats.X, dtype=np.float64), index=graph_stats.obs_names.astype(str),
                          columns=[str(v) for v in graph_stats.var_names])
-    stats = stats.loc[:, stats.notna().all() & np.isfinite(stats).all()]
+    if graph_stat_groups:
+        stats = stats[[c for c in stats.columns if any(f"_stat:{g}_" in c for g in graph_stat_groups)]]
     out["graph_stats"] = build(stats, "graph_stats")
     out["combined"] = combine_profiles({"latents": out["latents"], "graph_stats": out["graph_stats"]})
     morph = [c for c in REGIONPROPS_MORPHOLOGY if c in features.obs.columns]
     values = np.hstack([np.asarray(features.X, dtype=np.float64), features.obs[morph].to_numpy(np.float64)])
     names = [str(v) for v in features.var_names] + morph
     out["regionprops"] = build(aggregate_wells(values, features.obs[sample_key].astype(str).to_numpy(),
-                                               feature_names=names), "regionprops")
+                                               feature_names=names, method=method), "regionprops")
     if cellprofiler is not None:
         cols = [c for c in cellprofiler.columns if c not in ("sample", "plate", "well", "label")]
         cp = aggregate_wells(cellprofiler[cols].to_numpy(np.float64), cellprofiler["sample"].astype(str).to_numpy(),
-                             feature_names=cols)
+                             feature_names=cols, method=method)
         out["cellprofiler"] = build(cp.loc[:, cp.notna().all()], "cellprofiler")
     return out
 
@@ -211,8 +230,6 @@ def run_screen_validation(
     """
     import spatialdata as sd
 
-    from . import Phenocoder
-    from .clustering import cluster_features
     from .ingest import read_plate
     from .synthetic import make_synthetic_screen
 
@@ -230,10 +247,67 @@ def run_screen_validation(
     sdata = sd.concatenate([read_plate(p) for p in plates], concatenate_tables=True)
     timings["screen_and_ingest"] = time.perf_counter() - t0
 
+    # the expensive intermediates are kept in the working folder, so a rerun only rescores
+    cache = work / "intermediates"
+    features = sdata.tables["nuclei_features"]
+    if (cache / "complete.json").is_file():
+        import anndata as ad
+
+        table = ad.read_h5ad(cache / "latents.h5ad")
+        stats = ad.read_h5ad(cache / "graph_stats.h5ad")
+        cp = pd.read_parquet(cache / "cellprofiler.parquet") if (cache / "cellprofiler.parquet").is_file() else None
+        n_clusters = int(table.obs["leiden"].nunique())
+    else:
+        table, stats, n_clusters = _run_pipeline(sdata, work, seed=seed, patch_size=patch_size,
+                                                 conv_layers=conv_layers, n_latent_dim=n_latent_dim, epochs=epochs,
+                                                 radius=radius, resolution=resolution, timings=timings)
+        cp = None
+        if cellprofiler:
+            from .cellprofiler import measure_plate
+
+            t = time.perf_counter()
+            cp = pd.concat([measure_plate(p) for p in plates], ignore_index=True)
+            timings["cellprofiler"] = time.perf_counter() - t
+        cache.mkdir(parents=True, exist_ok=True)
+        table.write_h5ad(cache / "latents.h5ad")
+        stats.write_h5ad(cache / "graph_stats.h5ad")
+        if cp is not None:
+            cp.to_parquet(cache / "cellprofiler.parquet")
+        (cache / "complete.json").write_text("{}\n")
+    if not cellprofiler:
+        cp = None
+    ari = _cluster_ari(table, screen_dir)
+
+    t = time.perf_counter()
+    profiles = screen_profiles(table, features, stats, cp, layout)
+    scores = score_profiles(profiles, layout, null_size=null_size, seed=seed)
+    timings["profiles_and_scores"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    for name, p in profiles.items():
+        scores[name]["n_wells"] = p.n_wells
+    return {
+        "seed": seed,
+        "representations": scores,
+        "targets": check_targets(scores),
+        "settings": {"n_plates": n_plates, "wells": int(len(layout)), "nuclei_per_well": nuclei_per_well,
+                     "replicates_per_plate": replicates, "epochs": epochs, "patch_size": patch_size,
+                     "radius_um": radius, "leiden_resolution": resolution, "n_clusters": n_clusters,
+                     "cluster_vs_cell_type_ari": ari,
+                     "n_objects": int(table.n_obs), "null_size": null_size,
+                     "treatments": sorted(layout.loc[~layout["control"].astype(bool), "treatment"].unique())},
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
+
+
+def _run_pipeline(sdata: Any, work: Path, *, seed: int, patch_size: int, conv_layers: Sequence[int], n_latent_dim: int,
+                  epochs: int, radius: float, resolution: float, timings: dict[str, float]) -> tuple[Any, Any, int]:
+    """Patches, CVAE, encoding with message passing, Leiden on the latents, graph statistics per well."""
+    from . import Phenocoder
+    from .clustering import cluster_features
+
     t = time.perf_counter()
     pheno = Phenocoder(sdata=sdata, table_key="nuclei_features", sample_key="sample", image_key="IF", seed=seed)
-    features = sdata.tables["nuclei_features"]
-    n_channels = int(features.n_vars)
+    n_channels = int(sdata.tables["nuclei_features"].n_vars)
     pheno.generate_dataset("screen", work / "datasets", patch_size=(patch_size, patch_size), scale_per_sample=False,
                            progress=False)
     pheno.initialize_model(n_latent_dim=n_latent_dim, n_dense_dim=64, conditions=[],
@@ -250,32 +324,26 @@ def run_screen_validation(
                              progress=False)
     stats = pheno.adata
     ok = stats.obs["status"].astype(str) == "ok" if "status" in stats.obs.columns else np.ones(stats.n_obs, bool)
-    stats = stats[np.asarray(ok)]
+    stats = stats[np.asarray(ok)].copy()
     timings["graph_stats"] = time.perf_counter() - t
+    return table, stats, int(len(set(np.asarray(labels))))
 
-    cp = None
-    if cellprofiler:
-        from .cellprofiler import measure_plate
 
-        t = time.perf_counter()
-        cp = pd.concat([measure_plate(p) for p in plates], ignore_index=True)
-        timings["cellprofiler"] = time.perf_counter() - t
+def _cluster_ari(table: Any, screen_dir: Path) -> float | None:
+    """Adjusted Rand index of the latent clusters against the planted cell types (None without ground truth)."""
+    from sklearn.metrics import adjusted_rand_score
 
-    t = time.perf_counter()
-    profiles = screen_profiles(table, features, stats, cp, layout)
-    scores = score_profiles(profiles, layout, null_size=null_size, seed=seed)
-    timings["profiles_and_scores"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
-    for name, p in profiles.items():
-        scores[name]["n_wells"] = p.n_wells
-    return {
-        "seed": seed,
-        "representations": scores,
-        "targets": check_targets(scores),
-        "settings": {"n_plates": n_plates, "wells": int(len(layout)), "nuclei_per_well": nuclei_per_well,
-                     "replicates_per_plate": replicates, "epochs": epochs, "patch_size": patch_size,
-                     "radius_um": radius, "leiden_resolution": resolution, "n_clusters": int(len(set(labels))),
-                     "n_objects": int(table.n_obs), "null_size": null_size,
-                     "treatments": sorted(layout.loc[~layout["control"].astype(bool), "treatment"].unique())},
-        "timings_s": {k: round(v, 1) for k, v in timings.items()},
-    }
+    frames = []
+    for plate in sorted(p for p in screen_dir.iterdir() if p.is_dir()):
+        path = plate / "ground_truth" / "objects.csv"
+        if path.is_file():
+            truth = pd.read_csv(path, dtype={"well": str})
+            truth["key"] = plate.name + "_" + truth["well"] + "/" + truth["label"].astype(str)
+            frames.append(truth)
+    if not frames:
+        return None
+    truth = pd.concat(frames).set_index("key")["cell_type"]
+    key = table.obs["sample"].astype(str) + "/" + table.obs["instance_id"].astype(str)
+    planted = truth.reindex(key.to_numpy())
+    ok = planted.notna().to_numpy()
+    return float(adjusted_rand_score(planted.to_numpy()[ok], table.obs["leiden"].astype(str).to_numpy()[ok]))

@@ -23,7 +23,7 @@ RAW_REPRESENTATIONS = ("latents", "latents_message_passing", "graph_stats")
 
 
 class ProfilesConfig(Config):
-    """Settings of :func:`phenocoder_lib.profiles.build_profiles` and :func:`phenocoder_lib.evaluation.evaluate_profiles`."""
+    """Settings of :func:`phenocoder_lib.profiles.build_profiles` and ``evaluation.evaluate_profiles``."""
 
     corr_threshold: float = Field(default=0.9, description="Drop one of two features correlated above this.")
     sphere: bool = Field(default=False, description="ZCA sphering on the control wells after feature selection.")
@@ -78,7 +78,8 @@ def well_profiles(context: AssetExecutionContext, config: ProfilesConfig,
             stats = stats[ok] if ok is not None else stats
             if stats.n_obs:
                 x = np.asarray(stats.X, dtype=np.float64)
-                raw["graph_stats"].append(pd.DataFrame(np.nanmedian(x, axis=0)[None], index=pd.Index([s], name="sample"),
+                raw["graph_stats"].append(pd.DataFrame(np.nanmedian(x, axis=0)[None],
+                                                       index=pd.Index([s], name="sample"),
                                                        columns=[str(v) for v in stats.var_names]))
     frames = {k: pd.concat(v) for k, v in raw.items() if v}
     sample_info = []
@@ -160,7 +161,8 @@ def _score(context: AssetExecutionContext, frames: dict, sample_info, config: Pr
     except Exception as err:  # auxiliary: never fail the profiles over their scores
         context.log.warning(f"profile scoring skipped: {type(err).__name__}: {err}")
         return None
-    context.log.info(f"profiles scored against the layout: { {k: round(v['map_activity'], 3) for k, v in scores.items()} }")
+    summary = {k: round(v["map_activity"], 3) for k, v in scores.items()}
+    context.log.info(f"profiles scored against the layout (map_activity): {summary}")
     from phenocoder_lib.validation import _json_safe
 
     return _json_safe({"n_wells_with_layout": int(profiles["latents"].n_wells), "representations": scores})

@@ -60,7 +60,8 @@ def test_activity_p_values_separate_strong_from_null_treatments():
         for c in range(8):
             rows.append([f"{p}_C{c}", p, f"C{c}", "DMSO", 0.0, True, "", *rng.normal(size=4)])
         for r in range(2):
-            rows.append([f"{p}_S{r}", p, f"S{r}", "strong", 1.0, False, "m", *(rng.normal(size=4) * 0.1 + 5 * np.eye(4)[0])])
+            strong = rng.normal(size=4) * 0.1 + 5 * np.eye(4)[0]
+            rows.append([f"{p}_S{r}", p, f"S{r}", "strong", 1.0, False, "m", *strong])
             rows.append([f"{p}_N{r}", p, f"N{r}", "null", 1.0, False, "m", *rng.normal(size=4)])
     result = phenotypic_activity(_profiles(rows), null_size=5000, seed=1)
     per = result.per_group.set_index("treatment")

@@ -136,3 +136,35 @@ def test_layout_roundtrip_and_attach(tmp_path):
         read_layout(tmp_path / "bad")
     with pytest.raises(FileNotFoundError, match="no plate layout"):
         read_layout(tmp_path / "nowhere")
+
+
+def test_normalize_fills_missing_values_with_the_control_median_and_drops_mostly_missing():
+    frame = _frame(np.random.default_rng(5))
+    frame.loc[frame["well"] == "T0", "f1"] = np.nan  # absent in 2 of 12 wells: kept, set to 0
+    frame.loc[frame.index[:5], "f2"] = np.inf  # missing in 5 of 12 wells: dropped
+    out, dropped = normalize_profiles(frame, ["f0", "f1", "f2"], max_missing=0.25)
+    assert dropped == ["f2"]
+    assert (out.loc[frame["well"] == "T0", "f1"] == 0).all()
+    assert np.isfinite(out[["f0", "f1"]].to_numpy()).all()
+
+
+def test_drop_outliers_removes_features_that_explode_after_normalization():
+    rng = np.random.default_rng(6)
+    frame = _frame(rng)
+    # zero up to rounding in the controls: a MAD of ~1e-16 turns a treated value of 1e-3 into z ~ 1e13
+    frame["tiny"] = np.where(frame["control"], rng.normal(scale=1e-16, size=len(frame)),
+                             [1e-3, -1e-3] * (len(frame) // 2))
+    prof = build_profiles(frame, ["f0", "f1", "f2", "tiny"])
+    assert "tiny" not in prof.features and "f0" in prof.features
+    assert np.abs(prof.values).max() < 500
+
+
+def test_aggregate_by_cluster_keeps_clusters_apart():
+    from phenocoder_lib.profiles import aggregate_by_cluster
+
+    obs = pd.DataFrame({"sample": list("aaaabb"), "leiden": list("010100")}, index=[str(i) for i in range(6)])
+    table = ad.AnnData(np.array([[1.0], [10], [3], [30], [5], [7]]), obs=obs)
+    out = aggregate_by_cluster(table, cluster_key="leiden", min_fraction=0.0)
+    assert list(out.columns) == ["0|leiden=0", "0|leiden=1"]
+    np.testing.assert_allclose(out.loc["a"], [2, 20])
+    assert out.loc["b", "0|leiden=0"] == 6 and np.isnan(out.loc["b", "0|leiden=1"])
