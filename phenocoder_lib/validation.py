@@ -305,7 +305,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--wells-per-treatment", type=int, default=6)
     parser.add_argument("--nuclei-per-well", type=int, default=None,
                         help="nuclei per well (default 150 on the single plate, 90 on the --json screen)")
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="training epochs (default 15 on the single plate, 25 on the --json screen)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=float, default=0.02,
                         help="Leiden resolution, the same for every representation (default 0.02)")
@@ -344,20 +345,20 @@ def run_from_args(args: argparse.Namespace) -> int:
         from .screen_validation import run_screen_validation
 
         doc = run_screen_validation(args.out, seed=args.seed, n_plates=args.plates,
-                                    nuclei_per_well=args.nuclei_per_well or 90, epochs=args.epochs,
+                                    nuclei_per_well=args.nuclei_per_well or 90, epochs=args.epochs or 25,
                                     resolution=args.resolution, cellprofiler=not args.no_cellprofiler,
                                     null_size=args.null_size)
         print(json.dumps(_json_safe(doc), indent=2, allow_nan=False))
         return 1 if args.strict and not all(t["met"] for t in doc["targets"]) else 0
-    nuclei = args.nuclei_per_well or 150
+    nuclei, epochs = args.nuclei_per_well or 150, args.epochs or 15
     start = time.perf_counter()
     result = run_validation(args.out, wells_per_treatment=args.wells_per_treatment,
-                            nuclei_per_well=nuclei, epochs=args.epochs, seed=args.seed,
+                            nuclei_per_well=nuclei, epochs=epochs, seed=args.seed,
                             resolution=args.resolution)
     targets = check_targets(result)
     print(format_report(result, targets))
     print(f"\nseed {args.seed}, {args.wells_per_treatment} wells per treatment, {nuclei} nuclei per "
-          f"well, {args.epochs} epochs, Leiden resolution {args.resolution}: {time.perf_counter() - start:.0f} s")
+          f"well, {epochs} epochs, Leiden resolution {args.resolution}: {time.perf_counter() - start:.0f} s")
     return 1 if args.strict and not bool(targets["met"].all()) else 0
 
 
