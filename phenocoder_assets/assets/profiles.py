@@ -130,6 +130,7 @@ def _score(context: AssetExecutionContext, frames: dict, sample_info, config: Pr
 
     from phenocoder_lib.evaluation import evaluate_profiles
     from phenocoder_lib.profiles import LAYOUT_FILE, attach_layout, build_profiles, combine_profiles, read_layout
+    from phenocoder_lib.screen_validation import GRAPH_STAT_GROUPS
 
     layouts = []
     for plate, plate_dir in sample_info[["plate", "plate_dir"]].drop_duplicates().itertuples(index=False):
@@ -144,7 +145,8 @@ def _score(context: AssetExecutionContext, frames: dict, sample_info, config: Pr
         profiles = {}
         for name, frame in frames.items():
             feats = frame.drop(columns="n_objects", errors="ignore")
-            feats = feats.loc[:, feats.notna().all()]
+            if name == "graph_stats":  # the statistics of who sits next to whom, as `validate --json` scores them
+                feats = feats[[c for c in feats.columns if any(f"_stat:{g}_" in c for g in GRAPH_STAT_GROUPS)]]
             with_layout = attach_layout(feats, sample_info, layout)
             profiles[name] = build_profiles(with_layout, list(feats.columns), representation=name,
                                             corr_threshold=config.corr_threshold, sphere=config.sphere)
