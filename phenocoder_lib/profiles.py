@@ -7,9 +7,12 @@ features. This module builds them for any object-level representation (CVAE late
 latents, CellProfiler-style measurements) and for well-level ones (spatial graph statistics):
 
 1. :func:`aggregate_wells` -- median (or mean) of the objects of each well;
+   (:func:`aggregate_by_cluster`: the same per cluster of the objects);
 2. :func:`normalize_profiles` -- robust z-score per plate against its controls
-   (pycytominer's ``mad_robustize``: ``(x - median_ctrl) / (1.4826 * MAD_ctrl)``);
-3. :func:`select_features` -- pycytominer's ``variance_threshold`` and ``correlation_threshold``;
+   (pycytominer's ``mad_robustize``: ``(x - median_ctrl) / (1.4826 * MAD_ctrl)``); a value missing in a
+   well is set to the controls' median (0);
+3. :func:`select_features` -- pycytominer's ``variance_threshold``, ``correlation_threshold`` and
+   ``drop_outliers``;
 4. optionally :func:`sphere_profiles` -- ZCA whitening fit on the control wells (pycytominer ``spherize``);
 5. :func:`combine_profiles` -- blocks side by side, each scaled to the same total weight.
 

@@ -14,7 +14,9 @@ whole pipeline and prints one table:
   of all spatial-statistics groups, on each group alone, and on the cluster composition alone (no
   spatial statistics);
 
-and whether the targets are met (:data:`TARGETS`). :func:`planted_truth_metrics` scores an existing run
+and whether the targets are met (:data:`TARGETS`). With ``--json`` it scores well profiles on the harder
+multi-plate synthetic screen instead (:mod:`phenocoder_lib.screen_validation`: retrieval mAP with copairs per
+representation) and prints one JSON document. :func:`planted_truth_metrics` scores an existing run
 (cluster labels and a well embedding) when the plate folders hold ground truth, for the Dagster
 ``embedding`` asset.
 """
