@@ -12,7 +12,9 @@ the UI use) except what the command line sets and the demo's small network.
 
 ``phenocoder validate [--out DIR] [--wells-per-treatment N] [--epochs N] [--seed S] [--strict]`` scores the
 pipeline against a fresh synthetic plate's planted truth (:mod:`phenocoder_lib.validation`) and prints
-the table and the targets; with ``--strict`` the exit status is 1 when a target is missed.
+the table and the targets; with ``--strict`` the exit status is 1 when a target is missed. ``phenocoder
+validate --json [--plates 3]`` scores well profiles on a multi-plate synthetic screen instead (retrieval mAP
+per representation, :mod:`phenocoder_lib.screen_validation`) and prints one JSON document.
 """
 
 from __future__ import annotations
@@ -215,11 +217,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def require_positive(*names: str) -> None:
         for name in names:
-            if getattr(args, name) < 1:
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
 
     if args.command == "validate":
-        require_positive("wells_per_treatment", "nuclei_per_well", "epochs")
+        require_positive("wells_per_treatment", "nuclei_per_well", "epochs", "plates", "null_size")
         if args.wells_per_treatment < 2:
             parser.error("--wells-per-treatment must be >= 2 (leave-one-out needs two wells per treatment).")
         from phenocoder_lib.validation import run_from_args

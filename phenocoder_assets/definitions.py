@@ -14,6 +14,7 @@ from .assets.ingest import sdata
 from .assets.latents import latents
 from .assets.model import model
 from .assets.patches import patches
+from .assets.profiles import well_profiles
 from .assets.spatial import embedding, graph_stats
 from .executors import select_executor
 from .jobs import refresh_summaries_job, sample_pipeline_job, train_model_job
@@ -22,7 +23,7 @@ from .resources import MLflowTracking, PhenocoderStorage
 from .schedules import nightly_refresh_schedule
 from .sensors import incoming_plates_sensor
 
-ASSETS = [sdata, patches, model, latents, cluster_reference, clusters, graph_stats, embedding]
+ASSETS = [sdata, patches, model, latents, cluster_reference, clusters, graph_stats, embedding, well_profiles]
 
 
 def build_definitions(*, storage: PhenocoderStorage | None = None, mlflow: MLflowTracking | None = None,

@@ -267,3 +267,267 @@ def read_ground_truth(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     objects = pd.read_csv(root / "ground_truth" / "objects.csv", dtype={"well": str})
     wells = pd.read_csv(root / "ground_truth" / "wells.csv", dtype={"well": str})
     return objects, wells
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A harder screen: several plates with plate effects, controls on every plate, replicates, doses, three kinds
+# of phenotype. See make_synthetic_screen and docs/profiling.md.
+# --------------------------------------------------------------------------------------------------------------
+
+#: Screen treatments: name -> (kind, mechanism). Kinds: "morphology" (strong, visible per cell),
+#: "subtle" (texture or shape at unchanged mean intensity and area), "spatial" (arrangement only: every cell
+#: and the cell-type mix unchanged). Mechanisms group treatments for the consistency mAP.
+SCREEN_TREATMENTS: dict[str, tuple[str, str]] = {
+    "morph_large": ("morphology", "nuclear_morphology"),
+    "morph_elongated": ("morphology", "nuclear_morphology"),
+    "texture_granular": ("subtle", "chromatin_envelope"),
+    "shape_irregular": ("subtle", "chromatin_envelope"),
+    "spatial_mixing": ("spatial", "dispersal"),
+    "spatial_clustering": ("spatial", "aggregation"),
+    "spatial_ring": ("spatial", "aggregation"),
+}
+#: Name of the negative-control treatment.
+SCREEN_CONTROL = "DMSO"
+_SCREEN_RADIUS = np.array([3.5, 4.75, 6.0])
+_SCREEN_ELONGATION = np.array([1.0, 1.8, 1.3])
+_SCREEN_TEXTURE = np.array([0.0, 0.6, 0.25])
+
+
+@dataclass(frozen=True)
+class SyntheticScreen:
+    """What :func:`make_synthetic_screen` wrote: one plate export per plate, each with a ``layout.csv``."""
+
+    root: Path
+    plates: list[Path]
+    layout: pd.DataFrame  #: plate, well, treatment, dose, control, mechanism, kind
+    n_objects: int
+    treatments: dict[str, tuple[str, str]]
+
+
+def make_synthetic_screen(
+    root: str | Path,
+    *,
+    n_plates: int = 3,
+    n_controls: int = 6,
+    replicates: int = 2,
+    doses: tuple[float, ...] = (0.5, 1.0),
+    treatments: tuple[str, ...] | None = None,
+    image_size: int = 256,
+    nuclei_per_well: int = 90,
+    n_channels: int = 4,
+    seed: int = 0,
+) -> SyntheticScreen:
+    """Write a multi-plate 2-D screen with plate effects and planted phenotypes of three kinds.
+
+    Every plate is a complete plate export (the layout of :func:`make_synthetic_plate`: ``imgs/``,
+    ``labels/``, ``tables/``, ``plate.json``, ``EXPORT_COMPLETE``, ``ground_truth/``) in ``root/<plate>``,
+    with a ``layout.csv`` beside the sub-folders (well, treatment, dose, control, mechanism, kind).
+
+    What is planted (docs/profiling.md lists the expected winner of each):
+
+    - three cell types (radius, elongation, texture, channel signature) in equal numbers in every well;
+    - plate effects: per plate and channel a gain (0.8-1.2) and a background offset (0.02-0.06), and a
+      linear illumination ramp (+-12 % across the field, random direction); a small per-well gain jitter;
+    - per plate ``n_controls`` negative-control wells (``DMSO``; types placed at random) and, per treatment
+      and dose, ``replicates`` wells; well positions are shuffled per plate;
+    - ``morph_large`` (radius x (1 + 0.3 dose)), ``morph_elongated`` (elongation x (1 + 0.6 dose));
+    - ``texture_granular`` (a fine speckle of amplitude 0.8 dose) and ``shape_irregular`` (five lobes of
+      amplitude 0.18 dose at the same area): every cell's mean intensity is normalized to its type's value,
+      so mean intensities cannot see either;
+    - ``spatial_mixing`` (types on alternating lattice positions: heterotypic neighbours),
+      ``spatial_clustering`` (types in patches of a smooth random field) and ``spatial_ring`` (the largest type
+      on a ring around the field centre): cell positions, cells and the type mix are those of a control well;
+      only who sits where changes. ``dose`` is the fraction of cells that follow the arrangement (the rest are
+      shuffled among themselves).
+
+    Parameters
+    ----------
+    root
+        Output folder (created; must be empty or absent).
+    n_plates, n_controls, replicates, doses
+        Screen design: plates, control wells per plate, replicate wells per (treatment, dose) per plate, doses.
+    treatments
+        Subset of :data:`SCREEN_TREATMENTS` (default: all).
+    image_size, nuclei_per_well, n_channels
+        Field size (px), nuclei per well (at most the lattice allows), channels (>= 2).
+    seed
+        Everything is derived from this seed.
+
+    """
+    import imageio.v3 as iio
+
+    treatments = tuple(SCREEN_TREATMENTS) if treatments is None else tuple(treatments)
+    unknown = [t for t in treatments if t not in SCREEN_TREATMENTS]
+    if unknown:
+        raise ValueError(f"treatments={unknown} are not screen treatments; choose from {list(SCREEN_TREATMENTS)}.")
+    for name, value, low in (("n_plates", n_plates, 1), ("n_controls", n_controls, 2), ("replicates", replicates, 1),
+                             ("n_channels", n_channels, 2), ("nuclei_per_well", nuclei_per_well, 10)):
+        if int(value) < low:
+            raise ValueError(f"{name}={value!r} must be >= {low}.")
+    if not doses or any(not 0 < d <= 1 for d in doses):
+        raise ValueError(f"doses={doses!r} must be one or more values in (0, 1].")
+    root = Path(root)
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"root={str(root)!r} is not empty; choose a new folder for the synthetic screen.")
+    rng = np.random.default_rng(seed)
+    n_types = 3
+    signature = np.full((n_types, n_channels), 0.15)
+    for k in range(n_types):
+        signature[k, 0] = 0.8
+        signature[k, 1 + k % (n_channels - 1)] = 0.95
+        signature[k, 1 + (k + 1) % (n_channels - 1)] += 0.35 * (k % 2)
+    # one lattice for every well (largest planted nucleus + a gap), so density never differs between treatments
+    max_semi_axis = float(np.max(_SCREEN_RADIUS * (1 + 0.3 * max(doses))
+                                 * np.sqrt(_SCREEN_ELONGATION * (1 + 0.6 * max(doses)))))
+    step = 2 * max_semi_axis + 2.0
+    design = [(SCREEN_CONTROL, 0.0)] * n_controls + [(t, d) for t in treatments for d in doses] * replicates
+    wells = _well_names(len(design))
+    layouts, n_total, plates = [], 0, []
+    for p in range(n_plates):
+        plate_id = f"SCREEN{seed:02d}P{p + 1}"
+        plate_root = root / plate_id
+        for sub in ("imgs", "labels", "tables", "ground_truth"):
+            (plate_root / sub).mkdir(parents=True, exist_ok=True)
+        gain = rng.uniform(0.8, 1.2, size=n_channels)
+        offset = rng.uniform(0.02, 0.06, size=n_channels)
+        angle = rng.uniform(0, 2 * np.pi)
+        yy, xx = np.mgrid[0:image_size, 0:image_size] / image_size - 0.5
+        illumination = 1 + 0.24 * (np.cos(angle) * xx + np.sin(angle) * yy)  # linear: +-12 % across the field
+        order = rng.permutation(len(design))
+        truth_rows, well_rows = [], []
+        for well, (treatment, dose) in zip(wells, [design[i] for i in order], strict=True):
+            kind, mechanism = SCREEN_TREATMENTS.get(treatment, ("control", ""))
+            centres, grid = _lattice(rng, nuclei_per_well, image_size, step)
+            cell_type = _arrange_types(rng, treatment, dose, centres, grid, image_size, n_types)
+            image = np.zeros((n_channels, image_size, image_size), np.float32)
+            labels = np.zeros((image_size, image_size), np.uint16)
+            for i, (cy, cx) in enumerate(centres):
+                k = cell_type[i]
+                r, el, speckle, lobes = _SCREEN_RADIUS[k], _SCREEN_ELONGATION[k], 0.0, 0.0
+                if treatment == "morph_large":
+                    r *= 1 + 0.3 * dose
+                elif treatment == "morph_elongated":
+                    el *= 1 + 0.6 * dose
+                elif treatment == "texture_granular":
+                    speckle = 0.8 * dose
+                elif treatment == "shape_irregular":
+                    lobes = 0.18 * dose
+                _paint_screen_cell(image, labels, i + 1, cy, cx, r, el, _SCREEN_TEXTURE[k], speckle, lobes,
+                                   signature[k], rng)
+            well_gain = rng.normal(1.0, 0.03)
+            # signal x 0.35 keeps the brightest speckle below saturation after gain and illumination (a clipped
+            # pixel would change a cell's mean intensity, which the subtle phenotypes must leave unchanged)
+            image = (0.35 * image + offset[:, None, None]) * gain[:, None, None] * illumination[None] * well_gain
+            image = image + rng.normal(0.0, 0.015, size=image.shape).astype(np.float32)
+            image = np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)
+            stem = f"{plate_id}_260101_120000_{well}_T0001F001L01"
+            for c in range(n_channels):
+                iio.imwrite(plate_root / "imgs" / f"{stem}A{n_channels - c:02d}C{c + 1:02d}.png", image[c])
+            iio.imwrite(plate_root / "labels" / f"{stem}A{n_channels:02d}C01.tif", labels)
+            df = slice_measurements(labels, image)
+            df["well"] = well
+            df["z_stack"] = 1
+            df.to_csv(plate_root / "tables" / f"{well}.csv", index=False)
+            present = np.unique(labels)
+            present = present[present > 0]
+            truth_rows += [(well, int(lab), f"type_{cell_type[lab - 1]}") for lab in present]
+            n_total += len(present)
+            well_rows.append({"plate": plate_id, "well": well, "treatment": treatment, "dose": dose,
+                              "control": treatment == SCREEN_CONTROL, "mechanism": mechanism, "kind": kind})
+        layout = pd.DataFrame(well_rows)
+        layout.drop(columns="plate").to_csv(plate_root / "layout.csv", index=False)
+        pd.DataFrame(truth_rows, columns=["well", "label", "cell_type"]).to_csv(
+            plate_root / "ground_truth" / "objects.csv", index=False)
+        layout[["well", "treatment"]].to_csv(plate_root / "ground_truth" / "wells.csv", index=False)
+        meta = {"pixel_size_um": 1.0, "z_step_um": 1.0, "table_scale": 1.0, "generator":
+                "phenocoder_lib.synthetic.make_synthetic_screen", "seed": seed,
+                "cell_types": [f"type_{k}" for k in range(n_types)],
+                "plate_effects": {"gain": gain.round(4).tolist(), "offset": offset.round(4).tolist(),
+                                  "illumination_angle": round(float(angle), 4)}}
+        (plate_root / PLATE_METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (plate_root / EXPORT_COMPLETE_MARKER).write_text("")
+        layouts.append(layout)
+        plates.append(plate_root)
+    layout = pd.concat(layouts, ignore_index=True)
+    layout.to_csv(root / "screen_layout.csv", index=False)
+    logger.info("wrote synthetic screen %s: %d plates, %d wells, %d objects", root, n_plates, len(layout), n_total)
+    return SyntheticScreen(root, plates, layout, n_total, {t: SCREEN_TREATMENTS[t] for t in treatments})
+
+
+def _lattice(rng: np.random.Generator, n: int, size: int, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``n`` jittered lattice positions (y, x) and their integer lattice coordinates (i, j)."""
+    g = np.arange(step / 2, size - step / 2 + 1e-9, step)
+    ii, jj = np.meshgrid(np.arange(len(g)), np.arange(len(g)), indexing="ij")
+    grid = np.stack([ii.ravel(), jj.ravel()], 1)
+    if n > len(grid):
+        logger.warning("only %d nuclei fit in a %d px field (asked for %d)", len(grid), size, n)
+        n = len(grid)
+    grid = grid[np.sort(rng.choice(len(grid), size=n, replace=False))]
+    yx = g[grid] + rng.uniform(-0.1 * step, 0.1 * step, size=grid.shape)
+    return np.clip(yx, 0, size - 1), grid
+
+
+def _arrange_types(rng: np.random.Generator, treatment: str, dose: float, centres: np.ndarray, grid: np.ndarray,
+                   size: int, n_types: int) -> np.ndarray:
+    """Cell type of each position: equal counts in every well; only spatial treatments change who sits where."""
+    n = len(centres)
+    counts = np.full(n_types, n // n_types)
+    counts[: n % n_types] += 1
+    pool = np.repeat(np.arange(n_types), counts)
+    if treatment == "spatial_mixing":
+        # alternating lattice positions: 4-neighbours always differ (types in rough, not exact, equal numbers)
+        types = (grid[:, 0] + 2 * grid[:, 1]) % n_types
+    elif treatment == "spatial_clustering":
+        # tertiles of a smooth random field: contiguous patches of one type, exact counts
+        field = np.zeros(n)
+        for _ in range(3):
+            theta, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+            proj = centres[:, 0] * np.sin(theta) + centres[:, 1] * np.cos(theta)
+            field += np.sin(2 * np.pi * proj / (0.45 * size) + phase)
+        types = np.empty(n, dtype=int)
+        types[np.argsort(field)] = pool
+    elif treatment == "spatial_ring":
+        # the cells closest to a circle around the centre take the largest type; the rest at random
+        d = np.abs(np.hypot(centres[:, 0] - size / 2, centres[:, 1] - size / 2) - 0.33 * size)
+        ring_type = n_types - 1
+        types = np.empty(n, dtype=int)
+        on_ring = np.argsort(d)[: counts[ring_type]]
+        types[on_ring] = ring_type
+        rest = np.setdiff1d(np.arange(n), on_ring)
+        types[rest] = rng.permutation(pool[pool != ring_type])
+    else:
+        return rng.permutation(pool)
+    if dose < 1:  # a fraction (1 - dose) of the cells swap types among themselves at random
+        moved = rng.choice(n, size=int(round((1 - dose) * n)), replace=False)
+        types[moved] = rng.permutation(types[moved])
+    return types
+
+
+def _paint_screen_cell(image, labels, lab, cy, cx, r, elong, tex, speckle, lobes, sig, rng) -> None:
+    """Paint one 2-D nucleus; its mean intensity per channel is ``sig * (1 - tex / 2)`` whatever the texture."""
+    _, h, w = image.shape
+    a, b = r * elong**0.5, r / elong**0.5
+    if lobes:
+        a, b = a / np.sqrt(1 + lobes**2 / 2), b / np.sqrt(1 + lobes**2 / 2)  # same area with lobes
+    theta = rng.uniform(0, np.pi)
+    ext = int(np.ceil(a * (1 + lobes))) + 1
+    y0, y1 = max(int(cy) - ext, 0), min(int(cy) + ext + 1, h)
+    x0, x1 = max(int(cx) - ext, 0), min(int(cx) + ext + 1, w)
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    dy, dx = yy - cy, xx - cx
+    u = dx * np.cos(theta) + dy * np.sin(theta)
+    v = -dx * np.sin(theta) + dy * np.cos(theta)
+    rho = np.hypot(u / a, v / b)
+    boundary = 1 + lobes * np.cos(5 * np.arctan2(v / b, u / a) + rng.uniform(0, 2 * np.pi)) if lobes else 1.0
+    inside = rho <= boundary
+    free = inside & (labels[y0:y1, x0:x1] == 0)
+    if not free.any():
+        return
+    phase = rng.uniform(0, 2 * np.pi, size=3)
+    pattern = 1.0 - tex * 0.5 * (1 + np.sin(1.6 * u + phase[0]) * np.sin(1.6 * v))
+    if speckle:
+        pattern = pattern * np.clip(1 + speckle * np.sin(2.8 * u + phase[1]) * np.cos(2.8 * v + phase[2]), 0, None)
+    pattern = pattern / max(float(pattern[free].mean()), 1e-6) * (1 - tex / 2)
+    labels[y0:y1, x0:x1][free] = lab
+    for c in range(image.shape[0]):
+        image[c, y0:y1, x0:x1][free] = sig[c] * pattern[free]

@@ -14,7 +14,9 @@ whole pipeline and prints one table:
   of all spatial-statistics groups, on each group alone, and on the cluster composition alone (no
   spatial statistics);
 
-and whether the targets are met (:data:`TARGETS`). :func:`planted_truth_metrics` scores an existing run
+and whether the targets are met (:data:`TARGETS`). With ``--json`` it scores well profiles on the harder
+multi-plate synthetic screen instead (:mod:`phenocoder_lib.screen_validation`: retrieval mAP with copairs per
+representation) and prints one JSON document. :func:`planted_truth_metrics` scores an existing run
 (cluster labels and a well embedding) when the plate folders hold ground truth, for the Dagster
 ``embedding`` asset.
 """
@@ -303,27 +305,62 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="phenocoder_validation", help="working folder (plate, datasets, model)")
     parser.add_argument("--wells-per-treatment", type=int, default=6)
-    parser.add_argument("--nuclei-per-well", type=int, default=150)
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--nuclei-per-well", type=int, default=None,
+                        help="nuclei per well (default 150 on the single plate, 90 on the --json screen)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="training epochs (default 15 on the single plate, 25 on the --json screen)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=float, default=0.02,
                         help="Leiden resolution, the same for every representation (default 0.02)")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
+    parser.add_argument("--json", action="store_true",
+                        help="score well profiles on the multi-plate synthetic screen (retrieval mAP per "
+                        "representation, phenocoder_lib.screen_validation) and print one JSON document")
+    parser.add_argument("--plates", type=int, default=3, help="plates of the --json screen (default 3)")
+    parser.add_argument("--null-size", type=int, default=10000,
+                        help="permutations of the mAP p-values (--json; default 10000)")
+    parser.add_argument("--no-cellprofiler", action="store_true",
+                        help="leave the CellProfiler (cp_measure) baseline out of --json")
     return parser
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> None and numpy scalars -> Python, so the document is strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run, print the report, and return the exit status (1 with ``--strict`` when a target is missed)."""
     import time
 
+    if getattr(args, "json", False):
+        import json
+
+        from .screen_validation import run_screen_validation
+
+        doc = run_screen_validation(args.out, seed=args.seed, n_plates=args.plates,
+                                    nuclei_per_well=args.nuclei_per_well or 90, epochs=args.epochs or 25,
+                                    resolution=args.resolution, cellprofiler=not args.no_cellprofiler,
+                                    null_size=args.null_size)
+        print(json.dumps(_json_safe(doc), indent=2, allow_nan=False))
+        return 1 if args.strict and not all(t["met"] for t in doc["targets"]) else 0
+    nuclei, epochs = args.nuclei_per_well or 150, args.epochs or 15
     start = time.perf_counter()
     result = run_validation(args.out, wells_per_treatment=args.wells_per_treatment,
-                            nuclei_per_well=args.nuclei_per_well, epochs=args.epochs, seed=args.seed,
+                            nuclei_per_well=nuclei, epochs=epochs, seed=args.seed,
                             resolution=args.resolution)
     targets = check_targets(result)
     print(format_report(result, targets))
-    print(f"\nseed {args.seed}, {args.wells_per_treatment} wells per treatment, {args.nuclei_per_well} nuclei per "
-          f"well, {args.epochs} epochs, Leiden resolution {args.resolution}: {time.perf_counter() - start:.0f} s")
+    print(f"\nseed {args.seed}, {args.wells_per_treatment} wells per treatment, {nuclei} nuclei per "
+          f"well, {epochs} epochs, Leiden resolution {args.resolution}: {time.perf_counter() - start:.0f} s")
     return 1 if args.strict and not bool(targets["met"].all()) else 0
 
 

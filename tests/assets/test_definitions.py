@@ -9,12 +9,12 @@ import sys
 from dagster import AssetKey, DefaultScheduleStatus, DefaultSensorStatus, instance_for_test
 
 PER_SAMPLE = {"sdata", "patches", "latents", "clusters", "graph_stats"}
-CROSS_SAMPLE = {"model", "cluster_reference", "embedding"}
+CROSS_SAMPLE = {"model", "cluster_reference", "embedding", "well_profiles"}
 EDGES = {
     "sdata": set(), "patches": {"sdata"}, "model": {"patches"}, "latents": {"sdata", "patches", "model"},
     "cluster_reference": {"latents"}, "clusters": {"latents", "cluster_reference"},
     # embedding -> latents: Dagster reports only a direct dependency's change as STALE
-    "graph_stats": {"latents", "clusters"}, "embedding": {"graph_stats", "latents"},
+    "graph_stats": {"latents", "clusters"}, "embedding": {"graph_stats", "latents"}, "well_profiles": {"latents", "graph_stats"},
 }
 
 
@@ -45,7 +45,8 @@ def test_graph_shape_partitions_and_checks():
             assert graph.get(AssetKey(name)).partitions_def is None, name
         checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
         assert checks == {("patches", "every_object_has_a_patch"), ("latents", "every_object_has_a_latent"),
-                          ("latents", "latents_finite"), ("graph_stats", "graph_stats_complete")}
+                          ("latents", "latents_finite"), ("graph_stats", "graph_stats_complete"),
+                          ("well_profiles", "well_profiles_complete")}
         from phenocoder_assets.assets.model import model
 
         assert model.op.pool == "gpu"
@@ -139,3 +140,9 @@ def test_cli_validate_help_and_argument_checks(capsys):
     with pytest.raises(SystemExit):
         main(["validate", "--epochs", "0"])
     assert "--epochs must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["validate", "--help"])
+    assert "--json" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["validate", "--json", "--plates", "0"])
+    assert "--plates must be >= 1" in capsys.readouterr().err
