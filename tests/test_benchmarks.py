@@ -80,3 +80,19 @@ def test_quick_suite_prints_one_json_document_with_every_stage(tmp_path):
         assert records[(stage, "400")]["baseline"]["error"].startswith("not measured")
     partial = [json.loads(line) for line in out.with_suffix(".partial.jsonl").read_text().splitlines()]
     assert len(partial) == len(report["stages"])
+
+
+def test_targets_print_goal_earlier_figure_and_this_runs_figure():
+    records = [{"stage": "cluster", "size": "plate_3d", "wall_s": 1.5, "first_call_s": 3.25,
+                "baseline": {"first_call_s": 31.0}},
+               {"stage": "ingest", "size": "1e6", "error": "not measured: timeout after 3600 s"}]
+    rows = {row["target"].split(",")[0]: row for row in suite._targets(records)}
+    cluster = rows["clustering of 12"]
+    assert cluster["goal"] == "< 5 s" and "26-30 s" in cluster["earlier"]
+    assert cluster["now"] == 3.25 and cluster["baseline_now"] == 31.0 and cluster["now_field"] == \
+        "cluster@plate_3d.first_call_s"
+    assert rows["ingest at 10^6 objects"]["now"] == "not measured: timeout after 3600 s"
+    assert rows["phenocoder demo (Dagster"]["now"] == "not measured in this run (dagster_demo at demo)"
+    training = rows["training throughput on 2 CPU cores"]
+    assert "now" not in training and training["measured_by"].startswith("benchmarks/train_speed.py")
+    assert all({"target", "goal", "earlier"} <= set(row) for row in rows.values())
