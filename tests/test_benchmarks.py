@@ -96,3 +96,24 @@ def test_targets_print_goal_earlier_figure_and_this_runs_figure():
     training = rows["training throughput on 2 CPU cores"]
     assert "now" not in training and training["measured_by"].startswith("benchmarks/train_speed.py")
     assert all({"target", "goal", "earlier"} <= set(row) for row in rows.values())
+
+
+def test_gpu_check_falls_back_to_the_cpu_and_prints_throughput(tmp_path):
+    """``gpu_check.sh`` without a GPU (forced): one JSON document, every figure measured on the CPU."""
+    import os
+
+    env = {**os.environ, "PHENOCODER_FORCE_CPU": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--n-synthetic", "400", "--cpu-n",
+                           "400", "--epochs", "2", "--batch-sizes", "32", "--plate", "none"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no GPU: CPU fallback" in proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["device"] == "CPU" and report["fallback"] is True and report["n_gpus"] == 0
+    run = report["synthetic"]["batch_32"]["cpu"]
+    assert set(report["synthetic"]["batch_32"]) == {"cpu"}  # the same run is not repeated for the ratio
+    assert run["n_patches"] == 400 and run["batch_size"] == 32 and run["gpus"] == []
+    assert run["patches_per_s"] > 0 and len(run["train_seconds"]) == 2 and len(run["val_loss"]) == 2
+    assert run["val_loss"][1] < run["val_loss"][0]  # it trained
+    assert run["intra_op_threads"] == len(os.sched_getaffinity(0))
+    assert report["gpu_over_cpu"] == {"batch_32": None} and "plate" not in report
