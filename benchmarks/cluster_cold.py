@@ -32,8 +32,8 @@ import anndata as ad, hashlib, numpy as np
 from phenocoder_lib.clustering import cluster_features
 labels, ref = cluster_features(ad.AnnData(x), resolution=1.0, seed=0)
 import sys
-print(time.perf_counter() - t0, len(labels.categories), hashlib.sha1(np.asarray(labels).astype(str).astype('U').tobytes()).hexdigest(),
-      any(m in sys.modules for m in ('scanpy', 'umap', 'numba')))
+digest = hashlib.sha1(np.asarray(labels).astype(str).astype('U').tobytes()).hexdigest()
+print(time.perf_counter() - t0, len(labels.categories), digest, any(m in sys.modules for m in ('scanpy', 'umap', 'numba')))
 """
 
 _SCANPY = """
@@ -45,7 +45,8 @@ from phenocoder_lib.clustering import FaissKNNTransformer
 sc = import_scanpy()
 xs = x.astype(np.float64); m = xs.mean(0); s = xs.std(0); s[~(s > 0)] = 1; xs = (xs - m) / s
 k = min(50, xs.shape[0] - 1, xs.shape[1])
-emb = PCA(n_components=k, svd_solver='full' if min(xs.shape) <= 1000 else 'randomized', random_state=0).fit_transform(xs).astype(np.float32)
+solver = 'full' if min(xs.shape) <= 1000 else 'randomized'
+emb = PCA(n_components=k, svd_solver=solver, random_state=0).fit_transform(xs).astype(np.float32)
 a = ad.AnnData(np.zeros((x.shape[0], 0), np.float32)); a.obsm['X_pca'] = emb
 tr = FaissKNNTransformer(n_neighbors=15) if x.shape[0] >= 8192 else None
 sc.pp.neighbors(a, n_neighbors=15, use_rep='X_pca', random_state=0, transformer=tr)

@@ -151,12 +151,14 @@ def main(argv: list[str] | None = None) -> dict:
             runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     base = statistics.median(r["patches_per_s"] for r in runs["baseline"])
     base_cpu = statistics.median(r["patches_per_cpu_s"] for r in runs["baseline"])
-    result = {"n_patches": args.n, "epochs": args.epochs, "rounds": args.rounds, "cores": len(os.sched_getaffinity(0)),
+    result = {"n_patches": args.n, "epochs": args.epochs, "rounds": args.rounds,
+              "cores": len(os.sched_getaffinity(0)),
               "load_avg_end": os.getloadavg(), "baseline_patches_per_s": base, "variants": {}}
     for variant, rs in runs.items():
         med = statistics.median(r["patches_per_s"] for r in rs)
         result["variants"][variant] = {
-            "patches_per_s": [r["patches_per_s"] for r in rs], "median": med, "ratio_vs_baseline": round(med / base, 2),
+            "patches_per_s": [r["patches_per_s"] for r in rs], "median": med,
+            "ratio_vs_baseline": round(med / base, 2),
             "patches_per_cpu_s": [r["patches_per_cpu_s"] for r in rs],
             "cpu_ratio_vs_baseline": round(statistics.median(r["patches_per_cpu_s"] for r in rs) / base_cpu, 2),
             "cpu_per_wall": [r["cpu_per_wall"] for r in rs], "batch_size": rs[0]["batch_size"], "jit_compile": rs[0]["jit_compile"], "policy": rs[0]["policy"],
