@@ -33,7 +33,8 @@ from phenocoder_lib.clustering import cluster_features
 labels, ref = cluster_features(ad.AnnData(x), resolution=1.0, seed=0)
 import sys
 digest = hashlib.sha1(np.asarray(labels).astype(str).astype('U').tobytes()).hexdigest()
-print(time.perf_counter() - t0, len(labels.categories), digest, any(m in sys.modules for m in ('scanpy', 'umap', 'numba')))
+heavy = any(m in sys.modules for m in ('scanpy', 'umap', 'numba'))
+print(time.perf_counter() - t0, len(labels.categories), digest, heavy)
 """
 
 _SCANPY = """

@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
             "ratio_vs_baseline": round(med / base, 2),
             "patches_per_cpu_s": [r["patches_per_cpu_s"] for r in rs],
             "cpu_ratio_vs_baseline": round(statistics.median(r["patches_per_cpu_s"] for r in rs) / base_cpu, 2),
-            "cpu_per_wall": [r["cpu_per_wall"] for r in rs], "batch_size": rs[0]["batch_size"], "jit_compile": rs[0]["jit_compile"], "policy": rs[0]["policy"],
+            "cpu_per_wall": [r["cpu_per_wall"] for r in rs], "batch_size": rs[0]["batch_size"],
+            "jit_compile": rs[0]["jit_compile"], "policy": rs[0]["policy"],
             "final_val_loss": [r["val_loss"][-1] for r in rs]}
     print(json.dumps(result, indent=2))
     return result
