@@ -9,6 +9,12 @@ their ``k`` nearest reference objects, so a new plate never changes the labels, 
 spatial statistics, of earlier wells. The reference is saved as one ``.npz`` (arrays plus a JSON
 header), read back with ``allow_pickle=False``.
 
+Graph without scanpy: the kNN graph (exact below 8192 objects as scanpy, else a faiss HNSW index), UMAP's
+fuzzy simplicial set (:func:`umap_connectivities`, scanpy's ``connectivities``) and igraph's Leiden
+(:func:`leiden_labels`, seeded as scanpy's ``tl.leiden(flavor='igraph')``) are computed here in numpy, so
+clustering never imports scanpy, umap or numba (about 30 s of JIT compilation per process); a test
+compares graph and labels with scanpy's. Only ``knn='pynndescent'`` still goes through scanpy.
+
 Scale: above ``max_fit`` objects the fit (standardisation, PCA, kNN graph, Leiden) runs on a seeded uniform
 subsample and every other object is labelled by the same kNN vote against the fitted objects, so time grows
 linearly and memory beyond the input stays bounded. The kNN graph of large fits comes from a faiss HNSW
@@ -31,7 +37,8 @@ from ._validation import check_key, require
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClusterReference", "FaissKNNTransformer", "cluster_features", "transfer_labels", "feature_matrix"]
+__all__ = ["ClusterReference", "FaissKNNTransformer", "cluster_features", "transfer_labels", "feature_matrix",
+           "knn_arrays", "leiden_labels", "umap_connectivities"]
 
 _FORMAT = "phenocoder.cluster_reference/1"
 KNN_BACKENDS = ("faiss", "pynndescent", "exact")
@@ -343,13 +350,9 @@ def cluster_features(
         Leiden saw).
 
     """
-    import anndata as ad
     from sklearn.decomposition import PCA
 
-    from ._lazy import import_scanpy
-
     _check_scale_args(max_fit, knn)
-    sc = import_scanpy()
 
     x, names = feature_matrix(adata, use_rep=use_rep, layer=layer)
     n_objects, f = x.shape
@@ -374,19 +377,21 @@ def cluster_features(
     pca = PCA(n_components=n_comp, svd_solver="full" if min(n, f) <= 1000 else "randomized", random_state=seed)
     emb = pca.fit_transform(xf).astype(np.float32)
     del xf
-    tmp = ad.AnnData(X=np.zeros((n, 0), dtype=np.float32))
-    tmp.obsm["X_pca"] = emb
     k = int(max(2, min(n_neighbors, n - 1)))
-    transformer: Any = None  # scanpy's choice: exact below 8192 objects, pynndescent above
-    if knn == "exact":
-        transformer = "sklearn"
-    elif knn == "faiss" and n >= _EXACT_KNN_BELOW:
-        transformer = FaissKNNTransformer(n_neighbors=k)
-    sc.pp.neighbors(tmp, n_neighbors=k, use_rep="X_pca", random_state=seed, transformer=transformer)
-    sc.tl.leiden(tmp, resolution=resolution, flavor="igraph", n_iterations=n_iterations, directed=False,
-                 random_state=seed, key_added="leiden")
-    labels = tmp.obs["leiden"].astype(str).to_numpy()
-    del tmp
+    transformer: Any = None
+    if knn == "pynndescent" and n >= _EXACT_KNN_BELOW:  # scanpy's own path (pynndescent needs its numba JIT)
+        labels = _scanpy_leiden(emb, k, resolution, n_iterations, seed)
+    else:
+        if knn == "faiss" and n >= _EXACT_KNN_BELOW:
+            transformer = FaissKNNTransformer(n_neighbors=k)
+            dist = transformer.fit_transform(emb)
+        else:  # scanpy's brute-force search (its choice below 8192 objects, and knn="exact")
+            from sklearn.neighbors import KNeighborsTransformer
+
+            dist = KNeighborsTransformer(algorithm="brute", n_neighbors=k, metric="euclidean").fit_transform(emb)
+        knn_idx, knn_dist = knn_arrays(dist, k)
+        graph = umap_connectivities(knn_idx, knn_dist, n_obs=n, n_neighbors=k)
+        labels = leiden_labels(graph, resolution=resolution, n_iterations=n_iterations, seed=seed)
     categories = sorted(set(labels), key=lambda s: (len(s), s))
     fit_codes = pd.Categorical(labels, categories=categories).codes.astype(np.int32)
     keep = np.arange(n)
@@ -417,6 +422,159 @@ def cluster_features(
     logger.info("Leiden: %d clusters on %d of %d objects (%d PCs, knn=%s)", len(categories), n, n_objects,
                 n_comp, knn)
     return cat, reference
+
+
+def _scanpy_leiden(emb: np.ndarray, k: int, resolution: float, n_iterations: int, seed: int) -> np.ndarray:
+    """Leiden labels through scanpy's ``pp.neighbors`` (pynndescent kNN) and ``tl.leiden(flavor='igraph')``."""
+    import anndata as ad
+
+    from ._lazy import import_scanpy
+
+    sc = import_scanpy()
+    tmp = ad.AnnData(X=np.zeros((emb.shape[0], 0), dtype=np.float32))
+    tmp.obsm["X_pca"] = emb
+    sc.pp.neighbors(tmp, n_neighbors=k, use_rep="X_pca", random_state=seed)
+    sc.tl.leiden(tmp, resolution=resolution, flavor="igraph", n_iterations=n_iterations, directed=False,
+                 random_state=seed, key_added="leiden")
+    return tmp.obs["leiden"].astype(str).to_numpy()
+
+
+def knn_arrays(dist, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, distances)``, ``(n, k)``, of a kNN distance CSR with a constant count per row, self first.
+
+    Reads the CSR as scanpy does (rows in storage order, the first ``k`` entries; a self column is put
+    in front when no row starts with itself). Self distances are set to 0: a brute-force search reports
+    rounding residues such as 8e-8, which scanpy zeroes (in place, before its connectivities) and which
+    would otherwise count as the nearest neighbour distance ``rho``.
+    """
+    n = dist.shape[0]
+    per_row = np.diff(dist.indptr)
+    require(per_row.size and (per_row == per_row[0]).all(), "the kNN graph must have the same count per row.")
+    idx = dist.indices.reshape(n, int(per_row[0]))
+    d = dist.data.reshape(n, int(per_row[0])).copy()
+    d[idx == np.arange(n)[:, None]] = 0
+    if not (idx[:, 0] == np.arange(n)).any():
+        idx = np.hstack([np.arange(n)[:, None], idx])
+        d = np.hstack([np.zeros((n, 1), d.dtype), d])
+    return idx[:, :k], d[:, :k]
+
+
+_SMOOTH_K_TOLERANCE = 1e-5
+_MIN_K_DIST_SCALE = 1e-3
+
+
+def _smooth_knn_dist(dist: np.ndarray, k: float, n_iter: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Per row the bandwidth ``sigma`` and the nearest non-zero distance ``rho`` of UMAP's fuzzy set.
+
+    ``sigma`` solves ``sum_j exp(-max(d_ij - rho_i, 0) / sigma_i) = log2(k)`` (over the neighbours after the
+    first) by bisection, at most ``n_iter`` halvings, stopping a row once within 1e-5; local connectivity 1.
+    Vectorized over rows with the arithmetic of ``umap.umap_.smooth_knn_dist`` (float32 distances, float64
+    sums), so the graph equals the one scanpy builds.
+    """
+    n = dist.shape[0]
+    target = np.log2(k)
+    positive = dist > 0.0
+    has = positive.any(axis=1)
+    first = np.argmax(positive, axis=1)
+    rho = np.zeros(n, np.float32)
+    rho[has] = dist[np.flatnonzero(has), first[has]]
+    shifted = (dist[:, 1:] - rho[:, None]).astype(np.float64)  # float32 difference, as umap computes it
+    over = shifted > 0
+    lo = np.zeros(n)
+    hi = np.full(n, np.inf)
+    mid = np.ones(n)
+    active = np.ones(n, bool)
+    for _ in range(n_iter):
+        rows = np.flatnonzero(active)
+        if rows.size == 0:
+            break
+        m = mid[rows, None]
+        psum = np.where(over[rows], np.exp(-(shifted[rows] / m)), 1.0).sum(axis=1)
+        done = np.abs(psum - target) < _SMOOTH_K_TOLERANCE
+        active[rows[done]] = False
+        rows, psum = rows[~done], psum[~done]
+        above = psum > target
+        hi[rows[above]] = mid[rows[above]]
+        lo[rows[~above]] = mid[rows[~above]]
+        unbounded = ~above & np.isinf(hi[rows])
+        mid[rows[unbounded]] *= 2
+        mid[rows[~unbounded]] = (lo[rows[~unbounded]] + hi[rows[~unbounded]]) / 2.0
+    sigma = mid.astype(np.float32)
+    floor = np.where(rho > 0.0, _MIN_K_DIST_SCALE * dist.mean(axis=1, dtype=np.float64),
+                     _MIN_K_DIST_SCALE * dist.mean(dtype=np.float64))
+    low = sigma < floor
+    sigma[low] = floor[low]
+    return sigma, rho
+
+
+def umap_connectivities(knn_idx: np.ndarray, knn_dist: np.ndarray, *, n_obs: int, n_neighbors: int):
+    """UMAP's fuzzy simplicial set of a kNN graph (CSR, symmetric): what scanpy stores as ``connectivities``.
+
+    Membership ``exp(-(d_ij - rho_i) / sigma_i)`` (1 up to the nearest neighbour, 0 on the diagonal), then
+    the fuzzy union ``A + A^T - A * A^T``. Needs no umap/numba import, unlike scanpy's ``pp.neighbors``.
+    """
+    import scipy.sparse as sp
+
+    dist = np.asarray(knn_dist, np.float32)
+    idx = np.asarray(knn_idx)
+    sigma, rho = _smooth_knn_dist(dist, float(n_neighbors))
+    diff = dist - rho[:, None]
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        vals = np.exp(-(diff / sigma[:, None])).astype(np.float32)
+    vals[(diff <= 0.0) | (sigma[:, None] == 0.0)] = 1.0
+    vals[idx == np.arange(idx.shape[0])[:, None]] = 0.0
+    keep = (idx != -1).ravel()
+    rows = np.repeat(np.arange(idx.shape[0], dtype=np.int32), idx.shape[1])[keep]
+    a = sp.coo_matrix((vals.ravel()[keep], (rows, idx.ravel()[keep].astype(np.int32))), shape=(n_obs, n_obs))
+    a.eliminate_zeros()
+    at = a.transpose()
+    prod = a.multiply(at)
+    out = 1.0 * (a + at - prod) + 0.0 * prod  # set_op_mix_ratio 1: the fuzzy union, in scipy's entry order
+    out.eliminate_zeros()
+    return out.tocsr()
+
+
+class _LegacyRNG:
+    """igraph's random source backed by ``numpy.random.RandomState(seed)``, as scanpy seeds Leiden."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = np.random.RandomState(seed)
+
+    def getrandbits(self, k: int) -> int:
+        return self._rng.tomaxint() & ((1 << k) - 1)
+
+    def randint(self, a: int, b: int) -> int:
+        return self._rng.randint(a, b + 1)
+
+    def gauss(self, mu: float, sigma: float) -> float:
+        return self._rng.normal(mu, sigma)
+
+    def random(self) -> float:
+        return self._rng.random()
+
+
+def leiden_labels(graph, *, resolution: float, n_iterations: int, seed: int) -> np.ndarray:
+    """Leiden (igraph, modularity, weighted) of a symmetric CSR graph; labels as strings '0', '1', ...
+
+    The graph is built as scanpy's ``tl.leiden(flavor='igraph')`` builds it (every stored non-zero entry an
+    edge, so each pair twice) with the same seeded random source, so the labels are scanpy's.
+    """
+    import random
+
+    import igraph as ig
+
+    coo = graph.tocoo()
+    nz = coo.data != 0
+    g = ig.Graph(n=graph.shape[0], directed=False)
+    g.add_edges(np.column_stack([coo.row[nz], coo.col[nz]]))
+    g.es["weight"] = coo.data[nz].astype(np.float64)
+    ig.set_random_number_generator(_LegacyRNG(int(seed)))
+    try:
+        part = g.community_leiden(objective_function="modularity", weights="weight", resolution=resolution,
+                                  n_iterations=n_iterations)
+    finally:
+        ig.set_random_number_generator(random)
+    return np.asarray(part.membership).astype(str)
 
 
 def _exact_search(ref_embedding: np.ndarray):

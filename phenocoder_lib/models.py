@@ -49,6 +49,11 @@ from typing import Any  # noqa: E402
 import keras  # noqa: E402
 from keras import layers, ops  # noqa: E402
 
+from .training import configure_tensorflow  # noqa: E402
+
+# Thread pools can only be sized before TensorFlow runs its first op: building a model is the first.
+configure_tensorflow()
+
 __all__ = ["CVAE", "CondCVAE", "Sampling", "build_decoder", "build_encoder", "check_architecture", "make_model"]
 
 _PACKAGE = "phenocoder"
@@ -131,7 +136,7 @@ class Sampling(layers.Layer):
     def call(self, inputs: Any) -> Any:
         """Sample ``z`` from ``[z_mean, z_log_var]``."""
         z_mean, z_log_var = inputs
-        eps = keras.random.normal(ops.shape(z_mean), seed=self.seed_generator)
+        eps = keras.random.normal(ops.shape(z_mean), dtype=self.compute_dtype, seed=self.seed_generator)
         return z_mean + ops.exp(0.5 * z_log_var) * eps
 
     def compute_output_shape(self, input_shape: Any) -> Any:
@@ -323,11 +328,12 @@ class CVAE(keras.Model):
         del y, sample_weight, training
         image, _ = self._split(x)
         image = ops.cast(image, "float32")
-        logits = y_pred["logits"]
+        # Under a mixed-precision policy the layers compute in bfloat16/float16: the loss stays float32.
+        logits = ops.cast(y_pred["logits"], "float32")
         # Binary cross-entropy from logits (stable): max(l, 0) - l * x + log(1 + exp(-|l|)).
         bce = ops.relu(logits) - logits * image + ops.log1p(ops.exp(-ops.abs(logits)))
         reconstruction = ops.mean(ops.sum(bce, axis=(1, 2, 3)))
-        z_mean, z_log_var = y_pred["z_mean"], y_pred["z_log_var"]
+        z_mean, z_log_var = ops.cast(y_pred["z_mean"], "float32"), ops.cast(y_pred["z_log_var"], "float32")
         kl = ops.mean(-0.5 * ops.sum(1.0 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var), axis=1))
         self.reconstruction_loss_tracker.update_state(reconstruction)
         self.kl_loss_tracker.update_state(kl)

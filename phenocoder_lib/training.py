@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BatchPlan",
+    "configure_tensorflow",
     "PatchData",
     "PatchSequence",
     "check_datasets",
@@ -84,6 +85,51 @@ DEFAULT_MEMORY_BUDGET = 2**30
 SHUFFLE_WINDOW_BYTES = 256 * 2**20
 _SETTING_KEYS = ("patch_size", "channels", "spatial_key_index", "store_dtype")
 _NORM_KEYS = ("scale", "scale_per_sample", "scale_percentile")
+
+
+# --------------------------------------------------------------------------------------------------
+# TensorFlow runtime
+# --------------------------------------------------------------------------------------------------
+
+
+def process_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def configure_tensorflow(threads: int | None = None) -> dict[str, Any]:
+    """Size TensorFlow's thread pools to the cores this process may use; return the settings in force.
+
+    TensorFlow sizes its intra-op pool (the threads of one convolution) and inter-op pool (independent ops
+    run concurrently) from the host's core count, which in a container or under ``taskset`` can be far more
+    than the cores the process gets: the threads then time-slice and a step waits for the slowest one.
+    Both pools are set to ``threads`` (default: :func:`process_cores`) unless the ``TF_NUM_INTRAOP_THREADS``
+    / ``TF_NUM_INTEROP_THREADS`` environment variables say otherwise. The pools are fixed once TensorFlow
+    has run its first op: a later call changes nothing and reports what is in force. XLA (``jit_compile``)
+    stays Keras's ``"auto"``: on for GPUs, off on CPUs, where measured training with XLA was 3-4x slower
+    than oneDNN's kernels (``benchmarks/train_speed.py``).
+    """
+    import tensorflow as tf
+
+    n = int(threads) if threads is not None else process_cores()
+    intra = int(os.environ.get("TF_NUM_INTRAOP_THREADS", n))
+    inter = int(os.environ.get("TF_NUM_INTEROP_THREADS", n))
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+    except RuntimeError:  # the runtime already started: its pools stay as they are
+        logger.debug("TensorFlow already initialized; thread pools left as they are")
+    return {"intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+            "gpus": len(tf.config.list_physical_devices("GPU")), "jit_compile": "auto"}
+
+
+def compile_model(model: keras.Model, learning_rate: float) -> None:
+    """Compile ``model`` with Adam the way :func:`fit` does (XLA left to Keras: on with a GPU, off on CPU)."""
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate), jit_compile="auto")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -944,7 +990,7 @@ def fit(
     keras.utils.set_random_seed(int(seed) + initial_epoch)
     lr0 = float(resume_from["learning_rate"]) if resume_from and np.isfinite(resume_from["learning_rate"]) \
         else learning_rate
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr0))
+    compile_model(model, lr0)
     recorder = HistoryRecorder(model_dir, n_train=len(train.positions),
                                history=resume_from["history"] if resume_from else None)
     checkpoint = BestCheckpoint(model_dir / "checkpoint.keras",

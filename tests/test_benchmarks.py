@@ -80,3 +80,40 @@ def test_quick_suite_prints_one_json_document_with_every_stage(tmp_path):
         assert records[(stage, "400")]["baseline"]["error"].startswith("not measured")
     partial = [json.loads(line) for line in out.with_suffix(".partial.jsonl").read_text().splitlines()]
     assert len(partial) == len(report["stages"])
+
+
+def test_targets_print_goal_earlier_figure_and_this_runs_figure():
+    records = [{"stage": "cluster", "size": "plate_3d", "wall_s": 1.5, "first_call_s": 3.25,
+                "baseline": {"first_call_s": 31.0}},
+               {"stage": "ingest", "size": "1e6", "error": "not measured: timeout after 3600 s"}]
+    rows = {row["target"].split(",")[0]: row for row in suite._targets(records)}
+    cluster = rows["clustering of 12"]
+    assert cluster["goal"] == "< 5 s" and "26-30 s" in cluster["earlier"]
+    assert cluster["now"] == 3.25 and cluster["baseline_now"] == 31.0 and cluster["now_field"] == \
+        "cluster@plate_3d.first_call_s"
+    assert rows["ingest at 10^6 objects"]["now"] == "not measured: timeout after 3600 s"
+    assert rows["phenocoder demo (Dagster"]["now"] == "not measured in this run (dagster_demo at demo)"
+    training = rows["training throughput on 2 CPU cores"]
+    assert "now" not in training and training["measured_by"].startswith("benchmarks/train_speed.py")
+    assert all({"target", "goal", "earlier"} <= set(row) for row in rows.values())
+
+
+def test_gpu_check_falls_back_to_the_cpu_and_prints_throughput(tmp_path):
+    """``gpu_check.sh`` without a GPU (forced): one JSON document, every figure measured on the CPU."""
+    import os
+
+    env = {**os.environ, "PHENOCODER_FORCE_CPU": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--n-synthetic", "400", "--cpu-n",
+                           "400", "--epochs", "2", "--batch-sizes", "32", "--plate", "none"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no GPU: CPU fallback" in proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["device"] == "CPU" and report["fallback"] is True and report["n_gpus"] == 0
+    run = report["synthetic"]["batch_32"]["cpu"]
+    assert set(report["synthetic"]["batch_32"]) == {"cpu"}  # the same run is not repeated for the ratio
+    assert run["n_patches"] == 400 and run["batch_size"] == 32 and run["gpus"] == []
+    assert run["patches_per_s"] > 0 and len(run["train_seconds"]) == 2 and len(run["val_loss"]) == 2
+    assert run["val_loss"][1] < run["val_loss"][0]  # it trained
+    assert run["intra_op_threads"] == len(os.sched_getaffinity(0))
+    assert report["gpu_over_cpu"] == {"batch_32": None} and "plate" not in report

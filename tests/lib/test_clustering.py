@@ -50,7 +50,6 @@ def test_transfer_is_a_majority_vote_and_reference_roundtrips_without_pickle(tmp
         transfer_labels(ref, x=np.zeros((1, 3)))
 
 
-@pytest.mark.slow  # scanpy neighbours import umap/pynndescent (tens of seconds of numba compilation)
 def test_pooled_leiden_is_seeded_and_transfer_keeps_labels(tmp_path):
     adata, truth = _blobs()
     labels, ref = cluster_features(adata, n_pcs=3, n_neighbors=10, resolution=0.3, seed=3)

@@ -1,7 +1,7 @@
 """Pooled clustering at scale: bounded fit (``max_fit``) and the kNN backends (``knn``).
 
-The fast tests need only faiss; every test that calls ``cluster_features`` imports scanpy and umap
-(numba compilation, tens of seconds per process) and is marked slow.
+``cluster_features`` builds its graph without scanpy (no numba compilation), so only the pynndescent backend,
+which goes through scanpy, is marked slow.
 """
 
 from __future__ import annotations
@@ -169,8 +169,7 @@ def test_faiss_is_imported_lazily():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-# ---------------------------------------------------------------------------------------------- slow
-@pytest.mark.slow  # imports scanpy/umap (numba compilation)
+# ---------------------------------------------------------------------------------------------- cluster_features
 def test_max_fit_fits_a_subsample_and_labels_every_row():
     x, truth = _planted(3000, seed=3)
     adata = _table(x)
@@ -197,7 +196,6 @@ def test_max_fit_fits_a_subsample_and_labels_every_row():
     np.testing.assert_array_equal(ref2.ref_embedding, ref.ref_embedding)
 
 
-@pytest.mark.slow
 def test_max_fit_at_or_above_n_is_the_full_fit():
     x, _ = _planted(600, seed=6)
     adata = _table(x)
@@ -210,7 +208,6 @@ def test_max_fit_at_or_above_n_is_the_full_fit():
         np.testing.assert_array_equal(other.ref_labels, ref.ref_labels)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("knn", ["faiss", "exact"])
 def test_planted_clusters_recovered_with_the_graph_backend(knn, monkeypatch):
     monkeypatch.setattr(clustering, "_EXACT_KNN_BELOW", 0)  # use the backend's graph at this small size
@@ -241,7 +238,6 @@ _LABELS_HASH = (
 )
 
 
-@pytest.mark.slow  # two fresh processes, each importing scanpy/umap
 def test_faiss_labels_are_identical_in_fresh_processes():
     outputs = _last_lines_of_two_fresh_processes(_LABELS_HASH, timeout=600)
     assert len(outputs) == 1, outputs

@@ -424,3 +424,50 @@ def test_training_with_a_tiny_budget_matches_in_memory_training(dataset, tmp_pat
         histories.append(res["history"])
     for key in ("loss", "val_loss", "reconstruction_loss", "kl_loss"):
         np.testing.assert_allclose(histories[0][key], histories[1][key], rtol=1e-5, err_msg=key)
+
+
+def test_thread_pools_follow_the_process_cores_and_the_environment():
+    """Importing ``models`` sizes TensorFlow's pools to the affinity mask; the TF_NUM_* variables win."""
+    import subprocess
+    import sys
+
+    code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]});"
+            "import phenocoder_lib.models; from phenocoder_lib.training import configure_tensorflow;"
+            "s = configure_tensorflow(); print(s['intra_op_threads'], s['inter_op_threads'], s['jit_compile'])")
+    env = {**__import__("os").environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("TF_NUM_INTRAOP_THREADS", None)
+    env.pop("TF_NUM_INTEROP_THREADS", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["1", "1", "auto"]
+    env["TF_NUM_INTEROP_THREADS"] = "3"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["1", "3", "auto"]
+
+
+def test_model_trains_under_a_bfloat16_policy_with_a_float32_loss():
+    """Opt-in mixed precision: bfloat16 layers, float32 loss close to the float32 model's."""
+    import keras
+
+    from phenocoder_lib.models import make_model
+
+    rng = np.random.default_rng(0)
+    x = rng.random((32, 16, 16, 2)).astype(np.float32)
+    c = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 32)]
+    losses = {}
+    try:
+        for policy in ("mixed_bfloat16", "float32"):
+            keras.mixed_precision.set_global_policy(policy)
+            model = make_model(input_shape=(16, 16, 2), n_latent_dim=4, n_dense_dim=8, conv_layers=(4, 8),
+                               dropout=None, beta=0.01, n_conditions=3, seed=1)
+            out = model({"image": x, "condition": c})
+            assert keras.backend.standardize_dtype(out["logits"].dtype) == policy.replace("mixed_", "")
+            loss = model.compute_loss(x={"image": x, "condition": c}, y_pred=out)
+            assert keras.backend.standardize_dtype(loss.dtype) == "float32"
+            losses[policy] = float(loss)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    # same seeded weights, same sampling noise: only the bfloat16 rounding differs
+    assert np.isfinite(losses["mixed_bfloat16"]) and losses["mixed_bfloat16"] == pytest.approx(losses["float32"],
+                                                                                                rel=0.02)
