@@ -22,8 +22,7 @@ from enum import StrEnum
 from typing import Literal
 
 from dagster import Config
-from pydantic import Field, PositiveFloat, PositiveInt
-
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
 
 class StatGroup(StrEnum):
@@ -104,6 +103,14 @@ class PatchesConfig(Config):
         description="(height, width) in pixels, each >= 1. Default: the size the current model was trained on "
         "(new wells match it), or 128 x 128 before any model exists.",
     )
+
+    @field_validator("patch_size")
+    @classmethod
+    def _two_sizes(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(value) != 2:
+            raise ValueError(f"patch_size needs 2 values (height, width), got {value}; e.g. [64, 64], or leave it "
+                             "empty for the current model's size")
+        return value
     spatial_key_index: str = "spatial_index"
     scale: bool = True
     scale_percentile: float = Field(default=1.0, ge=0, lt=50)

@@ -139,6 +139,23 @@ METADATA: dict[str, dict[str, str]] = {
         "seconds_*": _COMMON["seconds_*"],
         "preview_path": _COMMON["preview_path"],
     },
+    "well_profiles": {
+        "n_samples": "Wells profiled (every well with latents).",
+        "representations": "Profile tables written and their number of feature columns: `latents` (median "
+                           "latent per well), `latents_message_passing` (median message-passed latent), "
+                           "`graph_stats` (the well's spatial statistics).",
+        "scored": "Whether a `layout.csv` beside a plate export said which wells are controls and replicates, "
+                  "so that the profiles were normalized and scored; false: nothing is claimed.",
+        "profiling/n_wells_with_layout": "Wells named by a layout (those scored).",
+        "profiling/*": "Retrieval scores of one representation (copairs; see docs/profiling.md): "
+                       "`map_activity`, mean average precision of retrieving a treatment's replicate wells "
+                       "against the plate's negative controls; `map_consistency`, of retrieving treatments of "
+                       "the same mechanism; `fraction_retrieved_activity`, treatments retrieved at q < 0.05; "
+                       "`percent_replicating`, treatments whose replicate correlation beats the 95th "
+                       "percentile of non-replicate pairs.",
+        "path": _COMMON["path"],
+        "seconds_*": _COMMON["seconds_*"],
+    },
 }
 
 DOCS_PAGE = "docs/metadata.md"

@@ -1,5 +1,7 @@
 """``well_profiles`` (all samples): per-well profiles and, when a plate layout is present, their retrieval mAP."""
 
+from pathlib import Path
+
 from dagster import (
     AllPartitionMapping,
     AssetCheckResult,
@@ -13,21 +15,24 @@ from dagster import (
 )
 from pydantic import Field
 
+from ..metadata_docs import describe
 from ..resources import PhenocoderStorage
-from ._common import LATENTS_FILE, STATS_FILE, Timer
+from ._common import LATENTS_FILE, STATS_FILE, Timer, logical_version, number, read_version, settings_of, write_version
 
 CHECK_COMPLETE = "well_profiles_complete"
 EVALUATION_FILE = "evaluation.json"
 #: Raw (aggregated, not yet normalized) profiles written per representation.
 RAW_REPRESENTATIONS = ("latents", "latents_message_passing", "graph_stats")
+CODE_VERSION = "1"
 
 
 class ProfilesConfig(Config):
     """Settings of :func:`phenocoder_lib.profiles.build_profiles` and ``evaluation.evaluate_profiles``."""
 
-    corr_threshold: float = Field(default=0.9, description="Drop one of two features correlated above this.")
+    corr_threshold: float = Field(default=0.9, gt=0, le=1,
+                                  description="Drop one of two features correlated above this.")
     sphere: bool = Field(default=False, description="ZCA sphering on the control wells after feature selection.")
-    null_size: int = Field(default=10000, description="Permutations of the mAP p-values.")
+    null_size: int = Field(default=10000, ge=1, description="Permutations of the mAP p-values.")
     seed: int = Field(default=0, description="Seed of the permutation nulls.")
 
 
@@ -36,14 +41,15 @@ class ProfilesConfig(Config):
           AssetDep("graph_stats", partition_mapping=AllPartitionMapping())],
     group_name="cross_sample",
     kinds={"pandas", "copairs"},
-    code_version="1",
+    code_version=CODE_VERSION,
     check_specs=[AssetCheckSpec(CHECK_COMPLETE, asset="well_profiles",
                                 description="Every sample with latents has a finite latent profile.")],
-    description="Per-well profiles (median latent, median message-passed latent, graph statistics) of every "
-    "sample, <root>/well_profiles/_/<representation>.parquet. When a layout.csv (well, treatment, dose, control, "
-    "mechanism) sits beside a plate export, the profiles are normalized per plate against its controls and "
-    "scored (retrieval mAP, copairs): metadata profiling/<representation>/<metric>. Without a layout nothing "
-    "is claimed.",
+    description=describe("well_profiles", "Per-well profiles (median latent, median message-passed latent, graph "
+                         "statistics) of every sample, `<root>/well_profiles/_/<representation>.parquet`. When a "
+                         "`layout.csv` (well, treatment, dose, control, mechanism) sits beside a plate export, the "
+                         "profiles are normalized per plate against its controls and scored (retrieval mAP, "
+                         "copairs): metadata `profiling/<representation>/<metric>`. Without a layout nothing is "
+                         "claimed."),
 )
 def well_profiles(context: AssetExecutionContext, config: ProfilesConfig,
                   storage: PhenocoderStorage) -> MaterializeResult:
@@ -54,7 +60,7 @@ def well_profiles(context: AssetExecutionContext, config: ProfilesConfig,
 
     from phenocoder_lib._constants import MESSAGE_PASSING_LAYER
     from phenocoder_lib._io import write_json_atomic
-    from phenocoder_lib.profiles import aggregate_table
+    from phenocoder_lib.profiles import LAYOUT_FILE, aggregate_table
 
     from ..state import SUMMARY, read_json
 
@@ -62,6 +68,9 @@ def well_profiles(context: AssetExecutionContext, config: ProfilesConfig,
     if len(samples) < 2:
         raise ValueError(f"well profiles need the latents of at least 2 samples, found {samples}; materialize "
                          "'latents' for more samples first.")
+    # computed from every sample's latents and graph statistics (and the layouts, digested below)
+    inputs = {f"latents/{s}": read_version(storage, "latents", s) for s in samples}
+    inputs |= {f"graph_stats/{s}": read_version(storage, "graph_stats", s) for s in storage.partitions("graph_stats")}
     timer = Timer()
     raw: dict[str, list] = {name: [] for name in RAW_REPRESENTATIONS}
     with timer.phase("aggregate"):
@@ -97,6 +106,10 @@ def well_profiles(context: AssetExecutionContext, config: ProfilesConfig,
         sample_info.to_parquet(out / "samples.parquet")
         if scores is not None:
             write_json_atomic(out / EVALUATION_FILE, scores)
+        layouts = {plate_dir: _file_digest(Path(plate_dir) / LAYOUT_FILE)
+                   for plate_dir in sorted(set(sample_info["plate_dir"])) if plate_dir}
+        data_version = write_version(out, logical_version(CODE_VERSION, settings_of(config), {**inputs, **layouts}),
+                                     inputs)
     lat = frames["latents"].drop(columns="n_objects")
     missing = sorted(set(samples) - set(lat.index))
     finite = bool(np.isfinite(lat.to_numpy(np.float64)).all())
@@ -113,10 +126,17 @@ def well_profiles(context: AssetExecutionContext, config: ProfilesConfig,
             for metric in ("map_activity", "map_consistency", "fraction_retrieved_activity", "percent_replicating"):
                 v = values.get(metric)
                 if v is not None and np.isfinite(v):
-                    metadata[f"profiling/{rep}/{metric}"] = MetadataValue.float(float(v))
-    return MaterializeResult(metadata=metadata, check_results=[AssetCheckResult(
+                    metadata[f"profiling/{rep}/{metric}"] = number(float(v))
+    return MaterializeResult(data_version=data_version, metadata=metadata, check_results=[AssetCheckResult(
         check_name=CHECK_COMPLETE, passed=not missing and finite,
         metadata={"n_missing": len(missing), "all_finite": finite})])
+
+
+def _file_digest(path: Path) -> str:
+    """SHA-256 of a small file's bytes, or ``"absent"``: a new or edited layout changes what is scored."""
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:24] if path.is_file() else "absent"
 
 
 def _score(context: AssetExecutionContext, frames: dict, sample_info, config: ProfilesConfig) -> dict | None:
