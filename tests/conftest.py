@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -29,25 +30,73 @@ def plate_3d_geometry() -> dict[str, float]:
     return dict(PLATE_3D_GEOMETRY)
 
 
+#: Every synthetic plate the tests read, by kind. Each kind is written once per test session (once per
+#: pytest-xdist worker) and is read-only: a test that changes a plate's files works on a copy.
+PLATE_SPECS: dict[str, dict] = {
+    # 3-D uint8, 3 wells of about 100 nuclei: ingest, patches, the standalone spatial path
+    "synth3d": dict(n_wells=3, ndim=3, image_size=160, n_z=5, nuclei_per_well=100, seed=1),
+    # 2-D uint16, 2 wells, 3 channels
+    "synth2d": dict(n_wells=2, ndim=2, n_channels=3, image_size=128, nuclei_per_well=50, dtype="uint16", seed=2),
+    # 2-D uint8, 2 channels, 2 wells of 12 nuclei: the Dagster assets, the bad-input catalogues, kill tests
+    "tiny": dict(n_wells=2, ndim=2, n_channels=2, image_size=64, nuclei_per_well=12, seed=3),
+    # 3-D uint8, 2 channels, 1 well of 3 slices; 2-D uint16, 1 well: the bad-input catalogue
+    "tiny3d": dict(n_wells=1, ndim=3, n_channels=2, image_size=48, n_z=3, nuclei_per_well=10, seed=4),
+    "tiny16": dict(n_wells=1, ndim=2, n_channels=2, image_size=48, nuclei_per_well=8, dtype="uint16", seed=5),
+    # 3-D uint8, 4 channels, 2 wells of 36 nuclei: training input pipeline and encoding
+    "small": dict(n_wells=2, image_size=96, nuclei_per_well=36, seed=1),
+    # 3-D uint8, 4 channels, 2 wells of 60 nuclei: models trained through the facade
+    "model": dict(n_wells=2, image_size=128, nuclei_per_well=60, seed=0),
+}
+
+
 @pytest.fixture(scope="session")
-def synthetic_plate_3d(tmp_path_factory) -> Path:
-    """A 3-well 3-D uint8 synthetic plate export (about 100 nuclei per well)."""
-    from phenocoder_lib.synthetic import make_synthetic_plate
+def plate_template(tmp_path_factory):
+    """``plate_template(kind, name=kind)``: the read-only folder ``.../name`` of a synthetic plate of ``kind``.
 
-    root = tmp_path_factory.mktemp("plates") / "synth3d"
-    make_synthetic_plate(root, n_wells=3, ndim=3, image_size=160, n_z=5, nuclei_per_well=100, seed=1)
-    return root
+    The folder name is the plate id (samples are ``f"{name}_{well}"``); a kind asked for under a second
+    name is a copy of the first (the files do not depend on the name).
+    """
+    base = tmp_path_factory.mktemp("plates")
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(kind: str, name: str | None = None) -> Path:
+        name = name or kind
+        if (kind, name) not in built:
+            dest = base / kind / name
+            first = next((path for (k, _), path in built.items() if k == kind), None)
+            if first is None:
+                from phenocoder_lib.synthetic import make_synthetic_plate
+
+                make_synthetic_plate(dest, **PLATE_SPECS[kind])
+            else:
+                shutil.copytree(first, dest)
+            built[(kind, name)] = dest
+        return built[(kind, name)]
+
+    return get
+
+
+@pytest.fixture
+def plate_copy(plate_template, tmp_path):
+    """``plate_copy(kind, dest=None, name=kind)``: a writable copy of a synthetic plate (default ``tmp_path/name``)."""
+
+    def _copy(kind: str, dest: Path | None = None, name: str | None = None) -> Path:
+        dest = Path(dest) if dest is not None else tmp_path / (name or kind)
+        return Path(shutil.copytree(plate_template(kind, name), dest))
+
+    return _copy
 
 
 @pytest.fixture(scope="session")
-def synthetic_plate_2d(tmp_path_factory) -> Path:
-    """A 2-well 2-D uint16 synthetic plate export with 3 channels."""
-    from phenocoder_lib.synthetic import make_synthetic_plate
+def synthetic_plate_3d(plate_template) -> Path:
+    """A 3-well 3-D uint8 synthetic plate export (about 100 nuclei per well), read-only."""
+    return plate_template("synth3d")
 
-    root = tmp_path_factory.mktemp("plates") / "synth2d"
-    make_synthetic_plate(root, n_wells=2, ndim=2, n_channels=3, image_size=128, nuclei_per_well=50,
-                         dtype="uint16", seed=2)
-    return root
+
+@pytest.fixture(scope="session")
+def synthetic_plate_2d(plate_template) -> Path:
+    """A 2-well 2-D uint16 synthetic plate export with 3 channels, read-only."""
+    return plate_template("synth2d")
 
 
 def _folder_digest(folder: Path) -> str:
@@ -65,3 +114,40 @@ def _folder_digest(folder: Path) -> str:
 def folder_digest():
     """``folder_digest(path)``: a content hash of a folder, to check that a failed call left it byte-identical."""
     return _folder_digest
+
+
+#: The longest tests (node id prefixes, xdist groups by one of their tests), longest first, as measured with
+#: ``--durations``. They are collected first, so that with ``-n 2 --dist loadgroup`` (in collection order, see
+#: pyproject.toml) both workers start on them and finish on the many short tests together.
+LONGEST_FIRST = (
+    "tests/assets/test_soak.py",
+    "tests/test_benchmarks.py::test_quick_suite",
+    "tests/assets/test_platform.py",  # group "demo": the session's demo run, then its tests
+    "tests/lib/test_clustering_scale.py::test_faiss_labels_are_identical_in_fresh_processes",
+    "tests/lib/test_environment.py::test_scanpy_neighbors",  # group "pynndescent"
+    "tests/lib/test_clustering_scale.py::test_planted_clusters_recovered_with_pynndescent",
+    "tests/lib/test_environment.py::test_clustering_does_not_import_tensorflow",
+    "tests/assets/test_reliability.py::test_killed_patches",
+    "tests/assets/test_reliability.py::test_parallel_partitions",
+    "tests/assets/test_bad_input_assets.py",  # group "bad_input_assets"
+    "tests/lib/test_durability.py::test_killed_training",
+    "tests/lib/test_validation.py::test_validation_recovers",
+    "tests/lib/test_model_roundtrip.py",  # its fresh-process round trip first
+    "tests/lib/test_embedding.py::test_three_wells",
+    "tests/lib/test_model_workflow.py",  # group "model_workflow"
+    "tests/lib/test_patches.py::test_real_plate",
+    "tests/lib/test_bad_input_model.py",  # group "bad_input_model"
+    "tests/lib/test_model.py::test_plain_fit",
+    "tests/assets/test_dask.py::test_partitioned_run",
+    "tests/lib/test_training.py::test_training_with_a_tiny_budget",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Collect the longest tests first (stable: the others keep their order)."""
+
+    def rank(item) -> int:
+        return next((i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix)),
+                    len(LONGEST_FIRST))
+
+    items.sort(key=rank)
