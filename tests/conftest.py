@@ -116,38 +116,35 @@ def folder_digest():
     return _folder_digest
 
 
-#: The longest tests (node id prefixes, xdist groups by one of their tests), longest first, as measured with
-#: ``--durations``. They are collected first, so that with ``-n 2 --dist loadgroup`` (in collection order, see
-#: pyproject.toml) both workers start on them and finish on the many short tests together.
+#: The test files that take longest, longest first (from ``--durations`` on two workers). They are
+#: collected first, so that with ``-n 2 --dist loadfile`` (files in collection order, see pyproject.toml)
+#: both workers start on them and finish on the many short files together.
 LONGEST_FIRST = (
+    "tests/test_benchmarks.py",  # the benchmark suite's smoke run
     "tests/assets/test_soak.py",
-    "tests/test_benchmarks.py::test_quick_suite",
-    "tests/assets/test_platform.py",  # group "demo": the session's demo run, then its tests
-    "tests/lib/test_clustering_scale.py::test_faiss_labels_are_identical_in_fresh_processes",
-    "tests/lib/test_environment.py::test_scanpy_neighbors",  # group "pynndescent"
-    "tests/lib/test_clustering_scale.py::test_planted_clusters_recovered_with_pynndescent",
-    "tests/lib/test_environment.py::test_clustering_does_not_import_tensorflow",
-    "tests/assets/test_reliability.py::test_killed_patches",
-    "tests/assets/test_reliability.py::test_parallel_partitions",
-    "tests/assets/test_bad_input_assets.py",  # group "bad_input_assets"
-    "tests/lib/test_durability.py::test_killed_training",
-    "tests/lib/test_validation.py::test_validation_recovers",
-    "tests/lib/test_model_roundtrip.py",  # its fresh-process round trip first
-    "tests/lib/test_embedding.py::test_three_wells",
-    "tests/lib/test_model_workflow.py",  # group "model_workflow"
-    "tests/lib/test_patches.py::test_real_plate",
-    "tests/lib/test_bad_input_model.py",  # group "bad_input_model"
-    "tests/lib/test_model.py::test_plain_fit",
-    "tests/assets/test_dask.py::test_partitioned_run",
-    "tests/lib/test_training.py::test_training_with_a_tiny_budget",
+    "tests/lib/test_clustering_scale.py",  # pynndescent's JIT, two fresh processes
+    "tests/assets/test_platform.py",  # the session's demo run, its web server and retraining
+    "tests/lib/test_environment.py",
+    "tests/assets/test_reliability.py",
+    "tests/assets/test_bad_input_assets.py",
+    "tests/lib/test_durability.py",
+    "tests/lib/test_model_roundtrip.py",
+    "tests/lib/test_validation.py",
+    "tests/assets/test_dask.py",
+    "tests/lib/test_model_workflow.py",
+    "tests/lib/test_embedding.py",
+    "tests/lib/test_bad_input_model.py",
+    "tests/lib/test_patches.py",
+    "tests/lib/test_training.py",
+    "tests/lib/test_model.py",
 )
 
 
 def pytest_collection_modifyitems(config, items):
-    """Collect the longest tests first (stable: the others keep their order)."""
+    """Collect the longest test files first (stable: the others keep their order)."""
 
     def rank(item) -> int:
-        return next((i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix)),
+        return next((i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix + "::")),
                     len(LONGEST_FIRST))
 
     items.sort(key=rank)

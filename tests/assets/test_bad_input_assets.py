@@ -38,8 +38,7 @@ MODEL = {
     "dropout": None,
 }
 
-# The materialized tiny plate is built once, on one pytest-xdist worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bad_input_assets")]
+pytestmark = pytest.mark.slow
 
 
 class Platform:

@@ -1,8 +1,8 @@
 """End to end: the whole graph on a synthetic plate, MLflow, checks, failures, and the UI's GraphQL API.
 
 One session-scoped demo run (``phenocoder_assets.cli.run_demo``: the sensor registers the wells, then
-every asset is materialized in-process into a persistent instance) is shared by the tests below; they
-run on one pytest-xdist worker (group ``demo``), so it is built once. Tests that materialize or launch
+every asset is materialized in-process into a persistent instance) is shared by the tests below (with
+pytest-xdist's ``--dist loadfile`` they run on one worker, so it is built once). Tests that materialize or launch
 runs work on their own copy of the demo's home (``own_demo``), so no test sees another's runs.
 """
 
@@ -40,7 +40,7 @@ telemetry:
 """
 EPOCHS = 3
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")

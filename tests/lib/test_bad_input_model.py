@@ -23,9 +23,6 @@ from phenocoder_lib.encoding import UnseenConditionWarning
 from phenocoder_lib.ingest import read_plate
 from phenocoder_lib.models import check_architecture
 
-# The module's trained model is built once, on one pytest-xdist worker.
-pytestmark = pytest.mark.xdist_group("bad_input_model")
-
 PATCH = 16
 ARCH = dict(input_shape=(PATCH, PATCH, 2), conv_layers=(8, 16), batch_size=16)
 

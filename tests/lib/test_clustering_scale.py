@@ -223,7 +223,6 @@ def test_planted_clusters_recovered_with_the_graph_backend(knn, monkeypatch):
 
 
 @pytest.mark.slow  # pynndescent's JIT (about 95 s per process) above scanpy's 8192-object exact limit
-@pytest.mark.xdist_group("pynndescent")  # with tests/lib/test_environment.py: one worker compiles it once
 def test_planted_clusters_recovered_with_pynndescent():
     x, truth = _planted(9000, seed=8)
     labels, ref = cluster_features(_table(x), resolution=0.2, knn="pynndescent")

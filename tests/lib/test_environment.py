@@ -9,10 +9,7 @@ import numpy as np
 import pytest
 
 
-# pynndescent's JIT compilation costs about a minute of CPU per process: the tests that need it share
-# one pytest-xdist worker (group "pynndescent"), which compiles once.
 @pytest.mark.slow
-@pytest.mark.xdist_group("pynndescent")
 def test_scanpy_neighbors_on_12000_objects():
     # scanpy 1.11.5 + pynndescent 0.7 fail here with "'csr_array' object has no attribute 'getnnz'";
     # small inputs take scanpy's exact path and do not show it.

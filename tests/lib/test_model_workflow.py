@@ -13,9 +13,6 @@ from phenocoder_lib import Phenocoder
 from phenocoder_lib.encoding import UnseenConditionWarning
 from phenocoder_lib.ingest import read_plate
 
-# The module's trained models are built once, on one pytest-xdist worker.
-pytestmark = pytest.mark.xdist_group("model_workflow")
-
 PATCH = 16
 ARCH = dict(input_shape=(PATCH, PATCH, 4), conv_layers=(8, 16), batch_size=32)
 
