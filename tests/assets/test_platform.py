@@ -144,7 +144,8 @@ def test_metadata_links_mlflow_and_records_model_version(demo, instance):
 def test_mlflow_run_has_params_epoch_metrics_artifacts_and_registry(demo):
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{demo.home}/mlflow.db")
+    uri = f"sqlite:///{demo.home}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # not MLflow's process-wide registry URI
     run = client.get_run(demo.mlflow["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["n_epochs"] == str(EPOCHS) and "n_latent_dim" in run.data.params
@@ -166,7 +167,8 @@ def test_mlflow_run_has_params_epoch_metrics_artifacts_and_registry(demo):
 
     import phenocoder_lib.models  # registers the Keras classes
 
-    mlflow.set_tracking_uri(f"sqlite:///{demo.home}/mlflow.db")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     loaded = mlflow.keras.load_model(f"models:/{name}@champion")
     assert isinstance(loaded, phenocoder_lib.models.CVAE)
     assert not (REPO / "mlflow.db").exists() and not (REPO / "mlruns").exists()
@@ -381,7 +383,8 @@ def test_a_second_training_sits_beside_the_first_in_mlflow(own_demo, own_instanc
     res = materialize(ASSETS, selection=["model"], instance=instance, resources=resources,
                       run_config={"ops": {"model": {"config": config}}})
     assert res.success
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{demo.home}/mlflow.db")
+    uri = f"sqlite:///{demo.home}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # not MLflow's process-wide registry URI
     experiment = client.get_experiment_by_name("phenocoder")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     assert len(runs) == 2
