@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -29,25 +30,73 @@ def plate_3d_geometry() -> dict[str, float]:
     return dict(PLATE_3D_GEOMETRY)
 
 
+#: Every synthetic plate the tests read, by kind. Each kind is written once per test session (once per
+#: pytest-xdist worker) and is read-only: a test that changes a plate's files works on a copy.
+PLATE_SPECS: dict[str, dict] = {
+    # 3-D uint8, 3 wells of about 100 nuclei: ingest, patches, the standalone spatial path
+    "synth3d": dict(n_wells=3, ndim=3, image_size=160, n_z=5, nuclei_per_well=100, seed=1),
+    # 2-D uint16, 2 wells, 3 channels
+    "synth2d": dict(n_wells=2, ndim=2, n_channels=3, image_size=128, nuclei_per_well=50, dtype="uint16", seed=2),
+    # 2-D uint8, 2 channels, 2 wells of 12 nuclei: the Dagster assets, the bad-input catalogues, kill tests
+    "tiny": dict(n_wells=2, ndim=2, n_channels=2, image_size=64, nuclei_per_well=12, seed=3),
+    # 3-D uint8, 2 channels, 1 well of 3 slices; 2-D uint16, 1 well: the bad-input catalogue
+    "tiny3d": dict(n_wells=1, ndim=3, n_channels=2, image_size=48, n_z=3, nuclei_per_well=10, seed=4),
+    "tiny16": dict(n_wells=1, ndim=2, n_channels=2, image_size=48, nuclei_per_well=8, dtype="uint16", seed=5),
+    # 3-D uint8, 4 channels, 2 wells of 36 nuclei: training input pipeline and encoding
+    "small": dict(n_wells=2, image_size=96, nuclei_per_well=36, seed=1),
+    # 3-D uint8, 4 channels, 2 wells of 60 nuclei: models trained through the facade
+    "model": dict(n_wells=2, image_size=128, nuclei_per_well=60, seed=0),
+}
+
+
 @pytest.fixture(scope="session")
-def synthetic_plate_3d(tmp_path_factory) -> Path:
-    """A 3-well 3-D uint8 synthetic plate export (about 100 nuclei per well)."""
-    from phenocoder_lib.synthetic import make_synthetic_plate
+def plate_template(tmp_path_factory):
+    """``plate_template(kind, name=kind)``: the read-only folder ``.../name`` of a synthetic plate of ``kind``.
 
-    root = tmp_path_factory.mktemp("plates") / "synth3d"
-    make_synthetic_plate(root, n_wells=3, ndim=3, image_size=160, n_z=5, nuclei_per_well=100, seed=1)
-    return root
+    The folder name is the plate id (samples are ``f"{name}_{well}"``); a kind asked for under a second
+    name is a copy of the first (the files do not depend on the name).
+    """
+    base = tmp_path_factory.mktemp("plates")
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(kind: str, name: str | None = None) -> Path:
+        name = name or kind
+        if (kind, name) not in built:
+            dest = base / kind / name
+            first = next((path for (k, _), path in built.items() if k == kind), None)
+            if first is None:
+                from phenocoder_lib.synthetic import make_synthetic_plate
+
+                make_synthetic_plate(dest, **PLATE_SPECS[kind])
+            else:
+                shutil.copytree(first, dest)
+            built[(kind, name)] = dest
+        return built[(kind, name)]
+
+    return get
+
+
+@pytest.fixture
+def plate_copy(plate_template, tmp_path):
+    """``plate_copy(kind, dest=None, name=kind)``: a writable copy of a synthetic plate (default ``tmp_path/name``)."""
+
+    def _copy(kind: str, dest: Path | None = None, name: str | None = None) -> Path:
+        dest = Path(dest) if dest is not None else tmp_path / (name or kind)
+        return Path(shutil.copytree(plate_template(kind, name), dest))
+
+    return _copy
 
 
 @pytest.fixture(scope="session")
-def synthetic_plate_2d(tmp_path_factory) -> Path:
-    """A 2-well 2-D uint16 synthetic plate export with 3 channels."""
-    from phenocoder_lib.synthetic import make_synthetic_plate
+def synthetic_plate_3d(plate_template) -> Path:
+    """A 3-well 3-D uint8 synthetic plate export (about 100 nuclei per well), read-only."""
+    return plate_template("synth3d")
 
-    root = tmp_path_factory.mktemp("plates") / "synth2d"
-    make_synthetic_plate(root, n_wells=2, ndim=2, n_channels=3, image_size=128, nuclei_per_well=50,
-                         dtype="uint16", seed=2)
-    return root
+
+@pytest.fixture(scope="session")
+def synthetic_plate_2d(plate_template) -> Path:
+    """A 2-well 2-D uint16 synthetic plate export with 3 channels, read-only."""
+    return plate_template("synth2d")
 
 
 def _folder_digest(folder: Path) -> str:
@@ -65,3 +114,37 @@ def _folder_digest(folder: Path) -> str:
 def folder_digest():
     """``folder_digest(path)``: a content hash of a folder, to check that a failed call left it byte-identical."""
     return _folder_digest
+
+
+#: The test files that take longest, longest first (from ``--durations`` on two workers). They are
+#: collected first, so that with ``-n 2 --dist loadfile`` (files in collection order, see pyproject.toml)
+#: both workers start on them and finish on the many short files together.
+LONGEST_FIRST = (
+    "tests/test_benchmarks.py",  # the benchmark suite's smoke run
+    "tests/assets/test_soak.py",
+    "tests/lib/test_clustering_scale.py",  # pynndescent's JIT, two fresh processes
+    "tests/assets/test_platform.py",  # the session's demo run, its web server and retraining
+    "tests/lib/test_environment.py",
+    "tests/assets/test_reliability.py",
+    "tests/assets/test_bad_input_assets.py",
+    "tests/lib/test_durability.py",
+    "tests/lib/test_model_roundtrip.py",
+    "tests/lib/test_validation.py",
+    "tests/assets/test_dask.py",
+    "tests/lib/test_model_workflow.py",
+    "tests/lib/test_embedding.py",
+    "tests/lib/test_bad_input_model.py",
+    "tests/lib/test_patches.py",
+    "tests/lib/test_training.py",
+    "tests/lib/test_model.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Collect the longest test files first (stable: the others keep their order)."""
+
+    def rank(item) -> int:
+        return next((i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix + "::")),
+                    len(LONGEST_FIRST))
+
+    items.sort(key=rank)

@@ -47,6 +47,28 @@ def fresh_database(prefix: str = "phenocoder_test") -> str:
     return url.set(database=name).render_as_string(hide_password=False)
 
 
+def clone_database(url: str, prefix: str = "phenocoder_copy") -> str:
+    """A new database on the same server holding a copy of the database at ``url``; its URL.
+
+    PostgreSQL copies a database only while nobody is connected to it; Dagster's PostgreSQL storage
+    holds no idle connections (a null pool), so a finished instance can be copied.
+    """
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    source = make_url(url)
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    conn = psycopg2.connect(host=source.host, port=source.port, user=source.username, password=source.password,
+                            dbname="postgres")
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}" TEMPLATE "{source.database}"')
+    finally:
+        conn.close()
+    return source.set(database=name).render_as_string(hide_password=False)
+
+
 def storage_yaml(backend: str) -> str:
     """The ``storage:`` block of a dagster.yaml for ``backend`` (empty for SQLite, the default)."""
     if backend == "sqlite":

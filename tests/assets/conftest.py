@@ -1,4 +1,4 @@
-"""Fixtures of the Dagster project's tests: tiny plates built once and copied into temporary homes."""
+"""Fixtures of the Dagster project's tests: the tiny plate (built once per session) copied into temporary homes."""
 
 from __future__ import annotations
 
@@ -12,13 +12,9 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def tiny_plate_template(tmp_path_factory) -> Path:
-    """A 2-well 2-D plate export (64 px, ~12 nuclei per well) with its EXPORT_COMPLETE marker."""
-    from phenocoder_lib.synthetic import make_synthetic_plate
-
-    root = tmp_path_factory.mktemp("tiny") / "TINY"
-    make_synthetic_plate(root, n_wells=2, ndim=2, n_channels=2, image_size=64, nuclei_per_well=12, seed=3)
-    return root
+def tiny_plate_template(plate_template) -> Path:
+    """A 2-well 2-D plate export (64 px, ~12 nuclei per well) with its EXPORT_COMPLETE marker, read-only."""
+    return plate_template("tiny", "TINY")
 
 
 @pytest.fixture

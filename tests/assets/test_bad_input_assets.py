@@ -23,8 +23,6 @@ from phenocoder_assets.definitions import ASSETS
 from phenocoder_assets.resources import MLflowTracking, PhenocoderStorage
 from phenocoder_assets.sensors import MARKER, incoming_plates_sensor
 
-pytest.importorskip("keras")
-
 PLATE = "TINY"
 A01, A02 = f"{PLATE}_A01", f"{PLATE}_A02"
 PATCHES = {"patch_size": [16, 16]}

@@ -16,9 +16,8 @@ import re
 from pathlib import Path
 
 import pytest
-from dagster import AssetKey, DagsterInstance, SkipReason, build_sensor_context, materialize
-
 from _instances import BACKENDS, write_instance
+from dagster import AssetKey, DagsterInstance, SkipReason, build_sensor_context, materialize
 
 REPO = Path(__file__).resolve().parents[2]
 CHAIN = ["sdata", "patches", "latents", "clusters", "graph_stats"]

@@ -4,20 +4,27 @@ One session-scoped demo run per instance backend (the ``demo`` fixture of confte
 ``phenocoder_assets.cli.run_demo``: the sensor registers the wells, then every asset is materialized
 in-process into a persistent instance) is shared by the tests below: on the embedded SQLite instance
 and, when ``PHENOCODER_TEST_POSTGRES_URL`` is set (always in CI), on PostgreSQL.
+Tests that materialize or launch runs work on their own copy of the demo's home (``own_demo``), so
+no test sees another's runs; with pytest-xdist's ``--dist loadfile`` the file runs on one worker.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import re
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from _instances import clone_database
 from dagster import AssetKey, DagsterInstance, build_sensor_context
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,6 +38,44 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def instance(demo):
     with DagsterInstance.from_config(str(demo.dagster_home)) as inst:
+        yield inst
+
+
+def copy_home(demo, dest: Path):
+    """A copy of the demo's home at ``dest``: files, Dagster instance and MLflow store, with the home's path
+    in the MLflow database and the JSON records rewritten, so that nothing written to the copy reaches the
+    original (MLflow keeps absolute artifact locations)."""
+    old, new = str(demo.home), str(dest)
+    shutil.copytree(demo.home, dest, symlinks=True)
+    for path in dest.rglob("*.json"):
+        text = path.read_text()
+        if old in text:
+            path.write_text(text.replace(old, new))
+    with contextlib.closing(sqlite3.connect(dest / "mlflow.db")) as db, db:
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            for column in db.execute(f'PRAGMA table_info("{table}")').fetchall():
+                if "CHAR" in column[2].upper() or "TEXT" in column[2].upper():
+                    db.execute(f'UPDATE "{table}" SET "{column[1]}" = replace("{column[1]}", ?, ?) '
+                               f'WHERE instr("{column[1]}", ?) > 0', (old, new, old))
+    # a PostgreSQL instance keeps its runs in a database, not in the home: the copy gets its own database
+    dagster_yaml = dest / demo.dagster_home.relative_to(demo.home) / "dagster.yaml"
+    url = re.search(r'postgres_url: "([^"]+)"', dagster_yaml.read_text())
+    if url:
+        dagster_yaml.write_text(dagster_yaml.read_text().replace(url.group(1), clone_database(url.group(1))))
+    return dataclasses.replace(demo, home=dest, dagster_home=dest / demo.dagster_home.relative_to(demo.home),
+                               plate_dir=dest / demo.plate_dir.relative_to(demo.home))
+
+
+@pytest.fixture
+def own_demo(demo, tmp_path):
+    """This test's own copy of the demo's home (for tests that materialize or launch runs)."""
+    return copy_home(demo, tmp_path / "home")
+
+
+@pytest.fixture
+def own_instance(own_demo):
+    with DagsterInstance.from_config(str(own_demo.dagster_home)) as inst:
         yield inst
 
 
@@ -74,7 +119,8 @@ def test_metadata_links_mlflow_and_records_model_version(demo, instance):
 def test_mlflow_run_has_params_epoch_metrics_artifacts_and_registry(demo):
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{demo.home}/mlflow.db")
+    uri = f"sqlite:///{demo.home}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # not MLflow's process-wide registry URI
     run = client.get_run(demo.mlflow["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["n_epochs"] == str(EPOCHS) and "n_latent_dim" in run.data.params
@@ -96,7 +142,8 @@ def test_mlflow_run_has_params_epoch_metrics_artifacts_and_registry(demo):
 
     import phenocoder_lib.models  # registers the Keras classes
 
-    mlflow.set_tracking_uri(f"sqlite:///{demo.home}/mlflow.db")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     loaded = mlflow.keras.load_model(f"models:/{name}@champion")
     assert isinstance(loaded, phenocoder_lib.models.CVAE)
     assert not (REPO / "mlflow.db").exists() and not (REPO / "mlruns").exists()
@@ -129,13 +176,14 @@ def test_sensor_after_the_demo_requests_nothing(demo, instance):
     assert not result.run_requests and not result.dynamic_partitions_requests
 
 
-def test_failed_run_leaves_the_previous_materialization_intact(demo, instance, monkeypatch):
+def test_failed_run_leaves_the_previous_materialization_intact(own_demo, own_instance, monkeypatch):
     import anndata as ad
     from dagster import materialize
 
     from phenocoder_assets.definitions import ASSETS
     from phenocoder_assets.resources import MLflowTracking, PhenocoderStorage
 
+    demo, instance = own_demo, own_instance
     sample = "DEMO_A03"
     target = demo.home / "graph_stats" / sample / "stats.h5ad"
     before_bytes = target.read_bytes()
@@ -161,13 +209,14 @@ def test_failed_run_leaves_the_previous_materialization_intact(demo, instance, m
     assert ad.read_h5ad(target).n_obs == 1
 
 
-def test_embedding_metadata_scores_the_planted_truth(demo, instance):
+def test_embedding_metadata_scores_the_planted_truth(own_demo, own_instance):
     """On a synthetic plate the embedding reports planted-truth scores; without ground truth, none and no failure."""
     from dagster import materialize
 
     from phenocoder_assets.definitions import ASSETS
     from phenocoder_assets.resources import MLflowTracking, PhenocoderStorage
 
+    demo, instance = own_demo, own_instance
     meta = instance.get_latest_materialization_event(AssetKey("embedding")).asset_materialization.metadata
     for key in ("cell_type_ari", "cell_type_nmi", "treatment_loo_knn_accuracy"):
         value = meta[f"planted_truth/{key}"].value
@@ -202,9 +251,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def webserver(demo):
+def webserver(own_demo):
     import requests
 
+    demo = own_demo
     port = _free_port()
     env = {**os.environ, "DAGSTER_HOME": str(demo.dagster_home), "PHENOCODER_HOME": str(demo.home)}
     exe = Path(sys.executable).with_name("dagster-webserver")
@@ -253,7 +303,8 @@ MATERIALIZATIONS = """query($key: AssetKeyInput!, $p: [String!]) { assetOrError(
     metadataEntries { label ... on TextMetadataEntry { text } } } } } }"""
 
 
-def test_webserver_lineage_and_latents_partition_rerun(demo, webserver):
+def test_webserver_lineage_and_latents_partition_rerun(own_demo, webserver):
+    demo = own_demo
     nodes = {tuple(n["assetKey"]["path"]): n for n in _graphql(webserver, LINEAGE)["assetNodes"]}
     deps = {k[0]: sorted(d["path"][0] for d in n["dependencyKeys"]) for k, n in nodes.items()}
     assert deps == {
@@ -292,24 +343,23 @@ def test_webserver_lineage_and_latents_partition_rerun(demo, webserver):
     assert entries["model_version"] == str(demo.mlflow["version"])
 
 
-def test_a_second_training_sits_beside_the_first_in_mlflow(demo, instance):
-    """Retraining with other settings: a second run with the same metric names, version 2 becomes @champion.
-
-    Runs last: it replaces the demo's model (later tests would see latents of an older model).
-    """
+def test_a_second_training_sits_beside_the_first_in_mlflow(own_demo, own_instance):
+    """Retraining with other settings: a second run with the same metric names, version 2 becomes @champion."""
     import mlflow
     from dagster import materialize
 
     from phenocoder_assets.definitions import ASSETS
     from phenocoder_assets.resources import MLflowTracking, PhenocoderStorage
 
+    demo, instance = own_demo, own_instance
     resources = {"storage": PhenocoderStorage(root=str(demo.home)), "mlflow": MLflowTracking(root=str(demo.home))}
     config = {"samples": demo.samples[:2], "n_epochs": 2, "n_latent_dim": 8, "n_dense_dim": 16,
               "conv_layers": [8, 16], "batch_size": 32, "plot": False}
     res = materialize(ASSETS, selection=["model"], instance=instance, resources=resources,
                       run_config={"ops": {"model": {"config": config}}})
     assert res.success
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{demo.home}/mlflow.db")
+    uri = f"sqlite:///{demo.home}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # not MLflow's process-wide registry URI
     experiment = client.get_experiment_by_name("phenocoder")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     assert len(runs) == 2

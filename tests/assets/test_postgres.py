@@ -64,17 +64,17 @@ def test_shipped_config_stores_runs_events_and_schedules_in_postgres(pg_instance
 def test_materializations_data_versions_partitions_and_ticks_round_trip(pg_instance):
     from dagster import DynamicPartitionsDefinition
     from dagster._core.definitions.run_request import InstigatorType
+    from dagster._core.remote_origin import (
+        RegisteredCodeLocationOrigin,
+        RemoteInstigatorOrigin,
+        RemoteRepositoryOrigin,
+    )
     from dagster._core.scheduler.instigation import (
         InstigatorState,
         InstigatorStatus,
         SensorInstigatorData,
         TickData,
         TickStatus,
-    )
-    from dagster._core.remote_origin import (
-        RegisteredCodeLocationOrigin,
-        RemoteInstigatorOrigin,
-        RemoteRepositoryOrigin,
     )
 
     wells = DynamicPartitionsDefinition(name="samples")

@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -60,6 +62,22 @@ def finish(proc: subprocess.Popen) -> None:
     assert rc == 0, Path(proc.log).read_text(errors="replace")[-4000:]
 
 
+def run_here(tmp_path: Path, home: Path, key: str, selection: list[str]) -> None:
+    """The run of ``finish(start_run(...))`` with the in-process executor, in this process: for the set-up
+    runs and reruns, where a process of their own is not what the test is about (it would only add an
+    interpreter start and the imports)."""
+    name = "phenocoder_test_run_partition"
+    runner = sys.modules.get(name)
+    if runner is None:  # registered in sys.modules: Dagster's reconstructable() finds its job by module name
+        spec = importlib.util.spec_from_file_location(name, RUNNER)
+        runner = sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(runner)
+    args = {"home": str(home), "dagster_home": str(tmp_path / "dagster"), "key": key, "selection": selection,
+            "executor": "in_process"}
+    with contextlib.chdir(tmp_path):
+        assert runner.main(args) == 0
+
+
 @pytest.fixture
 def platform_home(tmp_path, copy_plate):
     """A home with the 2-well TINY plate in its landing folder and a persistent Dagster instance."""
@@ -84,7 +102,7 @@ def _materializations(tmp_path: Path, asset: str) -> list:
 @pytest.mark.slow
 def test_killed_patches_materialization_keeps_the_previous_partition(tmp_path, platform_home):
     home, key = platform_home, "TINY_A01"
-    finish(start_run(tmp_path, home, key, ["sdata", "patches"]))
+    run_here(tmp_path, home, key, ["sdata", "patches"])
     before = tree_hashes(home / "patches")
     assert {f"{key}/settings.json", f"{key}/index.parquet"} <= set(before)
     (first,) = _materializations(tmp_path, "patches")
@@ -108,7 +126,7 @@ def test_killed_patches_materialization_keeps_the_previous_partition(tmp_path, p
     assert [r.run_id for r in latest] == [first.run_id]  # Dagster still points at the intact result
 
     os.utime(stages[0], (time.time() - 2 * 86400,) * 2)  # a day later: the next write removes it
-    finish(start_run(tmp_path, home, key, ["patches"]))
+    run_here(tmp_path, home, key, ["patches"])
     assert not [p for p in (home / "patches").iterdir() if p.name.startswith(".")]
     assert set(tree_hashes(home / "patches")) == set(before)
     assert len(_materializations(tmp_path, "patches")) == 2
@@ -120,7 +138,7 @@ def test_parallel_partitions_touch_only_their_own_folders(tmp_path, platform_hom
     copy_plate(home / "incoming" / "OTHER")
     with DagsterInstance.from_config(str(tmp_path / "dagster")) as instance:
         instance.add_dynamic_partitions("samples", ["OTHER_A01"])
-    finish(start_run(tmp_path, home, "OTHER_A01", ["sdata", "patches"]))
+    run_here(tmp_path, home, "OTHER_A01", ["sdata", "patches"])
     bystander = tree_hashes(home)
 
     # two partitions at once, each run with the multiprocess executor (one process per step)
@@ -144,7 +162,7 @@ def test_parallel_partitions_touch_only_their_own_folders(tmp_path, platform_hom
 
     # rerun one partition: every other partition's files stay byte-identical
     others = {k: v for k, v in after.items() if "TINY_A01" not in k}
-    finish(start_run(tmp_path, home, "TINY_A01", ["sdata", "patches"]))
+    run_here(tmp_path, home, "TINY_A01", ["sdata", "patches"])
     again = tree_hashes(home)
     assert {k: v for k, v in again.items() if "TINY_A01" not in k} == others
     counts = {}

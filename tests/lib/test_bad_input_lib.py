@@ -33,22 +33,14 @@ TABLE = "nuclei_features"
 
 
 # --------------------------------------------------------------------------------------------------
-# Tiny plates (built once per module) and helpers
+# Tiny plates (built once per session, see conftest.py) and helpers
 # --------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def plates(tmp_path_factory) -> dict[str, Path]:
-    """Tiny exports: 2-D uint8 (2 wells), 3-D uint8 (1 well, 3 slices), 2-D uint16 (1 well)."""
-    base = tmp_path_factory.mktemp("bad_input")
-    specs = {
-        "p2d": dict(n_wells=2, ndim=2, n_channels=2, image_size=64, nuclei_per_well=12, seed=3),
-        "p3d": dict(n_wells=1, ndim=3, n_channels=2, image_size=48, n_z=3, nuclei_per_well=10, seed=4),
-        "p16": dict(n_wells=1, ndim=2, n_channels=2, image_size=48, nuclei_per_well=8, dtype="uint16", seed=5),
-    }
-    for name, spec in specs.items():
-        make_synthetic_plate(base / name, **spec)
-    return {name: base / name for name in specs}
+def plates(plate_template) -> dict[str, Path]:
+    """Tiny exports (read-only): 2-D uint8 (2 wells), 3-D uint8 (1 well, 3 slices), 2-D uint16 (1 well)."""
+    return {name: plate_template(kind, name) for name, kind in (("p2d", "tiny"), ("p3d", "tiny3d"), ("p16", "tiny16"))}
 
 
 @pytest.fixture(scope="module")

@@ -17,24 +17,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("keras")
-
-from phenocoder_lib import Phenocoder  # noqa: E402
-from phenocoder_lib._facade_model import ModelSchemaWarning  # noqa: E402
-from phenocoder_lib.encoding import UnseenConditionWarning  # noqa: E402
-from phenocoder_lib.ingest import read_plate  # noqa: E402
-from phenocoder_lib.models import check_architecture  # noqa: E402
-from phenocoder_lib.synthetic import make_synthetic_plate  # noqa: E402
+from phenocoder_lib import Phenocoder
+from phenocoder_lib._facade_model import ModelSchemaWarning
+from phenocoder_lib.encoding import UnseenConditionWarning
+from phenocoder_lib.ingest import read_plate
+from phenocoder_lib.models import check_architecture
 
 PATCH = 16
 ARCH = dict(input_shape=(PATCH, PATCH, 2), conv_layers=(8, 16), batch_size=16)
 
 
 @pytest.fixture(scope="module")
-def plate(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bad_model") / "BM"
-    make_synthetic_plate(root, n_wells=2, ndim=2, n_channels=2, image_size=64, nuclei_per_well=12, seed=7)
-    return root
+def plate(plate_template) -> Path:
+    return plate_template("tiny", "BM")
 
 
 @pytest.fixture(scope="module")

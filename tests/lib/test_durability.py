@@ -22,7 +22,6 @@ import pytest
 
 from phenocoder_lib import _io
 from phenocoder_lib.ingest import read_plate, write_sdata
-from phenocoder_lib.synthetic import make_synthetic_plate
 
 CHILD = Path(__file__).with_name("_kill_child.py")
 TIMEOUT = 300  # seconds for a child to reach the kill point on a loaded 2-core machine
@@ -63,10 +62,8 @@ def hidden_siblings(path: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def plate_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("durable") / "P1"
-    make_synthetic_plate(root, n_wells=2, ndim=2, n_channels=2, image_size=64, nuclei_per_well=16, seed=5)
-    return root
+def plate_root(plate_template) -> Path:
+    return plate_template("tiny", "P1")
 
 
 def test_killed_patch_write_keeps_the_previous_dataset(plate_root, tmp_path):
@@ -137,7 +134,6 @@ def test_replace_dir_never_leaves_the_target_missing(tmp_path):
 
 @pytest.mark.slow
 def test_killed_training_keeps_the_model_and_resumes_from_its_best_checkpoint(plate_root, tmp_path):
-    pytest.importorskip("keras")
     import keras
 
     from phenocoder_lib import Phenocoder
@@ -212,7 +208,6 @@ def test_checkpoint_state_after_a_kill_between_checkpoint_and_its_record(tmp_pat
 
 
 def _checkpoint_state(folder):
-    pytest.importorskip("keras")
     from phenocoder_lib.training import checkpoint_state
 
     return checkpoint_state(folder)

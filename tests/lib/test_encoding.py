@@ -46,10 +46,8 @@ class StubModel:
 
 
 @pytest.fixture(scope="module")
-def plate_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("plate") / "plate"
-    make_synthetic_plate(root, n_wells=2, image_size=96, nuclei_per_well=36, seed=3)
-    return root
+def plate_root(plate_template):
+    return plate_template("small", "plate")
 
 
 @pytest.fixture(scope="module")

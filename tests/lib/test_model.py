@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
-
-from phenocoder_lib.models import CVAE, CondCVAE, Sampling, check_architecture, make_model  # noqa: E402
+from phenocoder_lib.models import CVAE, CondCVAE, Sampling, check_architecture, make_model
 
 SHAPE = (8, 8, 2)
 

@@ -14,7 +14,6 @@ import pytest
 from phenocoder_lib import Phenocoder
 from phenocoder_lib.encoding import UnseenConditionWarning
 from phenocoder_lib.ingest import read_plate
-from phenocoder_lib.synthetic import make_synthetic_plate
 
 PATCH = 16
 ARCH = dict(input_shape=(PATCH, PATCH, 4), conv_layers=(8, 16), batch_size=32)
@@ -29,15 +28,12 @@ def test_importing_the_package_does_not_import_tensorflow():
 
 
 @pytest.fixture(scope="module")
-def plate_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("plate") / "plate"
-    make_synthetic_plate(root, n_wells=2, image_size=128, nuclei_per_well=60, seed=2)
-    return root
+def plate_root(plate_template):
+    return plate_template("model", "plate")
 
 
 @pytest.fixture(scope="module")
 def pheno(plate_root, tmp_path_factory):
-    pytest.importorskip("keras")
     p = Phenocoder(sdata=read_plate(plate_root), seed=5)
     p.generate_dataset("d1", tmp_path_factory.mktemp("data"), patch_size=PATCH, metadata_keys=["well"],
                        progress=False)

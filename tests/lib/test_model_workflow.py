@@ -9,22 +9,17 @@ import warnings
 import numpy as np
 import pytest
 
-pytest.importorskip("keras")
-
-from phenocoder_lib import Phenocoder  # noqa: E402
-from phenocoder_lib.encoding import UnseenConditionWarning  # noqa: E402
-from phenocoder_lib.ingest import read_plate  # noqa: E402
-from phenocoder_lib.synthetic import make_synthetic_plate  # noqa: E402
+from phenocoder_lib import Phenocoder
+from phenocoder_lib.encoding import UnseenConditionWarning
+from phenocoder_lib.ingest import read_plate
 
 PATCH = 16
 ARCH = dict(input_shape=(PATCH, PATCH, 4), conv_layers=(8, 16), batch_size=32)
 
 
 @pytest.fixture(scope="module")
-def plate_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("plate") / "plate"
-    make_synthetic_plate(root, n_wells=2, image_size=128, nuclei_per_well=60, seed=0)
-    return root
+def plate_root(plate_template):
+    return plate_template("model", "plate")
 
 
 @pytest.fixture(scope="module")

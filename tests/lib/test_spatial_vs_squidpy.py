@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+import squidpy as sq
 
 from phenocoder_lib.spatial.stats import sample_spatial_stats
 
@@ -14,8 +15,6 @@ try:  # tests/lib may or may not be a package
     from .spatial_fixtures import one_sample
 except ImportError:
     from spatial_fixtures import one_sample
-
-sq = pytest.importorskip("squidpy")
 
 RADIUS = 14.0
 CATS = ["0", "1", "2", "3"]

@@ -12,19 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-pytest.importorskip("keras")
-
-from phenocoder_lib import patches as P  # noqa: E402
-from phenocoder_lib import training as T  # noqa: E402
-from phenocoder_lib.ingest import read_plate  # noqa: E402
-from phenocoder_lib.synthetic import make_synthetic_plate  # noqa: E402
+from phenocoder_lib import patches as P
+from phenocoder_lib import training as T
+from phenocoder_lib.ingest import read_plate
 
 
 @pytest.fixture(scope="module")
-def plate(tmp_path_factory):
-    root = tmp_path_factory.mktemp("plate") / "plate"
-    make_synthetic_plate(root, n_wells=2, image_size=96, nuclei_per_well=36, seed=1)
-    return read_plate(root)
+def plate(plate_template):
+    return read_plate(plate_template("small", "plate"))
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +222,8 @@ def _epoch(batches):
 
 
 def test_tf_dihedral_matches_numpy():
-    tf = pytest.importorskip("tensorflow")
+    import tensorflow as tf
+
     x = np.random.default_rng(0).random((16, 5, 5, 2), dtype=np.float32)
     states = np.arange(16) % 8
     out = T._tf_dihedral(tf.constant(x), tf.constant(states), True).numpy()
@@ -239,7 +235,6 @@ def test_tf_dihedral_matches_numpy():
 
 
 def test_tf_batches_cover_every_patch_each_epoch_and_reshuffle(dataset):
-    pytest.importorskip("tensorflow")
     cond = np.arange(len(dataset.index), dtype=np.float32)[:, None]
     data = T.load_patch_data([dataset], conditions=cond)
     pos = np.arange(len(data))
@@ -259,7 +254,6 @@ def test_tf_batches_cover_every_patch_each_epoch_and_reshuffle(dataset):
 
 
 def test_tf_validation_batches_are_plain_and_ordered(dataset):
-    pytest.importorskip("tensorflow")
     data = T.load_patch_data([dataset])
     pos = np.arange(20)
     val = _epoch(T.make_batches(data, pos, batch_size=8, seed=0))
@@ -287,7 +281,6 @@ def _small_chunks(dataset, budget, cond=None):
 def test_streaming_gives_the_in_memory_batches(dataset):
     """Same seed, same batches (order, values, dihedral draws, conditions), in RAM or streamed through a tiny
     cache; the tf.data pipeline gives the batches of the numpy PatchSequence."""
-    pytest.importorskip("tensorflow")
     cond = np.arange(len(dataset.index), dtype=np.float32)[:, None]
     mem, disk = _small_chunks(dataset, 2**30, cond), _small_chunks(dataset, 5 * CHUNK_BYTES, cond)
     assert mem.in_memory and not disk.in_memory and mem.window_chunks == disk.window_chunks == 2
@@ -334,7 +327,6 @@ def test_shuffle_windows_hold_few_chunks_and_a_small_split_is_fully_permuted(dat
 
 
 def test_streaming_decodes_each_chunk_about_once_per_pass_within_the_budget(dataset):
-    pytest.importorskip("tensorflow")
     budget = 5 * CHUNK_BYTES
     data = _small_chunks(dataset, budget)
     pos = np.arange(len(data))
@@ -403,12 +395,12 @@ def test_the_facade_uses_the_default_budget(plate, tmp_path, monkeypatch):
     pheno.generate_dataset("d", tmp_path, patch_size=PATCH, progress=False)
     pheno.initialize_model(4, 8, [], input_shape=(PATCH, PATCH, 4), conv_layers=(8,), batch_size=16)
     assert budgets == [T.DEFAULT_MEMORY_BUDGET] and pheno.model_config["memory_budget_bytes"] == 2**30
-    configs = pytest.importorskip("phenocoder_assets.configs")
+    from phenocoder_assets import configs
+
     assert configs.ModelConfig().model_kwargs([PATCH, PATCH, 4])["memory_budget_bytes"] == T.DEFAULT_MEMORY_BUDGET
 
 
 def test_training_with_a_tiny_budget_matches_in_memory_training(dataset, tmp_path):
-    pytest.importorskip("tensorflow")
     from phenocoder_lib import models as M
 
     histories = []
