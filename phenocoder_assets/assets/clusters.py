@@ -18,6 +18,7 @@ from dagster import (
     asset,
 )
 
+from ..wells import STEP_RETRY_POLICY, for_each_well, wells_check_spec
 from ..configs import ClusterReferenceConfig, ClustersConfig
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
@@ -105,11 +106,20 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
     group_name="per_sample",
     kinds={"parquet"},
     code_version="1",
+    check_specs=[wells_check_spec('clusters')],
+    retry_policy=STEP_RETRY_POLICY,
     description="Cluster label of every object of a well, consistent across wells "
     "(<root>/clusters/<sample>/labels.parquet).",
 )
-def clusters(context: AssetExecutionContext, config: ClustersConfig, storage: PhenocoderStorage) -> MaterializeResult:
+def clusters(context: AssetExecutionContext, config: ClustersConfig, storage: PhenocoderStorage):
     """Pooled labels for reference objects, :func:`~phenocoder_lib.clustering.transfer_labels` for the rest."""
+    yield from for_each_well(context, lambda sample: _clusters_one(context, config, storage, sample),
+                             upstream=('latents',))
+
+
+def _clusters_one(context: AssetExecutionContext, config: ClustersConfig, storage: PhenocoderStorage,
+                  sample: str) -> MaterializeResult:
+    """One well of ``clusters``."""
     import anndata as ad
     import numpy as np
     import pandas as pd
@@ -118,7 +128,6 @@ def clusters(context: AssetExecutionContext, config: ClustersConfig, storage: Ph
 
     from ..previews import scatter
 
-    sample = context.partition_key
     ref_dir = storage.local_path("cluster_reference")
     info = read_json(ref_dir / REFERENCE_INFO)
     table = ad.read_h5ad(storage.local_path("latents", sample) / LATENTS_FILE)

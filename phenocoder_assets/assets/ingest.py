@@ -4,6 +4,7 @@ from pathlib import Path
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
+from ..wells import STEP_RETRY_POLICY, for_each_well, wells_check_spec
 from ..configs import IngestConfig
 from ..partitions import samples_partitions, split_sample
 from ..resources import PhenocoderStorage
@@ -15,17 +16,26 @@ from ._common import PREVIEW_FILE, SDATA_FILE, Timer, preview_metadata, write_pn
     group_name="per_sample",
     kinds={"spatialdata", "zarr"},
     code_version="1",
+    check_specs=[wells_check_spec('sdata')],
+    retry_policy=STEP_RETRY_POLICY,
+    pool='ingest',
     description="One well of a plate export read into a SpatialData object (images, labels, per-object table "
     "in um), written as <root>/sdata/<sample>/sdata.zarr.",
 )
-def sdata(context: AssetExecutionContext, config: IngestConfig, storage: PhenocoderStorage) -> MaterializeResult:
+def sdata(context: AssetExecutionContext, config: IngestConfig, storage: PhenocoderStorage):
     """:func:`phenocoder_lib.ingest.read_plate` for the partition's well, written atomically."""
+    yield from for_each_well(context, lambda sample: _sdata_one(context, config, storage, sample),
+                             upstream=())
+
+
+def _sdata_one(context: AssetExecutionContext, config: IngestConfig, storage: PhenocoderStorage,
+               sample: str) -> MaterializeResult:
+    """One well of ``sdata``."""
     from phenocoder_lib._io import write_json_atomic
     from phenocoder_lib.ingest import read_plate, scan_plate, write_sdata
 
     from ..sensors import well_digests
 
-    sample = context.partition_key
     plate, well = split_sample(sample)
     plate_dir = Path(config.plate_dir) if config.plate_dir else storage.landing_dir / plate
     timer = Timer()

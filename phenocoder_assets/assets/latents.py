@@ -1,8 +1,9 @@
 """``latents``: deterministic latents (z_mean) of every object of a well with the current model."""
 
-from dagster import AssetCheckSpec, AssetExecutionContext, MaterializeResult, asset
+from dagster import AssetCheckSpec, AssetExecutionContext, asset
 
 from ..configs import LatentsConfig
+from ..wells import STEP_RETRY_POLICY, for_each_well, wells_check_spec
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
 
@@ -17,14 +18,18 @@ CHECK_FINITE = "latents_finite"
     kinds={"anndata", "tensorflow"},
     code_version="1",
     check_specs=[
+        wells_check_spec("latents"),
         AssetCheckSpec(CHECK_EVERY_OBJECT, asset="latents", description="Every object of the well has a latent."),
         AssetCheckSpec(CHECK_FINITE, asset="latents", description="No NaN or infinite latent value."),
     ],
+    retry_policy=STEP_RETRY_POLICY,
+    pool="gpu",  # the TensorFlow stage shares the training's pool: one at a time unless the instance allows more
     description="Latents of one well (<root>/latents/<sample>/latents.h5ad: the 'phenocoder' table, z_mean per "
     "object, optional spatial message passing layer), with the model version that encoded them.",
 )
-def latents(context: AssetExecutionContext, config: LatentsConfig, storage: PhenocoderStorage) -> MaterializeResult:
+def latents(context: AssetExecutionContext, config: LatentsConfig, storage: PhenocoderStorage):
     """Encode the well's patch dataset with the current model (library ``encoding``)."""
     from ._model_impl import encode_sample
 
-    return encode_sample(context, config, storage)
+    yield from for_each_well(context, lambda sample: encode_sample(context, config, storage, sample),
+                             upstream=("sdata", "patches"))

@@ -10,6 +10,7 @@ from dagster import (
     asset,
 )
 
+from ..wells import STEP_RETRY_POLICY, for_each_well, wells_check_spec
 from ..configs import PatchesConfig
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
@@ -25,13 +26,22 @@ CHECK_EVERY_OBJECT = "every_object_has_a_patch"
     group_name="per_sample",
     kinds={"zarr", "parquet"},
     code_version="1",
-    check_specs=[AssetCheckSpec(CHECK_EVERY_OBJECT, asset="patches",
+    check_specs=[wells_check_spec('patches'), AssetCheckSpec(CHECK_EVERY_OBJECT, asset="patches",
                                 description="Every object of the well's table has a patch.")],
+    retry_policy=STEP_RETRY_POLICY,
+    pool='ingest',
     description="Patch dataset of one well (<root>/patches/<sample>/: patches.zarr, index.parquet, stats.parquet, "
     "settings.json with the normalization anchors).",
 )
-def patches(context: AssetExecutionContext, config: PatchesConfig, storage: PhenocoderStorage) -> MaterializeResult:
+def patches(context: AssetExecutionContext, config: PatchesConfig, storage: PhenocoderStorage):
     """:func:`phenocoder_lib.patches.generate_dataset` on the well's SpatialData."""
+    yield from for_each_well(context, lambda sample: _patches_one(context, config, storage, sample),
+                             upstream=('sdata',))
+
+
+def _patches_one(context: AssetExecutionContext, config: PatchesConfig, storage: PhenocoderStorage,
+                 sample: str) -> MaterializeResult:
+    """One well of ``patches``."""
     import numpy as np
     import spatialdata
 
@@ -39,7 +49,6 @@ def patches(context: AssetExecutionContext, config: PatchesConfig, storage: Phen
 
     from ..previews import patch_montage
 
-    sample = context.partition_key
     src = storage.local_path("sdata", sample)
     info = read_json(src / SUMMARY)
     timer = Timer()

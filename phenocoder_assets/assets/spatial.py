@@ -11,6 +11,7 @@ from dagster import (
     asset,
 )
 
+from ..wells import STEP_RETRY_POLICY, for_each_well, wells_check_spec
 from ..configs import EmbeddingConfig, GraphStatsConfig
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
@@ -34,14 +35,21 @@ CHECK_COMPLETE = "graph_stats_complete"
     group_name="per_sample",
     kinds={"anndata", "numba"},
     code_version="1",
-    check_specs=[AssetCheckSpec(CHECK_COMPLETE, asset="graph_stats",
+    check_specs=[wells_check_spec('graph_stats'), AssetCheckSpec(CHECK_COMPLETE, asset="graph_stats",
                                 description="Every row computed (status 'ok') with every expected feature column.")],
+    retry_policy=STEP_RETRY_POLICY,
     description="Spatial graph statistics of a well: one row of radius:{r}_stat:{group}_{column} features "
     "(or one per subunit), <root>/graph_stats/<sample>/stats.h5ad.",
 )
-def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig,
-                storage: PhenocoderStorage) -> MaterializeResult:
+def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig, storage: PhenocoderStorage):
     """:func:`phenocoder_lib.spatial.compute_spatial_stats` on the well's latents table and cluster labels."""
+    yield from for_each_well(context, lambda sample: _graph_stats_one(context, config, storage, sample),
+                             upstream=('latents', 'clusters'))
+
+
+def _graph_stats_one(context: AssetExecutionContext, config: GraphStatsConfig, storage: PhenocoderStorage,
+                     sample: str) -> MaterializeResult:
+    """One well of ``graph_stats``."""
     import anndata as ad
     import numpy as np
     import pandas as pd
@@ -52,7 +60,6 @@ def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig,
 
     from ..state import SUMMARY
 
-    sample = context.partition_key
     table = ad.read_h5ad(storage.local_path("latents", sample) / LATENTS_FILE)
     info = table.uns["phenocoder_latents"]
     sample_key = info["sample_key"]
