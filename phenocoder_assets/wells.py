@@ -30,6 +30,7 @@ from dagster import (
     AssetCheckSpec,
     AssetMaterialization,
     Backoff,
+    BackfillPolicy,
     Jitter,
     MaterializeResult,
     MetadataValue,
@@ -48,10 +49,20 @@ WELL_RETRY_DELAY_ENV = "PHENOCODER_WELL_RETRY_DELAY"
 #: Asset check naming the wells that failed in a plate run.
 CHECK_WELLS = "every_well_processed"
 
+#: Seconds before the first step retry (``$PHENOCODER_STEP_RETRY_DELAY``, read when the definitions load).
+STEP_RETRY_DELAY_ENV = "PHENOCODER_STEP_RETRY_DELAY"
 #: Step retries of the per-sample assets: a transient error (network file system, object store, a
-#: busy GPU) is retried twice, 10 s then ~20 s later (+-50 % jitter so that the wells of a plate do
-#: not retry in lock-step). A deterministic error fails again and is reported.
-STEP_RETRY_POLICY = RetryPolicy(max_retries=2, delay=10, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
+#: busy GPU) is retried twice, after ~10 s then ~20 s (exponential backoff, +- the delay of jitter so
+#: that the wells of a plate do not retry in lock-step). A deterministic error fails again, and the
+#: run fails (the sensor's runs then get a run retry from the failed step, see ``sensors.RUN_RETRY_TAGS``).
+STEP_RETRY_POLICY = RetryPolicy(max_retries=2, delay=float(os.environ.get(STEP_RETRY_DELAY_ENV) or 10),
+                                backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
+
+#: Backfills launched from the UI over many wells: up to one plate (384 wells) per run instead of one
+#: run per well. Such a run is all-or-nothing (Dagster records a range as a whole); the sensor's
+#: plate runs are not (see the module docstring).
+WELLS_PER_BACKFILL_RUN = 384
+BACKFILL_POLICY = BackfillPolicy.multi_run(max_partitions_per_run=WELLS_PER_BACKFILL_RUN)
 
 _DATA_VERSION_TAG = "dagster/data_version"
 _CODE_VERSION_TAG = "dagster/code_version"

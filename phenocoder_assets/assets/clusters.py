@@ -18,11 +18,11 @@ from dagster import (
     asset,
 )
 
-from ..wells import STEP_RETRY_POLICY, for_each_well, wells_check_spec
 from ..configs import ClusterReferenceConfig, ClustersConfig
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
 from ..state import REFERENCE_INFO, read_json
+from ..wells import BACKFILL_POLICY, STEP_RETRY_POLICY, for_each_well, wells_check_spec
 from ._common import LABELS_FILE, LATENTS_FILE, PREVIEW_FILE, Timer, preview_metadata, write_png
 
 REFERENCE_FILE = "reference.npz"
@@ -108,6 +108,7 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
     code_version="1",
     check_specs=[wells_check_spec('clusters')],
     retry_policy=STEP_RETRY_POLICY,
+    backfill_policy=BACKFILL_POLICY,
     description="Cluster label of every object of a well, consistent across wells "
     "(<root>/clusters/<sample>/labels.parquet).",
 )

@@ -4,10 +4,10 @@ from pathlib import Path
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
-from ..wells import STEP_RETRY_POLICY, for_each_well, wells_check_spec
 from ..configs import IngestConfig
 from ..partitions import samples_partitions, split_sample
 from ..resources import PhenocoderStorage
+from ..wells import BACKFILL_POLICY, STEP_RETRY_POLICY, for_each_well, wells_check_spec
 from ._common import PREVIEW_FILE, SDATA_FILE, Timer, preview_metadata, write_png
 
 
@@ -18,6 +18,7 @@ from ._common import PREVIEW_FILE, SDATA_FILE, Timer, preview_metadata, write_pn
     code_version="1",
     check_specs=[wells_check_spec('sdata')],
     retry_policy=STEP_RETRY_POLICY,
+    backfill_policy=BACKFILL_POLICY,
     pool='ingest',
     description="One well of a plate export read into a SpatialData object (images, labels, per-object table "
     "in um), written as <root>/sdata/<sample>/sdata.zarr.",

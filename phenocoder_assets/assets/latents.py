@@ -3,9 +3,9 @@
 from dagster import AssetCheckSpec, AssetExecutionContext, asset
 
 from ..configs import LatentsConfig
-from ..wells import STEP_RETRY_POLICY, for_each_well, wells_check_spec
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
+from ..wells import BACKFILL_POLICY, STEP_RETRY_POLICY, for_each_well, wells_check_spec
 
 CHECK_EVERY_OBJECT = "every_object_has_a_latent"
 CHECK_FINITE = "latents_finite"
@@ -23,6 +23,7 @@ CHECK_FINITE = "latents_finite"
         AssetCheckSpec(CHECK_FINITE, asset="latents", description="No NaN or infinite latent value."),
     ],
     retry_policy=STEP_RETRY_POLICY,
+    backfill_policy=BACKFILL_POLICY,
     pool="gpu",  # the TensorFlow stage shares the training's pool: one at a time unless the instance allows more
     description="Latents of one well (<root>/latents/<sample>/latents.h5ad: the 'phenocoder' table, z_mean per "
     "object, optional spatial message passing layer), with the model version that encoded them.",

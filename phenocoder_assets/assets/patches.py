@@ -10,11 +10,11 @@ from dagster import (
     asset,
 )
 
-from ..wells import STEP_RETRY_POLICY, for_each_well, wells_check_spec
 from ..configs import PatchesConfig
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
 from ..state import SUMMARY, read_json
+from ..wells import BACKFILL_POLICY, STEP_RETRY_POLICY, for_each_well, wells_check_spec
 from ._common import PREVIEW_FILE, SDATA_FILE, Timer, preview_metadata, write_png
 
 CHECK_EVERY_OBJECT = "every_object_has_a_patch"
@@ -29,6 +29,7 @@ CHECK_EVERY_OBJECT = "every_object_has_a_patch"
     check_specs=[wells_check_spec('patches'), AssetCheckSpec(CHECK_EVERY_OBJECT, asset="patches",
                                 description="Every object of the well's table has a patch.")],
     retry_policy=STEP_RETRY_POLICY,
+    backfill_policy=BACKFILL_POLICY,
     pool='ingest',
     description="Patch dataset of one well (<root>/patches/<sample>/: patches.zarr, index.parquet, stats.parquet, "
     "settings.json with the normalization anchors).",

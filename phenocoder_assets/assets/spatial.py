@@ -11,10 +11,10 @@ from dagster import (
     asset,
 )
 
-from ..wells import STEP_RETRY_POLICY, for_each_well, wells_check_spec
 from ..configs import EmbeddingConfig, GraphStatsConfig
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
+from ..wells import BACKFILL_POLICY, STEP_RETRY_POLICY, for_each_well, wells_check_spec
 from ._common import (
     EMBEDDING_FILE,
     LABELS_FILE,
@@ -38,6 +38,7 @@ CHECK_COMPLETE = "graph_stats_complete"
     check_specs=[wells_check_spec('graph_stats'), AssetCheckSpec(CHECK_COMPLETE, asset="graph_stats",
                                 description="Every row computed (status 'ok') with every expected feature column.")],
     retry_policy=STEP_RETRY_POLICY,
+    backfill_policy=BACKFILL_POLICY,
     description="Spatial graph statistics of a well: one row of radius:{r}_stat:{group}_{column} features "
     "(or one per subunit), <root>/graph_stats/<sample>/stats.h5ad.",
 )
