@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 ASSETS = ("sdata", "patches", "latents")
 LOCATION = "phenocoder_scale"
+SUBSET_ENV = "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS"
 
 
 def _log(msg: str) -> None:
@@ -306,13 +307,21 @@ def measure(n_wells: int, args, workdir: Path) -> dict:
         ticks = [daemon_tick(wctx, remote_sensor, cursor) for _ in range(args.repeat)]
         out["sensor_tick_all_present_s"] = round(statistics.median(t[0] for t in ticks), 2)
         assert all(t[1] == 0 for t in ticks), "no plate changed: the tick must request nothing"
-        new_plate(landing, workdir, "NEWPLATE", args.new_plate_wells)
-        seconds, runs, cursor_after = daemon_tick(wctx, remote_sensor, cursor)
-        out["new_plate"] = {"wells": args.new_plate_wells, "one_run_per_plate": {"tick_and_queue_s": round(seconds, 2),
-                                                                                 "runs_queued": runs}}
+        out["new_plate"] = {"wells": args.new_plate_wells}
+        # a plate run writes one "planned" event per asset and well unless the run-creating process
+        # (daemon, webserver) has DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS=true: both measured
+        for name, flag in (("one_run_per_plate", None), ("one_run_per_plate_partition_subset_events", "true")):
+            _set_subset_flag(flag)
+            new_plate(landing, workdir, f"NEW{name.upper()}", args.new_plate_wells)
+            seconds, runs, cursor = daemon_tick(wctx, remote_sensor, cursor)
+            out["new_plate"][name] = {"tick_and_queue_s": round(seconds, 2), "runs_queued": runs}
+        cursor_after = cursor
         out["graphql"] = graphql_figures(wctx, keys[len(keys) // 2], args.repeat)
         backfill_keys = keys[:args.backfill_wells]
+        _set_subset_flag("true" if args.subset_events else None)
         out["backfill"] = backfill(wctx, backfill_keys)
+        out["backfill"]["partition_subset_events"] = bool(args.subset_events)
+        _set_subset_flag(None)
     # before: one run per well (a second code server reads the variable), on a plate of
     # --before-wells wells (queueing costs the same per run whatever the plate; scaled to the plate below)
     os.environ["PHENOCODER_SENSOR_RUNS"] = "well"
@@ -331,6 +340,13 @@ def measure(n_wells: int, args, workdir: Path) -> dict:
     out["db_bytes_per_well_after_runs"] = round(_db_bytes(instance, pg_url, dagster_home) / n_wells)
     instance.dispose()
     return out
+
+
+def _set_subset_flag(value: str | None) -> None:
+    if value is None:
+        os.environ.pop(SUBSET_ENV, None)
+    else:
+        os.environ[SUBSET_ENV] = value
 
 
 def backfill(wctx, keys: list[str]) -> dict:
@@ -361,6 +377,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plates", type=int, default=1000)
     parser.add_argument("--new-plate-wells", type=int, default=384)
     parser.add_argument("--backfill-wells", type=int, default=10_000)
+    parser.add_argument("--no-subset-events", dest="subset_events", action="store_false",
+                        help=f"queue the backfill without {SUBSET_ENV}=true (one planned event per well and asset)")
     parser.add_argument("--before-wells", type=int, default=96,
                         help="wells of the plate queued one run per well (the 'before' figure)")
     parser.add_argument("--postgres-url", default=os.environ.get("PHENOCODER_TEST_POSTGRES_URL"),
