@@ -108,15 +108,15 @@ def _db_bytes(instance, pg_url: str | None, home: Path) -> int:
     return sum(p.stat().st_size for p in home.rglob("*.db") if p.is_file())
 
 
-def report_materializations(instance, keys: list[str], chunk: int = 5000) -> float:
-    """Record a materialization of each of :data:`ASSETS` for each key; returns seconds."""
+def report_materializations(instance, keys: list[str], assets=ASSETS, chunk: int = 5000) -> float:
+    """Record a materialization of each of ``assets`` for each key; returns seconds."""
     from dagster import AssetKey, AssetMaterialization
     from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
     from dagster._core.events.log import EventLogEntry
     from dagster._core.instance.utils import RUNLESS_JOB_NAME, RUNLESS_RUN_ID
 
     t0 = time.perf_counter()
-    for asset in ASSETS:
+    for asset in assets:
         for start in range(0, len(keys), chunk):
             now = time.time()
             events = [EventLogEntry(
@@ -294,9 +294,10 @@ def measure(n_wells: int, args, workdir: Path) -> dict:
     t0 = time.perf_counter()
     instance.add_dynamic_partitions("samples", keys)
     out["add_partitions_s"] = round(time.perf_counter() - t0, 2)
-    seconds = report_materializations(instance, keys)
-    out["report_materializations"] = {"events": len(keys) * len(ASSETS), "s": round(seconds, 1),
-                                      "events_per_s": round(len(keys) * len(ASSETS) / seconds)}
+    seconds = report_materializations(instance, keys, args.report_assets)
+    n_events = len(keys) * len(args.report_assets)
+    out["report_materializations"] = {"assets": list(args.report_assets), "events": n_events,
+                                      "s": round(seconds, 1), "events_per_s": round(n_events / seconds)}
     db = _db_bytes(instance, pg_url, dagster_home)
     out["db_bytes_per_well"] = round(db / n_wells)
     _log(f"N={n_wells}: {len(keys)} partitions, {out['report_materializations']} in the instance ({db / 1e6:.0f} MB)")
@@ -317,15 +318,17 @@ def measure(n_wells: int, args, workdir: Path) -> dict:
             out["new_plate"][name] = {"tick_and_queue_s": round(seconds, 2), "runs_queued": runs}
         cursor_after = cursor
         out["graphql"] = graphql_figures(wctx, keys[len(keys) // 2], args.repeat)
-        backfill_keys = keys[:args.backfill_wells]
-        _set_subset_flag("true" if args.subset_events else None)
-        out["backfill"] = backfill(wctx, backfill_keys)
-        out["backfill"]["partition_subset_events"] = bool(args.subset_events)
-        _set_subset_flag(None)
+        if args.backfill_wells > 0:
+            _set_subset_flag("true" if args.subset_events else None)
+            out["backfill"] = backfill(wctx, keys[:args.backfill_wells])
+            out["backfill"]["partition_subset_events"] = bool(args.subset_events)
+            _set_subset_flag(None)
     # before: one run per well (a second code server reads the variable), on a plate of
     # --before-wells wells (queueing costs the same per run whatever the plate; scaled to the plate below)
     os.environ["PHENOCODER_SENSOR_RUNS"] = "well"
     try:
+        if args.before_wells <= 0:
+            raise _Skip
         n_before = min(args.before_wells, args.new_plate_wells)
         new_plate(landing, workdir, "NEWPLATE2", n_before)
         with _workspace(instance) as wctx:
@@ -335,11 +338,17 @@ def measure(n_wells: int, args, workdir: Path) -> dict:
                 "wells_measured": n_before, "tick_and_queue_s": round(seconds, 2), "runs_queued": runs,
                 f"extrapolated_to_{args.new_plate_wells}_wells_s": round(seconds * args.new_plate_wells / n_before, 1)}
             out["dequeue"] = dequeue_rate(wctx)
+    except _Skip:
+        pass
     finally:
         os.environ.pop("PHENOCODER_SENSOR_RUNS", None)
     out["db_bytes_per_well_after_runs"] = round(_db_bytes(instance, pg_url, dagster_home) / n_wells)
     instance.dispose()
     return out
+
+
+class _Skip(Exception):
+    """--before-wells 0: no per-well queueing."""
 
 
 def _set_subset_flag(value: str | None) -> None:
@@ -384,6 +393,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--postgres-url", default=os.environ.get("PHENOCODER_TEST_POSTGRES_URL"),
                         help="server URL (a database phenocoder_scale_<N> is created on it); default SQLite")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--report-assets", nargs="+", default=list(ASSETS), choices=ASSETS,
+                        help="assets reported materialized for every well (fewer: a cheaper set-up at 10^5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="folder for the instances and plates (default: a temporary one)")
     parser.add_argument("--out", help="also write the JSON here")
