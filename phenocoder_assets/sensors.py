@@ -53,6 +53,7 @@ from dagster import (
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from .jobs import sample_pipeline_job
+from .archive import archived_plates
 from .partitions import SAMPLES, partition_key_problem
 from .resources import PhenocoderStorage
 from .state import current_model_info, current_reference_info, model_tag
@@ -211,9 +212,10 @@ def incoming_plates_sensor(context: SensorEvaluationContext, storage: Phenocoder
     new_keys: list[str] = []
     requests: list[RunRequest] = []
     waiting, refused = [], []
+    archived = archived_plates(storage)
 
     for entry in sorted(os.scandir(landing), key=lambda e: e.name):
-        if entry.name.startswith("."):
+        if entry.name.startswith(".") or entry.name in archived:
             continue
         problem = plate_problem(landing, entry)
         if problem:

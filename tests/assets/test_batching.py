@@ -139,3 +139,28 @@ def test_later_stage_learns_of_failed_wells_from_the_run_events(tmp_path, copy_p
     assert instance.get_materialized_partitions(AssetKey("patches")) == {"TINY_A01"}
     failed = _check(instance, "patches").metadata["failed_wells"].value
     assert list(failed) == ["TINY_A02"] and "sdata failed" in failed["TINY_A02"]
+
+
+def test_archived_plate_leaves_the_live_partitions_and_is_not_registered_again(tmp_path, copy_plate):
+    from phenocoder_assets.archive import archive_plates, archived_plates, restore_plates
+
+    home = tmp_path / "home"
+    copy_plate(home / "incoming" / "TINY")
+    copy_plate(home / "incoming" / "OTHER")
+    storage = PhenocoderStorage(root=str(home))
+    instance = DagsterInstance.ephemeral()
+    first = incoming_plates_sensor(build_sensor_context(instance=instance, resources=_resources(home)))
+    instance.add_dynamic_partitions("samples", list(first.dynamic_partitions_requests[0].partition_keys))
+    assert len(instance.get_dynamic_partitions("samples")) == 4
+    assert archive_plates(instance, storage, ["TINY"]) == WELLS
+    assert instance.get_dynamic_partitions("samples") == ["OTHER_A01", "OTHER_A02"]
+    assert archived_plates(storage) == {"TINY"}
+    # without a cursor the sensor sees both folders again: the archived plate is left alone
+    again = incoming_plates_sensor(build_sensor_context(instance=instance, resources=_resources(home)))
+    assert not again.dynamic_partitions_requests
+    assert all("TINY" not in (r.run_key or "") for r in again.run_requests)
+    with pytest.raises(ValueError, match=r"plates \['NOPE'\] have no 'samples' partitions"):
+        archive_plates(instance, storage, ["NOPE"])
+    restore_plates(storage, ["TINY"])
+    back = incoming_plates_sensor(build_sensor_context(instance=instance, resources=_resources(home)))
+    assert [list(r.partition_keys) for r in back.dynamic_partitions_requests] == [WELLS]
