@@ -177,10 +177,19 @@ def _tick(instance, storage, cursor: str | None):
     """One sensor evaluation: registers its partitions, returns (run requests as dicts, cursor)."""
     from dagster import build_sensor_context
 
-    from phenocoder_assets.sensors import incoming_plates_sensor
+    from phenocoder_assets.sensors import RUNS_ENV, incoming_plates_sensor
 
-    tick = incoming_plates_sensor(build_sensor_context(instance=instance, cursor=cursor,
-                                                       resources={"storage": storage}))
+    # the soak measures one run per well (time and memory per run): the sensor's per-well mode
+    previous = os.environ.get(RUNS_ENV)
+    os.environ[RUNS_ENV] = "well"
+    try:
+        tick = incoming_plates_sensor(build_sensor_context(instance=instance, cursor=cursor,
+                                                           resources={"storage": storage}))
+    finally:
+        if previous is None:
+            os.environ.pop(RUNS_ENV, None)
+        else:
+            os.environ[RUNS_ENV] = previous
     for req in tick.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
     requests = [{"partition_key": r.partition_key, "tags": dict(r.tags), "run_config": dict(r.run_config or {}),

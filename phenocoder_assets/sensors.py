@@ -6,7 +6,16 @@ Completion rule: a plate folder ``<landing>/<plate>/`` is complete when the expo
 many seconds. Until then the plate is reported as waiting.
 
 For each complete plate the sensor registers one ``samples`` partition per well
-(``f"{plate}_{well}"``) and requests one run per well of the ``sample_pipeline`` job. The stages
+(``f"{plate}_{well}"``) and requests runs of the ``sample_pipeline`` job: by default one run per
+plate (``PHENOCODER_SENSOR_RUNS=plate``) over the range of its wells' partitions, which processes
+the wells one after the other in the same processes and still records one materialization per
+well (:mod:`phenocoder_assets.wells`; a well that fails is named by the ``every_well_processed``
+check and does not stop its plate); wells that need different stages, or that are not adjacent in
+the partition order, get runs of their own. ``PHENOCODER_SENSOR_RUNS=well`` requests one run per
+well instead (each pays a process start and the imports: about 3x fewer wells per hour, see the
+README's "Screen scale"). Runs carry ``dagster/max_retries`` (:data:`RUN_RETRIES`) so that an
+instance with ``run_retries: enabled: true`` re-executes a run that failed from the failed step
+on. The stages
 requested are the ones that can run: ``sdata`` and ``patches`` always; ``latents`` once a model
 has been trained; ``clusters`` and ``graph_stats`` once a cluster reference exists for that
 model. Run keys are ``"<sample>:<content digest>:<model>/<reference>"``, where the digest covers
@@ -41,11 +50,14 @@ from dagster import (
     SkipReason,
     sensor,
 )
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+from .archive import archived_plates
 from .jobs import sample_pipeline_job
 from .partitions import SAMPLES, partition_key_problem
 from .resources import PhenocoderStorage
 from .state import current_model_info, current_reference_info, model_tag
+from .wells import DEFER_EVENTS_TAG, PLATE_RUN_TAG
 
 QUIET_ENV = "PHENOCODER_QUIET_SECONDS"
 MARKER = "EXPORT_COMPLETE"  # == phenocoder_lib.ingest.EXPORT_COMPLETE_MARKER (checked in the tests)
@@ -54,6 +66,10 @@ _PLATE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 INGEST_STAGES = ("sdata", "patches")
 ENCODE_STAGES = ("latents",)
 SPATIAL_STAGES = ("clusters", "graph_stats")
+RUNS_ENV = "PHENOCODER_SENSOR_RUNS"
+#: Run retries requested for the sensor's runs (honoured by an instance with ``run_retries`` enabled).
+RUN_RETRIES = 2
+RUN_RETRY_TAGS = {"dagster/max_retries": str(RUN_RETRIES), "dagster/retry_strategy": "FROM_FAILURE"}
 
 
 def plate_problem(landing: Path, entry: os.DirEntry | Path) -> str | None:
@@ -190,13 +206,16 @@ def incoming_plates_sensor(context: SensorEvaluationContext, storage: Phenocoder
     model_tag_now = model_tag(model) if model else "none"
     ref = current_reference_info(storage)
     reference_id = ref.get("id") if ref else None
-    known = set(context.instance.get_dynamic_partitions(SAMPLES))
+    order = {k: i for i, k in enumerate(context.instance.get_dynamic_partitions(SAMPLES))}
+    known = set(order)
+    grouping = run_grouping()
     new_keys: list[str] = []
     requests: list[RunRequest] = []
     waiting, refused = [], []
+    archived = archived_plates(storage)
 
     for entry in sorted(os.scandir(landing), key=lambda e: e.name):
-        if entry.name.startswith("."):
+        if entry.name.startswith(".") or entry.name in archived:
             continue
         problem = plate_problem(landing, entry)
         if problem:
@@ -226,6 +245,7 @@ def incoming_plates_sensor(context: SensorEvaluationContext, storage: Phenocoder
             refused.append(f"{entry.name!r}: {err}")
             continue
         digests = well_digests(plate_dir, files, walked)
+        plate_wells: list[tuple[str, str, str, tuple[str, ...]]] = []
         for well in files.wells:
             key = sample_id(entry.name, well)
             problem = partition_key_problem(key)
@@ -235,18 +255,12 @@ def incoming_plates_sensor(context: SensorEvaluationContext, storage: Phenocoder
             if key not in known:
                 new_keys.append(key)
                 known.add(key)
+                order[key] = len(order)  # registered in this order, after the known keys
             selection = stages_to_run(storage, key, digests[well], available, model_tag_now, reference_id)
             if not selection:
                 continue
-            run_config = patches_run_config(model) if "patches" in selection else {}
-            requests.append(RunRequest(
-                run_key=f"{key}:{digests[well]}:{token}",
-                partition_key=key,
-                asset_selection=[_key(s) for s in selection],
-                run_config=run_config,
-                tags={"phenocoder/plate": entry.name, "phenocoder/well": well, "phenocoder/trigger": "incoming_plates",
-                      "phenocoder/source_digest": digests[well]},
-            ))
+            plate_wells.append((key, well, digests[well], tuple(selection)))
+        requests.extend(plate_run_requests(entry.name, plate_wells, order, token, model, grouping))
         plates_seen[entry.name] = f"{signature}:{token}"
 
     # Log a refused or waiting plate when that news changes, not on every evaluation (every 30 s).
@@ -267,6 +281,55 @@ def incoming_plates_sensor(context: SensorEvaluationContext, storage: Phenocoder
         dynamic_partitions_requests=[AddDynamicPartitionsRequest(SAMPLES, new_keys)] if new_keys else [],
         cursor=new_cursor,
     )
+
+
+def run_grouping() -> str:
+    """``plate`` (default) or ``well``, from ``$PHENOCODER_SENSOR_RUNS``."""
+    value = (os.environ.get(RUNS_ENV) or "plate").strip().lower()
+    if value not in ("plate", "well"):
+        raise ValueError(f"{RUNS_ENV}={value!r} must be 'plate' (one run per plate, the default) or 'well' "
+                         "(one run per well).")
+    return value
+
+
+def plate_run_requests(plate: str, wells: list[tuple[str, str, str, tuple[str, ...]]], order: dict[str, int],
+                       token: str, model: dict[str, Any] | None, grouping: str = "plate") -> list[RunRequest]:
+    """Run requests for the wells of one plate that need work.
+
+    ``wells`` holds ``(partition key, well, content digest, stages)``. With ``grouping="plate"``,
+    wells that need the same stages and whose partitions are adjacent in ``order`` (the partition
+    order of the ``samples`` definition) share one partition-range run; a lone well gets a plain
+    one-partition run, exactly as with ``grouping="well"``.
+    """
+    groups: list[list[tuple[str, str, str, tuple[str, ...]]]] = []
+    for item in sorted((w for w in wells if w[3]), key=lambda w: order[w[0]]):
+        last = groups[-1][-1] if groups else None
+        if (grouping == "plate" and last is not None and last[3] == item[3]
+                and order[item[0]] == order[last[0]] + 1):
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    requests = []
+    base_tags = {"phenocoder/plate": plate, "phenocoder/trigger": "incoming_plates", **RUN_RETRY_TAGS}
+    for group in groups:
+        selection = [_key(s) for s in group[0][3]]
+        run_config = patches_run_config(model) if "patches" in group[0][3] else {}
+        if len(group) == 1:
+            key, well, digest, _ = group[0]
+            requests.append(RunRequest(
+                run_key=f"{key}:{digest}:{token}", partition_key=key, asset_selection=selection,
+                run_config=run_config,
+                tags={**base_tags, "phenocoder/well": well, "phenocoder/source_digest": digest}))
+            continue
+        first, last = group[0][0], group[-1][0]
+        digest = hashlib.sha1("|".join(f"{k}:{d}" for k, _, d, _ in group).encode()).hexdigest()[:16]
+        requests.append(RunRequest(
+            run_key=f"{first}...{last}:{digest}:{token}", asset_selection=selection, run_config=run_config,
+            tags={**base_tags, PLATE_RUN_TAG: plate, DEFER_EVENTS_TAG: "true",
+                  ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last,
+                  "phenocoder/wells": f"{group[0][1]}...{group[-1][1]} ({len(group)})",
+                  "phenocoder/source_digest": digest}))
+    return requests
 
 
 def _key(name: str):

@@ -198,18 +198,29 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
     return MaterializeResult(data_version=data_version, metadata=metadata)
 
 
-def load_current_model(storage: PhenocoderStorage) -> tuple[Any, dict[str, Any], dict[str, Any], Path]:
-    """(keras model, model_config, model_info, folder) of the materialized ``model`` asset."""
-    from phenocoder_lib.pipeline import load_trained_model  # imports TensorFlow
+_MODEL_CACHE: dict[tuple[str, int], tuple[Any, dict[str, Any], dict[str, Any], Path]] = {}
 
+
+def load_current_model(storage: PhenocoderStorage) -> tuple[Any, dict[str, Any], dict[str, Any], Path]:
+    """(keras model, model_config, model_info, folder) of the materialized ``model`` asset.
+
+    Kept for the life of the process, keyed by the model record's modification time: the wells of a
+    plate run load the model once, and a retrained model (a new record) is loaded again.
+    """
     folder = storage.local_path("model")
-    info = read_json(folder / MODEL_INFO)
-    keras_model, config = load_trained_model(folder)
-    return keras_model, config, info, folder
+    key = (str(folder), (folder / MODEL_INFO).stat().st_mtime_ns)
+    if key not in _MODEL_CACHE:
+        from phenocoder_lib.pipeline import load_trained_model  # imports TensorFlow
+
+        info = read_json(folder / MODEL_INFO)
+        keras_model, config = load_trained_model(folder)
+        _MODEL_CACHE.clear()
+        _MODEL_CACHE[key] = (keras_model, config, info, folder)
+    return _MODEL_CACHE[key]
 
 
 def encode_sample(context: AssetExecutionContext, config: LatentsConfig,
-                  storage: PhenocoderStorage) -> MaterializeResult:
+                  storage: PhenocoderStorage, sample: str) -> MaterializeResult:
     """Body of the ``latents`` asset: :func:`phenocoder_lib.encoding.encode_table` for one sample."""
     import numpy as np
     import spatialdata
@@ -220,7 +231,6 @@ def encode_sample(context: AssetExecutionContext, config: LatentsConfig,
     from ..previews import scatter, two_columns
     from .latents import CHECK_EVERY_OBJECT, CHECK_FINITE, CODE_VERSION, COSMETIC
 
-    sample = context.partition_key
     # what this partition is computed from: the well, its patch dataset (normalization anchors) and the model
     inputs = {"sdata": read_version(storage, "sdata", sample), "patches": read_version(storage, "patches", sample),
               "model": read_version(storage, "model")}

@@ -23,6 +23,7 @@ from ..metadata_docs import describe
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
 from ..state import REFERENCE_INFO, read_json
+from ..wells import BACKFILL_POLICY, STEP_RETRY_POLICY, for_each_well, wells_check_spec
 from ._common import (
     LABELS_FILE,
     LATENTS_FILE,
@@ -130,11 +131,21 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
     group_name="per_sample",
     kinds={"parquet"},
     code_version=CLUSTERS_CODE_VERSION,
+    check_specs=[wells_check_spec('clusters')],
+    retry_policy=STEP_RETRY_POLICY,
+    backfill_policy=BACKFILL_POLICY,
     description=describe("clusters", "Cluster label of every object of a well, consistent across wells "
                          "(`<root>/clusters/<sample>/labels.parquet`)."),
 )
-def clusters(context: AssetExecutionContext, config: ClustersConfig, storage: PhenocoderStorage) -> MaterializeResult:
+def clusters(context: AssetExecutionContext, config: ClustersConfig, storage: PhenocoderStorage):
     """Pooled labels for reference objects, :func:`~phenocoder_lib.clustering.transfer_labels` for the rest."""
+    yield from for_each_well(context, lambda sample: _clusters_one(context, config, storage, sample),
+                             upstream=('latents',))
+
+
+def _clusters_one(context: AssetExecutionContext, config: ClustersConfig, storage: PhenocoderStorage,
+                  sample: str) -> MaterializeResult:
+    """One well of ``clusters``."""
     import anndata as ad
     import numpy as np
     import pandas as pd
@@ -143,7 +154,6 @@ def clusters(context: AssetExecutionContext, config: ClustersConfig, storage: Ph
 
     from ..previews import scatter
 
-    sample = context.partition_key
     ref_dir = storage.local_path("cluster_reference")
     info = read_json(ref_dir / REFERENCE_INFO)
     table = ad.read_h5ad(storage.local_path("latents", sample) / LATENTS_FILE)

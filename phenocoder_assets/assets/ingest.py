@@ -8,6 +8,7 @@ from ..configs import IngestConfig
 from ..metadata_docs import describe
 from ..partitions import samples_partitions, split_sample
 from ..resources import PhenocoderStorage
+from ..wells import BACKFILL_POLICY, STEP_RETRY_POLICY, for_each_well, wells_check_spec
 from ._common import (
     PREVIEW_FILE,
     SDATA_FILE,
@@ -29,17 +30,27 @@ COSMETIC = ("preview",)
     group_name="per_sample",
     kinds={"spatialdata", "zarr"},
     code_version=CODE_VERSION,
+    check_specs=[wells_check_spec('sdata')],
+    retry_policy=STEP_RETRY_POLICY,
+    backfill_policy=BACKFILL_POLICY,
+    pool='ingest',
     description=describe("sdata", "One well of a plate export read into a SpatialData object (images, labels, "
                          "per-object table in um), written as `<root>/sdata/<sample>/sdata.zarr`."),
 )
-def sdata(context: AssetExecutionContext, config: IngestConfig, storage: PhenocoderStorage) -> MaterializeResult:
+def sdata(context: AssetExecutionContext, config: IngestConfig, storage: PhenocoderStorage):
     """:func:`phenocoder_lib.ingest.read_plate` for the partition's well, written atomically."""
+    yield from for_each_well(context, lambda sample: _sdata_one(context, config, storage, sample),
+                             upstream=())
+
+
+def _sdata_one(context: AssetExecutionContext, config: IngestConfig, storage: PhenocoderStorage,
+               sample: str) -> MaterializeResult:
+    """One well of ``sdata``."""
     from phenocoder_lib._io import write_json_atomic
     from phenocoder_lib.ingest import read_plate, scan_plate, write_sdata
 
     from ..sensors import well_digests
 
-    sample = context.partition_key
     plate, well = split_sample(sample)
     plate_dir = Path(config.plate_dir) if config.plate_dir else storage.landing_dir / plate
     timer = Timer()

@@ -1,11 +1,12 @@
 """``latents``: deterministic latents (z_mean) of every object of a well with the current model."""
 
-from dagster import AssetCheckSpec, AssetExecutionContext, MaterializeResult, asset
+from dagster import AssetCheckSpec, AssetExecutionContext, asset
 
 from ..configs import LatentsConfig
 from ..metadata_docs import describe
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
+from ..wells import BACKFILL_POLICY, STEP_RETRY_POLICY, for_each_well, wells_check_spec
 
 CHECK_EVERY_OBJECT = "every_object_has_a_latent"
 CHECK_FINITE = "latents_finite"
@@ -21,15 +22,20 @@ COSMETIC = ("batch_size",)
     kinds={"anndata", "tensorflow"},
     code_version=CODE_VERSION,
     check_specs=[
+        wells_check_spec("latents"),
         AssetCheckSpec(CHECK_EVERY_OBJECT, asset="latents", description="Every object of the well has a latent."),
         AssetCheckSpec(CHECK_FINITE, asset="latents", description="No NaN or infinite latent value."),
     ],
+    retry_policy=STEP_RETRY_POLICY,
+    backfill_policy=BACKFILL_POLICY,
+    pool="gpu",  # the TensorFlow stage shares the training's pool: one at a time unless the instance allows more
     description=describe("latents", "Latents of one well (`<root>/latents/<sample>/latents.h5ad`: the "
                          "'phenocoder' table, `z_mean` per object, optional spatial message passing layer), with "
                          "the model version that encoded them."),
 )
-def latents(context: AssetExecutionContext, config: LatentsConfig, storage: PhenocoderStorage) -> MaterializeResult:
+def latents(context: AssetExecutionContext, config: LatentsConfig, storage: PhenocoderStorage):
     """Encode the well's patch dataset with the current model (library ``encoding``)."""
     from ._model_impl import encode_sample
 
-    return encode_sample(context, config, storage)
+    yield from for_each_well(context, lambda sample: encode_sample(context, config, storage, sample),
+                             upstream=("sdata", "patches"))

@@ -15,6 +15,7 @@ from ..metadata_docs import describe
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
 from ..state import SUMMARY, read_json
+from ..wells import BACKFILL_POLICY, STEP_RETRY_POLICY, for_each_well, wells_check_spec
 from ._common import (
     PREVIEW_FILE,
     SDATA_FILE,
@@ -39,13 +40,23 @@ CHECK_EVERY_OBJECT = "every_object_has_a_patch"
     group_name="per_sample",
     kinds={"zarr", "parquet"},
     code_version=CODE_VERSION,
-    check_specs=[AssetCheckSpec(CHECK_EVERY_OBJECT, asset="patches",
+    check_specs=[wells_check_spec('patches'), AssetCheckSpec(CHECK_EVERY_OBJECT, asset="patches",
                                 description="Every object of the well's table has a patch.")],
+    retry_policy=STEP_RETRY_POLICY,
+    backfill_policy=BACKFILL_POLICY,
+    pool='ingest',
     description=describe("patches", "Patch dataset of one well (`<root>/patches/<sample>/`: `patches.zarr`, "
                          "`index.parquet`, `stats.parquet`, `settings.json` with the normalization anchors)."),
 )
-def patches(context: AssetExecutionContext, config: PatchesConfig, storage: PhenocoderStorage) -> MaterializeResult:
+def patches(context: AssetExecutionContext, config: PatchesConfig, storage: PhenocoderStorage):
     """:func:`phenocoder_lib.patches.generate_dataset` on the well's SpatialData."""
+    yield from for_each_well(context, lambda sample: _patches_one(context, config, storage, sample),
+                             upstream=('sdata',))
+
+
+def _patches_one(context: AssetExecutionContext, config: PatchesConfig, storage: PhenocoderStorage,
+                 sample: str) -> MaterializeResult:
+    """One well of ``patches``."""
     import numpy as np
     import spatialdata
 
@@ -55,7 +66,6 @@ def patches(context: AssetExecutionContext, config: PatchesConfig, storage: Phen
     from ..previews import patch_montage
     from ..state import current_model_info
 
-    sample = context.partition_key
     patch_size = resolve_patch_size(config.patch_size, current_model_info(storage))
     inputs = {"sdata": read_version(storage, "sdata", sample)}
     version = logical_version(CODE_VERSION, {**settings_of(config), "patch_size": patch_size}, inputs)

@@ -17,6 +17,7 @@ from ..configs import EmbeddingConfig, GraphStatsConfig
 from ..metadata_docs import describe
 from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
+from ..wells import BACKFILL_POLICY, STEP_RETRY_POLICY, for_each_well, wells_check_spec
 from ._common import (
     EMBEDDING_FILE,
     LABELS_FILE,
@@ -46,15 +47,23 @@ GRAPH_STATS_COSMETIC = ("n_jobs",)
     group_name="per_sample",
     kinds={"anndata", "numba"},
     code_version=GRAPH_STATS_CODE_VERSION,
-    check_specs=[AssetCheckSpec(CHECK_COMPLETE, asset="graph_stats",
+    check_specs=[wells_check_spec('graph_stats'), AssetCheckSpec(CHECK_COMPLETE, asset="graph_stats",
                                 description="Every row computed (status 'ok') with every expected feature column.")],
+    retry_policy=STEP_RETRY_POLICY,
+    backfill_policy=BACKFILL_POLICY,
     description=describe("graph_stats", "Spatial graph statistics of a well: one row of "
                          "`radius:{r}_stat:{group}_{column}` features (or one per subunit), "
                          "`<root>/graph_stats/<sample>/stats.h5ad`."),
 )
-def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig,
-                storage: PhenocoderStorage) -> MaterializeResult:
+def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig, storage: PhenocoderStorage):
     """:func:`phenocoder_lib.spatial.compute_spatial_stats` on the well's latents table and cluster labels."""
+    yield from for_each_well(context, lambda sample: _graph_stats_one(context, config, storage, sample),
+                             upstream=('latents', 'clusters'))
+
+
+def _graph_stats_one(context: AssetExecutionContext, config: GraphStatsConfig, storage: PhenocoderStorage,
+                     sample: str) -> MaterializeResult:
+    """One well of ``graph_stats``."""
     import anndata as ad
     import numpy as np
     import pandas as pd
@@ -65,7 +74,6 @@ def graph_stats(context: AssetExecutionContext, config: GraphStatsConfig,
 
     from ..state import SUMMARY
 
-    sample = context.partition_key
     inputs = {"latents": read_version(storage, "latents", sample),
               "clusters": read_version(storage, "clusters", sample),
               "cluster_reference": read_version(storage, "cluster_reference")}

@@ -294,7 +294,8 @@ def test_sensor_ignores_exports_still_being_written_or_incomplete(platform, tiny
     assert "'BROKEN': plate 'BROKEN' is incomplete" in message and "A02 z=0 channel=" in message
     (wip / MARKER).write_text("")  # the export finishes: now it is picked up, BROKEN still is not
     done = _sensor(platform, landing)
-    assert sorted(r.partition_key for r in done.run_requests) == ["WIP_A01", "WIP_A02"]
+    (plate_run,) = done.run_requests  # one run over the plate's wells (PHENOCODER_SENSOR_RUNS=plate)
+    assert (plate_run.partition_key_range.start, plate_run.partition_key_range.end) == ("WIP_A01", "WIP_A02")
     assert [list(r.partition_keys) for r in done.dynamic_partitions_requests] == [["WIP_A01", "WIP_A02"]]
 
 

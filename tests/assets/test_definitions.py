@@ -46,7 +46,8 @@ def test_graph_shape_partitions_and_checks():
         checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
         assert checks == {("patches", "every_object_has_a_patch"), ("latents", "every_object_has_a_latent"),
                           ("latents", "latents_finite"), ("graph_stats", "graph_stats_complete"),
-                          ("well_profiles", "well_profiles_complete")}
+                          ("well_profiles", "well_profiles_complete"),
+                          *((name, "every_well_processed") for name in PER_SAMPLE)}
         from phenocoder_assets.assets.model import model
 
         assert model.op.pool == "gpu"

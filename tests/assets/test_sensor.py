@@ -14,6 +14,12 @@ from phenocoder_assets.resources import PhenocoderStorage
 from phenocoder_assets.sensors import MARKER, incoming_plates_sensor
 
 
+@pytest.fixture(autouse=True)
+def _one_run_per_well(monkeypatch):
+    """These tests read the per-well requests (PHENOCODER_SENSOR_RUNS=well); plate runs: test_batching.py."""
+    monkeypatch.setenv("PHENOCODER_SENSOR_RUNS", "well")
+
+
 def _evaluate(instance, home, cursor=None):
     ctx = build_sensor_context(instance=instance, cursor=cursor,
                                resources={"storage": PhenocoderStorage(root=str(home))})

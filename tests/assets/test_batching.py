@@ -1,0 +1,166 @@
+"""Plate runs: the sensor's one run per plate records one materialization per well, and one well's
+failure is named without stopping its plate; a one-well rerun (as from the UI) still works."""
+
+from __future__ import annotations
+
+import pytest
+from dagster import AssetCheckKey, AssetKey, DagsterInstance, build_sensor_context, materialize
+
+from phenocoder_assets.definitions import ASSETS
+from phenocoder_assets.resources import MLflowTracking, PhenocoderStorage
+from phenocoder_assets.sensors import RUN_RETRY_TAGS, incoming_plates_sensor, plate_run_requests
+from phenocoder_assets.wells import CHECK_WELLS, DEFER_EVENTS_TAG, PLATE_RUN_TAG, WELL_ATTEMPTS_ENV
+
+WELLS = ["TINY_A01", "TINY_A02"]
+
+
+def _resources(home):
+    return {"storage": PhenocoderStorage(root=str(home)), "mlflow": MLflowTracking(root=str(home))}
+
+
+def _check(instance, asset):
+    record = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [AssetCheckKey(AssetKey(asset), CHECK_WELLS)])[AssetCheckKey(AssetKey(asset), CHECK_WELLS)]
+    return record.event.dagster_event.event_specific_data
+
+
+def test_sensor_requests_one_run_per_plate(tmp_path, copy_plate, monkeypatch):
+    monkeypatch.delenv("PHENOCODER_SENSOR_RUNS", raising=False)
+    home = tmp_path / "home"
+    copy_plate(home / "incoming" / "TINY")
+    instance = DagsterInstance.ephemeral()
+    result = incoming_plates_sensor(build_sensor_context(instance=instance, resources=_resources(home)))
+    assert [list(r.partition_keys) for r in result.dynamic_partitions_requests] == [WELLS]
+    (req,) = result.run_requests
+    assert req.partition_key is None
+    assert (req.partition_key_range.start, req.partition_key_range.end) == tuple(WELLS)
+    assert req.tags[PLATE_RUN_TAG] == "TINY" and req.tags[DEFER_EVENTS_TAG] == "true"
+    assert req.tags["dagster/max_retries"] == RUN_RETRY_TAGS["dagster/max_retries"]
+    assert req.asset_selection == [AssetKey("sdata"), AssetKey("patches")]
+
+    monkeypatch.setenv("PHENOCODER_SENSOR_RUNS", "well")
+    per_well = incoming_plates_sensor(build_sensor_context(instance=instance, resources=_resources(home)))
+    assert [r.partition_key for r in per_well.run_requests] == WELLS
+    monkeypatch.setenv("PHENOCODER_SENSOR_RUNS", "plates")
+    with pytest.raises(ValueError, match="PHENOCODER_SENSOR_RUNS='plates'"):
+        incoming_plates_sensor(build_sensor_context(instance=instance, resources=_resources(home)))
+
+
+def test_grouping_splits_on_stages_and_gaps():
+    order = {k: i for i, k in enumerate(["P_A01", "P_A02", "Q_A01", "P_A03", "P_A04", "P_A05"])}
+    wells = [("P_A01", "A01", "d1", ("sdata", "patches")), ("P_A02", "A02", "d2", ("sdata", "patches")),
+             ("P_A03", "A03", "d3", ("sdata", "patches")), ("P_A04", "A04", "d4", ("latents",)),
+             ("P_A05", "A05", "d5", ("latents",)), ("P_A06", "A06", "d6", ())]
+    order["P_A06"] = 6
+    reqs = plate_run_requests("P", wells, order, "none", None)
+    spans = [(r.partition_key,) if r.partition_key else (r.partition_key_range.start, r.partition_key_range.end)
+             for r in reqs]
+    # A01-A02 adjacent; A03 is separated by another plate's well; A04-A05 need other stages; A06 nothing
+    assert spans == [("P_A01", "P_A02"), ("P_A03",), ("P_A04", "P_A05")]
+    assert [r.asset_selection for r in reqs][2] == [AssetKey("latents")]
+    assert len({r.run_key for r in reqs}) == 3
+
+
+def test_plate_run_records_each_well_and_names_the_failing_one(tmp_path, copy_plate, monkeypatch):
+    import phenocoder_lib.ingest as ingest
+
+    home = tmp_path / "home"
+    copy_plate(home / "incoming" / "TINY")
+    monkeypatch.setenv(WELL_ATTEMPTS_ENV, "2")
+    monkeypatch.setenv("PHENOCODER_WELL_RETRY_DELAY", "0")
+    real_read = ingest.read_plate
+    calls = []
+
+    def flaky_read(plate_dir, wells, **kw):  # A01 fails once (transient), A02 always (a broken well)
+        calls.append(wells[0])
+        if wells == ["A02"] or calls.count("A01") == 1 and wells == ["A01"]:
+            raise OSError(f"cannot read well {wells[0]}")
+        return real_read(plate_dir, wells=wells, **kw)
+
+    monkeypatch.setattr(ingest, "read_plate", flaky_read)
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("samples", WELLS)
+    tags = {PLATE_RUN_TAG: "TINY", DEFER_EVENTS_TAG: "true", "dagster/asset_partition_range_start": WELLS[0],
+            "dagster/asset_partition_range_end": WELLS[1]}
+    res = materialize(ASSETS, selection=["sdata", "patches"], instance=instance, resources=_resources(home),
+                      tags=tags)
+    assert res.success  # the plate run finishes: the broken well does not stop it
+    assert calls == ["A01", "A01", "A02", "A02"]  # A01 retried once and passed; A02 tried twice
+    for asset in ("sdata", "patches"):
+        assert instance.get_materialized_partitions(AssetKey(asset)) == {"TINY_A01"}
+        evaluation = _check(instance, asset)
+        assert evaluation.passed is False
+        failed = evaluation.metadata["failed_wells"].value
+        assert list(failed) == ["TINY_A02"]
+    assert "cannot read well A02" in _check(instance, "sdata").metadata["failed_wells"].value["TINY_A02"]
+    assert "skipped" in _check(instance, "patches").metadata["failed_wells"].value["TINY_A02"]
+    # per-well metadata, not one block for the range
+    (record,) = instance.fetch_materializations(AssetKey("sdata"), limit=5).records
+    assert record.asset_materialization.partition == "TINY_A01"
+    assert record.asset_materialization.metadata["n_objects"].value > 0
+    assert (home / "sdata" / "TINY_A01" / "sdata.zarr").is_dir()
+    assert not (home / "sdata" / "TINY_A02").exists()
+
+    # the broken well is fixed and rerun alone, as from the UI (no plate-run tags): a plain run
+    monkeypatch.setattr(ingest, "read_plate", real_read)
+    rerun = materialize(ASSETS, selection=["sdata", "patches"], instance=instance, resources=_resources(home),
+                        partition_key="TINY_A02")
+    assert rerun.success
+    assert instance.get_materialized_partitions(AssetKey("patches")) == set(WELLS)
+    assert _check(instance, "patches").passed is True
+
+
+def test_later_stage_learns_of_failed_wells_from_the_run_events(tmp_path, copy_plate, monkeypatch):
+    """With one process per step (the default executor) the later stage reads the failed wells from
+    the run's check events; simulated here by turning off the in-process memory of failures."""
+    import phenocoder_assets.wells as wells
+    import phenocoder_lib.ingest as ingest
+
+    home = tmp_path / "home"
+    copy_plate(home / "incoming" / "TINY")
+    monkeypatch.setenv(WELL_ATTEMPTS_ENV, "1")
+    real_read = ingest.read_plate
+
+    def broken_a02(plate_dir, wells, **kw):
+        if wells == ["A02"]:
+            raise ValueError("well A02: label image is truncated")
+        return real_read(plate_dir, wells=wells, **kw)
+
+    monkeypatch.setattr(ingest, "read_plate", broken_a02)
+    monkeypatch.setattr(wells, "_remember_failures", lambda *a, **k: None)
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("samples", WELLS)
+    # an older sdata of A02 on disk must not be used by patches when A02's new sdata failed
+    tags = {PLATE_RUN_TAG: "TINY", DEFER_EVENTS_TAG: "true", "dagster/asset_partition_range_start": WELLS[0],
+            "dagster/asset_partition_range_end": WELLS[1]}
+    res = materialize(ASSETS, selection=["sdata", "patches"], instance=instance, resources=_resources(home),
+                      tags=tags)
+    assert res.success
+    assert instance.get_materialized_partitions(AssetKey("patches")) == {"TINY_A01"}
+    failed = _check(instance, "patches").metadata["failed_wells"].value
+    assert list(failed) == ["TINY_A02"] and "sdata failed" in failed["TINY_A02"]
+
+
+def test_archived_plate_leaves_the_live_partitions_and_is_not_registered_again(tmp_path, copy_plate):
+    from phenocoder_assets.archive import archive_plates, archived_plates, restore_plates
+
+    home = tmp_path / "home"
+    copy_plate(home / "incoming" / "TINY")
+    copy_plate(home / "incoming" / "OTHER")
+    storage = PhenocoderStorage(root=str(home))
+    instance = DagsterInstance.ephemeral()
+    first = incoming_plates_sensor(build_sensor_context(instance=instance, resources=_resources(home)))
+    instance.add_dynamic_partitions("samples", list(first.dynamic_partitions_requests[0].partition_keys))
+    assert len(instance.get_dynamic_partitions("samples")) == 4
+    assert archive_plates(instance, storage, ["TINY"]) == WELLS
+    assert instance.get_dynamic_partitions("samples") == ["OTHER_A01", "OTHER_A02"]
+    assert archived_plates(storage) == {"TINY"}
+    # without a cursor the sensor sees both folders again: the archived plate is left alone
+    again = incoming_plates_sensor(build_sensor_context(instance=instance, resources=_resources(home)))
+    assert not again.dynamic_partitions_requests
+    assert all("TINY" not in (r.run_key or "") for r in again.run_requests)
+    with pytest.raises(ValueError, match=r"plates \['NOPE'\] have no 'samples' partitions"):
+        archive_plates(instance, storage, ["NOPE"])
+    restore_plates(storage, ["TINY"])
+    back = incoming_plates_sensor(build_sensor_context(instance=instance, resources=_resources(home)))
+    assert [list(r.partition_keys) for r in back.dynamic_partitions_requests] == [WELLS]
