@@ -64,8 +64,6 @@ STEP_RETRY_POLICY = RetryPolicy(max_retries=2, delay=float(os.environ.get(STEP_R
 WELLS_PER_BACKFILL_RUN = 384
 BACKFILL_POLICY = BackfillPolicy.multi_run(max_partitions_per_run=WELLS_PER_BACKFILL_RUN)
 
-_DATA_VERSION_TAG = "dagster/data_version"
-_CODE_VERSION_TAG = "dagster/code_version"
 
 
 def wells_check_spec(asset: str) -> AssetCheckSpec:
@@ -143,18 +141,48 @@ def for_each_well(context: Any, body: Callable[[str], MaterializeResult], *,
             context.log.error(f"well {key} failed in {asset_key.to_user_string()}: {errors[key]} "
                               f"(rerun it alone: materialize partition {key!r})")
             continue
-        tags = {}
-        if result.data_version is not None:
-            tags[_DATA_VERSION_TAG] = result.data_version.value
-        code_version = _code_version(context)
-        if code_version:
-            tags[_CODE_VERSION_TAG] = code_version
+        tags = _version_tags(context, key, result)
         yield AssetMaterialization(asset_key=asset_key, partition=key, metadata=dict(result.metadata or {}),
                                    tags=tags or None)
         results.append(result)
         done.append(key)
     _remember_failures(context, asset_key.to_user_string(), errors)
     yield MaterializeResult(check_results=_merge_checks(results, done, sorted(errors.items())))
+
+
+def _version_tags(context: Any, key: str, result: MaterializeResult) -> dict[str, str] | None:
+    """The data-version tags Dagster writes for a materialization it records itself, for one well.
+
+    Its staleness reads them: the well's data and code version, and for each upstream asset the data
+    version and event (storage id) it was computed from -- the same well's partition of a per-sample
+    asset, the latest materialization of an unpartitioned one. Without the upstream tags Dagster would
+    report every well of a plate run as STALE ("has a new dependency").
+    """
+    from dagster._core.definitions.data_version import (
+        CODE_VERSION_TAG,
+        DATA_VERSION_IS_USER_PROVIDED_TAG,
+        DATA_VERSION_TAG,
+        DEFAULT_DATA_VERSION,
+        NULL_EVENT_POINTER,
+        extract_data_version_from_entry,
+        get_input_data_version_tag,
+        get_input_event_pointer_tag,
+    )
+
+    if result.data_version is None:
+        return None
+    tags = {DATA_VERSION_TAG: result.data_version.value, DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}
+    code_version = _code_version(context)
+    if code_version:
+        tags[CODE_VERSION_TAG] = code_version
+    layer = context.job_def.asset_layer
+    for dep in sorted(layer.get(context.asset_key).parent_keys):
+        partition = key if layer.get(dep).partitions_def is not None else None
+        record = context.instance.get_latest_data_version_record(dep, False, partition)
+        version = (extract_data_version_from_entry(record.event_log_entry) if record else None) or DEFAULT_DATA_VERSION
+        tags[get_input_data_version_tag(dep)] = version.value
+        tags[get_input_event_pointer_tag(dep)] = str(record.storage_id) if record else NULL_EVENT_POINTER
+    return tags
 
 
 def _code_version(context: Any) -> str | None:

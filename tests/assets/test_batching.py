@@ -164,3 +164,38 @@ def test_archived_plate_leaves_the_live_partitions_and_is_not_registered_again(t
     restore_plates(storage, ["TINY"])
     back = incoming_plates_sensor(build_sensor_context(instance=instance, resources=_resources(home)))
     assert [list(r.partition_keys) for r in back.dynamic_partitions_requests] == [WELLS]
+
+
+def test_plate_run_records_lineage_per_well(tmp_path, copy_plate):
+    """Each well of a plate run carries its inputs' versions: FRESH after the run, and a changed upstream
+    well makes exactly its own downstream partition STALE (an identical rerun leaves it FRESH)."""
+    from phenocoder_assets.definitions import defs
+    from phenocoder_assets.refresh import stale_resolver
+
+    home = tmp_path / "home"
+    copy_plate(home / "incoming" / "TINY")
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("samples", WELLS)
+    tags = {PLATE_RUN_TAG: "TINY", DEFER_EVENTS_TAG: "true", "dagster/asset_partition_range_start": WELLS[0],
+            "dagster/asset_partition_range_end": WELLS[1]}
+    assert materialize(ASSETS, selection=["sdata", "patches"], instance=instance, resources=_resources(home),
+                       tags=tags).success
+    (record,) = instance.fetch_materializations(AssetKey("patches"), limit=1).records
+    tags_written = record.asset_materialization.tags
+    assert tags_written["dagster/input_data_version/sdata"] != "INITIAL"
+    assert int(tags_written["dagster/input_event_pointer/sdata"]) > 0
+
+    def status(asset):
+        resolver = stale_resolver(instance, defs.resolve_asset_graph())
+        return [resolver.get_status(AssetKey(asset), w).value for w in WELLS]
+
+    assert status("sdata") == status("patches") == ["FRESH", "FRESH"]
+    # the same well read again with the same settings: the same data version, nothing out of date
+    assert materialize(ASSETS, selection=["sdata"], instance=instance, resources=_resources(home),
+                       partition_key=WELLS[0]).success
+    assert status("patches") == ["FRESH", "FRESH"]
+    # read with another pixel size: other data, so that well's patches are out of date, the other's not
+    assert materialize(ASSETS, selection=["sdata"], instance=instance, resources=_resources(home),
+                       partition_key=WELLS[0],
+                       run_config={"ops": {"sdata": {"config": {"pixel_size_um": 0.5}}}}).success
+    assert status("patches") == ["STALE", "FRESH"]
