@@ -16,6 +16,17 @@ import pytest
 
 POSTGRES_ENV = "PHENOCODER_TEST_POSTGRES_URL"
 BACKENDS = ["sqlite", "postgres"]
+# Launched runs must execute without the daemon: the default run launcher behind a DefaultRunCoordinator.
+DEMO_DAGSTER_YAML = """\
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: DefaultRunCoordinator
+run_launcher:
+  module: dagster._core.launcher
+  class: DefaultRunLauncher
+telemetry:
+  enabled: false
+"""
 
 
 def postgres_url() -> str:
@@ -29,22 +40,27 @@ def postgres_url() -> str:
     return url
 
 
-def fresh_database(prefix: str = "phenocoder_test") -> str:
-    """Create an empty database on the test server and return its URL."""
+def _create_database(server_url: str, prefix: str, template: str | None = None) -> str:
+    """``CREATE DATABASE`` (optionally a copy of ``template``) on the server of ``server_url``; its URL."""
     import psycopg2
     from sqlalchemy.engine import make_url
 
-    url = make_url(postgres_url())
+    url = make_url(server_url)
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     conn = psycopg2.connect(host=url.host, port=url.port, user=url.username, password=url.password,
-                            dbname=url.database or "postgres")
+                            dbname="postgres")
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
+            cur.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
     finally:
         conn.close()
     return url.set(database=name).render_as_string(hide_password=False)
+
+
+def fresh_database(prefix: str = "phenocoder_test") -> str:
+    """Create an empty database on the test server and return its URL."""
+    return _create_database(postgres_url(), prefix)
 
 
 def clone_database(url: str, prefix: str = "phenocoder_copy") -> str:
@@ -53,20 +69,9 @@ def clone_database(url: str, prefix: str = "phenocoder_copy") -> str:
     PostgreSQL copies a database only while nobody is connected to it; Dagster's PostgreSQL storage
     holds no idle connections (a null pool), so a finished instance can be copied.
     """
-    import psycopg2
     from sqlalchemy.engine import make_url
 
-    source = make_url(url)
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    conn = psycopg2.connect(host=source.host, port=source.port, user=source.username, password=source.password,
-                            dbname="postgres")
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}" TEMPLATE "{source.database}"')
-    finally:
-        conn.close()
-    return source.set(database=name).render_as_string(hide_password=False)
+    return _create_database(url, prefix, template=make_url(url).database)
 
 
 def storage_yaml(backend: str) -> str:

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from _instances import DEMO_DAGSTER_YAML, write_instance
 
 
 @pytest.fixture(scope="session")
@@ -30,17 +31,6 @@ def copy_plate(tiny_plate_template):
     return _copy
 
 
-# Launched runs must execute without the daemon: the default run launcher behind a DefaultRunCoordinator.
-DEMO_DAGSTER_YAML = """\
-run_coordinator:
-  module: dagster._core.run_coordinator
-  class: DefaultRunCoordinator
-run_launcher:
-  module: dagster._core.launcher
-  class: DefaultRunLauncher
-telemetry:
-  enabled: false
-"""
 DEMO_EPOCHS = 3
 
 
@@ -49,7 +39,6 @@ _DEMOS: dict = {}
 
 def _demo(backend: str, tmp_path_factory):
     """The demo on a small plate in a temporary home (3 wells, 16x16 patches, 3 epochs), once per backend."""
-    from _instances import write_instance
 
     from phenocoder_assets.cli import print_instructions, run_demo
 

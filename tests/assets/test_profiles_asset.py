@@ -7,21 +7,12 @@ import os
 import shutil
 
 import pytest
+from _instances import DEMO_DAGSTER_YAML
 from dagster import AssetKey, DagsterInstance, materialize
 
 pytestmark = pytest.mark.slow
 
 PLATE = "SCREEN00P1"
-DAGSTER_YAML = """\
-run_coordinator:
-  module: dagster._core.run_coordinator
-  class: DefaultRunCoordinator
-run_launcher:
-  module: dagster._core.launcher
-  class: DefaultRunLauncher
-telemetry:
-  enabled: false
-"""
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +28,7 @@ def screen_home(tmp_path_factory):
                                    nuclei_per_well=30, seed=0)
     home = base / "home"
     (home / "dagster").mkdir(parents=True)
-    (home / "dagster" / "dagster.yaml").write_text(DAGSTER_YAML)
+    (home / "dagster" / "dagster.yaml").write_text(DEMO_DAGSTER_YAML)
     landing = PhenocoderStorage(root=str(home)).landing_dir
     landing.mkdir(parents=True, exist_ok=True)
     shutil.copytree(screen.plates[0], landing / PLATE)
