@@ -91,13 +91,31 @@ def _attempts() -> tuple[int, float]:
     return attempts, delay
 
 
+#: Errors of the input or of the settings: the same call fails the same way again, so neither a well's
+#: attempts nor the step's :data:`STEP_RETRY_POLICY` repeat them, and the user reads the message at once.
+INPUT_ERRORS = (ValueError, TypeError, KeyError, IndexError, FileNotFoundError, NotADirectoryError)
+
+
+def _without_retries_for_input_errors(body: Callable[[str], MaterializeResult]) -> Callable[[str], MaterializeResult]:
+    """``body`` whose input errors fail the step at once (``Failure(allow_retries=False)``, the error as cause)."""
+    from dagster import Failure
+
+    def run(sample: str) -> MaterializeResult:
+        try:
+            return body(sample)
+        except INPUT_ERRORS as err:
+            raise Failure(description=f"{sample}: {type(err).__name__}: {err}", allow_retries=False) from err
+
+    return run
+
+
 def _with_retries(context: Any, sample: str, body: Callable[[str], MaterializeResult]) -> MaterializeResult:
     attempts, delay = _attempts()
     for attempt in range(1, attempts + 1):
         try:
             return body(sample)
         except Exception as err:  # noqa: BLE001 - any error of one well must not stop its plate
-            if attempt == attempts:
+            if attempt == attempts or isinstance(err, INPUT_ERRORS):
                 raise
             context.log.warning(f"{sample}: attempt {attempt}/{attempts} failed ({type(err).__name__}: {err}); "
                                 f"retrying in {delay:.0f} s")
@@ -115,6 +133,7 @@ def for_each_well(context: Any, body: Callable[[str], MaterializeResult], *,
     """
     keys = list(context.partition_keys)
     asset_key = context.asset_key
+    body = _without_retries_for_input_errors(body) if not is_plate_run(context) else body
     if len(keys) == 1 and not is_plate_run(context):
         result = body(keys[0])
         yield _with_wells_check(result, keys, [])

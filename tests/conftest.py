@@ -15,6 +15,9 @@ PLATE_3D = Path(os.environ.get("PHENOCODER_PLATE_3D", REPO.parent / "shared" / "
 PLATE_3D_GEOMETRY = {"pixel_size_um": 1.288, "z_step_um": 10.0, "table_scale": 4.0}
 
 warnings.filterwarnings("ignore", message="zarr v3 autosharding")
+# Step retries wait 10 s, then 20 s, by default: the tests that expect a step to fail (damaged files, a
+# failing well) need the retries, not the waiting. Read when phenocoder_assets.wells is first imported.
+os.environ.setdefault("PHENOCODER_STEP_RETRY_DELAY", "0.1")
 
 
 @pytest.fixture(scope="session")

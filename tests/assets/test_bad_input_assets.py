@@ -134,7 +134,8 @@ CONFIG_ERRORS = [
         r"ValidationError: 1 validation error for PatchesConfig\npatch_size\.0\n  Input should be greater than 0 ",
     ),
     ("patch_size_three_values", "patches", A01, {"patch_size": [16, 16, 3]},
-     r"ValidationError: 1 validation error for PatchesConfig\npatch_size\n  List should have at most 2 items"),
+     r"ValidationError: 1 validation error for PatchesConfig\npatch_size\n  Value error, patch_size needs 2 values "
+     r"\(height, width\), got \[16, 16, 3\]"),
     (
         "ingest_column",
         "sdata",

@@ -143,3 +143,30 @@ def test_bad_well_attempts_setting_is_named(monkeypatch):
     with pytest.raises(ValueError, match="must be >= 1"):
         _attempts()
 
+
+
+def test_an_input_error_fails_at_once_without_retries(tmp_path, copy_plate, monkeypatch):
+    """A wrong setting or a missing file fails the same way again: no step retry, the message on top."""
+    import phenocoder_lib.ingest as ingest
+    from dagster import DagsterInstance
+
+    home = tmp_path / "home"
+    copy_plate(home / "incoming" / "TINY")
+    calls = []
+
+    def broken(plate_dir, wells, **kw):
+        calls.append(wells[0])
+        raise ValueError("pixel_size_um=-1 must be > 0; set it in plate.json")
+
+    monkeypatch.setattr(ingest, "read_plate", broken)
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("samples", ["TINY_A01"])
+    res = materialize(ASSETS, selection=["sdata"], partition_key="TINY_A01", instance=instance,
+                      resources=_resources(home), raise_on_error=False)
+    assert not res.success
+    assert calls == ["TINY_A01"[-3:]]  # one attempt only
+    assert [e.event_type_value for e in res.all_events].count("STEP_UP_FOR_RETRY") == 0
+    (failure,) = res.get_step_failure_events()
+    error = failure.event_specific_data.error
+    assert "TINY_A01: ValueError: pixel_size_um=-1 must be > 0" in error.message
+    assert error.cause.cls_name == "ValueError"
