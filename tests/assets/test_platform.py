@@ -311,6 +311,7 @@ def test_webserver_lineage_and_latents_partition_rerun(own_demo, webserver):
         "sdata": [], "patches": ["sdata"], "model": ["patches"], "latents": ["model", "patches", "sdata"],
         "cluster_reference": ["latents"], "clusters": ["cluster_reference", "latents"],
         "graph_stats": ["clusters", "latents"], "embedding": ["graph_stats", "latents"],
+        "well_profiles": ["graph_stats", "latents"],
     }
     partitioned = {k[0] for k, n in nodes.items() if n["isPartitioned"]}
     assert partitioned == set(PER_SAMPLE)

@@ -62,7 +62,9 @@ def test_profiles_are_scored_with_a_layout_and_not_without(screen_home):
         meta = _materialize(screen_home, instance)
         assert meta["scored"].value is True
         assert meta["profiling/n_wells_with_layout"].value == 7
-        for rep in ("latents", "latents_message_passing", "graph_stats", "combined"):
+        # the demo encodes without spatial message passing (the default): no message-passed profile
+        assert not [k for k in meta if k.startswith("profiling/latents_message_passing/")]
+        for rep in ("latents", "graph_stats", "combined"):
             for metric in ("map_activity", "fraction_retrieved_activity", "percent_replicating"):
                 value = meta[f"profiling/{rep}/{metric}"].value
                 assert 0.0 <= value <= 1.0, (rep, metric, value)

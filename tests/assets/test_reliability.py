@@ -310,7 +310,8 @@ def test_tracking_credentials_never_reach_links_or_records(monkeypatch):
     assert tracking.resolved_tracking_uri().endswith("@mlflow.example.org")  # MLflow itself gets the real URI
     assert "s3cr3t" not in tracking.display_tracking_uri()
     monkeypatch.setattr(MLflowTracking, "experiment_id", lambda self: "7")
-    assert tracking.run_url("abc") == "https://***@mlflow.example.org/#/experiments/7/runs/abc"
+    assert tracking.run_url("abc") == ("https://***@mlflow.example.org/#/experiments/7/runs/abc"
+                                       "?workflowType=machine_learning")
     source = (REPO / "phenocoder_assets/assets/_model_impl.py").read_text()
     assert "resolved_tracking_uri()" not in source  # what is recorded is the display form
 
