@@ -148,7 +148,8 @@ class ModelConfig(Config):
     flip: bool = False
     shuffle: bool = True
     validation_fraction: float = Field(default=0.2, ge=0, lt=1)
-    split_by: Literal["object", "sample"] = Field(default="object", description="'object' (within each sample) or 'sample'.")
+    split_by: Literal["object", "sample"] = Field(default="object",
+                                                  description="'object' (within each sample) or 'sample'.")
     memory_budget_gib: float = Field(default=1.0, gt=0, description="Raw patches up to this size are held in RAM; "
                                       "larger datasets stream through a chunk cache of this size.")
     n_epochs: int = Field(default=100, ge=1)
@@ -204,7 +205,8 @@ class ClusterReferenceConfig(Config):
     transfer_k: int = Field(default=15, ge=1)
     max_fit: int | None = Field(default=200_000, ge=1, description="Fit Leiden on at most this many objects (seeded "
                                 "subsample); the others get the kNN vote. None: fit all.")
-    knn: Literal["faiss", "pynndescent", "exact"] = Field(default="faiss", description="kNN graph backend: 'faiss' (HNSW), 'pynndescent' or 'exact'.")
+    knn: Literal["faiss", "pynndescent", "exact"] = Field(
+        default="faiss", description="kNN graph backend: 'faiss' (HNSW), 'pynndescent' or 'exact'.")
 
 
 class ClustersConfig(Config):

@@ -73,6 +73,21 @@ def wells_check_spec(asset: str) -> AssetCheckSpec:
                           "(after retries) so that they can be rerun one by one.")
 
 
+def per_sample_asset(*, check_specs: tuple[AssetCheckSpec, ...] = (), **kwargs: Any) -> Callable:
+    """``@asset`` of a per-well stage: the ``samples`` partitions, the ``per_sample`` group, step retries,
+    plate-sized backfill runs and the :data:`CHECK_WELLS` check, plus the stage's own ``kwargs``."""
+    from dagster import asset
+
+    from .partitions import samples_partitions
+
+    def decorate(fn: Callable) -> Any:
+        return asset(partitions_def=samples_partitions, group_name="per_sample", retry_policy=STEP_RETRY_POLICY,
+                     backfill_policy=BACKFILL_POLICY, check_specs=[wells_check_spec(fn.__name__), *check_specs],
+                     **kwargs)(fn)
+
+    return decorate
+
+
 def is_plate_run(context: Any) -> bool:
     """Whether the run is a sensor plate run that logs one materialization per well."""
     tags = context.run.tags

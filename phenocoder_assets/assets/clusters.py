@@ -20,10 +20,9 @@ from dagster import (
 
 from ..configs import ClusterReferenceConfig, ClustersConfig
 from ..metadata_docs import describe
-from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
 from ..state import REFERENCE_INFO, read_json
-from ..wells import BACKFILL_POLICY, STEP_RETRY_POLICY, for_each_well, wells_check_spec
+from ..wells import for_each_well, per_sample_asset
 from ._common import (
     LABELS_FILE,
     LATENTS_FILE,
@@ -125,15 +124,10 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
     })
 
 
-@asset(
-    partitions_def=samples_partitions,
+@per_sample_asset(
     deps=["latents", "cluster_reference"],
-    group_name="per_sample",
     kinds={"parquet"},
     code_version=CLUSTERS_CODE_VERSION,
-    check_specs=[wells_check_spec('clusters')],
-    retry_policy=STEP_RETRY_POLICY,
-    backfill_policy=BACKFILL_POLICY,
     description=describe("clusters", "Cluster label of every object of a well, consistent across wells "
                          "(`<root>/clusters/<sample>/labels.parquet`)."),
 )

@@ -2,13 +2,13 @@
 
 from pathlib import Path
 
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
 
 from ..configs import IngestConfig
 from ..metadata_docs import describe
-from ..partitions import samples_partitions, split_sample
+from ..partitions import split_sample
 from ..resources import PhenocoderStorage
-from ..wells import BACKFILL_POLICY, STEP_RETRY_POLICY, for_each_well, wells_check_spec
+from ..wells import for_each_well, per_sample_asset
 from ._common import (
     PREVIEW_FILE,
     SDATA_FILE,
@@ -25,14 +25,9 @@ CODE_VERSION = "1"
 COSMETIC = ("preview",)
 
 
-@asset(
-    partitions_def=samples_partitions,
-    group_name="per_sample",
+@per_sample_asset(
     kinds={"spatialdata", "zarr"},
     code_version=CODE_VERSION,
-    check_specs=[wells_check_spec('sdata')],
-    retry_policy=STEP_RETRY_POLICY,
-    backfill_policy=BACKFILL_POLICY,
     pool='ingest',
     description=describe("sdata", "One well of a plate export read into a SpatialData object (images, labels, "
                          "per-object table in um), written as `<root>/sdata/<sample>/sdata.zarr`."),

@@ -1,12 +1,11 @@
 """``latents``: deterministic latents (z_mean) of every object of a well with the current model."""
 
-from dagster import AssetCheckSpec, AssetExecutionContext, asset
+from dagster import AssetCheckSpec, AssetExecutionContext
 
 from ..configs import LatentsConfig
 from ..metadata_docs import describe
-from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
-from ..wells import BACKFILL_POLICY, STEP_RETRY_POLICY, for_each_well, wells_check_spec
+from ..wells import for_each_well, per_sample_asset
 
 CHECK_EVERY_OBJECT = "every_object_has_a_latent"
 CHECK_FINITE = "latents_finite"
@@ -15,19 +14,14 @@ CODE_VERSION = "1"
 COSMETIC = ("batch_size",)
 
 
-@asset(
-    partitions_def=samples_partitions,
+@per_sample_asset(
     deps=["patches", "model", "sdata"],
-    group_name="per_sample",
     kinds={"anndata", "tensorflow"},
     code_version=CODE_VERSION,
-    check_specs=[
-        wells_check_spec("latents"),
+    check_specs=(
         AssetCheckSpec(CHECK_EVERY_OBJECT, asset="latents", description="Every object of the well has a latent."),
         AssetCheckSpec(CHECK_FINITE, asset="latents", description="No NaN or infinite latent value."),
-    ],
-    retry_policy=STEP_RETRY_POLICY,
-    backfill_policy=BACKFILL_POLICY,
+    ),
     pool="gpu",  # the TensorFlow stage shares the training's pool: one at a time unless the instance allows more
     description=describe("latents", "Latents of one well (`<root>/latents/<sample>/latents.h5ad`: the "
                          "'phenocoder' table, `z_mean` per object, optional spatial message passing layer), with "

@@ -17,8 +17,8 @@ CODE_VERSION = "2"  # 2: one seeded chunk-window batch order (the same in RAM or
     pool="gpu",
     description=describe("model", "Model trained on the patch datasets of the chosen samples "
                          "(`<root>/model/_/model.keras`); one MLflow run per training, named "
-                         "`model <samples> (<Dagster run id>)` and tagged with the Dagster run id, registered in the MLflow model "
-                         "registry. Retraining is a deliberate action."),
+                         "`model <samples> (<Dagster run id>)` and tagged with the Dagster run id, registered in "
+                         "the MLflow model registry. Retraining is a deliberate action."),
 )
 def model(context: AssetExecutionContext, config: ModelConfig, storage: PhenocoderStorage,
           mlflow: MLflowTracking) -> MaterializeResult:

@@ -7,15 +7,13 @@ from dagster import (
     AssetExecutionContext,
     MaterializeResult,
     MetadataValue,
-    asset,
 )
 
 from ..configs import PatchesConfig
 from ..metadata_docs import describe
-from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
 from ..state import SUMMARY, read_json
-from ..wells import BACKFILL_POLICY, STEP_RETRY_POLICY, for_each_well, wells_check_spec
+from ..wells import for_each_well, per_sample_asset
 from ._common import (
     PREVIEW_FILE,
     SDATA_FILE,
@@ -34,16 +32,12 @@ CODE_VERSION = "1"
 CHECK_EVERY_OBJECT = "every_object_has_a_patch"
 
 
-@asset(
-    partitions_def=samples_partitions,
+@per_sample_asset(
     deps=["sdata"],
-    group_name="per_sample",
     kinds={"zarr", "parquet"},
     code_version=CODE_VERSION,
-    check_specs=[wells_check_spec('patches'), AssetCheckSpec(CHECK_EVERY_OBJECT, asset="patches",
-                                description="Every object of the well's table has a patch.")],
-    retry_policy=STEP_RETRY_POLICY,
-    backfill_policy=BACKFILL_POLICY,
+    check_specs=(AssetCheckSpec(CHECK_EVERY_OBJECT, asset="patches",
+                                description="Every object of the well's table has a patch."),),
     pool='ingest',
     description=describe("patches", "Patch dataset of one well (`<root>/patches/<sample>/`: `patches.zarr`, "
                          "`index.parquet`, `stats.parquet`, `settings.json` with the normalization anchors)."),

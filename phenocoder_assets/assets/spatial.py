@@ -15,9 +15,8 @@ from dagster import (
 
 from ..configs import EmbeddingConfig, GraphStatsConfig
 from ..metadata_docs import describe
-from ..partitions import samples_partitions
 from ..resources import PhenocoderStorage
-from ..wells import BACKFILL_POLICY, STEP_RETRY_POLICY, for_each_well, wells_check_spec
+from ..wells import for_each_well, per_sample_asset
 from ._common import (
     EMBEDDING_FILE,
     LABELS_FILE,
@@ -41,16 +40,12 @@ EMBEDDING_CODE_VERSION = "1"
 GRAPH_STATS_COSMETIC = ("n_jobs",)
 
 
-@asset(
-    partitions_def=samples_partitions,
+@per_sample_asset(
     deps=["latents", "clusters"],
-    group_name="per_sample",
     kinds={"anndata", "numba"},
     code_version=GRAPH_STATS_CODE_VERSION,
-    check_specs=[wells_check_spec('graph_stats'), AssetCheckSpec(CHECK_COMPLETE, asset="graph_stats",
-                                description="Every row computed (status 'ok') with every expected feature column.")],
-    retry_policy=STEP_RETRY_POLICY,
-    backfill_policy=BACKFILL_POLICY,
+    check_specs=(AssetCheckSpec(CHECK_COMPLETE, asset="graph_stats",
+                                description="Every row computed (status 'ok') with every expected feature column."),),
     description=describe("graph_stats", "Spatial graph statistics of a well: one row of "
                          "`radius:{r}_stat:{group}_{column}` features (or one per subunit), "
                          "`<root>/graph_stats/<sample>/stats.h5ad`."),
