@@ -235,18 +235,24 @@ def _place_nuclei(rng: np.random.Generator, n: int, size: int, n_z: int, min_dis
     return np.column_stack([z, yx])
 
 
-def _paint(image, labels, lab, cz, cy, cx, r, elong, tex, sig, rng, is_3d) -> None:
-    n_c, n_z, h, w = image.shape
-    a, b = r * elong**0.5, r / elong**0.5  # semi-axes, same area as a circle of radius r
-    theta = rng.uniform(0, np.pi)
-    rz = 1.2 if is_3d else 0.5
-    ext = int(np.ceil(a)) + 1
+def _rotated_window(cy: float, cx: float, ext: int, theta: float, h: int, w: int):
+    """The pixel window of half-width ``ext`` around (cy, cx), clipped to the image, and its pixels'
+    coordinates ``u, v`` along the nucleus axes rotated by ``theta``."""
     y0, y1 = max(int(cy) - ext, 0), min(int(cy) + ext + 1, h)
     x0, x1 = max(int(cx) - ext, 0), min(int(cx) + ext + 1, w)
     yy, xx = np.mgrid[y0:y1, x0:x1]
     dy, dx = yy - cy, xx - cx
     u = dx * np.cos(theta) + dy * np.sin(theta)
     v = -dx * np.sin(theta) + dy * np.cos(theta)
+    return (y0, y1, x0, x1), u, v
+
+
+def _paint(image, labels, lab, cz, cy, cx, r, elong, tex, sig, rng, is_3d) -> None:
+    n_c, n_z, h, w = image.shape
+    a, b = r * elong**0.5, r / elong**0.5  # semi-axes, same area as a circle of radius r
+    theta = rng.uniform(0, np.pi)
+    rz = 1.2 if is_3d else 0.5
+    (y0, y1, x0, x1), u, v = _rotated_window(cy, cx, int(np.ceil(a)) + 1, theta, h, w)
     phase = rng.uniform(0, 2 * np.pi)
     pattern = 1.0 - tex * 0.5 * (1 + np.sin(1.6 * u + phase) * np.sin(1.6 * v))
     for z in range(n_z):
@@ -510,13 +516,7 @@ def _paint_screen_cell(image, labels, lab, cy, cx, r, elong, tex, speckle, lobes
     if lobes:
         a, b = a / np.sqrt(1 + lobes**2 / 2), b / np.sqrt(1 + lobes**2 / 2)  # same area with lobes
     theta = rng.uniform(0, np.pi)
-    ext = int(np.ceil(a * (1 + lobes))) + 1
-    y0, y1 = max(int(cy) - ext, 0), min(int(cy) + ext + 1, h)
-    x0, x1 = max(int(cx) - ext, 0), min(int(cx) + ext + 1, w)
-    yy, xx = np.mgrid[y0:y1, x0:x1]
-    dy, dx = yy - cy, xx - cx
-    u = dx * np.cos(theta) + dy * np.sin(theta)
-    v = -dx * np.sin(theta) + dy * np.cos(theta)
+    (y0, y1, x0, x1), u, v = _rotated_window(cy, cx, int(np.ceil(a * (1 + lobes))) + 1, theta, h, w)
     rho = np.hypot(u / a, v / b)
     boundary = 1 + lobes * np.cos(5 * np.arctan2(v / b, u / a) + rng.uniform(0, 2 * np.pi)) if lobes else 1.0
     inside = rho <= boundary
