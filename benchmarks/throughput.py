@@ -80,7 +80,7 @@ def prepare(workdir: Path, n_wells: int, seed: int) -> tuple[Path, list[str]]:
 
     from phenocoder_assets.definitions import ASSETS
     from phenocoder_assets.resources import MLflowTracking, PhenocoderStorage
-    from phenocoder_lib.ingest import scan_plate, sample_id
+    from phenocoder_lib.ingest import sample_id, scan_plate
 
     spec = importlib.util.spec_from_file_location("phenocoder_benchmark_suite", REPO / "benchmarks" / "run.py")
     suite = importlib.util.module_from_spec(spec)

@@ -63,10 +63,9 @@ def _patches(n: int, seed: int):
 def worker(variant: str, n: int, epochs: int, seed: int) -> dict:
     """Train one variant in this process; return its epoch timings and losses."""
     parts = set(variant.split("_"))
+    import keras
     import numpy as np
     import pandas as pd
-
-    import keras
     import tensorflow as tf
 
     from phenocoder_lib import training as T

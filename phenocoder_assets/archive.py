@@ -34,7 +34,7 @@ def archived_plates(storage: PhenocoderStorage) -> set[str]:
 
 
 def _write(storage: PhenocoderStorage, plates: set[str]) -> None:
-    from phenocoder_lib._io import write_json_atomic
+    from phenocoder_lib.io import write_json_atomic
 
     storage.landing_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(storage.landing_dir / ARCHIVE_FILE, sorted(plates))

@@ -11,10 +11,10 @@ defaults of :mod:`phenocoder_assets.configs` (the values the sensor, the schedul
 the UI use) except what the command line sets and the demo's small network.
 
 ``phenocoder validate [--out DIR] [--wells-per-treatment N] [--epochs N] [--seed S] [--strict]`` scores the
-pipeline against a fresh synthetic plate's planted truth (:mod:`phenocoder_lib.validation`) and prints
+pipeline against a fresh synthetic plate's planted truth (:mod:`phenocoder_lib.evaluation`) and prints
 the table and the targets; with ``--strict`` the exit status is 1 when a target is missed. ``phenocoder
 validate --json [--plates 3]`` scores well profiles on a multi-plate synthetic screen instead (retrieval mAP
-per representation, :mod:`phenocoder_lib.screen_validation`) and prints one JSON document.
+per representation, :mod:`phenocoder_lib.screen_evaluation`) and prints one JSON document.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def run_demo(home: str | Path | None = None, *, wells: int = 3, epochs: int = 5,
     """Materialize the whole graph on a synthetic plate (see the module docstring); returns what it made."""
     from dagster import DagsterInstance, build_sensor_context, materialize
 
-    from phenocoder_lib._io import write_text_atomic
+    from phenocoder_lib.io import write_text_atomic
     from phenocoder_lib.synthetic import make_synthetic_plate
 
     from .configs import DEMO_MODEL
@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                               description="Generate a fresh seeded synthetic plate, run the pipeline (library "
                               "only, no Dagster) and print how well clusters recover the planted cell types and "
                               "the well embedding the treatments, and whether the targets are met. See "
-                              "phenocoder_lib.validation and README 'Planted-truth validation'.")
-    from phenocoder_lib.validation import build_parser  # light: numpy and pandas only
+                              "phenocoder_lib.evaluation and README 'Planted-truth validation'.")
+    from phenocoder_lib.evaluation import build_parser  # light: numpy and pandas only
 
     build_parser(validate)
     args = parser.parse_args(argv)
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         require_positive("wells_per_treatment", "nuclei_per_well", "epochs", "plates", "null_size")
         if args.wells_per_treatment < 2:
             parser.error("--wells-per-treatment must be >= 2 (leave-one-out needs two wells per treatment).")
-        from phenocoder_lib.validation import run_from_args
+        from phenocoder_lib.evaluation import run_from_args
 
         _quiet_libraries()
         return run_from_args(args)

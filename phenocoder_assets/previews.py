@@ -45,7 +45,7 @@ def figure_png(fig: Any, path: Path | None = None, *, dpi: int = 100) -> bytes:
     plt.close(fig)
     data = buf.getvalue()
     if path is not None:
-        from phenocoder_lib._io import atomic_file
+        from phenocoder_lib.io import atomic_file
 
         with atomic_file(path) as tmp:
             tmp.write_bytes(data)

@@ -33,7 +33,7 @@ from typing import Any
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from phenocoder_lib._io import replace_dir
+from phenocoder_lib.io import replace_dir
 
 #: Environment variable that moves the storage root (and the default MLflow store) elsewhere.
 HOME_ENV = "PHENOCODER_HOME"

@@ -75,7 +75,8 @@ def wells_check_spec(asset: str) -> AssetCheckSpec:
 
 def per_sample_asset(*, check_specs: tuple[AssetCheckSpec, ...] = (), **kwargs: Any) -> Callable:
     """``@asset`` of a per-well stage: the ``samples`` partitions, the ``per_sample`` group, step retries,
-    plate-sized backfill runs and the :data:`CHECK_WELLS` check, plus the stage's own ``kwargs``."""
+    plate-sized backfill runs and the :data:`CHECK_WELLS` check, plus the stage's own ``kwargs``.
+    """
     from dagster import asset
 
     from .partitions import samples_partitions

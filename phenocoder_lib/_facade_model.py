@@ -31,8 +31,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ._constants import DEFAULT_IMAGE_KEY, DEFAULT_SAMPLE_KEY, DEFAULT_TABLE_KEY, PHENOCODER_TABLE, SPATIAL_KEY
-from ._io import write_json_atomic
+from .io import write_json_atomic
+from .keys import DEFAULT_IMAGE_KEY, DEFAULT_SAMPLE_KEY, DEFAULT_TABLE_KEY, PHENOCODER_TABLE, SPATIAL_KEY
+from .warnings import ModelSchemaWarning
 
 logger = logging.getLogger(__name__)
 
@@ -550,10 +551,6 @@ class ModelMixin:
 
     def _has_table(self) -> bool:
         return self.sdata is not None and self.table_key in self.sdata.tables
-
-
-class ModelSchemaWarning(UserWarning):
-    """A model folder written with an older ``model_config.json`` schema was migrated when loaded."""
 
 
 #: Keys of ``model_config.json`` that loading and encoding need; an older file lacking one cannot be migrated.

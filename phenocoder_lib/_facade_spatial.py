@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._validation import check_key, require
+from .validation import check_key, require
 
 logger = logging.getLogger(__name__)
 
@@ -171,9 +171,9 @@ class SpatialMixin:
 
 def _validate_stats_args(table, **kwargs) -> None:
     """Argument checks that must fail before ``self.adata`` is touched."""
-    from ._validation import check_categorical, check_obs_column, check_obsm
     from .spatial.driver import check_max_clusters
     from .spatial.stats import normalize_radii, normalize_stats, validate_hull_params
+    from .validation import check_categorical, check_obs_column, check_obsm
 
     check_obs_column(table.obs, kwargs["sample_key"], argument="sample_key")
     cats = check_categorical(table.obs, kwargs["cluster_key"], argument="cluster_key")

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._validation import check_key, require
+from .validation import check_key, require
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class ClusterReference:
         if self.scale_mean is not None:
             arrays["scale_mean"] = self.scale_mean
             arrays["scale_std"] = self.scale_std
-        from ._io import atomic_file
+        from .io import atomic_file
 
         with atomic_file(path) as tmp, open(tmp, "wb") as fh:  # complete or absent, never half-written
             np.savez_compressed(fh, **arrays)

@@ -38,8 +38,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from ._validation import check_obs_column, require
-from .spatial._warnings import EmbeddingWarning
+from .validation import check_obs_column, require
+from .warnings import EmbeddingWarning
 
 logger = logging.getLogger(__name__)
 

@@ -40,9 +40,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._constants import INSTANCE_KEY, LATENT_PREFIX, MESSAGE_PASSING_LAYER, REGION_KEY
 from ._grouping import group_rows
-from ._validation import check_key, check_no_missing, check_obsm, check_unique_obs_names
+from .keys import INSTANCE_KEY, LATENT_PREFIX, MESSAGE_PASSING_LAYER, REGION_KEY
+from .validation import check_key, check_no_missing, check_obsm, check_unique_obs_names
+from .warnings import UnseenConditionWarning
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +59,6 @@ __all__ = [
 DEFAULT_CONTINUOUS = ("z",)
 #: Raw patches of one unseen sample kept in memory for its anchors before falling back to two passes.
 _KEEP_RAW_BYTES = 512 * 2**20
-
-
-class UnseenConditionWarning(UserWarning):
-    """Condition values at inference that training never saw (all-zero one-hot or clipped)."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._constants import (
+from .keys import (
     DEFAULT_IMAGE_KEY,
     DEFAULT_SAMPLE_KEY,
     DEFAULT_TABLE_KEY,
@@ -487,9 +487,9 @@ def write_sdata(sdata: Any, path: str | Path, *, overwrite: bool = True) -> Path
 
     A failure while writing leaves any earlier result at ``path`` untouched.
     """
-    from ._io import atomic_dir
-
     import anndata as ad
+
+    from .io import atomic_dir
 
     path = Path(path)
     # anndata warns once per table array ("zarr v3 autosharding will be the default ...") unless the choice is

@@ -54,8 +54,8 @@ import numpy as np
 import pandas as pd
 
 from ._grouping import group_rows
-from ._io import atomic_dir, write_json_atomic
-from ._validation import (
+from .io import atomic_dir, write_json_atomic
+from .validation import (
     check_int_pair,
     check_key,
     check_no_missing,
@@ -63,6 +63,7 @@ from ._validation import (
     check_obsm,
     check_unique_obs_names,
 )
+from .warnings import ConstantChannelWarning
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +78,6 @@ _GATHER_BYTES = 16 * 2**20  # patch_windows gathers windows in blocks of this si
 _HIST_ROWS = 2**20  # IntensityAccumulator counts integer pixels in blocks of this many (8 B each as int64)
 _ROW_GROUP = 1024 * 1024  # pyarrow's default largest row group (the one DataFrame.to_parquet writes)
 _READ_ROWS = 16384  # PatchDataset.open decodes the index in batches of this many rows
-
-
-class ConstantChannelWarning(UserWarning):
-    """A channel has no intensity range in the patches; it normalizes to zeros."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,10 +32,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ._constants import DEFAULT_IMAGE_KEY, DEFAULT_SAMPLE_KEY, DEFAULT_TABLE_KEY, SPATIAL_KEY
 from ._facade_dataset import DatasetMixin
 from ._facade_model import ModelMixin
 from ._facade_spatial import SpatialMixin
+from .keys import DEFAULT_IMAGE_KEY, DEFAULT_SAMPLE_KEY, DEFAULT_TABLE_KEY, SPATIAL_KEY
 
 _STATE_KEYS = (
     "sdata", "adata", "model", "model_dir", "model_config", "model_name", "sample_key", "spatial_key",

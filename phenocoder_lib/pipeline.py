@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ._facade_model import MODEL_CONFIG_FILE, MODEL_FILE
-from ._io import write_json_atomic
+from .io import write_json_atomic
 
 __all__ = ["TrainedModel", "load_trained_model", "train_on_datasets"]
 

@@ -34,7 +34,7 @@ def _figure(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1) -> tup
 def _save(fig: Any, path: str | Path, dpi: int = 110) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from ._io import atomic_file
+    from .io import atomic_file
 
     path = Path(path)
     FigureCanvasAgg(fig)

@@ -60,6 +60,7 @@ class WellProfiles:
         Name of the representation (``"latents"``, ``"graph_stats"``, ...).
     steps
         What was done, in order, with counts (features in/out, dropped features and why).
+
     """
 
     data: pd.DataFrame

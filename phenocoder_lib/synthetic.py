@@ -237,7 +237,8 @@ def _place_nuclei(rng: np.random.Generator, n: int, size: int, n_z: int, min_dis
 
 def _rotated_window(cy: float, cx: float, ext: int, theta: float, h: int, w: int):
     """The pixel window of half-width ``ext`` around (cy, cx), clipped to the image, and its pixels'
-    coordinates ``u, v`` along the nucleus axes rotated by ``theta``."""
+    coordinates ``u, v`` along the nucleus axes rotated by ``theta``.
+    """
     y0, y1 = max(int(cy) - ext, 0), min(int(cy) + ext + 1, h)
     x0, x1 = max(int(cx) - ext, 0), min(int(cx) + ext + 1, w)
     yy, xx = np.mgrid[y0:y1, x0:x1]

@@ -60,7 +60,7 @@ import pandas as pd  # noqa: E402
 
 from . import patches as P  # noqa: E402
 from ._grouping import group_rows  # noqa: E402
-from ._io import write_json_atomic, write_text_atomic  # noqa: E402
+from .io import write_json_atomic, write_text_atomic  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -817,7 +817,7 @@ def make_batches(data: PatchData, positions: np.ndarray, *, batch_size: int, shu
 
 def save_model_atomic(model: keras.Model, path: str | Path) -> Path:
     """``model.save(path)`` through a temporary sibling file, so ``path`` is always a complete model."""
-    from ._io import atomic_file
+    from .io import atomic_file
 
     with atomic_file(path) as tmp:
         model.save(tmp)

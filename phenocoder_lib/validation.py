@@ -1,373 +1,145 @@
-"""Planted-truth validation of the embeddings against a synthetic plate's cell types and treatments.
+"""Input checks for the public boundary.
 
-``phenocoder validate`` (or ``python -m phenocoder_lib.validation``) with ``[--out DIR]
-[--wells-per-treatment 6] [--epochs 15] [--seed 0]`` generates a fresh seeded synthetic plate, runs the
-whole pipeline and prints one table:
-
-- cell-type recovery (adjusted Rand index, normalized mutual information) of clusters of the CVAE latents,
-  of the message-passed latents, and of the plain measurement table (the baseline: per-channel mean
-  intensities, and the same plus the morphology columns), all clustered with one procedure
-  (:func:`phenocoder_lib.clustering.cluster_features`, standardised, PCA, kNN, Leiden at one fixed
-  ``resolution``); ``ari_best_of_sweep`` is the best ARI over a small resolution sweep (an oracle upper
-  bound, the same sweep for every representation);
-- treatment separation of the wells (silhouette and leave-one-out 1-NN accuracy) on the well embedding
-  of all spatial-statistics groups, on each group alone, and on the cluster composition alone (no
-  spatial statistics);
-
-and whether the targets are met (:data:`TARGETS`). With ``--json`` it scores well profiles on the harder
-multi-plate synthetic screen instead (:mod:`phenocoder_lib.screen_validation`: retrieval mAP with copairs per
-representation) and prints one JSON document. :func:`planted_truth_metrics` scores an existing run
-(cluster labels and a well embedding) when the plate folders hold ground truth, for the Dagster
-``embedding`` asset.
+One helper per check; every message says what was expected, what was found and how to fix it.
+Only built-in exception types are raised (``KeyError``, ``ValueError``, ``TypeError``,
+``FileNotFoundError``) so callers can catch them without importing this package.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-logger = logging.getLogger(__name__)
 
-#: Targets of issue #7: (row "what", row "representation", column, threshold).
-TARGETS = {
-    "latent clusters ARI >= 0.8": ("cell types", "latents", "ari", 0.8),
-    "leave-one-out treatment accuracy >= 0.95": ("treatments", "all spatial statistics", "loo_knn_accuracy", 0.95),
-}
-#: Leiden resolutions of the oracle sweep (``ari_best_of_sweep``).
-RESOLUTION_SWEEP = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
-#: Measurement-table columns of the morphology baseline (those present are used).
-MORPHOLOGY_COLUMNS = ("area", "eccentricity", "major_axis_length", "minor_axis_length", "volume_um3")
-#: Spatial-statistics groups scored one at a time.
-STAT_GROUPS = ("interactions", "centrality", "connectivity", "moran_features", "moran_clusters", "chull")
+def _preview(values: Iterable[Any], limit: int = 12) -> str:
+    values = [str(v) for v in values]
+    shown = ", ".join(repr(v) for v in values[:limit])
+    return f"[{shown}{', ...' if len(values) > limit else ''}]"
 
 
-def clustering_scores(truth: Sequence[Any], labels: Sequence[Any]) -> dict[str, float]:
-    """Adjusted Rand index and normalized mutual information of ``labels`` against ``truth``."""
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+class PhenocoderKeyError(KeyError):
+    """A ``KeyError`` whose message is shown verbatim (``KeyError`` quotes its argument)."""
 
-    truth, labels = np.asarray(truth), np.asarray(labels)
-    if truth.shape != labels.shape or truth.ndim != 1:
-        raise ValueError(f"truth and labels must be 1-D of the same length, got {truth.shape} and {labels.shape}.")
-    return {
-        "ari": float(adjusted_rand_score(truth, labels)),
-        "nmi": float(normalized_mutual_info_score(truth, labels)),
-        "n_clusters": int(len(np.unique(labels))),
-    }
+    def __str__(self) -> str:  # pragma: no cover - trivial
+        return str(self.args[0]) if self.args else ""
 
 
-def treatment_scores(x: np.ndarray, treatments: Sequence[Any]) -> dict[str, float]:
-    """Silhouette and leave-one-out 1-nearest-neighbour accuracy of wells ``x`` (n_wells, d) by treatment."""
-    from sklearn.metrics import pairwise_distances, silhouette_score
-
-    x = np.asarray(x, dtype=np.float64)
-    treatments = np.asarray(treatments)
-    if len(np.unique(treatments)) < 2:
-        raise ValueError("treatment_scores needs at least two treatments.")
-    d = pairwise_distances(x)
-    np.fill_diagonal(d, np.inf)
-    predicted = treatments[d.argmin(axis=1)]
-    return {
-        "silhouette": float(silhouette_score(x, treatments)),
-        "loo_knn_accuracy": float((predicted == treatments).mean()),
-    }
+def check_key(mapping: Any, key: Any, *, argument: str, what: str, fix: str = "") -> None:
+    """Raise a ``KeyError`` naming ``argument`` when ``key`` is not in ``mapping``."""
+    keys = list(mapping.keys()) if hasattr(mapping, "keys") else list(mapping)
+    if key not in keys:
+        hint = f" {fix}" if fix else ""
+        article = "an" if what[:1].lower() in "aeiou" else "a"
+        raise PhenocoderKeyError(
+            f"{argument}={key!r} is not {article} {what}; available: {_preview(keys)}.{hint}"
+        )
 
 
-def truth_for_table(table: Any, plate_root: str | Path, *, sample_key: str = "sample") -> tuple[pd.Series, pd.Series]:
-    """Planted cell type per object and treatment per sample, aligned with ``table.obs``."""
-    from .synthetic import read_ground_truth
-
-    objects, wells = read_ground_truth(plate_root)
-    key = objects["well"].astype(str) + "/" + objects["label"].astype(str)
-    cell_type = pd.Series(objects["cell_type"].to_numpy(), index=key)
-    obs_key = table.obs["well"].astype(str) + "/" + table.obs["instance_id"].astype(str)
-    types = pd.Series(cell_type.reindex(obs_key.to_numpy()).to_numpy(), index=table.obs_names, name="cell_type")
-    if types.isna().any():
-        raise ValueError(f"{int(types.isna().sum())} objects of the table have no planted cell type in {plate_root}.")
-    treatment = wells.set_index("well")["treatment"]
-    per_sample = table.obs.groupby(sample_key, observed=True)["well"].first().astype(str).map(treatment)
-    per_sample.index = per_sample.index.astype(str)
-    return types, per_sample
+def check_obs_column(obs: pd.DataFrame, column: str, *, argument: str) -> None:
+    """The column must exist in ``.obs``."""
+    check_key(obs.columns, column, argument=argument, what="column of .obs",
+              fix="Pass one of the available columns or add the column to the table first.")
 
 
-def has_ground_truth(plate_dir: str | Path) -> bool:
-    """Whether ``plate_dir`` holds a synthetic plate's ``ground_truth/{objects,wells}.csv``."""
-    folder = Path(plate_dir) / "ground_truth"
-    return (folder / "objects.csv").is_file() and (folder / "wells.csv").is_file()
+def check_obsm(adata: Any, key: str, *, argument: str, n_cols: Sequence[int] | None = None) -> np.ndarray:
+    """Return ``adata.obsm[key]`` as an array after checking presence, width and finiteness."""
+    check_key(adata.obsm, key, argument=argument, what="key of .obsm",
+              fix="Store coordinates in .obsm first (columns y, x[, z]).")
+    arr = np.asarray(adata.obsm[key])
+    if arr.ndim != 2:
+        raise ValueError(f"{argument}={key!r}: .obsm[{key!r}] must be 2-D (n_obs, n_dims), found shape {arr.shape}.")
+    if n_cols is not None and arr.shape[1] not in n_cols:
+        raise ValueError(
+            f"{argument}={key!r}: .obsm[{key!r}] has {arr.shape[1]} columns, expected one of {list(n_cols)} "
+            "(y, x for 2-D data; y, x, z for 3-D data)."
+        )
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"{argument}={key!r}: .obsm[{key!r}] must be numeric, found dtype {arr.dtype}.")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).any(axis=1).sum())
+        raise ValueError(
+            f"{argument}={key!r}: .obsm[{key!r}] has {bad} rows with NaN or inf coordinates; "
+            "drop or fix those objects before calling this function."
+        )
+    return arr
 
 
-def planted_truth_metrics(
-    sample_wells: Mapping[str, tuple[str | Path, str]],
-    *,
-    embedding: np.ndarray | None = None,
-    samples: Sequence[str] | None = None,
-    object_labels: pd.DataFrame | None = None,
-) -> dict[str, float] | None:
-    """Scores of an existing run against planted truth, or ``None`` when no plate has ground truth.
-
-    Parameters
-    ----------
-    sample_wells
-        ``sample -> (plate folder, well)`` for every sample of the run.
-    embedding, samples
-        Well embedding (n_samples, d) and its sample names (row order): scored for treatments
-        (``treatment_silhouette``, ``treatment_loo_knn_accuracy``) when the samples with ground truth
-        cover at least two treatments and more wells than treatments (a treatment with a single well
-        counts against the leave-one-out accuracy: its well can only be misclassified).
-    object_labels
-        Columns ``sample``, ``label`` (the object's label id in the well) and ``cluster``: scored for
-        cell types (``cell_type_ari``, ``cell_type_nmi``, ``n_clusters``, ``n_objects``).
-
-    Only samples whose plate folder holds ground truth (:func:`has_ground_truth`) are scored; the
-    result also records ``n_samples_with_truth``.
-
-    """
-    from .synthetic import read_ground_truth
-
-    truth: dict[str, tuple[pd.Series, str | None]] = {}
-    cache: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
-    for sample, (plate_dir, well) in sample_wells.items():
-        if not has_ground_truth(plate_dir):
-            continue
-        key = str(Path(plate_dir).resolve())
-        if key not in cache:
-            cache[key] = read_ground_truth(plate_dir)
-        objects, wells = cache[key]
-        obj = objects[objects["well"].astype(str) == str(well)]
-        types = pd.Series(obj["cell_type"].astype(str).to_numpy(), index=obj["label"].astype(np.int64).to_numpy())
-        treatment = wells.set_index(wells["well"].astype(str))["treatment"].get(str(well))
-        truth[str(sample)] = (types, None if pd.isna(treatment) else str(treatment))
-    if not truth:
-        return None
-    out: dict[str, float] = {"n_samples_with_truth": float(len(truth))}
-    if object_labels is not None and len(object_labels):
-        ol = object_labels[object_labels["sample"].astype(str).isin(truth)]
-        planted = [truth[s][0].get(int(lab)) for s, lab in zip(ol["sample"].astype(str), ol["label"], strict=True)]
-        keep = np.array([p is not None for p in planted], dtype=bool)
-        if keep.any():
-            scores = clustering_scores(np.asarray(planted, dtype=object)[keep].astype(str),
-                                       ol["cluster"].astype(str).to_numpy()[keep])
-            out.update({"cell_type_ari": scores["ari"], "cell_type_nmi": scores["nmi"],
-                        "n_clusters": float(scores["n_clusters"]), "n_objects": float(keep.sum())})
-    if embedding is not None and samples is not None:
-        rows = [i for i, s in enumerate(samples) if str(s) in truth and truth[str(s)][1] is not None]
-        y = np.array([truth[str(samples[i])][1] for i in rows])
-        _, counts = np.unique(y, return_counts=True)
-        if len(counts) >= 2 and len(y) > len(counts):  # silhouette needs 2 <= n_labels < n_samples
-            scores = treatment_scores(np.asarray(embedding)[rows], y)
-            out.update({"treatment_silhouette": scores["silhouette"],
-                        "treatment_loo_knn_accuracy": scores["loo_knn_accuracy"]})
-    return out
+def check_no_missing(obs: pd.DataFrame, column: str, *, argument: str) -> None:
+    """The ``.obs`` column must exist and have no missing values (e.g. a sample id for every object)."""
+    check_obs_column(obs, column, argument=argument)
+    missing = obs[column].isna().to_numpy()
+    if missing.any():
+        raise ValueError(
+            f"{argument}={column!r}: {int(missing.sum())} objects have no value (NaN) in .obs[{column!r}], e.g. "
+            f"{_preview(obs.index[missing], 3)}; fill or drop them first."
+        )
 
 
-def _cluster_rows(name: str, adata: Any, truth: np.ndarray, *, layer: str | None, resolution: float,
-                  seed: int) -> tuple[dict[str, Any], np.ndarray]:
-    from .clustering import cluster_features
-
-    labels, _ = cluster_features(adata, layer=layer, resolution=resolution, seed=seed)
-    labels = np.asarray(labels)
-    row = {"what": "cell types", "representation": name, **clustering_scores(truth, labels)}
-    best = row["ari"]
-    for r in RESOLUTION_SWEEP:
-        if r != resolution:
-            swept, _ = cluster_features(adata, layer=layer, resolution=r, seed=seed)
-            best = max(best, clustering_scores(truth, np.asarray(swept))["ari"])
-    row["ari_best_of_sweep"] = best
-    return row, labels
+def check_unique_obs_names(adata: Any, *, argument: str) -> None:
+    """Object names (``.obs_names``) must be unique: patches, latents and labels are joined on them."""
+    names = pd.Index(adata.obs_names)
+    if not names.is_unique:
+        dup = names[names.duplicated()].unique()
+        raise ValueError(
+            f"{argument}: {len(dup)} object names occur more than once in .obs_names, e.g. {_preview(dup, 5)}; "
+            "objects are matched by name. Make them unique first, e.g. adata.obs_names_make_unique() or "
+            "adata.obs_names = adata.obs[sample_key].astype(str) + '_' + adata.obs['instance_id'].astype(str)."
+        )
 
 
-def run_validation(
-    out: str | Path,
-    *,
-    wells_per_treatment: int = 6,
-    nuclei_per_well: int = 150,
-    epochs: int = 15,
-    patch_size: int = 16,
-    conv_layers: Sequence[int] = (32, 64),
-    scale_per_sample: bool = False,
-    radius: float = 25.0,
-    resolution: float = 0.02,
-    seed: int = 0,
-) -> pd.DataFrame:
-    """Run the pipeline on a fresh synthetic plate and score it against the planted truth.
-
-    The defaults are what the planted-truth recovery needed (docs/model.md, "What mattered for
-    planted-truth recovery"): a patch that frames the nucleus (16 px for nuclei of up to ~14 px; a
-    32 px patch holds several neighbours, which then dominate the latent) and one set of intensity
-    anchors for the plate (``scale_per_sample=False``: per-well anchors stretch a channel whose cell
-    type is missing from a well, so the same cell type looks different in different wells).
-
-    Returns a table with one row per (what, representation) and columns for each score.
-    """
-    import anndata as ad
-
-    from . import Phenocoder
-    from .ingest import read_plate
-    from .synthetic import make_synthetic_plate
-
-    work = Path(out) / f"w{wells_per_treatment}_n{nuclei_per_well}_s{seed}"
-    plate = work / "plate"
-    if not plate.exists():
-        make_synthetic_plate(plate, n_wells=2 * wells_per_treatment, ndim=3, image_size=256, n_z=6,
-                             nuclei_per_well=nuclei_per_well, seed=seed)
-    sdata = read_plate(plate)
-    pheno = Phenocoder(sdata=sdata, table_key="nuclei_features", sample_key="sample", image_key="IF", seed=seed)
-    features = sdata.tables["nuclei_features"]
-    n_channels = features.n_vars
-    pheno.generate_dataset("validation", work / "datasets", patch_size=(patch_size, patch_size),
-                           scale_per_sample=scale_per_sample, progress=False)
-    pheno.initialize_model(n_latent_dim=16, n_dense_dim=64, conditions=[],
-                           input_shape=(patch_size, patch_size, n_channels),
-                           conv_layers=tuple(conv_layers), flip=True)
-    pheno.train(n_epochs=epochs, plot=False, verbose=0)
-    pheno.encode(spatial_message_passing_radius=radius, progress=False)
-    table = pheno.sdata.tables["phenocoder"]
-    types, treatments = truth_for_table(table, plate)
-
-    morph = [c for c in MORPHOLOGY_COLUMNS if c in features.obs.columns]
-    with_morph = ad.AnnData(np.hstack([np.asarray(features.X, dtype=np.float64),
-                                       features.obs[morph].to_numpy(np.float64)]), obs=features.obs[[]].copy())
-    reps = {
-        "latents": (table, None),
-        "message_passed_latents": (table, "spatial_message_passing"),
-        "feature_table_baseline (intensities)": (features, None),
-        "feature_table_baseline (+ morphology)": (with_morph, None),
-    }
-    rows = []
-    for name, (adata, layer) in reps.items():
-        truth = types.reindex(adata.obs_names).to_numpy()
-        row, labels = _cluster_rows(name, adata, truth, layer=layer, resolution=resolution, seed=seed)
-        rows.append(row)
-        if name == "latents":
-            table.obs["leiden"] = pd.Categorical(labels)
-
-    pheno.spatialgraph_stats(cluster_key="leiden", radii=(radius, 2 * radius), table_key="phenocoder", progress=False)
-    pheno.spatialgraph_embedding(n_dim=min(8, pheno.adata.n_obs - 1), umap=False)
-    emb = pheno.adata
-    # wells whose statistics were skipped (status != 'ok') have no embedding; they are counted, not scored
-    ok = np.isfinite(np.asarray(emb.obsm["X_pca"])).all(axis=1)
-    if (~ok).any():
-        logger.warning("%d wells without spatial statistics are left out of the treatment scores: %s",
-                       int((~ok).sum()), list(emb.obs_names[~ok]))
-    emb = emb[ok]
-    wells = emb.obs_names.astype(str)
-    y = treatments.reindex(wells).to_numpy()
-    n_wells = {"n_wells": int(ok.sum()), "n_wells_skipped": int((~ok).sum())}
-    rows.append({"what": "treatments", "representation": "all spatial statistics", **n_wells,
-                 **treatment_scores(emb.obsm["X_pca"], y)})
-    for group in STAT_GROUPS:
-        cols = [i for i, v in enumerate(emb.var_names) if f"_stat:{group}_" in str(v)]
-        if cols:
-            rows.append({"what": "treatments", "representation": f"{group} only", **n_wells,
-                         **treatment_scores(np.asarray(emb.X)[:, cols], y)})
-    composition = pd.crosstab(table.obs["sample"].astype(str), table.obs["leiden"], normalize="index").reindex(wells)
-    rows.append({"what": "treatments", "representation": "cluster composition only (no spatial statistics)",
-                 **n_wells, **treatment_scores(composition.to_numpy(), y)})
-    return pd.DataFrame(rows)
+def check_categorical(obs: pd.DataFrame, column: str, *, argument: str) -> pd.Categorical:
+    """The column must exist and be categorical (as scanpy's clustering writes it)."""
+    check_obs_column(obs, column, argument=argument)
+    col = obs[column]
+    if not isinstance(col.dtype, pd.CategoricalDtype):
+        raise TypeError(
+            f"{argument}={column!r}: .obs[{column!r}] must be categorical, found dtype {col.dtype}. "
+            f"Convert it with adata.obs[{column!r}] = adata.obs[{column!r}].astype('category')."
+        )
+    return col.cat
 
 
-def check_targets(result: pd.DataFrame) -> pd.DataFrame:
-    """One row per target: value, threshold and whether it is met (plus latents ARI > every baseline ARI)."""
-    rows = []
-    for target, (what, rep, col, threshold) in TARGETS.items():
-        value = float(result.loc[(result["what"] == what) & (result["representation"] == rep), col].iloc[0])
-        rows.append({"target": target, "value": value, "threshold": threshold, "met": value >= threshold})
-    cells = result[result["what"] == "cell types"].set_index("representation")["ari"]
-    baseline = float(cells[[i for i in cells.index if i.startswith("feature_table_baseline")]].max())
-    rows.append({"target": "latent clusters ARI > feature-table baseline ARI", "value": float(cells["latents"]),
-                 "threshold": baseline, "met": float(cells["latents"]) > baseline})
-    return pd.DataFrame(rows)
+def check_choice(value: Any, choices: Iterable[Any], *, argument: str) -> None:
+    """``value`` must be one of ``choices``."""
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{argument}={value!r} is not valid; choose one of {_preview(choices)}.")
 
 
-def format_report(result: pd.DataFrame, targets: pd.DataFrame) -> str:
-    """The score table and the target table as text."""
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        cells = result[result["what"] == "cell types"].dropna(axis=1, how="all").drop(columns="what")
-        cells = cells.astype({"n_clusters": int})
-        treat = result[result["what"] == "treatments"].dropna(axis=1, how="all").drop(columns="what")
-        treat = treat.astype({c: int for c in ("n_wells", "n_wells_skipped") if c in treat.columns})
-        fmt = {"float_format": lambda v: f"{v:.3f}", "index": False}
-        return "\n\n".join([
-            "Cell types (planted) vs clusters:\n" + cells.to_string(**fmt),
-            "Treatments (planted) vs well embedding:\n" + treat.to_string(**fmt),
-            "Targets:\n" + targets.to_string(**fmt),
-        ])
+def check_subset(values: Iterable[Any], choices: Iterable[Any], *, argument: str) -> list[Any]:
+    """Every element of ``values`` must be one of ``choices``; returns the values as a list."""
+    values, choices = list(values), list(choices)
+    unknown = [v for v in values if v not in choices]
+    if unknown:
+        raise ValueError(f"{argument} has unknown entries {_preview(unknown)}; valid entries: {_preview(choices)}.")
+    return values
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Arguments of the validation command (shared by ``phenocoder validate``)."""
-    parser = parser or argparse.ArgumentParser(description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="phenocoder_validation", help="working folder (plate, datasets, model)")
-    parser.add_argument("--wells-per-treatment", type=int, default=6)
-    parser.add_argument("--nuclei-per-well", type=int, default=None,
-                        help="nuclei per well (default 150 on the single plate, 90 on the --json screen)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="training epochs (default 15 on the single plate, 25 on the --json screen)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resolution", type=float, default=0.02,
-                        help="Leiden resolution, the same for every representation (default 0.02)")
-    parser.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
-    parser.add_argument("--json", action="store_true",
-                        help="score well profiles on the multi-plate synthetic screen (retrieval mAP per "
-                        "representation, phenocoder_lib.screen_validation) and print one JSON document")
-    parser.add_argument("--plates", type=int, default=3, help="plates of the --json screen (default 3)")
-    parser.add_argument("--null-size", type=int, default=10000,
-                        help="permutations of the mAP p-values (--json; default 10000)")
-    parser.add_argument("--no-cellprofiler", action="store_true",
-                        help="leave the CellProfiler (cp_measure) baseline out of --json")
-    return parser
+def check_positive(value: float, *, argument: str, allow_zero: bool = False) -> None:
+    """A positive (or non-negative) finite number."""
+    ok = np.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{argument}={value!r} must be a finite number {bound}.")
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN/inf -> None and numpy scalars -> Python, so the document is strict JSON."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
+def check_int_pair(value: Any, *, argument: str) -> tuple[int, int]:
+    """A (height, width) pair of positive ints; a single int means a square."""
+    if isinstance(value, (int, np.integer)):
+        value = (int(value), int(value))
+    try:
+        pair = tuple(int(v) for v in value)
+    except TypeError as err:
+        raise TypeError(f"{argument}={value!r} must be an int or a (height, width) pair of ints.") from err
+    if len(pair) != 2 or min(pair) < 1 or any(float(a) != float(b) for a, b in zip(pair, value, strict=True)):
+        raise ValueError(f"{argument}={value!r} must be a (height, width) pair of positive ints, e.g. (32, 32).")
+    return pair  # type: ignore[return-value]
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """Run, print the report, and return the exit status (1 with ``--strict`` when a target is missed)."""
-    import time
-
-    if getattr(args, "json", False):
-        import json
-
-        from .screen_validation import run_screen_validation
-
-        doc = run_screen_validation(args.out, seed=args.seed, n_plates=args.plates,
-                                    nuclei_per_well=args.nuclei_per_well or 90, epochs=args.epochs or 25,
-                                    resolution=args.resolution, cellprofiler=not args.no_cellprofiler,
-                                    null_size=args.null_size)
-        print(json.dumps(_json_safe(doc), indent=2, allow_nan=False))
-        return 1 if args.strict and not all(t["met"] for t in doc["targets"]) else 0
-    nuclei, epochs = args.nuclei_per_well or 150, args.epochs or 15
-    start = time.perf_counter()
-    result = run_validation(args.out, wells_per_treatment=args.wells_per_treatment,
-                            nuclei_per_well=nuclei, epochs=epochs, seed=args.seed,
-                            resolution=args.resolution)
-    targets = check_targets(result)
-    print(format_report(result, targets))
-    print(f"\nseed {args.seed}, {args.wells_per_treatment} wells per treatment, {nuclei} nuclei per "
-          f"well, {epochs} epochs, Leiden resolution {args.resolution}: {time.perf_counter() - start:.0f} s")
-    return 1 if args.strict and not bool(targets["met"].all()) else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point (prints the score and target tables)."""
-    return run_from_args(build_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def require(condition: bool, message: str, exc: type[Exception] = ValueError) -> None:
+    """Raise ``exc(message)`` unless ``condition`` holds (an ``assert`` that survives ``python -O``)."""
+    if not condition:
+        raise exc(message)

@@ -132,7 +132,7 @@ LONGEST_FIRST = (
     "tests/assets/test_bad_input_assets.py",
     "tests/lib/test_durability.py",
     "tests/lib/test_model_roundtrip.py",
-    "tests/lib/test_validation.py",
+    "tests/lib/test_evaluation.py",
     "tests/assets/test_dask.py",
     "tests/lib/test_model_workflow.py",
     "tests/lib/test_embedding.py",

@@ -98,7 +98,7 @@ def preview_metadata(png: bytes | None, title: str, final_dir: str | None = None
 
 def write_png(path: Path, png: bytes | None) -> None:
     if png is not None:
-        from phenocoder_lib._io import atomic_file
+        from phenocoder_lib.io import atomic_file
 
         with atomic_file(path) as tmp:
             tmp.write_bytes(png)
@@ -160,7 +160,7 @@ def read_version(storage: Any, asset: str, partition: str | None = None) -> str:
 
 def write_version(out: Path, version: str, inputs: Mapping[str, Any] | None = None) -> DataVersion:
     """Record ``version`` (and the input versions it came from) in a staged folder; return it for Dagster."""
-    from phenocoder_lib._io import write_json_atomic
+    from phenocoder_lib.io import write_json_atomic
 
     write_json_atomic(out / VERSION_FILE, {"data_version": version, "inputs": dict(inputs or {})})
     return DataVersion(version)

@@ -79,7 +79,7 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
     import mlflow
     import mlflow.keras
 
-    from phenocoder_lib._io import write_json_atomic
+    from phenocoder_lib.io import write_json_atomic
     from phenocoder_lib.patches import SETTINGS_FILE
     from phenocoder_lib.pipeline import train_on_datasets
 
@@ -225,8 +225,8 @@ def encode_sample(context: AssetExecutionContext, config: LatentsConfig,
     import numpy as np
     import spatialdata
 
-    from phenocoder_lib._io import write_json_atomic
     from phenocoder_lib.encoding import encode_table
+    from phenocoder_lib.io import write_json_atomic
 
     from ..previews import scatter, two_columns
     from .latents import CHECK_EVERY_OBJECT, CHECK_FINITE, CODE_VERSION, COSMETIC

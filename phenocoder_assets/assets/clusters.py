@@ -61,9 +61,9 @@ def cluster_reference(context: AssetExecutionContext, config: ClusterReferenceCo
     import anndata as ad
     import pandas as pd
 
-    from phenocoder_lib._constants import MESSAGE_PASSING_LAYER
-    from phenocoder_lib._io import write_json_atomic
     from phenocoder_lib.clustering import cluster_features
+    from phenocoder_lib.io import write_json_atomic
+    from phenocoder_lib.keys import MESSAGE_PASSING_LAYER
 
     from ..previews import scatter, two_columns
 

@@ -41,8 +41,8 @@ def sdata(context: AssetExecutionContext, config: IngestConfig, storage: Phenoco
 def _sdata_one(context: AssetExecutionContext, config: IngestConfig, storage: PhenocoderStorage,
                sample: str) -> MaterializeResult:
     """One well of ``sdata``."""
-    from phenocoder_lib._io import write_json_atomic
     from phenocoder_lib.ingest import read_plate, scan_plate, write_sdata
+    from phenocoder_lib.io import write_json_atomic
 
     from ..sensors import well_digests
 

@@ -58,8 +58,8 @@ def well_profiles(context: AssetExecutionContext, config: ProfilesConfig,
     import numpy as np
     import pandas as pd
 
-    from phenocoder_lib._constants import MESSAGE_PASSING_LAYER
-    from phenocoder_lib._io import write_json_atomic
+    from phenocoder_lib.io import write_json_atomic
+    from phenocoder_lib.keys import MESSAGE_PASSING_LAYER
     from phenocoder_lib.profiles import LAYOUT_FILE, aggregate_table
 
     from ..state import SUMMARY, read_json
@@ -148,9 +148,9 @@ def _score(context: AssetExecutionContext, frames: dict, sample_info, config: Pr
 
     import pandas as pd
 
-    from phenocoder_lib.evaluation import evaluate_profiles
     from phenocoder_lib.profiles import LAYOUT_FILE, attach_layout, build_profiles, combine_profiles, read_layout
-    from phenocoder_lib.screen_validation import GRAPH_STAT_GROUPS
+    from phenocoder_lib.retrieval import evaluate_profiles
+    from phenocoder_lib.screen_evaluation import GRAPH_STAT_GROUPS
 
     layouts = []
     for plate, plate_dir in sample_info[["plate", "plate_dir"]].drop_duplicates().itertuples(index=False):
@@ -185,6 +185,6 @@ def _score(context: AssetExecutionContext, frames: dict, sample_info, config: Pr
         return None
     summary = {k: round(v["map_activity"], 3) for k, v in scores.items()}
     context.log.info(f"profiles scored against the layout (map_activity): {summary}")
-    from phenocoder_lib.validation import _json_safe
+    from phenocoder_lib.evaluation import _json_safe
 
     return _json_safe({"n_wells_with_layout": int(profiles["latents"].n_wells), "representations": scores})

@@ -63,7 +63,7 @@ def _graph_stats_one(context: AssetExecutionContext, config: GraphStatsConfig, s
     import numpy as np
     import pandas as pd
 
-    from phenocoder_lib._io import write_json_atomic
+    from phenocoder_lib.io import write_json_atomic
     from phenocoder_lib.spatial import compute_spatial_stats
     from phenocoder_lib.spatial.stats import feature_names, normalize_radii, normalize_stats
 
@@ -284,12 +284,12 @@ def _planted_truth_metadata(context: AssetExecutionContext, storage: PhenocoderS
 
     The plate folder and well of each sample come from its ``sdata`` summary; cell types are scored
     against the ``clusters`` labels, treatments against the embedding's ``X_pca``
-    (:func:`phenocoder_lib.validation.planted_truth_metrics`). A failure here is logged, never raised.
+    (:func:`phenocoder_lib.evaluation.planted_truth_metrics`). A failure here is logged, never raised.
     """
     import numpy as np
     import pandas as pd
 
-    from phenocoder_lib.validation import planted_truth_metrics
+    from phenocoder_lib.evaluation import planted_truth_metrics
 
     from ..state import SUMMARY, read_json
 

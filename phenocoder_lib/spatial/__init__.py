@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._warnings import EmbeddingWarning, SpatialStatsWarning
+from ..warnings import EmbeddingWarning, SpatialStatsWarning
 
 _LAZY = {
     "build_radius_graph": ".graph",

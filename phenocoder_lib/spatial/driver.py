@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._validation import check_categorical, check_obs_column, check_obsm, require
-from ._warnings import SpatialStatsWarning
+from ..validation import check_categorical, check_obs_column, check_obsm, require
+from ..warnings import SpatialStatsWarning
 from .stats import (
     DEFAULT_CLUSTERING_SAMPLES,
     STATUS_OK,

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._validation import check_categorical, check_obsm, check_subset, require
-from ._warnings import SpatialStatsWarning  # noqa: F401  (re-exported)
+from ..validation import check_categorical, check_obsm, check_subset, require
+from ..warnings import SpatialStatsWarning  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -631,7 +631,7 @@ def table_values(adata, layer: str | None) -> np.ndarray:
     """Dense float64 variables of ``adata`` (``.X`` or a layer) for Moran's I."""
     import scipy.sparse as sp
 
-    from .._validation import check_key
+    from ..validation import check_key
 
     if layer is None:
         x = adata.X
@@ -651,7 +651,7 @@ def table_values(adata, layer: str | None) -> np.ndarray:
     if bad.any():
         import warnings
 
-        from ._warnings import SpatialStatsWarning
+        from ..warnings import SpatialStatsWarning
 
         where = ".X" if layer is None else f"layers[{layer!r}]"
         names = [str(v) for v, b in zip(adata.var_names, bad.any(axis=0), strict=True) if b]

@@ -147,8 +147,9 @@ def test_bad_well_attempts_setting_is_named(monkeypatch):
 
 def test_an_input_error_fails_at_once_without_retries(tmp_path, copy_plate, monkeypatch):
     """A wrong setting or a missing file fails the same way again: no step retry, the message on top."""
-    import phenocoder_lib.ingest as ingest
     from dagster import DagsterInstance
+
+    import phenocoder_lib.ingest as ingest
 
     home = tmp_path / "home"
     copy_plate(home / "incoming" / "TINY")

@@ -41,11 +41,11 @@ def patches(args: dict) -> None:
 
 def sdata(args: dict) -> None:
     """``write_sdata`` killed after the SpatialData zarr (images, labels, table) is written aside."""
-    from phenocoder_lib import _io
+    from phenocoder_lib import io as pio
     from phenocoder_lib.ingest import read_plate, write_sdata
 
     sd = read_plate(args["plate"])
-    _hold_on_entry(_io, "replace_dir", args["ready"])
+    _hold_on_entry(pio, "replace_dir", args["ready"])
     write_sdata(sd, args["path"])
 
 

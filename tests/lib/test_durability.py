@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from phenocoder_lib import _io
+from phenocoder_lib import io as pio
 from phenocoder_lib.ingest import read_plate, write_sdata
 
 CHILD = Path(__file__).with_name("_kill_child.py")
@@ -88,7 +88,7 @@ def test_killed_patch_write_keeps_the_previous_dataset(plate_root, tmp_path):
     assert len(PatchDataset.open(target).index) == sd.tables["nuclei_features"].n_obs
 
     # the leftover is a hidden name (readers never see it); a stale one is removed by the next write
-    os.utime(leftovers[0], (time.time() - 2 * _io.STALE_SECONDS,) * 2)
+    os.utime(leftovers[0], (time.time() - 2 * pio.STALE_SECONDS,) * 2)
     generate_dataset(sd, dataset="d", dir_dataset=tmp_path, **kwargs)
     assert hidden_siblings(target) == []
     assert tree_hashes(target) == before  # same input, same bytes
@@ -121,14 +121,14 @@ def test_replace_dir_never_leaves_the_target_missing(tmp_path):
     """The rename that commits a folder is one atomic exchange; the fallback is repaired on the next write."""
     target = tmp_path / "out"
     for text in ("old", "new"):
-        with _io.atomic_dir(target) as tmp:
+        with pio.atomic_dir(target) as tmp:
             tmp.mkdir()
             (tmp / "f").write_text(text)
     assert (target / "f").read_text() == "new" and hidden_siblings(target) == []
     # a process killed between the two renames of the fallback leaves the old folder aside: restored
     aside = tmp_path / ".out.old-0123456789"
     os.replace(target, aside)
-    _io.recover(target)
+    pio.recover(target)
     assert (target / "f").read_text() == "new" and not aside.exists()
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from phenocoder_lib.cellprofiler import measure_objects, measure_plate
 from phenocoder_lib.profiles import read_layout
-from phenocoder_lib.screen_validation import check_targets
+from phenocoder_lib.screen_evaluation import check_targets
 from phenocoder_lib.synthetic import SCREEN_TREATMENTS, make_synthetic_screen
 
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from phenocoder_lib.screen_validation import METRICS, REPRESENTATIONS, run_screen_validation
-from phenocoder_lib.validation import _json_safe
+from phenocoder_lib.evaluation import _json_safe
+from phenocoder_lib.screen_evaluation import METRICS, REPRESENTATIONS, run_screen_validation
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@
 plates with plate effects, controls on every plate, replicates, two doses, morphology / subtle / spatial
 phenotypes), runs the pipeline once on all plates (one CVAE, encoding with message passing, Leiden on the
 latents, spatial graph statistics per well), builds well profiles of six representations and scores each
-with :func:`phenocoder_lib.evaluation.evaluate_profiles`:
+with :func:`phenocoder_lib.retrieval.evaluate_profiles`:
 
 ``latents``
     median CVAE latent of the well's nuclei;
@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .evaluation import evaluate_profiles
 from .profiles import (
     WellProfiles,
     aggregate_by_cluster,
@@ -48,6 +47,7 @@ from .profiles import (
     check_layout,
     combine_profiles,
 )
+from .retrieval import evaluate_profiles
 
 logger = logging.getLogger(__name__)
 
