@@ -1,8 +1,9 @@
 """Lineage stays true: data versions, STALE/FRESH over GraphQL and the Python API, and the refresh sensor.
 
 One small synthetic plate (3 wells) goes through the whole graph with ``phenocoder demo`` into an
-instance on SQLite and, when ``PHENOCODER_TEST_POSTGRES_URL`` is set, on PostgreSQL. The tests of
-a module run in order on the same instance: an identical rerun of ``latents`` leaves everything
+instance on SQLite and, when ``PHENOCODER_TEST_POSTGRES_URL`` is set, on PostgreSQL, once per module;
+each test works on its own copy of that home (files, instance database, MLflow store), so the tests
+do not depend on each other or on their order: an identical rerun of ``latents`` leaves everything
 FRESH; another ``spatial_message_passing_radius`` for one well makes exactly that well's clusters
 and graph_stats and the fan-in assets STALE; going back to the old settings is FRESH again; and
 the ``refresh_stale`` sensor brings everything up to date.
@@ -16,7 +17,7 @@ import re
 from pathlib import Path
 
 import pytest
-from _instances import BACKENDS, write_instance
+from _instances import BACKENDS, copy_home, write_instance
 from dagster import AssetKey, DagsterInstance, SkipReason, build_sensor_context, materialize
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,7 +86,7 @@ def test_the_demo_passes_only_what_its_command_line_sets(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def plate(request, tmp_path_factory):
+def demo_home(request, tmp_path_factory):
     """The demo (3 wells, 2 epochs, 16-px patches) in an instance of the parametrized backend."""
     from phenocoder_assets.cli import run_demo
 
@@ -94,21 +95,25 @@ def plate(request, tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("PHENOCODER_HOME", "DAGSTER_HOME")}
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     try:
-        result = run_demo(home, wells=3, epochs=2, patch_size=16, image_size=128, nuclei_per_well=50, quiet=True)
-        result.backend = request.param
-        yield result
+        yield run_demo(home, wells=3, epochs=2, patch_size=16, image_size=128, nuclei_per_well=50, quiet=True)
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
+def plate(demo_home, tmp_path):
+    """This test's own copy of the demo's home."""
+    return copy_home(demo_home, tmp_path / "home")
+
+
+@pytest.fixture
 def instance(plate):
     with DagsterInstance.from_config(str(plate.dagster_home)) as inst:
         yield inst
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def graphql(plate, instance):
     """``graphql(query, variables)`` against the code location of workspace.yaml (no webserver)."""
     from dagster_graphql.test.utils import define_out_of_process_workspace, execute_dagster_graphql
@@ -233,6 +238,8 @@ def test_other_latents_make_exactly_their_downstream_stale(plate, instance, grap
 
 @pytest.mark.slow
 def test_back_to_the_old_settings_is_fresh_again(plate, instance, graphql):
+    materialize_one(plate, instance, ["latents"], plate.samples[1], RADIUS)
+    assert api_status(instance, plate.samples)["embedding"] == "STALE"
     materialize_one(plate, instance, ["latents"], plate.samples[1])  # the default settings, as the demo used
     assert gql_status(graphql, plate.samples) == all_fresh(plate.samples)
     assert api_status(instance, plate.samples) == all_fresh(plate.samples)

@@ -11,20 +11,16 @@ no test sees another's runs; with pytest-xdist's ``--dist loadfile`` the file ru
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
-import re
-import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from _instances import clone_database
+from _instances import copy_home
 from dagster import AssetKey, DagsterInstance, build_sensor_context
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,32 +35,6 @@ pytestmark = pytest.mark.slow
 def instance(demo):
     with DagsterInstance.from_config(str(demo.dagster_home)) as inst:
         yield inst
-
-
-def copy_home(demo, dest: Path):
-    """A copy of the demo's home at ``dest``: files, Dagster instance and MLflow store, with the home's path
-    in the MLflow database and the JSON records rewritten, so that nothing written to the copy reaches the
-    original (MLflow keeps absolute artifact locations)."""
-    old, new = str(demo.home), str(dest)
-    shutil.copytree(demo.home, dest, symlinks=True)
-    for path in dest.rglob("*.json"):
-        text = path.read_text()
-        if old in text:
-            path.write_text(text.replace(old, new))
-    with contextlib.closing(sqlite3.connect(dest / "mlflow.db")) as db, db:
-        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        for table in tables:
-            for column in db.execute(f'PRAGMA table_info("{table}")').fetchall():
-                if "CHAR" in column[2].upper() or "TEXT" in column[2].upper():
-                    db.execute(f'UPDATE "{table}" SET "{column[1]}" = replace("{column[1]}", ?, ?) '
-                               f'WHERE instr("{column[1]}", ?) > 0', (old, new, old))
-    # a PostgreSQL instance keeps its runs in a database, not in the home: the copy gets its own database
-    dagster_yaml = dest / demo.dagster_home.relative_to(demo.home) / "dagster.yaml"
-    url = re.search(r'postgres_url: "([^"]+)"', dagster_yaml.read_text())
-    if url:
-        dagster_yaml.write_text(dagster_yaml.read_text().replace(url.group(1), clone_database(url.group(1))))
-    return dataclasses.replace(demo, home=dest, dagster_home=dest / demo.dagster_home.relative_to(demo.home),
-                               plate_dir=dest / demo.plate_dir.relative_to(demo.home))
 
 
 @pytest.fixture
