@@ -56,6 +56,7 @@ import pandas as pd
 from ._grouping import group_rows
 from .io import atomic_dir, write_json_atomic
 from .validation import (
+    check_in_range,
     check_int_pair,
     check_key,
     check_no_missing,
@@ -624,6 +625,237 @@ class _IndexWriter:
         self.buffered = rest.num_rows
 
 
+@dataclass
+class _Selection:
+    """The objects a dataset gets: samples in order of first appearance and each one's table rows (ascending)."""
+
+    samples: list[str]
+    rows_of: dict[str, np.ndarray]
+
+
+def _checked_table(
+    sdata: Any, *, dataset: str, table_key: str, sample_key: str, spatial_key_index: str,
+    patch_size: int | Sequence[int], scale_percentile: float, metadata_keys: Sequence[str] | None,
+) -> tuple[Any, np.ndarray, tuple[int, int], list[str]]:
+    """Check the arguments against ``sdata``; return the table, its pixel indices, the patch size and the kept columns.
+
+    Raises
+    ------
+    KeyError
+        ``table_key``, ``sample_key``, ``spatial_key_index`` or a metadata key is not in the data.
+    ValueError
+        ``dataset`` is not a folder name, ``scale_percentile`` is outside [0, 50), object names repeat or a
+        sample id is missing.
+    """
+    if not isinstance(dataset, str) or not dataset or "/" in dataset or dataset.startswith("."):
+        raise ValueError(f"dataset={dataset!r} must be a non-empty name without '/' (it becomes a folder).")
+    patch_size = check_int_pair(patch_size, argument="patch_size")
+    check_in_range(scale_percentile, 0, 50, argument="scale_percentile", high_open=True,
+                   meaning="percent: low = p, high = 100 - p")
+    check_key(sdata.tables, table_key, argument="table_key", what="table of the SpatialData object",
+              fix="Pass the name of the per-object table (read_plate(table_key=...) names it).")
+    table = sdata.tables[table_key]
+    check_unique_obs_names(table, argument=f"table_key={table_key!r}")
+    check_no_missing(table.obs, sample_key, argument="sample_key")
+    index_all = check_obsm(table, spatial_key_index, argument="spatial_key_index", n_cols=(2, 3))
+    # columns the index writes itself are not copied again
+    kept = [k for k in (metadata_keys or []) if k not in (sample_key, "sample", "y", "x", "z", "dataset")]
+    for key in kept:
+        check_obs_column(table.obs, key, argument="metadata_keys")
+    return table, index_all, patch_size, kept
+
+
+def _select_objects(
+    table: Any, *, table_key: str, sample_key: str, n_samples: int | None, n_patches: int | None, seed: int
+) -> _Selection:
+    """Group the table's rows by sample, then draw ``n_samples`` samples and ``n_patches`` of their objects.
+
+    One generator seeded with ``seed`` draws the samples first and then the objects, so a dataset is
+    reproducible from its settings. Samples left without objects by the second draw are dropped.
+    """
+    # one pass over the table: no per-object strings and no per-sample scans of the whole table
+    samples, groups = _sample_rows(table.obs[sample_key])
+    if not samples:
+        raise ValueError(f"table {table_key!r} has no objects; nothing to extract.")
+    rows_of = dict(zip(samples, groups, strict=True))
+    rng = np.random.default_rng(seed)
+    if n_samples is not None:
+        check_in_range(n_samples, 1, len(samples), argument="n_samples",
+                       meaning="between 1 and the number of samples")
+        samples = sorted(rng.choice(samples, size=n_samples, replace=False).tolist(), key=samples.index)
+    if n_patches is not None:
+        check_in_range(n_patches, 1, None, argument="n_patches")
+        n_selected = sum(len(rows_of[s]) for s in samples)
+        if n_patches < n_selected:
+            selected = np.sort(np.concatenate([rows_of[s] for s in samples]))  # the rows of the drawn samples
+            keep = np.zeros(table.n_obs, bool)
+            keep[np.sort(rng.choice(selected, size=n_patches, replace=False))] = True
+            del selected
+            rows_of = {s: rows_of[s][keep[rows_of[s]]] for s in samples}
+            del keep
+            samples = [s for s in samples if len(rows_of[s])]
+    return _Selection(samples, {s: rows_of[s] for s in samples})
+
+
+@dataclass
+class _SamplePatches:
+    """What extracting one sample's patches gives: its index rows, pixel statistics and image description."""
+
+    frame: pd.DataFrame
+    acc: IntensityAccumulator
+    channels: list[str]
+    image_dtype: np.dtype
+    n_padded: int
+
+
+def _extract_sample(
+    sdata: Any, store: Any, sample: str, rows: np.ndarray, *, table: Any, index_all: np.ndarray,
+    image_key: str, spatial_key_index: str, patch_size: tuple[int, int], dataset: str,
+    metadata: dict[str, np.ndarray], seed: int, expected_channels: list[str] | None,
+) -> _SamplePatches:
+    """Cut the patches of one sample's objects (table ``rows``), store them as ``store[sample]`` and measure them.
+
+    Patches are written in z-plane order in whole chunks; the returned index frame gives each object's
+    store ``row``. Float64 images are stored as float32. The image's channels must be
+    ``expected_channels`` (those of the first sample) unless that is ``None``.
+    """
+    image, channels, is_3d = image_array(sdata, f"{image_key}_{sample}")
+    if expected_channels is not None and channels != expected_channels:
+        raise ValueError(f"sample {sample!r} has channels {channels}; the first sample had {expected_channels}.")
+    store_dtype = np.float32 if image.dtype == np.float64 else image.dtype
+    idx = validate_index(index_all[rows], image_shape=image.shape, is_3d=is_3d, key=spatial_key_index,
+                         sample=sample, obs_names=table.obs_names[rows])
+    arr = store.create_array(
+        sample, shape=(len(rows), *patch_size, len(channels)), dtype=store_dtype,
+        chunks=(min(_CHUNK_ROWS, max(len(rows), 1)), *patch_size, len(channels)),
+    )
+    acc = IntensityAccumulator(len(channels), store_dtype, seed=seed)
+    order, padded = np.empty(len(rows), np.int64), np.zeros(len(rows), bool)
+    writer = _ChunkWriter(arr)
+    for pos, patches, pad in iter_patches(image, idx, patch_size, is_3d):
+        patches = patches.astype(store_dtype, copy=False)
+        order[writer.n_rows:writer.n_rows + len(pos)] = pos
+        writer.append(patches)
+        acc.add(patches)
+        padded[pos] = pad
+    writer.flush()
+    store_row = np.empty(len(rows), np.int64)
+    store_row[order] = np.arange(len(rows))
+    frame = pd.DataFrame({
+        "obs_name": table.obs_names[rows].astype(str),
+        "sample": sample,
+        "y": idx[:, 0], "x": idx[:, 1], "z": idx[:, 2] if is_3d else 0,
+        "row": store_row, "padded": padded, "dataset": dataset,
+    })
+    for key, values in metadata.items():
+        frame[key] = values[rows]
+    return _SamplePatches(frame, acc, channels, np.dtype(image.dtype), int(padded.sum()))
+
+
+@dataclass
+class _Extracted:
+    """What extracting every selected sample gives: pixel statistics per sample and totals."""
+
+    accs: dict[str, IntensityAccumulator]
+    channels: list[str]
+    image_dtype: np.dtype
+    n_patches: int
+    n_padded: int
+
+
+def _extract_samples(
+    sdata: Any, folder: Path, selection: _Selection, *, table: Any, index_all: np.ndarray, image_key: str,
+    spatial_key_index: str, patch_size: tuple[int, int], dataset: str, metadata_keys: list[str], seed: int,
+    progress: bool,
+) -> _Extracted:
+    """Store every selected sample's patches in ``folder/patches.zarr`` and its index rows in ``index.parquet``.
+
+    Samples are processed one at a time and each one's index rows are written as soon as its patches are
+    stored, so only one sample's patches and at most one Parquet row group are held. ``selection`` is
+    emptied on the way (each sample's rows are dropped once used).
+    """
+    from tqdm.auto import tqdm
+
+    # numpy columns are sliced per sample in place; others (categoricals) are converted once here
+    metadata = {key: table.obs[key].to_numpy() for key in metadata_keys}
+    object_types = {key: _arrow_type(values, list(selection.rows_of.values()))
+                    for key, values in metadata.items() if values.dtype == object}
+    accs: dict[str, IntensityAccumulator] = {}
+    first: _SamplePatches | None = None
+    n_total = n_padded = 0
+    with _IndexWriter(folder / INDEX_FILE, object_types) as index_writer:
+        import zarr
+
+        store = zarr.open_group(folder / STORE_DIR, mode="w")
+        for sample in tqdm(selection.samples, desc="Extracting patches", disable=not progress):
+            rows = selection.rows_of.pop(sample)
+            one = _extract_sample(
+                sdata, store, sample, rows, table=table, index_all=index_all, image_key=image_key,
+                spatial_key_index=spatial_key_index, patch_size=patch_size, dataset=dataset, metadata=metadata,
+                seed=seed, expected_channels=None if first is None else first.channels,
+            )
+            if first is None:
+                first = one
+            index_writer.append(one.frame)  # written now, as compact Arrow columns: no Python object per row is kept
+            accs[sample] = one.acc
+            n_total, n_padded = n_total + len(rows), n_padded + one.n_padded
+            logger.info("sample %s: %d patches (%d padded at the border)", sample, len(rows), one.n_padded)
+            one.frame = None  # type: ignore[assignment]  # freed before the next sample is read
+    assert first is not None  # a selection always has a sample
+    return _Extracted(accs, first.channels, first.image_dtype, n_total, n_padded)
+
+
+def _write_stats_and_anchors(
+    folder: Path, accs: dict[str, IntensityAccumulator], channels: list[str], *, scale: bool,
+    scale_percentile: float, scale_per_sample: bool,
+) -> tuple[dict[str, list] | None, dict[str, dict[str, list]]]:
+    """Write ``stats.parquet`` and return the pooled anchors (``None`` unless ``scale``) and the per-sample ones."""
+    stats_rows, per_sample = [], {}
+    for sample, acc in accs.items():
+        for c, name in enumerate(channels):
+            stats_rows.append({"sample_id": sample, "channel": name, **acc.stats(c, scale_percentile)})
+        if scale and scale_per_sample:
+            per_sample[sample] = anchors_from(acc, scale_percentile, channels, f"sample {sample!r}")
+    pooled = next(iter(accs.values())).merged(list(accs.values())[1:])
+    global_anchors = anchors_from(pooled, scale_percentile, channels, "all samples") if scale else None
+    pd.DataFrame(stats_rows).to_parquet(folder / STATS_FILE, index=False)
+    return global_anchors, per_sample
+
+
+def _settings_record(
+    *, dataset: str, patch_size: tuple[int, int], channels: list[str], image_dtype: np.dtype, table_key: str,
+    sample_key: str, image_key: str, spatial_key_index: str, metadata_keys: list[str], samples: list[str],
+    n_patches: int, n_padded: int, seed: int, scale: bool, scale_per_sample: bool, scale_percentile: float,
+    global_anchors: dict[str, list] | None, per_sample: dict[str, dict[str, list]],
+) -> dict[str, Any]:
+    """The content of ``settings.json``: how the dataset was made and how its patches are normalized."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset,
+        "patch_size": list(patch_size),
+        "channels": channels,
+        "image_dtype": str(image_dtype),
+        "store_dtype": str(np.dtype(np.float32 if image_dtype == np.float64 else image_dtype)),
+        "table_key": table_key,
+        "sample_key": sample_key,
+        "image_key": image_key,
+        "spatial_key_index": spatial_key_index,
+        "metadata_keys": list(metadata_keys),
+        "samples": samples,
+        "n_patches": n_patches,
+        "n_padded": n_padded,
+        "seed": seed,
+        "padding": "constant: per-plane channel minimum",
+        "normalization": {
+            "scale": bool(scale),
+            "scale_per_sample": bool(scale_per_sample),
+            "scale_percentile": float(scale_percentile),
+            "global": global_anchors,
+            "per_sample": per_sample,
+        },
+    }
+
+
 def generate_dataset(
     sdata: Any,
     *,
@@ -648,164 +880,86 @@ def generate_dataset(
     Reads ``sdata.tables[table_key]`` (``.obs[sample_key]``, ``.obsm[spatial_key_index]``, the
     ``metadata_keys`` columns) and ``sdata.images[f"{image_key}_{sample}"]``; writes
     ``<dir_dataset>/<dataset>/`` atomically (an earlier dataset of that name is replaced only when the
-    new one is complete).
+    new one is complete). The phases: check the arguments, select the objects, extract and store each
+    sample's patches (its index rows written at once), then write the statistics, the anchors and
+    ``settings.json``.
 
     Parameters
     ----------
+    sdata
+        The SpatialData object holding the table and the images.
     dataset
         Dataset name (a sub-folder of ``dir_dataset``); also recorded per patch (condition ``dataset``).
+    dir_dataset
+        Parent folder of the dataset.
+    table_key
+        Name of the per-object table in ``sdata.tables``.
+    sample_key
+        ``.obs`` column with each object's sample id.
+    image_key
+        Image name prefix: the image of a sample is ``sdata.images[f"{image_key}_{sample}"]``.
     patch_size
         (height, width) in pixels, or one int for a square; odd and non-square sizes work.
     spatial_key_index
         ``.obsm`` key with integer (y, x[, z]) indices into the images.
-    scale, scale_percentile, scale_per_sample
-        Normalization (see the module docstring); recorded in ``settings.json``.
+    scale
+        Whether patches are normalized when read (see the module docstring); recorded in ``settings.json``.
+    scale_percentile
+        Percentile ``p`` in [0, 50) of the anchors: ``low`` is the ``p`` percentile of all patch pixels,
+        ``high`` the ``100 - p`` percentile of the foreground pixels.
+    scale_per_sample
+        One set of anchors per sample (``True``) or one pooled over all samples.
     metadata_keys
         Extra ``.obs`` columns to keep in the index (e.g. condition columns for a CondCVAE).
-    n_samples, n_patches
-        Seeded subsets: ``n_samples`` samples, then at most ``n_patches`` patches drawn from those.
+    n_samples
+        Keep a seeded draw of this many samples (default all).
+    n_patches
+        Keep at most this many objects, drawn (seeded) from the selected samples (default all).
     seed
         Seed for the subsets (and the float-image pixel reservoir).
-    sdata, table_key, sample_key, image_key
-        The SpatialData object and where its table, sample column and images are.
-    dir_dataset
-        Parent folder of the dataset.
     progress
         Show a progress bar over samples.
 
+    Returns
+    -------
+    PatchDataset
+        The dataset just written, opened from ``<dir_dataset>/<dataset>``.
+
+    Raises
+    ------
+    KeyError
+        A key or column named by the arguments is not in ``sdata``.
+    ValueError
+        An argument is out of range, object names repeat, samples have different channels or an object's
+        index lies outside its image; an earlier dataset of the same name is then kept unchanged.
+    TypeError
+        ``.obsm[spatial_key_index]`` does not hold integer pixel indices.
     """
-    from tqdm.auto import tqdm
-
-    if not isinstance(dataset, str) or not dataset or "/" in dataset or dataset.startswith("."):
-        raise ValueError(f"dataset={dataset!r} must be a non-empty name without '/' (it becomes a folder).")
-    patch_size = check_int_pair(patch_size, argument="patch_size")
-    if not 0 <= scale_percentile < 50:
-        raise ValueError(
-            f"scale_percentile={scale_percentile!r} must be in [0, 50) (percent: low = p, high = 100 - p)."
-        )
-    check_key(sdata.tables, table_key, argument="table_key", what="table of the SpatialData object",
-              fix="Pass the name of the per-object table (read_plate(table_key=...) names it).")
-    table = sdata.tables[table_key]
-    check_unique_obs_names(table, argument=f"table_key={table_key!r}")
-    check_no_missing(table.obs, sample_key, argument="sample_key")
-    index_all = check_obsm(table, spatial_key_index, argument="spatial_key_index", n_cols=(2, 3))
-    metadata_keys = [k for k in (metadata_keys or []) if k not in (sample_key, "sample", "y", "x", "z", "dataset")]
-    for key in metadata_keys:
-        check_obs_column(table.obs, key, argument="metadata_keys")
-
-    # one pass over the table: each sample's rows (ascending), samples in order of first appearance;
-    # no per-object strings and no per-sample scans of the whole table
-    samples, groups = _sample_rows(table.obs[sample_key])
-    if not samples:
-        raise ValueError(f"table {table_key!r} has no objects; nothing to extract.")
-    rows_of = dict(zip(samples, groups, strict=True))
-    rng = np.random.default_rng(seed)
-    if n_samples is not None:
-        if not 1 <= n_samples <= len(samples):
-            raise ValueError(f"n_samples={n_samples!r} must be between 1 and the number of samples ({len(samples)}).")
-        samples = sorted(rng.choice(samples, size=n_samples, replace=False).tolist(), key=samples.index)
-    if n_patches is not None:
-        if n_patches < 1:
-            raise ValueError(f"n_patches={n_patches!r} must be >= 1.")
-        n_selected = sum(len(rows_of[s]) for s in samples)
-        if n_patches < n_selected:
-            selected = np.sort(np.concatenate([rows_of[s] for s in samples]))  # the rows of the drawn samples
-            keep = np.zeros(table.n_obs, bool)
-            keep[np.sort(rng.choice(selected, size=n_patches, replace=False))] = True
-            del selected
-            rows_of = {s: rows_of[s][keep[rows_of[s]]] for s in samples}
-            del keep
-            samples = [s for s in samples if len(rows_of[s])]
-    # metadata columns: numpy columns are sliced per sample in place; others (categoricals) converted once
-    meta_values = {key: table.obs[key].to_numpy() for key in metadata_keys}
-
+    table, index_all, patch_size, metadata_keys = _checked_table(
+        sdata, dataset=dataset, table_key=table_key, sample_key=sample_key, spatial_key_index=spatial_key_index,
+        patch_size=patch_size, scale_percentile=scale_percentile, metadata_keys=metadata_keys,
+    )
+    selection = _select_objects(table, table_key=table_key, sample_key=sample_key, n_samples=n_samples,
+                                n_patches=n_patches, seed=seed)
+    samples = selection.samples
     dir_dataset = Path(dir_dataset)
-    channels_ref: list[str] | None = None
-    accs: dict[str, IntensityAccumulator] = {}
-    dtype_ref = None
-    n_total = n_padded = 0
-    object_types = {key: _arrow_type(values, [rows_of[s] for s in samples])
-                    for key, values in meta_values.items() if values.dtype == object}
-    with atomic_dir(dir_dataset / dataset) as tmp, _IndexWriter(tmp / INDEX_FILE, object_types) as index_writer:
-        import zarr
-
-        store = zarr.open_group(tmp / STORE_DIR, mode="w")
-        for sample in tqdm(samples, desc="Extracting patches", disable=not progress):
-            rows = rows_of[sample]
-            image, channels, is_3d = image_array(sdata, f"{image_key}_{sample}")
-            if channels_ref is None:
-                channels_ref, dtype_ref = channels, np.dtype(image.dtype)
-            elif channels != channels_ref:
-                raise ValueError(f"sample {sample!r} has channels {channels}; the first sample had {channels_ref}.")
-            store_dtype = np.float32 if image.dtype == np.float64 else image.dtype
-            idx = validate_index(index_all[rows], image_shape=image.shape, is_3d=is_3d, key=spatial_key_index,
-                                 sample=sample, obs_names=table.obs_names[rows])
-            arr = store.create_array(
-                sample, shape=(len(rows), *patch_size, len(channels)), dtype=store_dtype,
-                chunks=(min(_CHUNK_ROWS, max(len(rows), 1)), *patch_size, len(channels)),
-            )
-            acc = IntensityAccumulator(len(channels), store_dtype, seed=seed)
-            order, padded = np.empty(len(rows), np.int64), np.zeros(len(rows), bool)
-            writer = _ChunkWriter(arr)
-            for pos, patches, pad in iter_patches(image, idx, patch_size, is_3d):
-                patches = patches.astype(store_dtype, copy=False)
-                order[writer.n_rows:writer.n_rows + len(pos)] = pos
-                writer.append(patches)
-                acc.add(patches)
-                padded[pos] = pad
-            writer.flush()
-            accs[sample] = acc
-            store_row = np.empty(len(rows), np.int64)
-            store_row[order] = np.arange(len(rows))
-            frame = pd.DataFrame({
-                "obs_name": table.obs_names[rows].astype(str),
-                "sample": sample,
-                "y": idx[:, 0], "x": idx[:, 1], "z": idx[:, 2] if is_3d else 0,
-                "row": store_row, "padded": padded, "dataset": dataset,
-            })
-            for key in metadata_keys:
-                frame[key] = meta_values[key][rows]
-            index_writer.append(frame)  # written now, as compact Arrow columns: no Python object per row is kept
-            n_total, n_padded = n_total + len(rows), n_padded + int(padded.sum())
-            logger.info("sample %s: %d patches (%d padded at the border)", sample, len(rows), int(padded.sum()))
-            frame = writer = patches = idx = None  # freed before the next sample is read
-        del rows_of, groups, meta_values, rows
-
-        assert channels_ref is not None  # samples is non-empty
-        stats_rows, per_sample = [], {}
-        for sample, acc in accs.items():
-            for c, name in enumerate(channels_ref):
-                stats_rows.append({"sample_id": sample, "channel": name, **acc.stats(c, scale_percentile)})
-            if scale and scale_per_sample:
-                per_sample[sample] = anchors_from(acc, scale_percentile, channels_ref, f"sample {sample!r}")
-        pooled = next(iter(accs.values())).merged(list(accs.values())[1:])
-        global_anchors = anchors_from(pooled, scale_percentile, channels_ref, "all samples") if scale else None
-        pd.DataFrame(stats_rows).to_parquet(tmp / STATS_FILE, index=False)
-        settings = {
-            "format_version": FORMAT_VERSION,
-            "dataset": dataset,
-            "patch_size": list(patch_size),
-            "channels": channels_ref,
-            "image_dtype": str(dtype_ref),
-            "store_dtype": str(np.dtype(np.float32 if dtype_ref == np.float64 else dtype_ref)),
-            "table_key": table_key,
-            "sample_key": sample_key,
-            "image_key": image_key,
-            "spatial_key_index": spatial_key_index,
-            "metadata_keys": list(metadata_keys),
-            "samples": samples,
-            "n_patches": n_total,
-            "n_padded": n_padded,
-            "seed": seed,
-            "padding": "constant: per-plane channel minimum",
-            "normalization": {
-                "scale": bool(scale),
-                "scale_per_sample": bool(scale_per_sample),
-                "scale_percentile": float(scale_percentile),
-                "global": global_anchors,
-                "per_sample": per_sample,
-            },
-        }
+    with atomic_dir(dir_dataset / dataset) as tmp:
+        extracted = _extract_samples(
+            sdata, tmp, selection, table=table, index_all=index_all, image_key=image_key,
+            spatial_key_index=spatial_key_index, patch_size=patch_size, dataset=dataset, metadata_keys=metadata_keys,
+            seed=seed, progress=progress,
+        )
+        global_anchors, per_sample = _write_stats_and_anchors(
+            tmp, extracted.accs, extracted.channels, scale=scale, scale_percentile=scale_percentile,
+            scale_per_sample=scale_per_sample,
+        )
+        settings = _settings_record(
+            dataset=dataset, patch_size=patch_size, channels=extracted.channels, image_dtype=extracted.image_dtype,
+            table_key=table_key, sample_key=sample_key, image_key=image_key, spatial_key_index=spatial_key_index,
+            metadata_keys=metadata_keys, samples=samples, n_patches=extracted.n_patches,
+            n_padded=extracted.n_padded, seed=seed, scale=scale, scale_per_sample=scale_per_sample,
+            scale_percentile=scale_percentile, global_anchors=global_anchors, per_sample=per_sample,
+        )
         write_json_atomic(tmp / SETTINGS_FILE, settings)
     if not scale:
         logger.warning("scale=False: patches keep raw intensities; the VAE's sigmoid output expects values in [0, 1].")
