@@ -32,8 +32,8 @@ Normalization: ``(v - low[c]) / (high[c] - low[c])`` clipped to [0, 1] and cast 
 when patches are read. ``low`` is the ``scale_percentile`` percentile of all patch pixels (the
 background level); ``high`` is the ``100 - scale_percentile`` percentile of the *foreground* patch
 pixels, those brighter than the channel's median. Microscopy patches are mostly background, so
-percentiles over all pixels (the earlier library used whole slices) land at the edge of the
-foreground and saturate most of every nucleus; foreground percentiles saturate only
+an upper percentile over all pixels (of the patches or of whole image slices) lands at the edge of
+the foreground and saturates most of every nucleus; foreground percentiles saturate only
 ``scale_percentile`` % of the foreground.
 A channel whose upper percentile equals its lower one falls back to its maximum, and a constant
 channel gets ``high = low + 1`` and a warning. With ``scale_per_sample=True`` each sample has its
@@ -87,9 +87,32 @@ _READ_ROWS = 16384  # PatchDataset.open decodes the index in batches of this man
 
 
 def image_array(sdata: Any, key: str) -> tuple[Any, list[str], bool]:
-    """Return (dask/numpy array with dims (c, z, y, x) or (c, y, x), channel names, is_3d) of an image.
+    """Return an image's pixel array with its axes in (c, [z,] y, x) order, its channel names and whether it is 3-D.
 
     Multiscale images use their full-resolution level.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object.
+    key
+        Name of the image in ``sdata.images``.
+
+    Returns
+    -------
+    array : dask.array.Array or numpy.ndarray
+        The pixels, dims (c, z, y, x) for 3-D images or (c, y, x) for 2-D ones, in the image's dtype.
+    channels : list of str
+        Channel names (the ``c`` coordinate, or ``"0"``, ``"1"``, ... when it has none).
+    is_3d : bool
+        Whether the image has a ``z`` axis.
+
+    Raises
+    ------
+    KeyError
+        ``key`` is not an image of ``sdata``.
+    ValueError
+        The image's axes are not c, (z,) y, x.
     """
     check_key(sdata.images, key, argument="image key", what="image of the SpatialData object",
               fix="Images must be stored as f'{image_key}_{sample}'; check image_key and the sample ids.")
@@ -117,8 +140,23 @@ def patch_windows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cut windows of ``patch_size`` centred on (ys, xs) from one (c, y, x) plane.
 
-    Returns (patches (n, h, w, c) in the plane's dtype, padded flags (n,)). Windows crossing the border
-    are padded with the per-channel minimum of the plane.
+    Windows crossing the border are padded with the per-channel minimum of the plane.
+
+    Parameters
+    ----------
+    plane
+        One z-plane, shape (c, y, x).
+    ys, xs
+        Integer pixel positions of the window centres, shape (n,) each.
+    patch_size
+        (height, width) of the windows.
+
+    Returns
+    -------
+    patches : numpy.ndarray
+        Shape (n, height, width, c), in the plane's dtype.
+    padded : numpy.ndarray
+        Boolean, shape (n,): whether a window crosses the border.
     """
     h, w = patch_size
     n_c, height, width = plane.shape
@@ -141,10 +179,32 @@ def patch_windows(
 def iter_patches(
     image: Any, index: np.ndarray, patch_size: tuple[int, int], is_3d: bool, *, max_bytes: int = 256 * 2**20
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield (positions, patches, padded) per z-plane for the objects at integer ``index`` (y, x[, z]).
+    """Yield the patches of the objects at integer ``index`` (y, x[, z]), one z-plane at a time.
 
-    ``positions`` are row numbers into ``index``; planes are visited in increasing z. Consecutive
-    planes are read together (in parallel by dask) up to ``max_bytes`` of image data at a time.
+    Planes are visited in increasing z. Consecutive planes are read together (in parallel by dask) up
+    to ``max_bytes`` of image data at a time.
+
+    Parameters
+    ----------
+    image
+        Pixel array with dims (c, z, y, x) or (c, y, x) (see :func:`image_array`).
+    index
+        Integer positions, shape (n, 3) as (y, x, z) for 3-D images or (n, 2) as (y, x) for 2-D ones.
+    patch_size
+        (height, width) of the patches.
+    is_3d
+        Whether ``image`` has a z axis.
+    max_bytes
+        Most image bytes read at once.
+
+    Yields
+    ------
+    positions : numpy.ndarray
+        Row numbers into ``index`` of this plane's objects.
+    patches : numpy.ndarray
+        Their patches, shape (len(positions), height, width, c).
+    padded : numpy.ndarray
+        Boolean flags of the patches that cross the image border.
     """
     if not is_3d:
         if len(index):
@@ -171,7 +231,35 @@ def iter_patches(
 def validate_index(
     index: np.ndarray, *, image_shape: tuple[int, ...], is_3d: bool, key: str, sample: Any, obs_names: Sequence[str]
 ) -> np.ndarray:
-    """Check integer (y, x[, z]) indices against an image of ``image_shape`` ((c,) z, y, x); return (n, 2|3)."""
+    """Check integer (y, x[, z]) pixel indices against an image and return them as int64.
+
+    Parameters
+    ----------
+    index
+        The objects' ``.obsm`` indices, shape (n, 2) or (n, 3).
+    image_shape
+        Shape of the image, (c, z, y, x) or (c, y, x).
+    is_3d
+        Whether the image has a z axis.
+    key
+        The ``.obsm`` key the indices come from, for the messages.
+    sample
+        The sample id, for the messages.
+    obs_names
+        The objects' names, to name examples in the messages.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 indices, shape (n, 3) for a 3-D image, (n, 2) for a 2-D one (a z column of zeros is dropped).
+
+    Raises
+    ------
+    TypeError
+        The indices are not integers.
+    ValueError
+        The number of columns does not fit the image, or an index lies outside the image.
+    """
     if index.dtype.kind not in "iu":
         raise TypeError(
             f"spatial_key_index={key!r}: .obsm[{key!r}] has dtype {index.dtype}; integer pixel indices are needed. "
@@ -212,7 +300,16 @@ def validate_index(
 class IntensityAccumulator:
     """Per-channel pixel statistics of many patch blocks.
 
-    Exact histograms for integer images, a seeded reservoir sample for float images.
+    Exact histograms for integer images of at most 16 bits, a seeded reservoir sample for the others.
+
+    Parameters
+    ----------
+    n_channels
+        Number of channels (the last axis of the patches).
+    dtype
+        Pixel dtype of the patches.
+    seed
+        Seed of the reservoir sample (float images).
     """
 
     def __init__(self, n_channels: int, dtype: np.dtype, seed: int = 0) -> None:
@@ -226,6 +323,13 @@ class IntensityAccumulator:
         self.count = 0
 
     def add(self, patches: np.ndarray) -> None:
+        """Count the pixels of a block of patches.
+
+        Parameters
+        ----------
+        patches
+            Shape (..., n_channels), in the accumulator's dtype.
+        """
         flat = patches.reshape(-1, self.n_channels)
         self.count += flat.shape[0]
         if self.integer:  # in blocks: the int64 copy bincount needs is 8 bytes a pixel
@@ -253,6 +357,18 @@ class IntensityAccumulator:
         return np.concatenate(self.samples[c], dtype=np.float64) if self.samples[c] else np.zeros(1)
 
     def merged(self, others: Sequence[IntensityAccumulator]) -> IntensityAccumulator:
+        """Pool this accumulator with ``others`` (e.g. all samples of a dataset).
+
+        Parameters
+        ----------
+        others
+            Accumulators of the same channels and dtype.
+
+        Returns
+        -------
+        IntensityAccumulator
+            A new accumulator holding the pixels of all of them; the inputs are unchanged.
+        """
         out = IntensityAccumulator(self.n_channels, self.dtype)
         for acc in (self, *others):
             out.count += acc.count
@@ -268,7 +384,20 @@ class IntensityAccumulator:
         return out
 
     def quantiles(self, c: int, qs: Sequence[float]) -> np.ndarray:
-        """Quantiles (0..1) of channel ``c`` (inverted-CDF for histograms)."""
+        """Return quantiles of channel ``c`` (inverted-CDF for histograms).
+
+        Parameters
+        ----------
+        c
+            Channel number.
+        qs
+            Quantiles in [0, 1].
+
+        Returns
+        -------
+        numpy.ndarray
+            float64, one value per quantile.
+        """
         if self.integer:
             hist = self.hist[c]
             cum = np.cumsum(hist)
@@ -280,7 +409,20 @@ class IntensityAccumulator:
         return np.quantile(values, qs)
 
     def foreground_quantile(self, c: int, q: float) -> float:
-        """Quantile ``q`` of the pixels brighter than the channel's median (the foreground)."""
+        """Return quantile ``q`` of the pixels brighter than the channel's median (the foreground).
+
+        Parameters
+        ----------
+        c
+            Channel number.
+        q
+            Quantile in [0, 1].
+
+        Returns
+        -------
+        float
+            The quantile, or the median when no pixel is brighter than it.
+        """
         med = self.quantiles(c, [0.5])[0]
         if self.integer:
             hist = self.hist[c].copy()
@@ -295,7 +437,22 @@ class IntensityAccumulator:
         return float(np.quantile(fg, q)) if fg.size else float(med)
 
     def stats(self, c: int, percentile: float) -> dict[str, float]:
-        """mean, std, median, mad (about the channel's own median), min, max and the two percentiles."""
+        """Return the intensity statistics of channel ``c``.
+
+        Parameters
+        ----------
+        c
+            Channel number.
+        percentile
+            ``p`` of the percentiles ``p`` and ``100 - p``.
+
+        Returns
+        -------
+        dict
+            ``mean``, ``std``, ``median``, ``mad`` (about the channel's own median), ``min``, ``max``,
+            ``percentile_low``, ``percentile_high``, ``foreground_high`` (the ``100 - p`` percentile of the
+            foreground) and ``n_pixels``.
+        """
         lo, med, hi = self.quantiles(c, [percentile / 100, 0.5, 1 - percentile / 100])
         if self.integer:
             hist = self.hist[c].astype(np.float64)
@@ -320,7 +477,31 @@ class IntensityAccumulator:
 
 
 def anchors_from(acc: IntensityAccumulator, percentile: float, channels: Sequence[str], where: str) -> dict[str, list]:
-    """Low/high anchors per channel from accumulated patch pixels (see the module docstring)."""
+    """Return the low/high normalization anchors per channel of accumulated patch pixels.
+
+    See the module docstring for the rule; a constant channel gets ``high = low + 1``.
+
+    Parameters
+    ----------
+    acc
+        The accumulated pixels.
+    percentile
+        ``scale_percentile`` of the dataset.
+    channels
+        Channel names, for the warning.
+    where
+        What the pixels are (e.g. ``"sample 'A01'"``), for the warning.
+
+    Returns
+    -------
+    dict
+        ``{"low": [...], "high": [...]}``, one float per channel.
+
+    Warns
+    -----
+    ConstantChannelWarning
+        A channel has a single value.
+    """
     low, high = [], []
     for c, name in enumerate(channels):
         s = acc.stats(c, percentile)
@@ -339,7 +520,20 @@ def anchors_from(acc: IntensityAccumulator, percentile: float, channels: Sequenc
 
 
 def normalize(raw: np.ndarray, low: Sequence[float], high: Sequence[float]) -> np.ndarray:
-    """``clip((raw - low) / (high - low), 0, 1)`` per channel (last axis), as float32."""
+    """Return ``clip((raw - low) / (high - low), 0, 1)`` per channel (last axis), as float32.
+
+    Parameters
+    ----------
+    raw
+        Patches, channels on the last axis.
+    low, high
+        Anchors, one per channel.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 values in [0, 1], the shape of ``raw``.
+    """
     low = np.asarray(low, np.float32)
     scale = 1.0 / (np.asarray(high, np.float32) - low)
     out = raw.astype(np.float32)
@@ -393,7 +587,17 @@ def _read_parquet(path: Path) -> pd.DataFrame:
 
 @dataclass
 class PatchDataset:
-    """A patch dataset folder (see the module docstring for the layout)."""
+    """A patch dataset folder (see the module docstring for the layout); made by :meth:`open`.
+
+    Parameters
+    ----------
+    path
+        The dataset folder ``<dir_dataset>/<dataset>``.
+    settings
+        The content of its ``settings.json``.
+    index
+        Its ``index.parquet``, one row per patch.
+    """
 
     path: Path
     settings: dict[str, Any]
@@ -401,7 +605,25 @@ class PatchDataset:
 
     @classmethod
     def open(cls, path: str | Path) -> PatchDataset:
-        """Open ``<dir_dataset>/<dataset>``."""
+        """Open the dataset folder ``<dir_dataset>/<dataset>``.
+
+        Parameters
+        ----------
+        path
+            The dataset folder.
+
+        Returns
+        -------
+        PatchDataset
+            Its settings and index (the patches are read on demand).
+
+        Raises
+        ------
+        FileNotFoundError
+            ``path`` holds no ``settings.json``.
+        ValueError
+            The dataset was written in a newer format.
+        """
         import json
 
         path = Path(path)
@@ -421,31 +643,71 @@ class PatchDataset:
 
     @property
     def name(self) -> str:
+        """The dataset's name."""
         return self.settings["dataset"]
 
     @property
     def samples(self) -> list[str]:
+        """The samples, in the order they were extracted."""
         return list(self.settings["samples"])
 
     @property
     def patch_size(self) -> tuple[int, int]:
+        """(height, width) of the patches."""
         return tuple(self.settings["patch_size"])  # type: ignore[return-value]
 
     @property
     def channels(self) -> list[str]:
+        """The channel names."""
         return list(self.settings["channels"])
 
     def stats(self) -> pd.DataFrame:
+        """Return the per (sample, channel) intensity statistics.
+
+        Returns
+        -------
+        pandas.DataFrame
+            The content of ``stats.parquet``.
+        """
         return pd.read_parquet(self.path / STATS_FILE)
 
     def anchors(self, sample: str) -> tuple[np.ndarray, np.ndarray]:
-        """(low, high) anchors used for ``sample``."""
+        """Return the (low, high) normalization anchors of ``sample``.
+
+        Parameters
+        ----------
+        sample
+            A sample of the dataset.
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            (low, high), float32, one value per channel.
+        """
         return anchors_for(self.settings, sample)
 
     def read(self, sample: str, rows: np.ndarray | None = None, *, normalized: bool = True) -> np.ndarray:
-        """Patches of ``sample`` (store rows ``rows``, default all) as (n, h, w, c).
+        """Read patches of ``sample``.
 
-        Normalized float32 in [0, 1] unless ``normalized=False`` or the dataset was made with ``scale=False``.
+        Parameters
+        ----------
+        sample
+            A sample of the dataset.
+        rows
+            Store rows (the index's ``row`` column) to read; default all, in store order.
+        normalized
+            Normalize with the dataset's anchors (float32 in [0, 1]; float32 raw values for a dataset
+            made with ``scale=False``); ``False`` gives the stored values.
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape (n, height, width, channels).
+
+        Raises
+        ------
+        KeyError
+            ``sample`` is not in the dataset.
         """
         import zarr
 
@@ -462,10 +724,29 @@ class PatchDataset:
 def anchors_for(
     settings: dict[str, Any], sample: str, fallback: dict[str, list] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The (low, high) anchors that ``settings`` prescribe for ``sample``.
+    """Return the (low, high) anchors that a dataset's ``settings`` prescribe for ``sample``.
 
     Per-sample mode uses the sample's stored anchors, or ``fallback`` (anchors computed from that
     sample's own patches) for a sample not in the dataset.
+
+    Parameters
+    ----------
+    settings
+        A dataset's settings (``PatchDataset.settings``).
+    sample
+        The sample id.
+    fallback
+        Anchors for a sample the dataset does not have (see :func:`compute_anchors`).
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        (low, high), float32, one value per channel.
+
+    Raises
+    ------
+    KeyError
+        Per-sample mode, ``sample`` not in the dataset and no ``fallback``.
     """
     norm = settings["normalization"]
     if norm["scale_per_sample"]:
@@ -483,7 +764,24 @@ def anchors_for(
 def normalize_for(
     raw: np.ndarray, settings: dict[str, Any], sample: str, fallback: dict[str, list] | None = None
 ) -> np.ndarray:
-    """Normalize raw patches of ``sample`` as ``settings`` prescribe (float32)."""
+    """Normalize raw patches of ``sample`` as a dataset's ``settings`` prescribe.
+
+    Parameters
+    ----------
+    raw
+        Patches, channels on the last axis.
+    settings
+        A dataset's settings (``PatchDataset.settings``).
+    sample
+        The sample id.
+    fallback
+        Anchors for a sample the dataset does not have (see :func:`anchors_for`).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32, in [0, 1] unless the dataset was made with ``scale=False`` (then the raw values).
+    """
     if not settings["normalization"]["scale"]:
         return raw.astype(np.float32)
     low, high = anchors_for(settings, sample, fallback)
@@ -491,7 +789,22 @@ def normalize_for(
 
 
 def compute_anchors(raw: np.ndarray, settings: dict[str, Any], where: str = "a new sample") -> dict[str, list]:
-    """Per-sample anchors of ``raw`` patches with the dataset's percentile (for samples not in the dataset)."""
+    """Compute anchors of ``raw`` patches with a dataset's percentile (for samples not in the dataset).
+
+    Parameters
+    ----------
+    raw
+        Patches of one sample, channels on the last axis.
+    settings
+        A dataset's settings (``PatchDataset.settings``).
+    where
+        What the patches are, for the constant-channel warning.
+
+    Returns
+    -------
+    dict
+        ``{"low": [...], "high": [...]}``, one float per channel.
+    """
     acc = IntensityAccumulator(raw.shape[-1], raw.dtype)
     acc.add(raw)
     return anchors_from(acc, settings["normalization"]["scale_percentile"], settings["channels"], where)
