@@ -80,15 +80,15 @@ def test_check_targets_and_report():
 
 
 @pytest.mark.slow
-def test_validation_recovers_planted_types_and_treatments(tmp_path):
+def test_evaluation_recovers_planted_types_and_treatments(tmp_path):
     """A real (reduced) run: 6 wells per treatment, 100 nuclei per well, 8 epochs (~2 min on 2 cores).
 
     At these settings the issue's targets hold: latent clusters ARI >= 0.8 and above the feature-table
     baseline; leave-one-out treatment accuracy >= 0.95 on the well embedding of all statistics.
     """
-    from phenocoder_lib.evaluation import check_targets, format_report, run_validation
+    from phenocoder_lib.evaluation import check_targets, format_report, run_evaluation
 
-    result = run_validation(tmp_path, wells_per_treatment=6, nuclei_per_well=100, epochs=8, seed=0)
+    result = run_evaluation(tmp_path, wells_per_treatment=6, nuclei_per_well=100, epochs=8, seed=0)
     report = format_report(result, targets := check_targets(result))
     cells = result[result["what"] == "cell types"].set_index("representation")
     treat = result[result["what"] == "treatments"].set_index("representation")
