@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from phenocoder_lib.evaluation import clustering_scores, treatment_scores
+from phenocoder_lib.evaluation import clustering_scores, json_safe, treatment_scores
 
 
 def test_clustering_scores_perfect_and_random():
@@ -25,6 +25,16 @@ def test_treatment_scores():
     assert scores["loo_knn_accuracy"] == 1.0 and scores["silhouette"] > 0.9
     with pytest.raises(ValueError, match="two treatments"):
         treatment_scores(x, np.repeat("control", 12))
+
+
+def test_json_safe_gives_strict_json():
+    import json
+
+    doc = {"a": np.float32(0.5), 3: [np.int64(2), float("nan"), (np.inf, -np.inf)], "b": {"c": np.bool_(True)}}
+    safe = json_safe(doc)
+    assert safe == {"a": 0.5, "3": [2, None, [None, None]], "b": {"c": True}}
+    assert type(safe["a"]) is float and type(safe["3"][0]) is int and type(safe["b"]["c"]) is bool
+    assert json.loads(json.dumps(safe, allow_nan=False)) == safe
 
 
 def test_planted_truth_metrics_scores_a_run_and_is_none_without_truth(tmp_path):
