@@ -1,10 +1,11 @@
 """``generate_dataset`` writes the same dataset as before: content digests of a tiny hand-made plate.
 
-The expected digests were computed with the single-function ``generate_dataset`` before it was split
-into phases. They hash decoded values (patch arrays, the index and statistics as CSV, the settings as
-sorted JSON), not file bytes, so an upgrade of zarr or pyarrow that changes the file encoding does not
-trip them, while any change to what is extracted, measured or recorded does. The plate is built here
-from arithmetic, without random numbers, so the input cannot change either.
+The expected digests are recorded values: a refactoring of ``generate_dataset`` must leave them as they
+are, and a deliberate change of the output must update them (and say so). They hash decoded values
+(patch arrays, the index and statistics as CSV, the settings as sorted JSON), not file bytes, so an
+upgrade of zarr or pyarrow that changes the file encoding does not trip them, while any change to what
+is extracted, measured or recorded does. The plate is built here from arithmetic, without random
+numbers, so the input cannot change either.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 
 from phenocoder_lib.patches import generate_dataset
 
-#: content digest of each case, from the code before the split (see the module docstring)
+#: content digest of each case (see the module docstring)
 EXPECTED = {
     "uint8_3d": "aec6767072115a50a4b0f0c238da31c1f23d2c60ac946e16794c6bc7d768b21f",
     "uint8_3d_global_odd": "1204abe4f8d446102891b0e14659ef63f8c072c301f9d5ef7cdc06234e49630e",
