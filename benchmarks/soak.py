@@ -242,8 +242,8 @@ def soak(home: Path, n_wells: int, concurrency: int) -> dict:
     t_start = time.perf_counter()
     landing = home / "incoming"
     bad = _bad_inputs(landing, home.parent / f"{home.name}-outside")
-    make_synthetic_plate(landing / PLATE, n_wells=n_wells, ndim=2, n_channels=2, image_size=64,
-                         nuclei_per_well=NUCLEI_PER_WELL, seed=0)
+    plate_wells = make_synthetic_plate(landing / PLATE, n_wells=n_wells, ndim=2, n_channels=2, image_size=64,
+                                       nuclei_per_well=NUCLEI_PER_WELL, seed=0).wells
     dagster_home = home / "dagster"
     dagster_home.mkdir(parents=True, exist_ok=True)
     storage = PhenocoderStorage(root=str(home))
@@ -290,7 +290,7 @@ def soak(home: Path, n_wells: int, concurrency: int) -> dict:
         failed = instance.get_runs_count(RunsFilter(statuses=[DagsterRunStatus.FAILURE]))
         succeeded = instance.get_runs_count(RunsFilter(statuses=[DagsterRunStatus.SUCCESS]))
         again, _ = _tick(instance, storage, cursor)
-    expected = {f"{PLATE}_{w}" for w in _wells(n_wells)}
+    expected = {f"{PLATE}_{w}" for w in plate_wells}
     once = all(set(per) == expected and set(per.values()) == {1} for per in counts.values())
     trainings = [p[a] for p, (_, a) in zip(phases, PHASES, strict=True) if a]
     report.update({
@@ -321,12 +321,6 @@ def soak(home: Path, n_wells: int, concurrency: int) -> dict:
     report["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     shutil.rmtree(work, ignore_errors=True)
     return report
-
-
-def _wells(n: int) -> list[str]:
-    from phenocoder_lib.synthetic import _well_names
-
-    return _well_names(n)
 
 
 def check(report: dict) -> list[str]:

@@ -28,29 +28,57 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
 
-from .validation import check_key, require
+from .validation import check_choice, check_key, require
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClusterReference", "FaissKNNTransformer", "cluster_features", "transfer_labels", "feature_matrix",
-           "knn_arrays", "leiden_labels", "umap_connectivities"]
+__all__ = ["ClusterReference", "FaissKNNTransformer", "KNN_BACKENDS", "KnnBackend", "REFERENCE_FORMAT",
+           "cluster_features", "feature_matrix", "knn_arrays", "leiden_labels", "smooth_knn_dist", "transfer_labels",
+           "umap_connectivities"]
 
-_FORMAT = "phenocoder.cluster_reference/1"
-KNN_BACKENDS = ("faiss", "pynndescent", "exact")
+#: ``format`` of a saved reference's header; :meth:`ClusterReference.load` refuses any other.
+REFERENCE_FORMAT = "phenocoder.cluster_reference/1"
+#: kNN graph backends of :func:`cluster_features` (its ``knn`` argument).
+KnnBackend = Literal["faiss", "pynndescent", "exact"]
+KNN_BACKENDS: tuple[str, ...] = get_args(KnnBackend)
 # scanpy computes Euclidean neighbours by brute force below 8192 objects (``use_dense_distances`` in
-# ``Neighbors._handle_transformer``); every backend keeps that, so small plates are clustered as before.
+# ``Neighbors._handle_transformer``); every backend keeps that, so small plates get exactly scanpy's graph.
 _EXACT_KNN_BELOW = 8192
 _TRANSFER_CHUNK = 65_536  # rows projected and labelled at a time (bounded memory)
 
 
 @dataclass
 class ClusterReference:
-    """Everything needed to assign the clusters of a pooled Leiden run to new objects."""
+    """Everything needed to assign the clusters of a pooled Leiden run to new objects.
+
+    Made by :func:`cluster_features`; saved and read back with :meth:`save` and :meth:`load`.
+
+    Parameters
+    ----------
+    categories
+        Cluster names (``'0'``, ``'1'``, ...); ``ref_labels`` are codes into them.
+    var_names
+        Feature names, in the order :meth:`transform` expects them.
+    source
+        Where the features were read: ``{"use_rep": ..., "layer": ...}`` (empty strings for ``.X``).
+    scale_mean, scale_std
+        Per-feature standardisation, or ``None`` when the fit was not standardised.
+    pca_mean
+        Mean subtracted before the projection (in standardised units).
+    pca_components
+        Principal axes, shape (n_pcs, n_features).
+    ref_embedding
+        PCA coordinates of the reference objects, shape (n_reference, n_pcs), float32.
+    ref_labels
+        Their cluster codes, shape (n_reference,).
+    params
+        The settings of the fit (:func:`cluster_features` records them).
+    """
 
     categories: list[str]
     var_names: list[str]
@@ -69,7 +97,23 @@ class ClusterReference:
         return int(self.pca_components.shape[0])
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        """Standardise (if fitted so) and project onto the stored principal axes."""
+        """Standardise (if fitted so) and project features onto the stored principal axes.
+
+        Parameters
+        ----------
+        x
+            Features, shape (n, len(var_names)), columns in the order of ``var_names``.
+
+        Returns
+        -------
+        numpy.ndarray
+            PCA coordinates, shape (n, n_pcs), float32.
+
+        Raises
+        ------
+        ValueError
+            ``x`` does not have one column per reference feature.
+        """
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != len(self.var_names):
             raise ValueError(f"expected {len(self.var_names)} features per object (as in the reference: "
@@ -79,9 +123,20 @@ class ClusterReference:
         return ((x - self.pca_mean) @ self.pca_components.T).astype(np.float32)
 
     def save(self, path: str | Path) -> Path:
-        """Write one ``.npz`` (no pickle): arrays plus a JSON header."""
+        """Write the reference as one ``.npz`` (arrays plus a JSON header; no pickle), atomically.
+
+        Parameters
+        ----------
+        path
+            File to write (replaced if it exists).
+
+        Returns
+        -------
+        pathlib.Path
+            ``path``.
+        """
         path = Path(path)
-        header = {"format": _FORMAT, "categories": self.categories, "var_names": self.var_names,
+        header = {"format": REFERENCE_FORMAT, "categories": self.categories, "var_names": self.var_names,
                   "source": self.source, "params": self.params, "scaled": self.scale_mean is not None}
         arrays = {"header": np.array(json.dumps(header)), "pca_mean": self.pca_mean,
                   "pca_components": self.pca_components, "ref_embedding": self.ref_embedding,
@@ -97,16 +152,34 @@ class ClusterReference:
 
     @classmethod
     def load(cls, path: str | Path) -> ClusterReference:
-        """Read a reference written by :meth:`save` (``allow_pickle=False``)."""
+        """Read a reference written by :meth:`save` (``allow_pickle=False``).
+
+        Parameters
+        ----------
+        path
+            The ``.npz`` file.
+
+        Returns
+        -------
+        ClusterReference
+            The reference as it was saved.
+
+        Raises
+        ------
+        FileNotFoundError
+            ``path`` does not exist.
+        ValueError
+            The file's header is not that of a cluster reference.
+        """
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"cluster reference {str(path)!r} does not exist; write it with "
                                     "ClusterReference.save() after cluster_features().")
         with np.load(path, allow_pickle=False) as z:
             header = json.loads(str(z["header"]))
-            if header.get("format") != _FORMAT:
+            if header.get("format") != REFERENCE_FORMAT:
                 raise ValueError(f"{str(path)!r} is not a cluster reference (format {header.get('format')!r}, "
-                                 f"expected {_FORMAT!r}).")
+                                 f"expected {REFERENCE_FORMAT!r}).")
             scaled = header["scaled"]
             return cls(categories=list(header["categories"]), var_names=list(header["var_names"]),
                        source=dict(header["source"]), params=dict(header["params"]),
@@ -117,7 +190,33 @@ class ClusterReference:
 
 
 def feature_matrix(adata, *, use_rep: str | None = None, layer: str | None = None) -> tuple[np.ndarray, list[str]]:
-    """Dense float64 features of ``adata``: ``.obsm[use_rep]``, ``.layers[layer]`` or ``.X``."""
+    """Return the features of ``adata`` as a dense float64 matrix, with their names.
+
+    Parameters
+    ----------
+    adata
+        The objects (an AnnData).
+    use_rep
+        Read ``.obsm[use_rep]`` (names from its DataFrame columns, else ``f"{use_rep}_{i}"``).
+    layer
+        Read ``.layers[layer]``; with neither ``use_rep`` nor ``layer``, ``.X`` is read.
+
+    Returns
+    -------
+    x : numpy.ndarray
+        float64, shape (n_obs, n_features).
+    names : list of str
+        Feature names.
+
+    Raises
+    ------
+    KeyError
+        ``use_rep`` or ``layer`` is not in ``adata``.
+    TypeError
+        The features are not numeric.
+    ValueError
+        Both ``use_rep`` and ``layer`` are given, ``.X`` is missing, or a feature is NaN or infinite.
+    """
     import scipy.sparse as sp
 
     require(use_rep is None or layer is None,
@@ -161,6 +260,17 @@ class FaissKNNTransformer:
     level draws are seeded), so the graph and every label derived from it are identical in any process;
     searches use all threads (queries are independent). A query that finds fewer than the requested
     neighbours is answered by exact search. faiss is imported only when the index is built.
+
+    Parameters
+    ----------
+    n_neighbors
+        Neighbours per object, the object itself included (scanpy's ``n_neighbors``).
+    m
+        HNSW graph degree (faiss ``M``).
+    ef_construction
+        HNSW candidate list size while building.
+    ef_search
+        HNSW candidate list size while searching (at least ``2 * k`` is used).
     """
 
     def __init__(self, n_neighbors: int = 15, *, m: int = 16, ef_construction: int = 40, ef_search: int = 32):
@@ -170,19 +280,64 @@ class FaissKNNTransformer:
         self.ef_search = ef_search
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """Constructor arguments (scanpy reads ``n_neighbors``)."""
+        """Return the constructor arguments (scanpy reads ``n_neighbors``).
+
+        Parameters
+        ----------
+        deep
+            Ignored (no nested estimators); part of the scikit-learn protocol.
+
+        Returns
+        -------
+        dict
+            ``n_neighbors``, ``m``, ``ef_construction`` and ``ef_search``.
+        """
         return {"n_neighbors": self.n_neighbors, "m": self.m, "ef_construction": self.ef_construction,
                 "ef_search": self.ef_search}
 
     def set_params(self, **params: Any) -> FaissKNNTransformer:
-        """Set constructor arguments (sklearn protocol)."""
+        """Set constructor arguments (scikit-learn protocol).
+
+        Parameters
+        ----------
+        **params
+            Constructor arguments by name.
+
+        Returns
+        -------
+        FaissKNNTransformer
+            This transformer.
+
+        Raises
+        ------
+        ValueError
+            A name is not a constructor argument.
+        """
         for key, value in params.items():
             require(key in self.get_params(), f"unknown parameter {key!r}; known: {sorted(self.get_params())}.")
             setattr(self, key, value)
         return self
 
     def fit(self, x, y=None) -> FaissKNNTransformer:
-        """Build the HNSW index of the distinct rows of ``x`` (single-threaded, hence deterministic)."""
+        """Build the HNSW index of the distinct rows of ``x`` (single-threaded, hence deterministic).
+
+        Parameters
+        ----------
+        x
+            Points, shape (n, d), n > ``n_neighbors``; converted to float32.
+        y
+            Ignored (scikit-learn protocol).
+
+        Returns
+        -------
+        FaissKNNTransformer
+            This transformer, fitted.
+
+        Raises
+        ------
+        ValueError
+            ``x`` is not 2-D or has at most ``n_neighbors`` rows.
+        """
         import faiss
 
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -244,19 +399,64 @@ class FaissKNNTransformer:
         return out_d, out_i
 
     def kneighbors(self, x, n_neighbors: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Euclidean distances and indices of the ``n_neighbors`` nearest indexed objects, ascending."""
+        """Return the Euclidean distances and indices of the nearest indexed objects, ascending.
+
+        Parameters
+        ----------
+        x
+            Query points, shape (m, d).
+        n_neighbors
+            Neighbours per query (default: the constructor's ``n_neighbors``).
+
+        Returns
+        -------
+        distances : numpy.ndarray
+            Shape (m, n_neighbors), float32.
+        indices : numpy.ndarray
+            Row numbers of the fitted points, shape (m, n_neighbors), int64.
+
+        Raises
+        ------
+        ValueError
+            ``n_neighbors`` is below 1 or above the number of fitted points.
+        """
         k = int(self.n_neighbors if n_neighbors is None else n_neighbors)
         require(1 <= k <= self.n_samples_fit_, f"n_neighbors must be in [1, {self.n_samples_fit_}], found {k}.")
         dist, idx = self._search(np.ascontiguousarray(x, dtype=np.float32), min(k, self.faiss_index_.ntotal))
         return self._expand(dist, idx, k)
 
     def transform(self, x):
-        """CSR distance matrix of new points against the index (``n_neighbors`` entries per row)."""
+        """Return the kNN distance matrix of new points against the index.
+
+        Parameters
+        ----------
+        x
+            Query points, shape (m, d).
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix
+            Shape (m, n_fitted), ``n_neighbors`` stored entries per row in ascending distance.
+        """
         dist, idx = self.kneighbors(x)
         return _knn_csr(dist, idx, self.n_samples_fit_)
 
     def fit_transform(self, x, y=None):
-        """Index ``x`` and return its kNN graph with the self entry first (what scanpy expects)."""
+        """Index ``x`` and return its kNN graph with the self entry first (what scanpy expects).
+
+        Parameters
+        ----------
+        x
+            Points, shape (n, d).
+        y
+            Ignored (scikit-learn protocol).
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix
+            Shape (n, n), ``n_neighbors`` stored entries per row in ascending distance, the first the
+            object itself at distance 0 (stored as an explicit zero).
+        """
         self.fit(x)
         n, k = self.n_samples_fit_, int(self.n_neighbors)
         n_rows = self.faiss_index_.ntotal
@@ -287,11 +487,11 @@ def _knn_csr(dist: np.ndarray, idx: np.ndarray, n_cols: int):
 
 
 def _check_scale_args(max_fit: int | None, knn: str) -> None:
-    if max_fit is not None and (isinstance(max_fit, bool) or not isinstance(max_fit, (int, np.integer))
-                                or max_fit < 3):
-        raise ValueError(f"max_fit must be None (fit on all objects) or an integer >= 3, found {max_fit!r}.")
-    if knn not in KNN_BACKENDS:
-        raise ValueError(f"knn must be one of {list(KNN_BACKENDS)}, found {knn!r}.")
+    """Check ``max_fit`` (``None`` or an int >= 3; ``True`` is no count) and ``knn`` (a backend name)."""
+    require(max_fit is None or (not isinstance(max_fit, bool) and isinstance(max_fit, (int, np.integer))
+                                and max_fit >= 3),
+            f"max_fit must be None (fit on all objects) or an integer >= 3, found {max_fit!r}.")
+    check_choice(knn, KNN_BACKENDS, argument="knn")
 
 
 def cluster_features(
@@ -308,7 +508,7 @@ def cluster_features(
     max_reference: int | None = 200_000,
     transfer_k: int = 15,
     max_fit: int | None = 200_000,
-    knn: str = "faiss",
+    knn: KnnBackend = "faiss",
 ) -> tuple[pd.Categorical, ClusterReference]:
     """Cluster the objects of all samples together (PCA -> kNN -> Leiden, seeded).
 
@@ -344,10 +544,17 @@ def cluster_features(
 
     Returns
     -------
-    (labels, reference)
-        Categorical labels (categories ``'0'``, ``'1'``, ...) in the row order of ``adata``, and the
-        :class:`ClusterReference`. ``reference.params`` records ``n_objects`` and ``n_fit`` (the objects
-        Leiden saw).
+    labels : pandas.Categorical
+        Cluster labels (categories ``'0'``, ``'1'``, ...) in the row order of ``adata``.
+    reference : ClusterReference
+        What :func:`transfer_labels` needs to label new objects the same way. ``reference.params`` records
+        the settings, ``n_objects``, ``n_fit`` (the objects Leiden saw), ``knn`` and ``knn_exact`` (whether
+        the graph came from an exact search).
+
+    Raises
+    ------
+    ValueError
+        Fewer than 3 objects, ``max_fit`` or ``knn`` invalid, or features that :func:`feature_matrix` rejects.
 
     """
     from sklearn.decomposition import PCA
@@ -440,12 +647,31 @@ def _scanpy_leiden(emb: np.ndarray, k: int, resolution: float, n_iterations: int
 
 
 def knn_arrays(dist, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(indices, distances)``, ``(n, k)``, of a kNN distance CSR with a constant count per row, self first.
+    """Return the neighbour indices and distances of a kNN distance CSR with a constant count per row, self first.
 
     Reads the CSR as scanpy does (rows in storage order, the first ``k`` entries; a self column is put
     in front when no row starts with itself). Self distances are set to 0: a brute-force search reports
     rounding residues such as 8e-8, which scanpy zeroes (in place, before its connectivities) and which
     would otherwise count as the nearest neighbour distance ``rho``.
+
+    Parameters
+    ----------
+    dist
+        kNN distance matrix (CSR), the same number of stored entries in every row.
+    k
+        Neighbours to keep per row, the object itself included.
+
+    Returns
+    -------
+    indices : numpy.ndarray
+        Shape (n, k), the object itself first.
+    distances : numpy.ndarray
+        Shape (n, k), 0 for the object itself.
+
+    Raises
+    ------
+    ValueError
+        Rows hold different numbers of entries.
     """
     n = dist.shape[0]
     per_row = np.diff(dist.indptr)
@@ -463,13 +689,30 @@ _SMOOTH_K_TOLERANCE = 1e-5
 _MIN_K_DIST_SCALE = 1e-3
 
 
-def _smooth_knn_dist(dist: np.ndarray, k: float, n_iter: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Per row the bandwidth ``sigma`` and the nearest non-zero distance ``rho`` of UMAP's fuzzy set.
+def smooth_knn_dist(dist: np.ndarray, k: float, n_iter: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Return per row the bandwidth ``sigma`` and the nearest non-zero distance ``rho`` of UMAP's fuzzy set.
 
     ``sigma`` solves ``sum_j exp(-max(d_ij - rho_i, 0) / sigma_i) = log2(k)`` (over the neighbours after the
     first) by bisection, at most ``n_iter`` halvings, stopping a row once within 1e-5; local connectivity 1.
     Vectorized over rows with the arithmetic of ``umap.umap_.smooth_knn_dist`` (float32 distances, float64
     sums), so the graph equals the one scanpy builds.
+
+    Parameters
+    ----------
+    dist
+        kNN distances, shape (n, k), ascending per row, the object itself (distance 0) first; float32.
+    k
+        The ``k`` of the target ``log2(k)``.
+    n_iter
+        Most bisection steps per row.
+
+    Returns
+    -------
+    sigma : numpy.ndarray
+        float32, shape (n,), at least 1e-3 times the row's mean distance (or the overall mean where
+        ``rho`` is 0).
+    rho : numpy.ndarray
+        float32, shape (n,), 0 for a row without a positive distance.
     """
     n = dist.shape[0]
     target = np.log2(k)
@@ -508,16 +751,32 @@ def _smooth_knn_dist(dist: np.ndarray, k: float, n_iter: int = 64) -> tuple[np.n
 
 
 def umap_connectivities(knn_idx: np.ndarray, knn_dist: np.ndarray, *, n_obs: int, n_neighbors: int):
-    """UMAP's fuzzy simplicial set of a kNN graph (CSR, symmetric): what scanpy stores as ``connectivities``.
+    """Return UMAP's fuzzy simplicial set of a kNN graph: what scanpy stores as ``connectivities``.
 
     Membership ``exp(-(d_ij - rho_i) / sigma_i)`` (1 up to the nearest neighbour, 0 on the diagonal), then
     the fuzzy union ``A + A^T - A * A^T``. Needs no umap/numba import, unlike scanpy's ``pp.neighbors``.
+
+    Parameters
+    ----------
+    knn_idx
+        Neighbour indices, shape (n, k), self first (see :func:`knn_arrays`); -1 marks a missing neighbour.
+    knn_dist
+        Their distances, shape (n, k).
+    n_obs
+        Number of objects (the matrix is n_obs x n_obs).
+    n_neighbors
+        The ``k`` of the bandwidth target ``log2(k)``.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        Symmetric connectivities in [0, 1], zero diagonal.
     """
     import scipy.sparse as sp
 
     dist = np.asarray(knn_dist, np.float32)
     idx = np.asarray(knn_idx)
-    sigma, rho = _smooth_knn_dist(dist, float(n_neighbors))
+    sigma, rho = smooth_knn_dist(dist, float(n_neighbors))
     diff = dist - rho[:, None]
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         vals = np.exp(-(diff / sigma[:, None])).astype(np.float32)
@@ -554,10 +813,26 @@ class _LegacyRNG:
 
 
 def leiden_labels(graph, *, resolution: float, n_iterations: int, seed: int) -> np.ndarray:
-    """Leiden (igraph, modularity, weighted) of a symmetric CSR graph; labels as strings '0', '1', ...
+    """Return the Leiden clusters (igraph, modularity, weighted) of a symmetric graph.
 
     The graph is built as scanpy's ``tl.leiden(flavor='igraph')`` builds it (every stored non-zero entry an
     edge, so each pair twice) with the same seeded random source, so the labels are scanpy's.
+
+    Parameters
+    ----------
+    graph
+        Symmetric sparse matrix of edge weights (e.g. :func:`umap_connectivities`).
+    resolution
+        Modularity resolution; higher gives more clusters.
+    n_iterations
+        Leiden iterations (negative: until stable).
+    seed
+        Seed of igraph's random source (``numpy.random.RandomState(seed)``, as scanpy seeds it).
+
+    Returns
+    -------
+    numpy.ndarray
+        One label per node, as strings ``'0'``, ``'1'``, ...
     """
     import random
 
@@ -618,9 +893,15 @@ def transfer_labels(reference: ClusterReference, adata=None, *, x: np.ndarray | 
 
     Returns
     -------
-    (labels, confidence)
-        Categorical labels with the reference categories, and the vote fraction of the winner.
-        Ties go to the label of the nearest tied neighbour.
+    labels : pandas.Categorical
+        Labels with the reference categories; ties go to the label of the nearest tied neighbour.
+    confidence : numpy.ndarray
+        The winner's fraction of the ``k`` votes, per object.
+
+    Raises
+    ------
+    ValueError
+        Neither or both of ``adata`` and ``x`` are given, or the features differ from the reference's.
 
     """
     require((adata is None) != (x is None), "pass either adata or x.")

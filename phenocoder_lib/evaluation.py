@@ -1,6 +1,7 @@
-"""Planted-truth validation of the embeddings against a synthetic plate's cell types and treatments.
+"""Planted-truth evaluation: how well the pipeline recovers a synthetic plate's cell types and treatments.
 
-``phenocoder validate`` (or ``python -m phenocoder_lib.evaluation``) with ``[--out DIR]
+This module is the ``phenocoder validate`` command: ``phenocoder validate`` (or
+``python -m phenocoder_lib.evaluation``) with ``[--out DIR]
 [--wells-per-treatment 6] [--epochs 15] [--seed 0]`` generates a fresh seeded synthetic plate, runs the
 whole pipeline and prints one table:
 
@@ -34,7 +35,9 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-#: Targets of issue #7: (row "what", row "representation", column, threshold).
+#: Targets the pipeline must meet on the planted-truth plate: clusters of the latents recover the planted cell
+#: types, and the well embedding separates the treatments. Each is (row "what", row "representation", score
+#: column, threshold) of the :func:`run_evaluation` table.
 TARGETS = {
     "latent clusters ARI >= 0.8": ("cell types", "latents", "ari", 0.8),
     "leave-one-out treatment accuracy >= 0.95": ("treatments", "all spatial statistics", "loo_knn_accuracy", 0.95),
@@ -48,7 +51,25 @@ STAT_GROUPS = ("interactions", "centrality", "connectivity", "moran_features", "
 
 
 def clustering_scores(truth: Sequence[Any], labels: Sequence[Any]) -> dict[str, float]:
-    """Adjusted Rand index and normalized mutual information of ``labels`` against ``truth``."""
+    """Score cluster ``labels`` against the planted ``truth`` (adjusted Rand index, normalized mutual information).
+
+    Parameters
+    ----------
+    truth
+        Planted class per object.
+    labels
+        Cluster label per object, in the same order.
+
+    Returns
+    -------
+    dict
+        ``ari``, ``nmi`` and ``n_clusters`` (distinct labels).
+
+    Raises
+    ------
+    ValueError
+        ``truth`` and ``labels`` are not 1-D sequences of the same length.
+    """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     truth, labels = np.asarray(truth), np.asarray(labels)
@@ -62,7 +83,26 @@ def clustering_scores(truth: Sequence[Any], labels: Sequence[Any]) -> dict[str, 
 
 
 def treatment_scores(x: np.ndarray, treatments: Sequence[Any]) -> dict[str, float]:
-    """Silhouette and leave-one-out 1-nearest-neighbour accuracy of wells ``x`` (n_wells, d) by treatment."""
+    """Score how well an embedding of wells separates their treatments.
+
+    Parameters
+    ----------
+    x
+        Well embedding, shape (n_wells, d).
+    treatments
+        Planted treatment per well (row of ``x``).
+
+    Returns
+    -------
+    dict
+        ``silhouette`` (Euclidean, by treatment) and ``loo_knn_accuracy`` (the share of wells whose
+        nearest other well has the same treatment).
+
+    Raises
+    ------
+    ValueError
+        Fewer than two treatments.
+    """
     from sklearn.metrics import pairwise_distances, silhouette_score
 
     x = np.asarray(x, dtype=np.float64)
@@ -79,7 +119,30 @@ def treatment_scores(x: np.ndarray, treatments: Sequence[Any]) -> dict[str, floa
 
 
 def truth_for_table(table: Any, plate_root: str | Path, *, sample_key: str = "sample") -> tuple[pd.Series, pd.Series]:
-    """Planted cell type per object and treatment per sample, aligned with ``table.obs``."""
+    """Return the planted cell type of every object and the treatment of every sample of ``table``.
+
+    Parameters
+    ----------
+    table
+        Object table (AnnData) of a synthetic plate, with ``.obs`` columns ``well``, ``instance_id`` and
+        ``sample_key``.
+    plate_root
+        Folder of the synthetic plate (it holds ``ground_truth/``).
+    sample_key
+        ``.obs`` column with each object's sample id.
+
+    Returns
+    -------
+    cell_types : pandas.Series
+        Planted cell type, indexed by ``table.obs_names``.
+    treatments : pandas.Series
+        Planted treatment, indexed by sample id (strings).
+
+    Raises
+    ------
+    ValueError
+        An object of the table has no planted cell type.
+    """
     from .synthetic import read_ground_truth
 
     objects, wells = read_ground_truth(plate_root)
@@ -96,7 +159,18 @@ def truth_for_table(table: Any, plate_root: str | Path, *, sample_key: str = "sa
 
 
 def has_ground_truth(plate_dir: str | Path) -> bool:
-    """Whether ``plate_dir`` holds a synthetic plate's ``ground_truth/{objects,wells}.csv``."""
+    """Tell whether ``plate_dir`` holds a synthetic plate's ``ground_truth/{objects,wells}.csv``.
+
+    Parameters
+    ----------
+    plate_dir
+        A plate folder.
+
+    Returns
+    -------
+    bool
+        Whether both ground-truth files exist.
+    """
     folder = Path(plate_dir) / "ground_truth"
     return (folder / "objects.csv").is_file() and (folder / "wells.csv").is_file()
 
@@ -108,7 +182,9 @@ def planted_truth_metrics(
     samples: Sequence[str] | None = None,
     object_labels: pd.DataFrame | None = None,
 ) -> dict[str, float] | None:
-    """Scores of an existing run against planted truth, or ``None`` when no plate has ground truth.
+    """Score an existing run against planted truth, or return ``None`` when no plate has ground truth.
+
+    Only samples whose plate folder holds ground truth (:func:`has_ground_truth`) are scored.
 
     Parameters
     ----------
@@ -123,9 +199,11 @@ def planted_truth_metrics(
         Columns ``sample``, ``label`` (the object's label id in the well) and ``cluster``: scored for
         cell types (``cell_type_ari``, ``cell_type_nmi``, ``n_clusters``, ``n_objects``).
 
-    Only samples whose plate folder holds ground truth (:func:`has_ground_truth`) are scored; the
-    result also records ``n_samples_with_truth``.
-
+    Returns
+    -------
+    dict or None
+        The scores named above that could be computed, and ``n_samples_with_truth``; ``None`` when no
+        sample's plate holds ground truth.
     """
     from .synthetic import read_ground_truth
 
@@ -167,6 +245,7 @@ def planted_truth_metrics(
 
 def _cluster_rows(name: str, adata: Any, truth: np.ndarray, *, layer: str | None, resolution: float,
                   seed: int) -> tuple[dict[str, Any], np.ndarray]:
+    """Cluster one representation and score it (at ``resolution`` and best over the sweep); return row, labels."""
     from .clustering import cluster_features
 
     labels, _ = cluster_features(adata, layer=layer, resolution=resolution, seed=seed)
@@ -181,7 +260,7 @@ def _cluster_rows(name: str, adata: Any, truth: np.ndarray, *, layer: str | None
     return row, labels
 
 
-def run_validation(
+def run_evaluation(
     out: str | Path,
     *,
     wells_per_treatment: int = 6,
@@ -202,7 +281,36 @@ def run_validation(
     anchors for the plate (``scale_per_sample=False``: per-well anchors stretch a channel whose cell
     type is missing from a well, so the same cell type looks different in different wells).
 
-    Returns a table with one row per (what, representation) and columns for each score.
+    Parameters
+    ----------
+    out
+        Working folder; the plate, datasets and model go to ``out/w{wells_per_treatment}_n{nuclei_per_well}_s{seed}``
+        (a plate already there is reused).
+    wells_per_treatment
+        Wells of each of the two treatments.
+    nuclei_per_well
+        Nuclei per well of the synthetic plate.
+    epochs
+        Training epochs of the CVAE.
+    patch_size
+        Square patch size in pixels.
+    conv_layers
+        Filters of the encoder's convolution layers.
+    scale_per_sample
+        Per-well intensity anchors (``True``) or one set for the plate.
+    radius
+        Message-passing radius; the spatial statistics use ``radius`` and ``2 * radius``.
+    resolution
+        Leiden resolution, the same for every representation.
+    seed
+        Seed of the plate, the model and the clustering.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per (``what``, ``representation``): cell-type rows with ``ari``, ``nmi``, ``n_clusters``
+        and ``ari_best_of_sweep``; treatment rows with ``silhouette``, ``loo_knn_accuracy``, ``n_wells``
+        and ``n_wells_skipped``.
     """
     import anndata as ad
 
@@ -272,7 +380,18 @@ def run_validation(
 
 
 def check_targets(result: pd.DataFrame) -> pd.DataFrame:
-    """One row per target: value, threshold and whether it is met (plus latents ARI > every baseline ARI)."""
+    """Compare a :func:`run_evaluation` table with :data:`TARGETS` (and latents ARI with every baseline's ARI).
+
+    Parameters
+    ----------
+    result
+        The table of :func:`run_evaluation`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per target: ``target``, ``value``, ``threshold`` and ``met``.
+    """
     rows = []
     for target, (what, rep, col, threshold) in TARGETS.items():
         value = float(result.loc[(result["what"] == what) & (result["representation"] == rep), col].iloc[0])
@@ -285,7 +404,20 @@ def check_targets(result: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_report(result: pd.DataFrame, targets: pd.DataFrame) -> str:
-    """The score table and the target table as text."""
+    """Format the score table and the target table as text.
+
+    Parameters
+    ----------
+    result
+        The table of :func:`run_evaluation`.
+    targets
+        The table of :func:`check_targets`.
+
+    Returns
+    -------
+    str
+        The cell-type, treatment and target tables, separated by blank lines.
+    """
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         cells = result[result["what"] == "cell types"].dropna(axis=1, how="all").drop(columns="what")
         cells = cells.astype({"n_clusters": int})
@@ -300,7 +432,18 @@ def format_report(result: pd.DataFrame, targets: pd.DataFrame) -> str:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Arguments of the validation command (shared by ``phenocoder validate``)."""
+    """Add the arguments of the ``phenocoder validate`` command to ``parser``.
+
+    Parameters
+    ----------
+    parser
+        Parser (or sub-command parser) to extend; a new one described by this module's docstring if ``None``.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        ``parser`` with the arguments added.
+    """
     parser = parser or argparse.ArgumentParser(description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="phenocoder_validation", help="working folder (plate, datasets, model)")
@@ -324,12 +467,23 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN/inf -> None and numpy scalars -> Python, so the document is strict JSON."""
+def json_safe(value: Any) -> Any:
+    """Return ``value`` with NaN/inf as ``None`` and numpy scalars as Python ones, so it dumps as strict JSON.
+
+    Parameters
+    ----------
+    value
+        A number, or dicts, lists and tuples of them (nested); dict keys become strings.
+
+    Returns
+    -------
+    Any
+        The converted value (tuples become lists).
+    """
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not np.isfinite(value):
@@ -337,8 +491,23 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+_json_safe = json_safe  # the name phenocoder_assets.assets.profiles imports
+
+
 def run_from_args(args: argparse.Namespace) -> int:
-    """Run, print the report, and return the exit status (1 with ``--strict`` when a target is missed)."""
+    """Run the evaluation that parsed ``phenocoder validate`` arguments ask for and print its report.
+
+    Parameters
+    ----------
+    args
+        Arguments parsed by :func:`build_parser`; with ``--json`` the multi-plate screen is scored
+        (:mod:`phenocoder_lib.screen_evaluation`) and printed as one JSON document.
+
+    Returns
+    -------
+    int
+        Exit status: 1 with ``--strict`` when a target is missed, else 0.
+    """
     import time
 
     if getattr(args, "json", False):
@@ -350,11 +519,11 @@ def run_from_args(args: argparse.Namespace) -> int:
                                     nuclei_per_well=args.nuclei_per_well or 90, epochs=args.epochs or 25,
                                     resolution=args.resolution, cellprofiler=not args.no_cellprofiler,
                                     null_size=args.null_size)
-        print(json.dumps(_json_safe(doc), indent=2, allow_nan=False))
+        print(json.dumps(json_safe(doc), indent=2, allow_nan=False))
         return 1 if args.strict and not all(t["met"] for t in doc["targets"]) else 0
     nuclei, epochs = args.nuclei_per_well or 150, args.epochs or 15
     start = time.perf_counter()
-    result = run_validation(args.out, wells_per_treatment=args.wells_per_treatment,
+    result = run_evaluation(args.out, wells_per_treatment=args.wells_per_treatment,
                             nuclei_per_well=nuclei, epochs=epochs, seed=args.seed,
                             resolution=args.resolution)
     targets = check_targets(result)
@@ -365,7 +534,18 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry point (prints the score and target tables)."""
+    """Run ``phenocoder validate`` from the command line (prints the score and target tables).
+
+    Parameters
+    ----------
+    argv
+        Command-line arguments (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        Exit status (see :func:`run_from_args`).
+    """
     return run_from_args(build_parser().parse_args(argv))
 
 

@@ -63,6 +63,27 @@ class PlateLayout:
     ``well`` (required), ``z`` (optional: absent in 2-D exports) and ``channel`` (images only).
     The defaults match CellVoyager-style names (``..._A06_T0003F002L03A01Z01C04.png``) and
     ``<well>_<zz>.csv`` tables.
+
+    Parameters
+    ----------
+    image_dir, label_dir, table_dir
+        Sub-folders of the plate export holding the images, the label masks and the tables.
+    image_pattern
+        Regular expression of image file names, groups ``well``, ``z`` (optional) and ``channel``.
+    label_pattern
+        Regular expression of label mask file names, groups ``well`` and ``z`` (optional).
+    table_pattern
+        Regular expression of table file names, groups ``well`` and ``z`` (optional).
+    label_column
+        Table column with the object's label id (its value in the mask).
+    y_column, x_column
+        Table columns with the centroid, in table coordinates (see :class:`PlateGeometry`).
+    area_column
+        Table column with the object's area in a slice; weights the per-object means.
+    feature_prefixes
+        Columns that go to ``.X``: every numeric column starting with one of these prefixes.
+    drop_columns
+        Columns dropped from the table (per-slice bookkeeping that the aggregation replaces).
     """
 
     image_dir: str = "imgs"
@@ -83,7 +104,19 @@ class PlateLayout:
 
 @dataclass(frozen=True)
 class PlateGeometry:
-    """Physical scale of a plate export."""
+    """Physical scale of a plate export.
+
+    Parameters
+    ----------
+    pixel_size_um
+        Size of one image pixel in y and x, in um.
+    z_step_um
+        Distance between z-slices, in um.
+    table_scale
+        Table coordinate units per image pixel (4 if tables are at 4x resolution).
+    extra
+        Other entries of ``plate.json``, kept as they are.
+    """
 
     pixel_size_um: float = 1.0  #: size of one image pixel in y and x, in um
     z_step_um: float = 1.0  #: distance between z-slices, in um
@@ -93,7 +126,27 @@ class PlateGeometry:
 
 @dataclass
 class PlateFiles:
-    """The files of one plate, indexed by well."""
+    """The files of one plate, indexed by well (made by :func:`scan_plate`).
+
+    Parameters
+    ----------
+    root
+        The plate folder.
+    plate
+        Plate id (part of every sample id).
+    wells
+        Wells with images, sorted.
+    channels
+        Channel names, sorted (``C01``, ... for numbered channels).
+    z_levels
+        Sorted z values from the file names (``[0]`` for 2-D).
+    images
+        ``(well, z, channel) -> file``.
+    labels
+        ``(well, z) -> file``.
+    tables
+        ``(well, z) -> file``.
+    """
 
     root: Path
     plate: str
@@ -106,16 +159,48 @@ class PlateFiles:
 
     @property
     def is_3d(self) -> bool:
+        """Whether the plate has more than one z level."""
         return len(self.z_levels) > 1
 
 
 def sample_id(plate: str, well: str) -> str:
-    """The sample id of a well: unique across plates (``f"{plate}_{well}"``)."""
+    """Return the sample id of a well, unique across plates (``f"{plate}_{well}"``).
+
+    Parameters
+    ----------
+    plate
+        Plate id.
+    well
+        Well name, e.g. ``"A06"``.
+
+    Returns
+    -------
+    str
+        ``f"{plate}_{well}"``.
+    """
     return f"{plate}_{well}"
 
 
 def read_plate_geometry(root: str | Path, **overrides: float | None) -> PlateGeometry:
-    """Read ``plate.json`` (if any) and apply non-``None`` overrides."""
+    """Read a plate's physical scale from its ``plate.json`` (if any), with non-``None`` overrides applied.
+
+    Parameters
+    ----------
+    root
+        The plate folder.
+    **overrides
+        ``pixel_size_um``, ``z_step_um`` and ``table_scale``; ``None`` keeps the file's value (or 1.0).
+
+    Returns
+    -------
+    PlateGeometry
+        The scale; other entries of ``plate.json`` go to ``extra``.
+
+    Raises
+    ------
+    ValueError
+        A scale is not a positive finite number.
+    """
     root = Path(root)
     values: dict[str, Any] = {}
     meta = root / PLATE_METADATA_FILE
@@ -141,6 +226,17 @@ def scan_plate(root: str | Path, *, layout: PlateLayout | None = None, plate: st
     plate
         Plate id used in sample ids; defaults to the folder name.
 
+    Returns
+    -------
+    PlateFiles
+        The plate's files by well, z level and channel.
+
+    Raises
+    ------
+    FileNotFoundError
+        The folder, a sub-folder or matching files are missing, or a well lacks a channel, a slice or a table.
+    ValueError
+        ``plate`` is not a valid id, or two files map to the same (well, z[, channel]).
     """
     layout = layout or PlateLayout()
     root = Path(root)
@@ -260,8 +356,36 @@ def read_well_table(
     Per object (label id): the centroid and the feature columns are area-weighted means over the
     slices where the object appears; other numeric columns are plain means; ``n_slices``, ``z_first``,
     ``z_last`` and ``z_index`` (the slice of largest area, an index into the image z axis) are added,
-    and ``volume_um3`` (the sum of slice areas times the z step) in 3-D. With ``check_labels`` every
-    label id of a slice's table must occur in that slice's mask (a ``ValueError`` names both files).
+    and ``volume_um3`` (the sum of slice areas times the z step) in 3-D.
+
+    Parameters
+    ----------
+    files
+        The plate's files (:func:`scan_plate`).
+    well
+        The well to read.
+    geometry
+        The plate's physical scale (for ``volume_um3``).
+    layout
+        The table column names.
+    check_labels
+        Check that every label id of a slice's table occurs in that slice's mask.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per object, sorted by label id: the label column, the aggregated columns and the added ones
+        (the z means as ``z_center``).
+
+    Raises
+    ------
+    KeyError
+        A table lacks the label or centroid column.
+    ValueError
+        All tables of the well are empty, or (``check_labels``) a label id is missing from its mask; the
+        message names both files.
+    OSError
+        A table or mask file cannot be read.
     """
     frames = []
     z_pos = {z: i for i, z in enumerate(files.z_levels)}
@@ -375,12 +499,19 @@ def read_plate(
 
     Returns
     -------
-    SpatialData with images ``f"{image_key}_{sample}"`` (``Image3DModel`` (c, z, y, x) or
-    ``Image2DModel`` (c, y, x), dask-backed, original dtype), labels ``f"nuclei_{sample}"`` and one
-    table ``table_key``: one row per object, intensity features in ``.X``, morphometrics and keys
-    (``sample_key``, ``plate``, ``well``, ``instance_id`` = label id, ``region``) in ``.obs``,
-    ``.obsm['spatial']`` in um and ``.obsm['spatial_index']`` integer indices, both (y, x[, z]).
+    spatialdata.SpatialData
+        Images ``f"{image_key}_{sample}"`` (``Image3DModel`` (c, z, y, x) or ``Image2DModel`` (c, y, x),
+        dask-backed, original dtype), labels ``f"nuclei_{sample}"`` and one table ``table_key``: one row per
+        object, intensity features in ``.X``, morphometrics and keys (``sample_key``, ``plate``, ``well``,
+        ``instance_id`` = label id, ``region``) in ``.obs``, ``.obsm['spatial']`` in um and
+        ``.obsm['spatial_index']`` integer indices, both (y, x[, z]).
 
+    Raises
+    ------
+    KeyError
+        A well of ``wells`` is not in the plate, or a table lacks a needed column.
+    FileNotFoundError, ValueError, OSError
+        See :func:`scan_plate` and :func:`read_well_table`; also image files of different shapes.
     """
     import spatialdata as sd
     from spatialdata.models import Image2DModel, Image3DModel, Labels2DModel, Labels3DModel, TableModel
@@ -486,6 +617,25 @@ def write_sdata(sdata: Any, path: str | Path, *, overwrite: bool = True) -> Path
     """Write a SpatialData object as zarr atomically (write aside, then rename into place).
 
     A failure while writing leaves any earlier result at ``path`` untouched.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object.
+    path
+        The zarr folder to write.
+    overwrite
+        Replace an existing ``path``; otherwise an existing one is an error.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    FileExistsError
+        ``path`` exists and ``overwrite`` is false.
     """
     import anndata as ad
 

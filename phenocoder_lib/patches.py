@@ -32,8 +32,8 @@ Normalization: ``(v - low[c]) / (high[c] - low[c])`` clipped to [0, 1] and cast 
 when patches are read. ``low`` is the ``scale_percentile`` percentile of all patch pixels (the
 background level); ``high`` is the ``100 - scale_percentile`` percentile of the *foreground* patch
 pixels, those brighter than the channel's median. Microscopy patches are mostly background, so
-percentiles over all pixels (the earlier library used whole slices) land at the edge of the
-foreground and saturate most of every nucleus; foreground percentiles saturate only
+an upper percentile over all pixels (of the patches or of whole image slices) lands at the edge of
+the foreground and saturates most of every nucleus; foreground percentiles saturate only
 ``scale_percentile`` % of the foreground.
 A channel whose upper percentile equals its lower one falls back to its maximum, and a constant
 channel gets ``high = low + 1`` and a warning. With ``scale_per_sample=True`` each sample has its
@@ -56,6 +56,7 @@ import pandas as pd
 from ._grouping import group_rows
 from .io import atomic_dir, write_json_atomic
 from .validation import (
+    check_in_range,
     check_int_pair,
     check_key,
     check_no_missing,
@@ -86,9 +87,32 @@ _READ_ROWS = 16384  # PatchDataset.open decodes the index in batches of this man
 
 
 def image_array(sdata: Any, key: str) -> tuple[Any, list[str], bool]:
-    """Return (dask/numpy array with dims (c, z, y, x) or (c, y, x), channel names, is_3d) of an image.
+    """Return an image's pixel array with its axes in (c, [z,] y, x) order, its channel names and whether it is 3-D.
 
     Multiscale images use their full-resolution level.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object.
+    key
+        Name of the image in ``sdata.images``.
+
+    Returns
+    -------
+    array : dask.array.Array or numpy.ndarray
+        The pixels, dims (c, z, y, x) for 3-D images or (c, y, x) for 2-D ones, in the image's dtype.
+    channels : list of str
+        Channel names (the ``c`` coordinate, or ``"0"``, ``"1"``, ... when it has none).
+    is_3d : bool
+        Whether the image has a ``z`` axis.
+
+    Raises
+    ------
+    KeyError
+        ``key`` is not an image of ``sdata``.
+    ValueError
+        The image's axes are not c, (z,) y, x.
     """
     check_key(sdata.images, key, argument="image key", what="image of the SpatialData object",
               fix="Images must be stored as f'{image_key}_{sample}'; check image_key and the sample ids.")
@@ -116,8 +140,23 @@ def patch_windows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cut windows of ``patch_size`` centred on (ys, xs) from one (c, y, x) plane.
 
-    Returns (patches (n, h, w, c) in the plane's dtype, padded flags (n,)). Windows crossing the border
-    are padded with the per-channel minimum of the plane.
+    Windows crossing the border are padded with the per-channel minimum of the plane.
+
+    Parameters
+    ----------
+    plane
+        One z-plane, shape (c, y, x).
+    ys, xs
+        Integer pixel positions of the window centres, shape (n,) each.
+    patch_size
+        (height, width) of the windows.
+
+    Returns
+    -------
+    patches : numpy.ndarray
+        Shape (n, height, width, c), in the plane's dtype.
+    padded : numpy.ndarray
+        Boolean, shape (n,): whether a window crosses the border.
     """
     h, w = patch_size
     n_c, height, width = plane.shape
@@ -140,10 +179,32 @@ def patch_windows(
 def iter_patches(
     image: Any, index: np.ndarray, patch_size: tuple[int, int], is_3d: bool, *, max_bytes: int = 256 * 2**20
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield (positions, patches, padded) per z-plane for the objects at integer ``index`` (y, x[, z]).
+    """Yield the patches of the objects at integer ``index`` (y, x[, z]), one z-plane at a time.
 
-    ``positions`` are row numbers into ``index``; planes are visited in increasing z. Consecutive
-    planes are read together (in parallel by dask) up to ``max_bytes`` of image data at a time.
+    Planes are visited in increasing z. Consecutive planes are read together (in parallel by dask) up
+    to ``max_bytes`` of image data at a time.
+
+    Parameters
+    ----------
+    image
+        Pixel array with dims (c, z, y, x) or (c, y, x) (see :func:`image_array`).
+    index
+        Integer positions, shape (n, 3) as (y, x, z) for 3-D images or (n, 2) as (y, x) for 2-D ones.
+    patch_size
+        (height, width) of the patches.
+    is_3d
+        Whether ``image`` has a z axis.
+    max_bytes
+        Most image bytes read at once.
+
+    Yields
+    ------
+    positions : numpy.ndarray
+        Row numbers into ``index`` of this plane's objects.
+    patches : numpy.ndarray
+        Their patches, shape (len(positions), height, width, c).
+    padded : numpy.ndarray
+        Boolean flags of the patches that cross the image border.
     """
     if not is_3d:
         if len(index):
@@ -170,7 +231,35 @@ def iter_patches(
 def validate_index(
     index: np.ndarray, *, image_shape: tuple[int, ...], is_3d: bool, key: str, sample: Any, obs_names: Sequence[str]
 ) -> np.ndarray:
-    """Check integer (y, x[, z]) indices against an image of ``image_shape`` ((c,) z, y, x); return (n, 2|3)."""
+    """Check integer (y, x[, z]) pixel indices against an image and return them as int64.
+
+    Parameters
+    ----------
+    index
+        The objects' ``.obsm`` indices, shape (n, 2) or (n, 3).
+    image_shape
+        Shape of the image, (c, z, y, x) or (c, y, x).
+    is_3d
+        Whether the image has a z axis.
+    key
+        The ``.obsm`` key the indices come from, for the messages.
+    sample
+        The sample id, for the messages.
+    obs_names
+        The objects' names, to name examples in the messages.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 indices, shape (n, 3) for a 3-D image, (n, 2) for a 2-D one (a z column of zeros is dropped).
+
+    Raises
+    ------
+    TypeError
+        The indices are not integers.
+    ValueError
+        The number of columns does not fit the image, or an index lies outside the image.
+    """
     if index.dtype.kind not in "iu":
         raise TypeError(
             f"spatial_key_index={key!r}: .obsm[{key!r}] has dtype {index.dtype}; integer pixel indices are needed. "
@@ -211,7 +300,16 @@ def validate_index(
 class IntensityAccumulator:
     """Per-channel pixel statistics of many patch blocks.
 
-    Exact histograms for integer images, a seeded reservoir sample for float images.
+    Exact histograms for integer images of at most 16 bits, a seeded reservoir sample for the others.
+
+    Parameters
+    ----------
+    n_channels
+        Number of channels (the last axis of the patches).
+    dtype
+        Pixel dtype of the patches.
+    seed
+        Seed of the reservoir sample (float images).
     """
 
     def __init__(self, n_channels: int, dtype: np.dtype, seed: int = 0) -> None:
@@ -225,6 +323,13 @@ class IntensityAccumulator:
         self.count = 0
 
     def add(self, patches: np.ndarray) -> None:
+        """Count the pixels of a block of patches.
+
+        Parameters
+        ----------
+        patches
+            Shape (..., n_channels), in the accumulator's dtype.
+        """
         flat = patches.reshape(-1, self.n_channels)
         self.count += flat.shape[0]
         if self.integer:  # in blocks: the int64 copy bincount needs is 8 bytes a pixel
@@ -252,6 +357,18 @@ class IntensityAccumulator:
         return np.concatenate(self.samples[c], dtype=np.float64) if self.samples[c] else np.zeros(1)
 
     def merged(self, others: Sequence[IntensityAccumulator]) -> IntensityAccumulator:
+        """Pool this accumulator with ``others`` (e.g. all samples of a dataset).
+
+        Parameters
+        ----------
+        others
+            Accumulators of the same channels and dtype.
+
+        Returns
+        -------
+        IntensityAccumulator
+            A new accumulator holding the pixels of all of them; the inputs are unchanged.
+        """
         out = IntensityAccumulator(self.n_channels, self.dtype)
         for acc in (self, *others):
             out.count += acc.count
@@ -267,7 +384,20 @@ class IntensityAccumulator:
         return out
 
     def quantiles(self, c: int, qs: Sequence[float]) -> np.ndarray:
-        """Quantiles (0..1) of channel ``c`` (inverted-CDF for histograms)."""
+        """Return quantiles of channel ``c`` (inverted-CDF for histograms).
+
+        Parameters
+        ----------
+        c
+            Channel number.
+        qs
+            Quantiles in [0, 1].
+
+        Returns
+        -------
+        numpy.ndarray
+            float64, one value per quantile.
+        """
         if self.integer:
             hist = self.hist[c]
             cum = np.cumsum(hist)
@@ -279,7 +409,20 @@ class IntensityAccumulator:
         return np.quantile(values, qs)
 
     def foreground_quantile(self, c: int, q: float) -> float:
-        """Quantile ``q`` of the pixels brighter than the channel's median (the foreground)."""
+        """Return quantile ``q`` of the pixels brighter than the channel's median (the foreground).
+
+        Parameters
+        ----------
+        c
+            Channel number.
+        q
+            Quantile in [0, 1].
+
+        Returns
+        -------
+        float
+            The quantile, or the median when no pixel is brighter than it.
+        """
         med = self.quantiles(c, [0.5])[0]
         if self.integer:
             hist = self.hist[c].copy()
@@ -294,7 +437,22 @@ class IntensityAccumulator:
         return float(np.quantile(fg, q)) if fg.size else float(med)
 
     def stats(self, c: int, percentile: float) -> dict[str, float]:
-        """mean, std, median, mad (about the channel's own median), min, max and the two percentiles."""
+        """Return the intensity statistics of channel ``c``.
+
+        Parameters
+        ----------
+        c
+            Channel number.
+        percentile
+            ``p`` of the percentiles ``p`` and ``100 - p``.
+
+        Returns
+        -------
+        dict
+            ``mean``, ``std``, ``median``, ``mad`` (about the channel's own median), ``min``, ``max``,
+            ``percentile_low``, ``percentile_high``, ``foreground_high`` (the ``100 - p`` percentile of the
+            foreground) and ``n_pixels``.
+        """
         lo, med, hi = self.quantiles(c, [percentile / 100, 0.5, 1 - percentile / 100])
         if self.integer:
             hist = self.hist[c].astype(np.float64)
@@ -319,7 +477,31 @@ class IntensityAccumulator:
 
 
 def anchors_from(acc: IntensityAccumulator, percentile: float, channels: Sequence[str], where: str) -> dict[str, list]:
-    """Low/high anchors per channel from accumulated patch pixels (see the module docstring)."""
+    """Return the low/high normalization anchors per channel of accumulated patch pixels.
+
+    See the module docstring for the rule; a constant channel gets ``high = low + 1``.
+
+    Parameters
+    ----------
+    acc
+        The accumulated pixels.
+    percentile
+        ``scale_percentile`` of the dataset.
+    channels
+        Channel names, for the warning.
+    where
+        What the pixels are (e.g. ``"sample 'A01'"``), for the warning.
+
+    Returns
+    -------
+    dict
+        ``{"low": [...], "high": [...]}``, one float per channel.
+
+    Warns
+    -----
+    ConstantChannelWarning
+        A channel has a single value.
+    """
     low, high = [], []
     for c, name in enumerate(channels):
         s = acc.stats(c, percentile)
@@ -338,7 +520,20 @@ def anchors_from(acc: IntensityAccumulator, percentile: float, channels: Sequenc
 
 
 def normalize(raw: np.ndarray, low: Sequence[float], high: Sequence[float]) -> np.ndarray:
-    """``clip((raw - low) / (high - low), 0, 1)`` per channel (last axis), as float32."""
+    """Return ``clip((raw - low) / (high - low), 0, 1)`` per channel (last axis), as float32.
+
+    Parameters
+    ----------
+    raw
+        Patches, channels on the last axis.
+    low, high
+        Anchors, one per channel.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 values in [0, 1], the shape of ``raw``.
+    """
     low = np.asarray(low, np.float32)
     scale = 1.0 / (np.asarray(high, np.float32) - low)
     out = raw.astype(np.float32)
@@ -392,7 +587,17 @@ def _read_parquet(path: Path) -> pd.DataFrame:
 
 @dataclass
 class PatchDataset:
-    """A patch dataset folder (see the module docstring for the layout)."""
+    """A patch dataset folder (see the module docstring for the layout); made by :meth:`open`.
+
+    Parameters
+    ----------
+    path
+        The dataset folder ``<dir_dataset>/<dataset>``.
+    settings
+        The content of its ``settings.json``.
+    index
+        Its ``index.parquet``, one row per patch.
+    """
 
     path: Path
     settings: dict[str, Any]
@@ -400,7 +605,25 @@ class PatchDataset:
 
     @classmethod
     def open(cls, path: str | Path) -> PatchDataset:
-        """Open ``<dir_dataset>/<dataset>``."""
+        """Open the dataset folder ``<dir_dataset>/<dataset>``.
+
+        Parameters
+        ----------
+        path
+            The dataset folder.
+
+        Returns
+        -------
+        PatchDataset
+            Its settings and index (the patches are read on demand).
+
+        Raises
+        ------
+        FileNotFoundError
+            ``path`` holds no ``settings.json``.
+        ValueError
+            The dataset was written in a newer format.
+        """
         import json
 
         path = Path(path)
@@ -420,31 +643,71 @@ class PatchDataset:
 
     @property
     def name(self) -> str:
+        """The dataset's name."""
         return self.settings["dataset"]
 
     @property
     def samples(self) -> list[str]:
+        """The samples, in the order they were extracted."""
         return list(self.settings["samples"])
 
     @property
     def patch_size(self) -> tuple[int, int]:
+        """(height, width) of the patches."""
         return tuple(self.settings["patch_size"])  # type: ignore[return-value]
 
     @property
     def channels(self) -> list[str]:
+        """The channel names."""
         return list(self.settings["channels"])
 
     def stats(self) -> pd.DataFrame:
+        """Return the per (sample, channel) intensity statistics.
+
+        Returns
+        -------
+        pandas.DataFrame
+            The content of ``stats.parquet``.
+        """
         return pd.read_parquet(self.path / STATS_FILE)
 
     def anchors(self, sample: str) -> tuple[np.ndarray, np.ndarray]:
-        """(low, high) anchors used for ``sample``."""
+        """Return the (low, high) normalization anchors of ``sample``.
+
+        Parameters
+        ----------
+        sample
+            A sample of the dataset.
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            (low, high), float32, one value per channel.
+        """
         return anchors_for(self.settings, sample)
 
     def read(self, sample: str, rows: np.ndarray | None = None, *, normalized: bool = True) -> np.ndarray:
-        """Patches of ``sample`` (store rows ``rows``, default all) as (n, h, w, c).
+        """Read patches of ``sample``.
 
-        Normalized float32 in [0, 1] unless ``normalized=False`` or the dataset was made with ``scale=False``.
+        Parameters
+        ----------
+        sample
+            A sample of the dataset.
+        rows
+            Store rows (the index's ``row`` column) to read; default all, in store order.
+        normalized
+            Normalize with the dataset's anchors (float32 in [0, 1]; float32 raw values for a dataset
+            made with ``scale=False``); ``False`` gives the stored values.
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape (n, height, width, channels).
+
+        Raises
+        ------
+        KeyError
+            ``sample`` is not in the dataset.
         """
         import zarr
 
@@ -461,10 +724,29 @@ class PatchDataset:
 def anchors_for(
     settings: dict[str, Any], sample: str, fallback: dict[str, list] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The (low, high) anchors that ``settings`` prescribe for ``sample``.
+    """Return the (low, high) anchors that a dataset's ``settings`` prescribe for ``sample``.
 
     Per-sample mode uses the sample's stored anchors, or ``fallback`` (anchors computed from that
     sample's own patches) for a sample not in the dataset.
+
+    Parameters
+    ----------
+    settings
+        A dataset's settings (``PatchDataset.settings``).
+    sample
+        The sample id.
+    fallback
+        Anchors for a sample the dataset does not have (see :func:`compute_anchors`).
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        (low, high), float32, one value per channel.
+
+    Raises
+    ------
+    KeyError
+        Per-sample mode, ``sample`` not in the dataset and no ``fallback``.
     """
     norm = settings["normalization"]
     if norm["scale_per_sample"]:
@@ -482,7 +764,24 @@ def anchors_for(
 def normalize_for(
     raw: np.ndarray, settings: dict[str, Any], sample: str, fallback: dict[str, list] | None = None
 ) -> np.ndarray:
-    """Normalize raw patches of ``sample`` as ``settings`` prescribe (float32)."""
+    """Normalize raw patches of ``sample`` as a dataset's ``settings`` prescribe.
+
+    Parameters
+    ----------
+    raw
+        Patches, channels on the last axis.
+    settings
+        A dataset's settings (``PatchDataset.settings``).
+    sample
+        The sample id.
+    fallback
+        Anchors for a sample the dataset does not have (see :func:`anchors_for`).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32, in [0, 1] unless the dataset was made with ``scale=False`` (then the raw values).
+    """
     if not settings["normalization"]["scale"]:
         return raw.astype(np.float32)
     low, high = anchors_for(settings, sample, fallback)
@@ -490,7 +789,22 @@ def normalize_for(
 
 
 def compute_anchors(raw: np.ndarray, settings: dict[str, Any], where: str = "a new sample") -> dict[str, list]:
-    """Per-sample anchors of ``raw`` patches with the dataset's percentile (for samples not in the dataset)."""
+    """Compute anchors of ``raw`` patches with a dataset's percentile (for samples not in the dataset).
+
+    Parameters
+    ----------
+    raw
+        Patches of one sample, channels on the last axis.
+    settings
+        A dataset's settings (``PatchDataset.settings``).
+    where
+        What the patches are, for the constant-channel warning.
+
+    Returns
+    -------
+    dict
+        ``{"low": [...], "high": [...]}``, one float per channel.
+    """
     acc = IntensityAccumulator(raw.shape[-1], raw.dtype)
     acc.add(raw)
     return anchors_from(acc, settings["normalization"]["scale_percentile"], settings["channels"], where)
@@ -624,6 +938,237 @@ class _IndexWriter:
         self.buffered = rest.num_rows
 
 
+@dataclass
+class _Selection:
+    """The objects a dataset gets: samples in order of first appearance and each one's table rows (ascending)."""
+
+    samples: list[str]
+    rows_of: dict[str, np.ndarray]
+
+
+def _checked_table(
+    sdata: Any, *, dataset: str, table_key: str, sample_key: str, spatial_key_index: str,
+    patch_size: int | Sequence[int], scale_percentile: float, metadata_keys: Sequence[str] | None,
+) -> tuple[Any, np.ndarray, tuple[int, int], list[str]]:
+    """Check the arguments against ``sdata``; return the table, its pixel indices, the patch size and the kept columns.
+
+    Raises
+    ------
+    KeyError
+        ``table_key``, ``sample_key``, ``spatial_key_index`` or a metadata key is not in the data.
+    ValueError
+        ``dataset`` is not a folder name, ``scale_percentile`` is outside [0, 50), object names repeat or a
+        sample id is missing.
+    """
+    if not isinstance(dataset, str) or not dataset or "/" in dataset or dataset.startswith("."):
+        raise ValueError(f"dataset={dataset!r} must be a non-empty name without '/' (it becomes a folder).")
+    patch_size = check_int_pair(patch_size, argument="patch_size")
+    check_in_range(scale_percentile, 0, 50, argument="scale_percentile", high_open=True,
+                   meaning="percent: low = p, high = 100 - p")
+    check_key(sdata.tables, table_key, argument="table_key", what="table of the SpatialData object",
+              fix="Pass the name of the per-object table (read_plate(table_key=...) names it).")
+    table = sdata.tables[table_key]
+    check_unique_obs_names(table, argument=f"table_key={table_key!r}")
+    check_no_missing(table.obs, sample_key, argument="sample_key")
+    index_all = check_obsm(table, spatial_key_index, argument="spatial_key_index", n_cols=(2, 3))
+    # columns the index writes itself are not copied again
+    kept = [k for k in (metadata_keys or []) if k not in (sample_key, "sample", "y", "x", "z", "dataset")]
+    for key in kept:
+        check_obs_column(table.obs, key, argument="metadata_keys")
+    return table, index_all, patch_size, kept
+
+
+def _select_objects(
+    table: Any, *, table_key: str, sample_key: str, n_samples: int | None, n_patches: int | None, seed: int
+) -> _Selection:
+    """Group the table's rows by sample, then draw ``n_samples`` samples and ``n_patches`` of their objects.
+
+    One generator seeded with ``seed`` draws the samples first and then the objects, so a dataset is
+    reproducible from its settings. Samples left without objects by the second draw are dropped.
+    """
+    # one pass over the table: no per-object strings and no per-sample scans of the whole table
+    samples, groups = _sample_rows(table.obs[sample_key])
+    if not samples:
+        raise ValueError(f"table {table_key!r} has no objects; nothing to extract.")
+    rows_of = dict(zip(samples, groups, strict=True))
+    rng = np.random.default_rng(seed)
+    if n_samples is not None:
+        check_in_range(n_samples, 1, len(samples), argument="n_samples",
+                       meaning="between 1 and the number of samples")
+        samples = sorted(rng.choice(samples, size=n_samples, replace=False).tolist(), key=samples.index)
+    if n_patches is not None:
+        check_in_range(n_patches, 1, None, argument="n_patches")
+        n_selected = sum(len(rows_of[s]) for s in samples)
+        if n_patches < n_selected:
+            selected = np.sort(np.concatenate([rows_of[s] for s in samples]))  # the rows of the drawn samples
+            keep = np.zeros(table.n_obs, bool)
+            keep[np.sort(rng.choice(selected, size=n_patches, replace=False))] = True
+            del selected
+            rows_of = {s: rows_of[s][keep[rows_of[s]]] for s in samples}
+            del keep
+            samples = [s for s in samples if len(rows_of[s])]
+    return _Selection(samples, {s: rows_of[s] for s in samples})
+
+
+@dataclass
+class _SamplePatches:
+    """What extracting one sample's patches gives: its index rows, pixel statistics and image description."""
+
+    frame: pd.DataFrame
+    acc: IntensityAccumulator
+    channels: list[str]
+    image_dtype: np.dtype
+    n_padded: int
+
+
+def _extract_sample(
+    sdata: Any, store: Any, sample: str, rows: np.ndarray, *, table: Any, index_all: np.ndarray,
+    image_key: str, spatial_key_index: str, patch_size: tuple[int, int], dataset: str,
+    metadata: dict[str, np.ndarray], seed: int, expected_channels: list[str] | None,
+) -> _SamplePatches:
+    """Cut the patches of one sample's objects (table ``rows``), store them as ``store[sample]`` and measure them.
+
+    Patches are written in z-plane order in whole chunks; the returned index frame gives each object's
+    store ``row``. Float64 images are stored as float32. The image's channels must be
+    ``expected_channels`` (those of the first sample) unless that is ``None``.
+    """
+    image, channels, is_3d = image_array(sdata, f"{image_key}_{sample}")
+    if expected_channels is not None and channels != expected_channels:
+        raise ValueError(f"sample {sample!r} has channels {channels}; the first sample had {expected_channels}.")
+    store_dtype = np.float32 if image.dtype == np.float64 else image.dtype
+    idx = validate_index(index_all[rows], image_shape=image.shape, is_3d=is_3d, key=spatial_key_index,
+                         sample=sample, obs_names=table.obs_names[rows])
+    arr = store.create_array(
+        sample, shape=(len(rows), *patch_size, len(channels)), dtype=store_dtype,
+        chunks=(min(_CHUNK_ROWS, max(len(rows), 1)), *patch_size, len(channels)),
+    )
+    acc = IntensityAccumulator(len(channels), store_dtype, seed=seed)
+    order, padded = np.empty(len(rows), np.int64), np.zeros(len(rows), bool)
+    writer = _ChunkWriter(arr)
+    for pos, patches, pad in iter_patches(image, idx, patch_size, is_3d):
+        patches = patches.astype(store_dtype, copy=False)
+        order[writer.n_rows:writer.n_rows + len(pos)] = pos
+        writer.append(patches)
+        acc.add(patches)
+        padded[pos] = pad
+    writer.flush()
+    store_row = np.empty(len(rows), np.int64)
+    store_row[order] = np.arange(len(rows))
+    frame = pd.DataFrame({
+        "obs_name": table.obs_names[rows].astype(str),
+        "sample": sample,
+        "y": idx[:, 0], "x": idx[:, 1], "z": idx[:, 2] if is_3d else 0,
+        "row": store_row, "padded": padded, "dataset": dataset,
+    })
+    for key, values in metadata.items():
+        frame[key] = values[rows]
+    return _SamplePatches(frame, acc, channels, np.dtype(image.dtype), int(padded.sum()))
+
+
+@dataclass
+class _Extracted:
+    """What extracting every selected sample gives: pixel statistics per sample and totals."""
+
+    accs: dict[str, IntensityAccumulator]
+    channels: list[str]
+    image_dtype: np.dtype
+    n_patches: int
+    n_padded: int
+
+
+def _extract_samples(
+    sdata: Any, folder: Path, selection: _Selection, *, table: Any, index_all: np.ndarray, image_key: str,
+    spatial_key_index: str, patch_size: tuple[int, int], dataset: str, metadata_keys: list[str], seed: int,
+    progress: bool,
+) -> _Extracted:
+    """Store every selected sample's patches in ``folder/patches.zarr`` and its index rows in ``index.parquet``.
+
+    Samples are processed one at a time and each one's index rows are written as soon as its patches are
+    stored, so only one sample's patches and at most one Parquet row group are held. ``selection`` is
+    emptied on the way (each sample's rows are dropped once used).
+    """
+    from tqdm.auto import tqdm
+
+    # numpy columns are sliced per sample in place; others (categoricals) are converted once here
+    metadata = {key: table.obs[key].to_numpy() for key in metadata_keys}
+    object_types = {key: _arrow_type(values, list(selection.rows_of.values()))
+                    for key, values in metadata.items() if values.dtype == object}
+    accs: dict[str, IntensityAccumulator] = {}
+    first: _SamplePatches | None = None
+    n_total = n_padded = 0
+    with _IndexWriter(folder / INDEX_FILE, object_types) as index_writer:
+        import zarr
+
+        store = zarr.open_group(folder / STORE_DIR, mode="w")
+        for sample in tqdm(selection.samples, desc="Extracting patches", disable=not progress):
+            rows = selection.rows_of.pop(sample)
+            one = _extract_sample(
+                sdata, store, sample, rows, table=table, index_all=index_all, image_key=image_key,
+                spatial_key_index=spatial_key_index, patch_size=patch_size, dataset=dataset, metadata=metadata,
+                seed=seed, expected_channels=None if first is None else first.channels,
+            )
+            if first is None:
+                first = one
+            index_writer.append(one.frame)  # written now, as compact Arrow columns: no Python object per row is kept
+            accs[sample] = one.acc
+            n_total, n_padded = n_total + len(rows), n_padded + one.n_padded
+            logger.info("sample %s: %d patches (%d padded at the border)", sample, len(rows), one.n_padded)
+            one.frame = None  # type: ignore[assignment]  # freed before the next sample is read
+    assert first is not None  # a selection always has a sample
+    return _Extracted(accs, first.channels, first.image_dtype, n_total, n_padded)
+
+
+def _write_stats_and_anchors(
+    folder: Path, accs: dict[str, IntensityAccumulator], channels: list[str], *, scale: bool,
+    scale_percentile: float, scale_per_sample: bool,
+) -> tuple[dict[str, list] | None, dict[str, dict[str, list]]]:
+    """Write ``stats.parquet`` and return the pooled anchors (``None`` unless ``scale``) and the per-sample ones."""
+    stats_rows, per_sample = [], {}
+    for sample, acc in accs.items():
+        for c, name in enumerate(channels):
+            stats_rows.append({"sample_id": sample, "channel": name, **acc.stats(c, scale_percentile)})
+        if scale and scale_per_sample:
+            per_sample[sample] = anchors_from(acc, scale_percentile, channels, f"sample {sample!r}")
+    pooled = next(iter(accs.values())).merged(list(accs.values())[1:])
+    global_anchors = anchors_from(pooled, scale_percentile, channels, "all samples") if scale else None
+    pd.DataFrame(stats_rows).to_parquet(folder / STATS_FILE, index=False)
+    return global_anchors, per_sample
+
+
+def _settings_record(
+    *, dataset: str, patch_size: tuple[int, int], channels: list[str], image_dtype: np.dtype, table_key: str,
+    sample_key: str, image_key: str, spatial_key_index: str, metadata_keys: list[str], samples: list[str],
+    n_patches: int, n_padded: int, seed: int, scale: bool, scale_per_sample: bool, scale_percentile: float,
+    global_anchors: dict[str, list] | None, per_sample: dict[str, dict[str, list]],
+) -> dict[str, Any]:
+    """The content of ``settings.json``: how the dataset was made and how its patches are normalized."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset,
+        "patch_size": list(patch_size),
+        "channels": channels,
+        "image_dtype": str(image_dtype),
+        "store_dtype": str(np.dtype(np.float32 if image_dtype == np.float64 else image_dtype)),
+        "table_key": table_key,
+        "sample_key": sample_key,
+        "image_key": image_key,
+        "spatial_key_index": spatial_key_index,
+        "metadata_keys": list(metadata_keys),
+        "samples": samples,
+        "n_patches": n_patches,
+        "n_padded": n_padded,
+        "seed": seed,
+        "padding": "constant: per-plane channel minimum",
+        "normalization": {
+            "scale": bool(scale),
+            "scale_per_sample": bool(scale_per_sample),
+            "scale_percentile": float(scale_percentile),
+            "global": global_anchors,
+            "per_sample": per_sample,
+        },
+    }
+
+
 def generate_dataset(
     sdata: Any,
     *,
@@ -648,164 +1193,86 @@ def generate_dataset(
     Reads ``sdata.tables[table_key]`` (``.obs[sample_key]``, ``.obsm[spatial_key_index]``, the
     ``metadata_keys`` columns) and ``sdata.images[f"{image_key}_{sample}"]``; writes
     ``<dir_dataset>/<dataset>/`` atomically (an earlier dataset of that name is replaced only when the
-    new one is complete).
+    new one is complete). The phases: check the arguments, select the objects, extract and store each
+    sample's patches (its index rows written at once), then write the statistics, the anchors and
+    ``settings.json``.
 
     Parameters
     ----------
+    sdata
+        The SpatialData object holding the table and the images.
     dataset
         Dataset name (a sub-folder of ``dir_dataset``); also recorded per patch (condition ``dataset``).
+    dir_dataset
+        Parent folder of the dataset.
+    table_key
+        Name of the per-object table in ``sdata.tables``.
+    sample_key
+        ``.obs`` column with each object's sample id.
+    image_key
+        Image name prefix: the image of a sample is ``sdata.images[f"{image_key}_{sample}"]``.
     patch_size
         (height, width) in pixels, or one int for a square; odd and non-square sizes work.
     spatial_key_index
         ``.obsm`` key with integer (y, x[, z]) indices into the images.
-    scale, scale_percentile, scale_per_sample
-        Normalization (see the module docstring); recorded in ``settings.json``.
+    scale
+        Whether patches are normalized when read (see the module docstring); recorded in ``settings.json``.
+    scale_percentile
+        Percentile ``p`` in [0, 50) of the anchors: ``low`` is the ``p`` percentile of all patch pixels,
+        ``high`` the ``100 - p`` percentile of the foreground pixels.
+    scale_per_sample
+        One set of anchors per sample (``True``) or one pooled over all samples.
     metadata_keys
         Extra ``.obs`` columns to keep in the index (e.g. condition columns for a CondCVAE).
-    n_samples, n_patches
-        Seeded subsets: ``n_samples`` samples, then at most ``n_patches`` patches drawn from those.
+    n_samples
+        Keep a seeded draw of this many samples (default all).
+    n_patches
+        Keep at most this many objects, drawn (seeded) from the selected samples (default all).
     seed
         Seed for the subsets (and the float-image pixel reservoir).
-    sdata, table_key, sample_key, image_key
-        The SpatialData object and where its table, sample column and images are.
-    dir_dataset
-        Parent folder of the dataset.
     progress
         Show a progress bar over samples.
 
+    Returns
+    -------
+    PatchDataset
+        The dataset just written, opened from ``<dir_dataset>/<dataset>``.
+
+    Raises
+    ------
+    KeyError
+        A key or column named by the arguments is not in ``sdata``.
+    ValueError
+        An argument is out of range, object names repeat, samples have different channels or an object's
+        index lies outside its image; an earlier dataset of the same name is then kept unchanged.
+    TypeError
+        ``.obsm[spatial_key_index]`` does not hold integer pixel indices.
     """
-    from tqdm.auto import tqdm
-
-    if not isinstance(dataset, str) or not dataset or "/" in dataset or dataset.startswith("."):
-        raise ValueError(f"dataset={dataset!r} must be a non-empty name without '/' (it becomes a folder).")
-    patch_size = check_int_pair(patch_size, argument="patch_size")
-    if not 0 <= scale_percentile < 50:
-        raise ValueError(
-            f"scale_percentile={scale_percentile!r} must be in [0, 50) (percent: low = p, high = 100 - p)."
-        )
-    check_key(sdata.tables, table_key, argument="table_key", what="table of the SpatialData object",
-              fix="Pass the name of the per-object table (read_plate(table_key=...) names it).")
-    table = sdata.tables[table_key]
-    check_unique_obs_names(table, argument=f"table_key={table_key!r}")
-    check_no_missing(table.obs, sample_key, argument="sample_key")
-    index_all = check_obsm(table, spatial_key_index, argument="spatial_key_index", n_cols=(2, 3))
-    metadata_keys = [k for k in (metadata_keys or []) if k not in (sample_key, "sample", "y", "x", "z", "dataset")]
-    for key in metadata_keys:
-        check_obs_column(table.obs, key, argument="metadata_keys")
-
-    # one pass over the table: each sample's rows (ascending), samples in order of first appearance;
-    # no per-object strings and no per-sample scans of the whole table
-    samples, groups = _sample_rows(table.obs[sample_key])
-    if not samples:
-        raise ValueError(f"table {table_key!r} has no objects; nothing to extract.")
-    rows_of = dict(zip(samples, groups, strict=True))
-    rng = np.random.default_rng(seed)
-    if n_samples is not None:
-        if not 1 <= n_samples <= len(samples):
-            raise ValueError(f"n_samples={n_samples!r} must be between 1 and the number of samples ({len(samples)}).")
-        samples = sorted(rng.choice(samples, size=n_samples, replace=False).tolist(), key=samples.index)
-    if n_patches is not None:
-        if n_patches < 1:
-            raise ValueError(f"n_patches={n_patches!r} must be >= 1.")
-        n_selected = sum(len(rows_of[s]) for s in samples)
-        if n_patches < n_selected:
-            selected = np.sort(np.concatenate([rows_of[s] for s in samples]))  # the rows of the drawn samples
-            keep = np.zeros(table.n_obs, bool)
-            keep[np.sort(rng.choice(selected, size=n_patches, replace=False))] = True
-            del selected
-            rows_of = {s: rows_of[s][keep[rows_of[s]]] for s in samples}
-            del keep
-            samples = [s for s in samples if len(rows_of[s])]
-    # metadata columns: numpy columns are sliced per sample in place; others (categoricals) converted once
-    meta_values = {key: table.obs[key].to_numpy() for key in metadata_keys}
-
+    table, index_all, patch_size, metadata_keys = _checked_table(
+        sdata, dataset=dataset, table_key=table_key, sample_key=sample_key, spatial_key_index=spatial_key_index,
+        patch_size=patch_size, scale_percentile=scale_percentile, metadata_keys=metadata_keys,
+    )
+    selection = _select_objects(table, table_key=table_key, sample_key=sample_key, n_samples=n_samples,
+                                n_patches=n_patches, seed=seed)
+    samples = selection.samples
     dir_dataset = Path(dir_dataset)
-    channels_ref: list[str] | None = None
-    accs: dict[str, IntensityAccumulator] = {}
-    dtype_ref = None
-    n_total = n_padded = 0
-    object_types = {key: _arrow_type(values, [rows_of[s] for s in samples])
-                    for key, values in meta_values.items() if values.dtype == object}
-    with atomic_dir(dir_dataset / dataset) as tmp, _IndexWriter(tmp / INDEX_FILE, object_types) as index_writer:
-        import zarr
-
-        store = zarr.open_group(tmp / STORE_DIR, mode="w")
-        for sample in tqdm(samples, desc="Extracting patches", disable=not progress):
-            rows = rows_of[sample]
-            image, channels, is_3d = image_array(sdata, f"{image_key}_{sample}")
-            if channels_ref is None:
-                channels_ref, dtype_ref = channels, np.dtype(image.dtype)
-            elif channels != channels_ref:
-                raise ValueError(f"sample {sample!r} has channels {channels}; the first sample had {channels_ref}.")
-            store_dtype = np.float32 if image.dtype == np.float64 else image.dtype
-            idx = validate_index(index_all[rows], image_shape=image.shape, is_3d=is_3d, key=spatial_key_index,
-                                 sample=sample, obs_names=table.obs_names[rows])
-            arr = store.create_array(
-                sample, shape=(len(rows), *patch_size, len(channels)), dtype=store_dtype,
-                chunks=(min(_CHUNK_ROWS, max(len(rows), 1)), *patch_size, len(channels)),
-            )
-            acc = IntensityAccumulator(len(channels), store_dtype, seed=seed)
-            order, padded = np.empty(len(rows), np.int64), np.zeros(len(rows), bool)
-            writer = _ChunkWriter(arr)
-            for pos, patches, pad in iter_patches(image, idx, patch_size, is_3d):
-                patches = patches.astype(store_dtype, copy=False)
-                order[writer.n_rows:writer.n_rows + len(pos)] = pos
-                writer.append(patches)
-                acc.add(patches)
-                padded[pos] = pad
-            writer.flush()
-            accs[sample] = acc
-            store_row = np.empty(len(rows), np.int64)
-            store_row[order] = np.arange(len(rows))
-            frame = pd.DataFrame({
-                "obs_name": table.obs_names[rows].astype(str),
-                "sample": sample,
-                "y": idx[:, 0], "x": idx[:, 1], "z": idx[:, 2] if is_3d else 0,
-                "row": store_row, "padded": padded, "dataset": dataset,
-            })
-            for key in metadata_keys:
-                frame[key] = meta_values[key][rows]
-            index_writer.append(frame)  # written now, as compact Arrow columns: no Python object per row is kept
-            n_total, n_padded = n_total + len(rows), n_padded + int(padded.sum())
-            logger.info("sample %s: %d patches (%d padded at the border)", sample, len(rows), int(padded.sum()))
-            frame = writer = patches = idx = None  # freed before the next sample is read
-        del rows_of, groups, meta_values, rows
-
-        assert channels_ref is not None  # samples is non-empty
-        stats_rows, per_sample = [], {}
-        for sample, acc in accs.items():
-            for c, name in enumerate(channels_ref):
-                stats_rows.append({"sample_id": sample, "channel": name, **acc.stats(c, scale_percentile)})
-            if scale and scale_per_sample:
-                per_sample[sample] = anchors_from(acc, scale_percentile, channels_ref, f"sample {sample!r}")
-        pooled = next(iter(accs.values())).merged(list(accs.values())[1:])
-        global_anchors = anchors_from(pooled, scale_percentile, channels_ref, "all samples") if scale else None
-        pd.DataFrame(stats_rows).to_parquet(tmp / STATS_FILE, index=False)
-        settings = {
-            "format_version": FORMAT_VERSION,
-            "dataset": dataset,
-            "patch_size": list(patch_size),
-            "channels": channels_ref,
-            "image_dtype": str(dtype_ref),
-            "store_dtype": str(np.dtype(np.float32 if dtype_ref == np.float64 else dtype_ref)),
-            "table_key": table_key,
-            "sample_key": sample_key,
-            "image_key": image_key,
-            "spatial_key_index": spatial_key_index,
-            "metadata_keys": list(metadata_keys),
-            "samples": samples,
-            "n_patches": n_total,
-            "n_padded": n_padded,
-            "seed": seed,
-            "padding": "constant: per-plane channel minimum",
-            "normalization": {
-                "scale": bool(scale),
-                "scale_per_sample": bool(scale_per_sample),
-                "scale_percentile": float(scale_percentile),
-                "global": global_anchors,
-                "per_sample": per_sample,
-            },
-        }
+    with atomic_dir(dir_dataset / dataset) as tmp:
+        extracted = _extract_samples(
+            sdata, tmp, selection, table=table, index_all=index_all, image_key=image_key,
+            spatial_key_index=spatial_key_index, patch_size=patch_size, dataset=dataset, metadata_keys=metadata_keys,
+            seed=seed, progress=progress,
+        )
+        global_anchors, per_sample = _write_stats_and_anchors(
+            tmp, extracted.accs, extracted.channels, scale=scale, scale_percentile=scale_percentile,
+            scale_per_sample=scale_per_sample,
+        )
+        settings = _settings_record(
+            dataset=dataset, patch_size=patch_size, channels=extracted.channels, image_dtype=extracted.image_dtype,
+            table_key=table_key, sample_key=sample_key, image_key=image_key, spatial_key_index=spatial_key_index,
+            metadata_keys=metadata_keys, samples=samples, n_patches=extracted.n_patches,
+            n_padded=extracted.n_padded, seed=seed, scale=scale, scale_per_sample=scale_per_sample,
+            scale_percentile=scale_percentile, global_anchors=global_anchors, per_sample=per_sample,
+        )
         write_json_atomic(tmp / SETTINGS_FILE, settings)
     if not scale:
         logger.warning("scale=False: patches keep raw intensities; the VAE's sigmoid output expects values in [0, 1].")

@@ -143,3 +143,41 @@ def require(condition: bool, message: str, exc: type[Exception] = ValueError) ->
     """Raise ``exc(message)`` unless ``condition`` holds (an ``assert`` that survives ``python -O``)."""
     if not condition:
         raise exc(message)
+
+
+# --- added for clustering/patches/ingest ---
+
+
+def check_in_range(
+    value: Any, low: float | None, high: float | None, *, argument: str, high_open: bool = False, meaning: str = ""
+) -> None:
+    """``value`` must lie in ``[low, high]`` (``[low, high)`` with ``high_open``); ``None`` leaves a side open.
+
+    Parameters
+    ----------
+    value
+        The number to check; NaN is never in range.
+    low, high
+        The bounds; ``None`` for no bound on that side.
+    argument
+        The argument's name, for the message.
+    high_open
+        Whether ``high`` itself is excluded.
+    meaning
+        What the range means, added to the message in parentheses.
+
+    Raises
+    ------
+    ValueError
+        ``value`` is outside the range.
+    """
+    ok = (low is None or value >= low) and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        if low is not None and high is not None:
+            bound = f"in [{low}, {high}{')' if high_open else ']'}"
+        elif low is not None:
+            bound = f">= {low}"
+        else:
+            bound = f"{'<' if high_open else '<='} {high}"
+        hint = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{argument}={value!r} must be {bound}{hint}.")

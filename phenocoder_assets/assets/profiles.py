@@ -185,6 +185,6 @@ def _score(context: AssetExecutionContext, frames: dict, sample_info, config: Pr
         return None
     summary = {k: round(v["map_activity"], 3) for k, v in scores.items()}
     context.log.info(f"profiles scored against the layout (map_activity): {summary}")
-    from phenocoder_lib.evaluation import _json_safe
+    from phenocoder_lib.evaluation import json_safe
 
-    return _json_safe({"n_wells_with_layout": int(profiles["latents"].n_wells), "representations": scores})
+    return json_safe({"n_wells_with_layout": int(profiles["latents"].n_wells), "representations": scores})

@@ -39,9 +39,9 @@ def test_connectivities_follow_the_fuzzy_union_definition():
     g = umap_connectivities(idx, dist, n_obs=400, n_neighbors=k)
     # membership from the definition: rho = nearest non-self distance, sigma solving sum = log2(k)
     rho = dist[:, 1]
-    from phenocoder_lib.clustering import _smooth_knn_dist
+    from phenocoder_lib.clustering import smooth_knn_dist
 
-    sigma, rho_lib = _smooth_knn_dist(dist.astype(np.float32), float(k))
+    sigma, rho_lib = smooth_knn_dist(dist.astype(np.float32), float(k))
     np.testing.assert_allclose(rho_lib, rho, rtol=1e-6)
     sums = np.exp(-np.maximum(dist[:, 1:] - rho[:, None], 0) / sigma[:, None].astype(np.float64)).sum(axis=1)
     np.testing.assert_allclose(sums, np.log2(k), atol=1e-4)
@@ -100,13 +100,17 @@ def test_cluster_features_imports_neither_scanpy_nor_umap_nor_numba():
 # ---------------------------------------------------------------------------------------------- slow
 @pytest.mark.slow  # imports scanpy and umap (numba compilation, tens of seconds)
 @pytest.mark.parametrize(("n", "backend"), [(3000, "exact"), (9000, "faiss")])
-def test_graph_and_labels_equal_scanpys(n, backend):
+def test_graph_and_labels_equal_scanpys(n, backend, monkeypatch):
     import anndata as ad
 
-    from phenocoder_lib._lazy import import_scanpy
     from phenocoder_lib.clustering import cluster_features
 
-    sc = import_scanpy()
+    # umap imports its parametric (TensorFlow) part on import; blocked while scanpy and umap are imported, as
+    # the library does (umap handles the ImportError), so this test does not load TensorFlow
+    with monkeypatch.context() as patch:
+        if "umap" not in sys.modules and "tensorflow" not in sys.modules:
+            patch.setitem(sys.modules, "umap.parametric_umap", None)
+        import scanpy as sc
     x = _planted(n, seed=3)
     labels, ref = cluster_features(ad.AnnData(x), resolution=0.8, seed=2)
     emb = ref.transform(x)

@@ -45,7 +45,7 @@ def _ari(truth, labels):
     ({"max_fit": 2}, r"max_fit must be None .* or an integer >= 3, found 2"),
     ({"max_fit": True}, r"max_fit must be None .* or an integer >= 3, found True"),
     ({"max_fit": 10.5}, r"max_fit must be None .* or an integer >= 3, found 10.5"),
-    ({"knn": "bogus"}, r"knn must be one of \['faiss', 'pynndescent', 'exact'\], found 'bogus'"),
+    ({"knn": "bogus"}, r"knn=.bogus. is not valid; choose one of \[.faiss., .pynndescent., .exact.\]"),
 ])
 def test_bad_arguments_name_the_argument_and_allowed_values(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -87,9 +87,9 @@ def test_the_scan_catches_what_it_forbids(tmp_path):
 
 
 def test_a_pickled_array_in_a_cluster_reference_is_refused(tmp_path):
-    from phenocoder_lib.clustering import _FORMAT, ClusterReference
+    from phenocoder_lib.clustering import REFERENCE_FORMAT, ClusterReference
 
-    header = {"format": _FORMAT, "categories": ["0"], "var_names": ["a"], "source": {}, "params": {},
+    header = {"format": REFERENCE_FORMAT, "categories": ["0"], "var_names": ["a"], "source": {}, "params": {},
               "scaled": False}
     path = tmp_path / "evil.npz"
     np.savez(path, header=np.array(json.dumps(header)), pca_mean=np.zeros(1),

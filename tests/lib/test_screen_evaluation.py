@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from phenocoder_lib.evaluation import _json_safe
+from phenocoder_lib.evaluation import json_safe
 from phenocoder_lib.screen_evaluation import METRICS, REPRESENTATIONS, run_screen_validation
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def test_document_has_every_representation_and_metric(doc):
         assert set(scores["subsets"]) == {"morphology", "subtle", "spatial"}
         assert scores["n_wells"] == 2 * (6 + 3 * 2 * 2)
     assert [t["met"] in (True, False) for t in doc["targets"]] == [True] * 3
-    json.dumps(_json_safe(doc), allow_nan=False)  # strict JSON (consistency is NaN: one treatment per mechanism)
+    json.dumps(json_safe(doc), allow_nan=False)  # strict JSON (consistency is NaN: one treatment per mechanism)
 
 
 def test_baselines_retrieve_the_strong_morphology(doc):
