@@ -32,84 +32,30 @@ condition only for a ``CondCVAE``); a bare image array (CVAE) or an ``(image, co
 Every weight initializer, dropout and the sampling noise take seeds derived from the model's ``seed``,
 so two models built with the same arguments are identical.
 
-TensorFlow is imported with this module (the Keras backend is set to TensorFlow unless the
-environment says otherwise); the package imports this module lazily.
+TensorFlow is imported with this module (Keras with the TensorFlow backend, see
+:mod:`phenocoder_lib._backend`); the package imports this module lazily. The settings' checks
+(:func:`check_architecture`) and ``model_config.json`` live in :mod:`phenocoder_lib.model_config`.
 """
 
 from __future__ import annotations
 
 import numbers
-import os
+from collections.abc import Sequence
+from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+from ._backend import keras
+from .model_config import check_architecture
+from .training import configure_tensorflow
 
-from collections.abc import Sequence  # noqa: E402
-from typing import Any  # noqa: E402
-
-import keras  # noqa: E402
-from keras import layers, ops  # noqa: E402
-
-from .training import configure_tensorflow  # noqa: E402
+layers, ops = keras.layers, keras.ops
 
 # Thread pools can only be sized before TensorFlow runs its first op: building a model is the first.
 configure_tensorflow()
 
-__all__ = ["CVAE", "CondCVAE", "Sampling", "build_decoder", "build_encoder", "check_architecture", "make_model"]
+__all__ = ["CVAE", "CondCVAE", "Sampling", "build_decoder", "build_encoder", "check_architecture", "make_model",
+           "summarize"]
 
 _PACKAGE = "phenocoder"
-
-
-# --------------------------------------------------------------------------------------------------
-# Checks
-# --------------------------------------------------------------------------------------------------
-
-
-def check_architecture(
-    input_shape: Sequence[int],
-    conv_layers: Sequence[int],
-    n_latent_dim: int,
-    n_dense_dim: int,
-    dropout: float | None,
-    beta: float,
-) -> tuple[tuple[int, int, int], tuple[int, ...]]:
-    """Validate the architecture arguments; return ``(input_shape, conv_layers)`` as int tuples.
-
-    Raises ``ValueError``/``TypeError`` naming the argument, the value received and the fix.
-    """
-    try:
-        shape = tuple(int(v) for v in input_shape)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"input_shape={input_shape!r} must be (height, width, channels), e.g. (32, 32, 4).") from err
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(
-            f"input_shape={input_shape!r} must be three positive ints (height, width, channels), e.g. (32, 32, 4)."
-        )
-    try:
-        convs = tuple(int(v) for v in conv_layers)
-    except (TypeError, ValueError) as err:
-        raise TypeError(
-            f"conv_layers={conv_layers!r} must be a sequence of filter counts, e.g. (32, 64, 128)."
-        ) from err
-    if not convs or min(convs) < 1:
-        raise ValueError(
-            f"conv_layers={conv_layers!r} must hold at least one positive filter count, e.g. (32, 64, 128)."
-        )
-    factor = 2 ** len(convs)
-    h, w, _ = shape
-    if h % factor or w % factor:
-        raise ValueError(
-            f"input_shape={shape}: height {h} and width {w} must be divisible by 2**len(conv_layers) = {factor} "
-            f"(conv_layers={convs} halves the image {len(convs)} times). Use a patch size that is a multiple of "
-            f"{factor} or fewer conv_layers."
-        )
-    for name, value in (("n_latent_dim", n_latent_dim), ("n_dense_dim", n_dense_dim)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive int.")
-    if dropout is not None and not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"dropout={dropout!r} must be in [0, 1) (or None for no dropout layer).")
-    if not float(beta) >= 0.0:
-        raise ValueError(f"beta={beta!r} must be a number >= 0 (the weight of the KL term).")
-    return shape, convs  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,3 +342,26 @@ def make_model(
     if n_conditions:
         return CondCVAE(n_conditions=n_conditions, **kwargs)
     return CVAE(**kwargs)
+
+
+def summarize(model: CVAE, config: dict[str, Any] | None = None) -> str:
+    """A model's configuration and its encoder's and decoder's layer tables, as text.
+
+    Parameters
+    ----------
+    model
+        The model.
+    config
+        Its configuration (``model_config.json``); the dataset settings and condition encoding are left out.
+
+    Returns
+    -------
+    str
+        One line per setting, then the Keras summaries.
+    """
+    lines = [f"model: {type(model).__name__} {(config or {}).get('model_name', model.name)}"]
+    skip = {"dataset_settings", "conditions_encoder"}
+    lines += [f"  {key}: {value}" for key, value in (config or {}).items() if key not in skip]
+    for part in (model.encoder, model.decoder):
+        part.summary(print_fn=lambda s, line_break=True: lines.append(s))
+    return "\n".join(lines)

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from phenocoder_lib import Phenocoder
-from phenocoder_lib._facade_model import ModelSchemaWarning
+from phenocoder_lib.warnings import ModelSchemaWarning
 from phenocoder_lib.encoding import UnseenConditionWarning
 from phenocoder_lib.ingest import read_plate
 from phenocoder_lib.models import check_architecture

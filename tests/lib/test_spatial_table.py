@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from phenocoder_lib._facade_spatial import SpatialMixin
+from phenocoder_lib import Phenocoder
 from phenocoder_lib.spatial import SpatialStatsWarning
 from phenocoder_lib.spatial.driver import compute_spatial_stats
 from phenocoder_lib.spatial.stats import is_feature_column, sample_spatial_stats
@@ -22,9 +22,11 @@ except ImportError:
     from spatial_fixtures import make_table
 
 
-class Host(SpatialMixin):
-    def __init__(self, sdata, table_key="t", sample_key="sample", seed=0):
-        self.sdata, self.table_key, self.sample_key, self.seed, self.adata = sdata, table_key, sample_key, seed, None
+def Host(sdata, table_key='t', sample_key="sample", seed=0):
+    """The facade with a stand-in ``sdata`` (only ``tables`` is read by the spatial methods)."""
+    host = Phenocoder(table_key=table_key, sample_key=sample_key, seed=seed)
+    host.sdata = sdata
+    return host
 
 
 def _quiet(fn, *args, **kwargs):
