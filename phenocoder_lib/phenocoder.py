@@ -1,8 +1,7 @@
 """The :class:`Phenocoder` facade: the workflow guide's stateful API, each step one library call.
 
-``generate_dataset`` -> :mod:`patches`; ``initialize_model``/``train``/``load_model`` -> :mod:`training`
-(folder layout: :mod:`model_config`); ``encode`` -> :mod:`encoding`; ``cluster`` -> :mod:`clustering`;
-``spatialgraph_stats`` -> :mod:`spatial.driver`; ``spatialgraph_embedding`` -> :mod:`embedding`.
+Steps -> :mod:`patches`, :mod:`training` (folder layout: :mod:`model_config`), :mod:`encoding`, :mod:`clustering`,
+:mod:`spatial.driver`, :mod:`embedding`.
 """
 
 from __future__ import annotations
@@ -32,11 +31,9 @@ class Phenocoder:
 
     Parameters
     ----------
-    sdata, table_key, sample_key, image_key, spatial_key
-        SpatialData (or :meth:`add_sdata` later), its table, ``.obs`` sample column, images
-        ``f"{image_key}_{sample}"`` and default ``.obsm`` key of patch indices.
-    seed
-        Seed of every random choice (sample/patch draws, splits, weights, augmentation).
+    sdata, table_key, sample_key, image_key, spatial_key, seed
+        SpatialData (or :meth:`add_sdata` later), its table, ``.obs`` sample column, images ``f"{image_key}_{sample}"``,
+        default ``.obsm`` key of patch indices; the seed of every random choice.
     **state
         Further public attributes (``data_dir``, ``datasets``, ``model_dir``, ...); others raise a ``TypeError``.
     """
@@ -48,7 +45,8 @@ class Phenocoder:
         require(not unknown, f"Phenocoder() got unknown keyword arguments {unknown}; valid: {sorted(_STATE)}.",
                 TypeError)
         self.sdata = self.adata = self.model = self.model_dir = self.model_config = self.model_name = None
-        self.table_key, self.sample_key, self.image_key, self.spatial_key = table_key, sample_key, image_key, spatial_key
+        self.table_key, self.sample_key, self.image_key = table_key, sample_key, image_key
+        self.spatial_key = spatial_key
         self.seed, self.data_dir, self.datasets, self.history, self.model_oh_enc = int(seed), None, [], None, None
         self.dir_tensorboard = self._batches = None
         for key, value in state.items():
@@ -62,8 +60,9 @@ class Phenocoder:
         sd = "None" if s is None else f"{type(s).__name__} with {len(s.images)} images, {len(s.labels)} labels, " \
             f"{len(s.tables)} tables"
         keys = ", ".join(f"{k}={getattr(self, k)}" for k in _KEYS if getattr(self, k) is not None)
-        return (f"Phenocoder object with:\n    sdata: {sd}\n    adata: {'None' if a is None else f'{a.n_obs} x {a.n_vars}'}"
-                f"\n    model: {'None' if m is None else type(m).__name__}\n    config: {keys}\n    datasets: "
+        return (f"Phenocoder object with:\n    sdata: {sd}\n    adata: "
+                f"{'None' if a is None else f'{a.n_obs} x {a.n_vars}'}\n    model: "
+                f"{'None' if m is None else type(m).__name__}\n    config: {keys}\n    datasets: "
                 f"{len(self.datasets)} dataset(s)")
 
     def add_sdata(self, sdata: Any) -> None:
@@ -73,7 +72,7 @@ class Phenocoder:
         ----------
         sdata
             The SpatialData object.
-        """
+        """  # noqa: E501 (numpydoc lists the parameters on one line)
         require(hasattr(sdata, "tables") and hasattr(sdata, "images"),
                 f"sdata must be a spatialdata.SpatialData object, got {type(sdata).__name__}.", TypeError)
         self.sdata = sdata
@@ -100,16 +99,14 @@ class Phenocoder:
 
         Parameters
         ----------
-        dataset, dir_dataset, patch_size, scale, metadata_keys, scale_percentile, scale_per_sample, n_samples
-            See :func:`phenocoder_lib.patches.generate_dataset`; a model's datasets share ``dir_dataset``.
-        spatial_key_index, n_patches, progress
-            Default index key: ``"spatial_index"`` when the table has it, else ``spatial_key``.
+        dataset, dir_dataset, patch_size, spatial_key_index, scale, metadata_keys, scale_percentile, scale_per_sample, n_samples, n_patches, progress
+            See :func:`phenocoder_lib.patches.generate_dataset` (a model's datasets share ``dir_dataset``, the same
+            name replaces one); ``spatial_key_index``: ``"spatial_index"`` if the table has it, else ``spatial_key``.
 
         Returns
         -------
         PatchDataset
-            The written dataset (a dataset of the same name is replaced).
-        """
+        """  # noqa: E501 (numpydoc lists the parameters on one line)
         args, table = _args(locals()), self._table(required=False)
         if spatial_key_index is None:
             has_index = table is not None and "spatial_index" in table.obsm
@@ -128,7 +125,6 @@ class Phenocoder:
         Returns
         -------
         list of PatchDataset
-            In the order of ``datasets``.
         """
         require(self.data_dir is not None and bool(self.datasets),
                 "No patch dataset yet: call pheno.generate_dataset(...) first.")
@@ -136,37 +132,31 @@ class Phenocoder:
 
     def initialize_model(self, n_latent_dim: int, n_dense_dim: int, conditions: Sequence[str] | None,
                          dropout: float | None = 0.25, batch_size: int = 64, n_workers: int = 1,
-                         input_shape: Sequence[int] = (128, 128, 4),
-                         conv_layers: Sequence[int] = (8, 16, 32, 64, 128), beta: float = 0.01, flip: bool = False,
-                         shuffle: bool = True, *, validation_fraction: float = 0.2,
-                         split_by: Literal["object", "sample"] = "object",
+                         input_shape: Sequence[int] = (128, 128, 4), conv_layers: Sequence[int] = (8, 16, 32, 64, 128),
+                         beta: float = 0.01, flip: bool = False, shuffle: bool = True, *,
+                         validation_fraction: float = 0.2, split_by: Literal["object", "sample"] = "object",
                          continuous_conditions: Sequence[str] | None = None, seed: int | None = None,
                          memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> Any:
         """Build a CVAE (a CondCVAE with ``conditions``) and its batches; write ``models/<model_name>/``.
 
         Parameters
         ----------
-        n_latent_dim, n_dense_dim, conditions, dropout, batch_size, n_workers, input_shape, conv_layers, beta
-            See :class:`phenocoder_lib.model_config.ModelSettings`.
-        flip, shuffle, validation_fraction, split_by, continuous_conditions, seed, memory_budget_bytes
-            Idem (``seed`` defaults to ``self.seed``).
+        n_latent_dim, n_dense_dim, conditions, dropout, batch_size, n_workers, input_shape, conv_layers, beta, flip, shuffle, validation_fraction, split_by, continuous_conditions, seed, memory_budget_bytes
+            See :class:`phenocoder_lib.model_config.ModelSettings` (``seed`` defaults to ``self.seed``).
 
         Returns
         -------
         keras.Model
-            The untrained model (also ``self.model``).
-        """
+        """  # noqa: E501 (numpydoc lists the parameters on one line)
         settings = ModelSettings(**_args(locals(), "seed"), seed=self.seed if seed is None else seed)
         from . import training
-
         datasets, data_dir = self.open_datasets(), Path(self.data_dir)
         self._adopt(training.prepare(datasets, data_dir / "models", settings, keys=self._keys(), obs=self._obs(),
                                      log_dir=data_dir / "tensorboard_logs", name_folders=True))
         return self.model
 
     def _obs(self) -> Any:
-        table = self.sdata.tables.get(self.table_key) if self.sdata is not None else None
-        return None if table is None else table.obs
+        return getattr(self.sdata.tables.get(self.table_key), "obs", None) if self.sdata is not None else None
 
     def _adopt(self, run: Any) -> None:
         self.model, self.model_config, self.model_dir, self.history = run.model, run.config, run.folder, run.history
@@ -184,10 +174,8 @@ class Phenocoder:
         Returns
         -------
         keras.Model
-            The model (also ``self.model``); ``data_dir``, ``datasets`` and the rest follow its config.
         """
         from . import training
-
         require(path is not None or self.model_dir is not None,
                 "load_model(): no path given and no model_dir set; pass the model folder (<data_dir>/models/<name>).")
         self._adopt(training.load_model(self.model_dir if path is None else path))
@@ -205,10 +193,8 @@ class Phenocoder:
         Returns
         -------
         str
-            The printed text.
         """
         from .models import summarize
-
         self._require_model()
         print(text := summarize(self.model, self.model_config))
         return text
@@ -221,19 +207,16 @@ class Phenocoder:
 
         Parameters
         ----------
-        n_epochs, learning_rate, min_learning_rate, factor_learning_rate, learning_rate_patience, plot, n_preview
+        n_epochs, learning_rate, min_learning_rate, factor_learning_rate, learning_rate_patience, early_stopping_patience, plot, n_preview, plot_frac, verbose, on_epoch_end, resume
             See :func:`phenocoder_lib.training.train`.
-        early_stopping_patience, plot_frac, verbose, on_epoch_end, resume
-            Idem.
 
         Returns
         -------
         dict
             Per-epoch lists (``loss``, ``val_loss``, ``learning_rate``, ...; also ``self.history``).
-        """
+        """  # noqa: E501 (numpydoc lists the parameters on one line)
         args = _args(locals())
         from . import training
-
         self._require_model()
         start = training.TrainedModel(self.model, self.model_config, Path(self.model_dir), self.dir_tensorboard,
                                       self.model_oh_enc, self.history, self._batches)
@@ -258,10 +241,8 @@ class Phenocoder:
         Returns
         -------
         anndata.AnnData
-            The encoded table.
         """
         from .encoding import encode_table
-
         self._require_model()
         self._table(required=False)
         check_same_as_training(self.model_config, scale=scale, scale_per_sample=scale_per_sample,
@@ -290,10 +271,8 @@ class Phenocoder:
         Returns
         -------
         ClusterReference
-            The reference (save it with ``.save(path)``).
         """
         from .clustering import ClusterReference, cluster_features, transfer_labels
-
         table = self._table(table_key)
         if reference is None:
             table.obs[key_added], ref = cluster_features(
@@ -310,47 +289,32 @@ class Phenocoder:
                            chull_min_degree: int = 3, use_subunits: bool = False,
                            dim_subunit: float | Sequence[float] = (500, 500, 100), min_obs_per_subunit: int = 100,
                            max_obs_per_subunit: int | None = None, subunit_origin: Sequence[float] | None = None,
-                           exact: bool = False, n_clustering_samples: int = 1000, layer: str | None = None,
-                           progress: bool = True, n_jobs: int = 1, verbose: bool | None = None,
-                           max_clusters: int = 500) -> Any:
-        """Spatial graph statistics per sample (or subunit) of a clustered table, into ``self.adata``.
-
-        Argument errors raise before ``self.adata`` is touched; a failed computation sets it to ``None``.
+                           exact: bool = False,
+                           n_clustering_samples: int = 1000, layer: str | None = None, progress: bool = True,
+                           n_jobs: int = 1, verbose: bool | None = None, max_clusters: int = 500) -> Any:
+        """Spatial graph statistics per sample (or subunit) into ``self.adata`` (``None`` if the computation fails).
 
         Parameters
         ----------
-        cluster_key, spatial_key, radii, table_key, stats, chull_min_nds, chull_min_degree, use_subunits, exact
+        cluster_key, spatial_key, radii, table_key, stats, chull_min_nds, chull_min_degree, use_subunits, dim_subunit, min_obs_per_subunit, max_obs_per_subunit, subunit_origin, exact, n_clustering_samples, layer, progress, n_jobs, max_clusters
             See :func:`phenocoder_lib.spatial.driver.compute_spatial_stats` (``table_key``: ``self.table_key``).
-        dim_subunit, min_obs_per_subunit, max_obs_per_subunit, subunit_origin, n_clustering_samples, layer
-            Idem.
-        progress, n_jobs, max_clusters
-            Idem.
         verbose
             Deprecated and ignored (a ``FutureWarning``): call :func:`phenocoder_lib.set_verbose_logging`.
 
         Returns
         -------
         anndata.AnnData
-            One row per sample or subunit, features ``radius:{r}_stat:{group}_{column}``.
-        """
+        """  # noqa: E501 (numpydoc lists the parameters on one line)
         args = {**_args(locals(), "verbose"), "table_key": self.table_key if table_key is None else table_key}
-        from .spatial.driver import check_max_clusters, compute_spatial_stats
-        from .spatial.stats import normalize_radii, normalize_stats, validate_hull_params
-        from .validation import check_categorical, check_obs_column, check_obsm
-
+        from .spatial.driver import check_stats_arguments, compute_spatial_stats
         if verbose is not None:
-            warnings.warn("spatialgraph_stats(verbose=...) is ignored and will be removed; call "
-                          "phenocoder_lib.set_verbose_logging() for progress logs.", FutureWarning, stacklevel=2)
-        table, sample_key = self._table(table_key), self.sample_key
-        check_obs_column(table.obs, sample_key, argument="sample_key")
-        cats = check_categorical(table.obs, cluster_key, argument="cluster_key").categories
-        coords = check_obsm(table, spatial_key, argument="spatial_key", n_cols=(2, 3))
-        normalize_stats(stats)
-        check_max_clusters(len(cats), max_clusters, cluster_key=cluster_key, n_radii=len(normalize_radii(radii)),
-                           n_samples=int(table.obs[sample_key].nunique()))
-        validate_hull_params(chull_min_nds, chull_min_degree, coords.shape[1])
+            warnings.warn("spatialgraph_stats(verbose=...) is ignored and will be removed; call phenocoder_lib."
+                          "set_verbose_logging() for progress logs.", FutureWarning, stacklevel=2)
+        checked = ("cluster_key", "spatial_key", "radii", "stats", "chull_min_nds", "chull_min_degree", "max_clusters")
+        table = self._table(table_key)
+        check_stats_arguments(table, sample_key=self.sample_key, **{k: args[k] for k in checked})
         self.adata = None  # a failed computation leaves no stale result
-        self.adata = compute_spatial_stats(table, **args, sample_key=sample_key, seed=self.seed)
+        self.adata = compute_spatial_stats(table, **args, sample_key=self.sample_key, seed=self.seed)
         return self.adata
 
     def spatialgraph_embedding(self, n_dim: int, scale: bool = True, variable_features: bool | int = False,
@@ -367,11 +331,9 @@ class Phenocoder:
         Returns
         -------
         anndata.AnnData
-            The embedded table (also ``self.adata``; the raw statistics stay in ``layers['raw']``).
         """
         args = _args(locals())
         from .embedding import spatialgraph_embedding
-
         require(self.adata is not None, "self.adata is None: run spatialgraph_stats() first.")
         info = self.adata.uns.get("spatialgraph_stats", {})
         table = (getattr(self.sdata, "tables", None) or {}).get(info.get("table_key") or self.table_key)
