@@ -17,6 +17,7 @@ from .model_config import DEFAULT_MEMORY_BUDGET, ModelSettings, _positive_int, c
 from .validation import check_key, require
 
 _KEYS = ("sample_key", "table_key", "image_key", "spatial_key")
+_CHECKED = ("scale", "scale_per_sample", "scale_percentile", "spatial_key_index")
 _STATE = ("sdata", "adata", "model", "model_dir", "model_config", "model_name", *_KEYS, "data_dir", "datasets",
           "dir_tensorboard", "seed")
 
@@ -32,8 +33,8 @@ class Phenocoder:
     Parameters
     ----------
     sdata, table_key, sample_key, image_key, spatial_key, seed
-        SpatialData (or :meth:`add_sdata` later), its table, ``.obs`` sample column, images ``f"{image_key}_{sample}"``,
-        default ``.obsm`` key of patch indices; the seed of every random choice.
+        SpatialData (or :meth:`add_sdata` later), its table, ``.obs`` sample column, images
+        ``f"{image_key}_{sample}"``, default ``.obsm`` key of patch indices; the seed of every random choice.
     **state
         Further public attributes (``data_dir``, ``datasets``, ``model_dir``, ...); others raise a ``TypeError``.
     """
@@ -44,13 +45,9 @@ class Phenocoder:
         unknown = sorted(set(state) - set(_STATE))
         require(not unknown, f"Phenocoder() got unknown keyword arguments {unknown}; valid: {sorted(_STATE)}.",
                 TypeError)
-        self.sdata = self.adata = self.model = self.model_dir = self.model_config = self.model_name = None
-        self.table_key, self.sample_key, self.image_key = table_key, sample_key, image_key
-        self.spatial_key = spatial_key
-        self.seed, self.data_dir, self.datasets, self.history, self.model_oh_enc = int(seed), None, [], None, None
-        self.dir_tensorboard = self._batches = None
-        for key, value in state.items():
-            setattr(self, key, value)
+        vars(self).update(dict.fromkeys((*_STATE, "history", "model_oh_enc", "_batches")), seed=int(seed),
+                          table_key=table_key, sample_key=sample_key, image_key=image_key, spatial_key=spatial_key)
+        vars(self).update(state)
         self.data_dir, self.datasets = None if self.data_dir is None else Path(self.data_dir), list(self.datasets or [])
         if sdata is not None:
             self.add_sdata(sdata)
@@ -72,7 +69,7 @@ class Phenocoder:
         ----------
         sdata
             The SpatialData object.
-        """  # noqa: E501 (numpydoc lists the parameters on one line)
+        """
         require(hasattr(sdata, "tables") and hasattr(sdata, "images"),
                 f"sdata must be a spatialdata.SpatialData object, got {type(sdata).__name__}.", TypeError)
         self.sdata = sdata
@@ -231,28 +228,23 @@ class Phenocoder:
 
         Parameters
         ----------
-        batch_size, spatial_message_passing_radius, samples, use_store, progress
-            See :func:`phenocoder_lib.encoding.encode_table`.
-        scale, spatial_key_index, scale_percentile, scale_per_sample
-            Optional checks against the training datasets (a ``ValueError`` when they differ).
-        table_name
-            Name of the written table (an existing one is replaced).
+        batch_size, scale, spatial_key_index, scale_percentile, scale_per_sample, spatial_message_passing_radius, samples, table_name, use_store, progress
+            See :func:`phenocoder_lib.encoding.encode_table`; ``scale*`` and ``spatial_key_index`` are optional checks
+            against the training datasets; an existing table ``table_name`` is replaced.
 
         Returns
         -------
         anndata.AnnData
-        """
+        """  # noqa: E501 (numpydoc lists the parameters on one line)
+        args = _args(locals(), "table_name")
         from .encoding import encode_table
         self._require_model()
         self._table(required=False)
-        check_same_as_training(self.model_config, scale=scale, scale_per_sample=scale_per_sample,
-                               scale_percentile=scale_percentile, spatial_key_index=spatial_key_index)
-        table = encode_table(self.model, self.sdata, model_config=self.model_config, **self._keys(),
-                             batch_size=_positive_int(batch_size, "batch_size"), data_dir=self.data_dir,
-                             spatial_message_passing_radius=spatial_message_passing_radius, samples=samples,
-                             use_store=use_store, progress=progress)
-        if table_name in self.sdata.tables:
-            del self.sdata.tables[table_name]
+        check_same_as_training(self.model_config, **{k: args.pop(k) for k in _CHECKED})
+        args["batch_size"] = _positive_int(batch_size, "batch_size")
+        table = encode_table(self.model, self.sdata, model_config=self.model_config, **self._keys(), **args,
+                             data_dir=self.data_dir)
+        self.sdata.tables.pop(table_name, None)
         self.sdata.tables[table_name] = table
         return table
 
@@ -263,10 +255,9 @@ class Phenocoder:
 
         Parameters
         ----------
-        table_key, key_added, use_rep, layer, scale, n_pcs, n_neighbors, resolution
-            Table (default ``self.table_key``); see :func:`phenocoder_lib.clustering.cluster_features`.
-        reference, transfer_k
-            A ``ClusterReference`` or its path: kNN label transfer (also ``.obs[key_added + '_confidence']``).
+        table_key, key_added, use_rep, layer, scale, n_pcs, n_neighbors, resolution, reference, transfer_k
+            See :func:`phenocoder_lib.clustering.cluster_features`; a ``reference`` (or its path) labels by kNN
+            transfer (also ``.obs[key_added + '_confidence']``).
 
         Returns
         -------
