@@ -32,7 +32,7 @@ DEFAULT_CONTINUOUS = ("z",)
 class ConditionEncoder:
     """Encode condition columns as one vector per object (JSON-serializable, no pickles).
 
-    Attributes
+    Parameters
     ----------
     columns
         Condition column names, in order.
@@ -54,9 +54,21 @@ class ConditionEncoder:
     def fit(
         cls, frame: pd.DataFrame, columns: Sequence[str], *, continuous: Sequence[str] | None = None
     ) -> ConditionEncoder:
-        """Learn categories / ranges of ``columns`` from ``frame`` (the training objects).
+        """Learn the categories and ranges of ``columns`` from the training objects.
 
-        ``continuous`` names the continuous columns; default: ``z`` and every float column.
+        Parameters
+        ----------
+        frame
+            The training objects' condition values (:func:`condition_frame`).
+        columns
+            The condition columns, in order.
+        continuous
+            The continuous columns; default: ``z`` and every float column.
+
+        Returns
+        -------
+        ConditionEncoder
+            The fitted encoder.
         """
         enc = cls(columns=list(columns))
         for col in enc.columns:
@@ -98,10 +110,22 @@ class ConditionEncoder:
         return names
 
     def transform(self, frame: pd.DataFrame, *, where: str = "", warn: bool = True) -> tuple[np.ndarray, dict]:
-        """Condition vectors (n, width) float32 for the rows of ``frame``, and a report of unseen values.
+        """Condition vectors for the rows of ``frame``, and a report of values not seen in training.
 
-        The report maps column -> ``{"unseen": {value: count}}`` (categorical) or
-        ``{"clipped": count, "range": [min, max]}`` (continuous) for the columns that had any.
+        Parameters
+        ----------
+        frame
+            The objects' condition values.
+        where
+            Text appended to messages (e.g. ``" in sample 'A01'"``).
+        warn
+            Warn (:class:`~phenocoder_lib.warnings.UnseenConditionWarning`) when the report is not empty.
+
+        Returns
+        -------
+        tuple
+            ``(vectors, report)``: (n, width) float32, and a dict mapping column -> ``{"unseen": {value:
+            count}}`` (categorical) or ``{"clipped": count, "range": [min, max]}`` (continuous).
         """
         n = len(frame)
         out = np.zeros((n, self.width), np.float32)
@@ -143,23 +167,57 @@ class ConditionEncoder:
         return out, report
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-compatible dict (stored in ``model_config.json``)."""
+        """The encoder as a JSON-compatible dict (stored in ``model_config.json``).
+
+        Returns
+        -------
+        dict
+            ``columns``, ``kinds``, ``categories``, ``ranges``.
+        """
         return {"columns": self.columns, "kinds": self.kinds, "categories": self.categories, "ranges": self.ranges}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ConditionEncoder:
-        """Inverse of :meth:`to_dict`."""
+        """Rebuild an encoder from :meth:`to_dict`.
+
+        Parameters
+        ----------
+        data
+            The dict.
+
+        Returns
+        -------
+        ConditionEncoder
+            The encoder.
+        """
         return cls(columns=list(data["columns"]), kinds=dict(data["kinds"]),
                    categories={k: list(v) for k, v in data["categories"].items()},
                    ranges={k: list(v) for k, v in data["ranges"].items()})
 
     def to_json(self) -> str:
-        """:meth:`to_dict` as a JSON string."""
+        """The encoder as a JSON string (:meth:`to_dict`).
+
+        Returns
+        -------
+        str
+            Sorted-key JSON.
+        """
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ConditionEncoder:
-        """Inverse of :meth:`to_json`."""
+        """Rebuild an encoder from :meth:`to_json`.
+
+        Parameters
+        ----------
+        text
+            The JSON string.
+
+        Returns
+        -------
+        ConditionEncoder
+            The encoder.
+        """
         return cls.from_dict(json.loads(text))
 
 
@@ -180,12 +238,32 @@ def condition_frame(
     sample_key: str,
     obs: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Return the condition columns for the objects of a patch ``index`` (one row per index row).
+    """The condition columns of the objects of a patch ``index`` (one row per index row).
 
     A column is taken from the index (``dataset``, ``sample``, ``z``, ``y``, ``x`` and the dataset's
     ``metadata_keys``); ``sample_key`` means the index's ``sample``; any other column is looked up in
-    ``obs`` (the source table's ``.obs``) by ``obs_name``. Raises a ``KeyError`` that names the fix when
-    a column is found nowhere.
+    ``obs`` (the source table's ``.obs``) by ``obs_name``.
+
+    Parameters
+    ----------
+    columns
+        The condition columns.
+    index
+        A patch index (``PatchDataset.index`` or ``training.training_index``).
+    sample_key
+        The source table's sample column (an alias of the index's ``sample``).
+    obs
+        The source table's ``.obs``, for other columns.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One column per condition, aligned with ``index``.
+
+    Raises
+    ------
+    KeyError
+        When a column is found nowhere (the message names the fix).
     """
     out = pd.DataFrame(index=index.index)
     for col in columns:

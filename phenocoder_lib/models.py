@@ -71,6 +71,8 @@ class Sampling(layers.Layer):
     ----------
     seed
         Seed of the layer's ``keras.random.SeedGenerator``; the noise sequence is reproducible.
+    **kwargs
+        Keras ``Layer`` arguments (``name``, ``dtype``).
 
     """
 
@@ -80,17 +82,45 @@ class Sampling(layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, inputs: Any) -> Any:
-        """Sample ``z`` from ``[z_mean, z_log_var]``."""
+        """Sample ``z``.
+
+        Parameters
+        ----------
+        inputs
+            ``[z_mean, z_log_var]``.
+
+        Returns
+        -------
+        tensor
+            ``z``, shaped like ``z_mean``.
+        """
         z_mean, z_log_var = inputs
         eps = keras.random.normal(ops.shape(z_mean), dtype=self.compute_dtype, seed=self.seed_generator)
         return z_mean + ops.exp(0.5 * z_log_var) * eps
 
     def compute_output_shape(self, input_shape: Any) -> Any:
-        """Return the shape of ``z`` (that of ``z_mean``)."""
+        """The shape of ``z``.
+
+        Parameters
+        ----------
+        input_shape
+            Shapes of ``[z_mean, z_log_var]``.
+
+        Returns
+        -------
+        tuple
+            That of ``z_mean``.
+        """
         return input_shape[0]
 
     def get_config(self) -> dict[str, Any]:
-        """Return the layer config with the seed."""
+        """The layer's configuration.
+
+        Returns
+        -------
+        dict
+            Keras's layer config with the seed.
+        """
         return {**super().get_config(), "seed": self.seed}
 
 
@@ -107,7 +137,22 @@ def build_encoder(
     n_conditions: int = 0,
     seed: int = 0,
 ) -> keras.Model:
-    """Functional encoder: inputs ``image`` (and ``condition``), outputs ``[z_mean, z_log_var]``."""
+    """Functional encoder: inputs ``image`` (and ``condition``), outputs ``[z_mean, z_log_var]``.
+
+    Parameters
+    ----------
+    input_shape, conv_layers, n_dense_dim, n_latent_dim, dropout
+        As for :class:`CVAE`.
+    n_conditions
+        Width of the condition vector (0: no condition input).
+    seed
+        Seed of the initializers and dropout.
+
+    Returns
+    -------
+    keras.Model
+        The encoder.
+    """
     image = keras.Input(shape=input_shape, name="image")
     inputs = [image]
     x = image
@@ -136,7 +181,22 @@ def build_decoder(
     n_conditions: int = 0,
     seed: int = 0,
 ) -> keras.Model:
-    """Functional decoder: inputs ``z`` (and ``condition``), output the reconstruction *logits* (H, W, C)."""
+    """Functional decoder: inputs ``z`` (and ``condition``), output the reconstruction *logits* (H, W, C).
+
+    Parameters
+    ----------
+    input_shape, conv_layers, n_dense_dim, n_latent_dim, dropout
+        As for :class:`CVAE` (the decoder's dense layer has the bottleneck's size, not ``n_dense_dim``).
+    n_conditions
+        Width of the condition vector (0: no condition input).
+    seed
+        Seed of the initializers and dropout.
+
+    Returns
+    -------
+    keras.Model
+        The decoder.
+    """
     del n_dense_dim  # the decoder's dense layer has the bottleneck's size
     h, w, c = input_shape
     factor = 2 ** len(conv_layers)
@@ -188,6 +248,8 @@ class CVAE(keras.Model):
         Width of the condition vector (0 for a plain CVAE).
     seed
         Seed for the initializers, dropout and sampling noise.
+    **kwargs
+        Keras ``Model`` arguments (``name``, ``dtype``).
 
     """
 
@@ -228,7 +290,13 @@ class CVAE(keras.Model):
         return self.n_conditions > 0
 
     def build(self, input_shape: Any = None) -> None:
-        """Nothing to build: the encoder and decoder are built in ``__init__``."""
+        """Mark the model built (the encoder and decoder are built in ``__init__``).
+
+        Parameters
+        ----------
+        input_shape
+            Ignored.
+        """
         self.built = True
 
     def _split(self, inputs: Any) -> tuple[Any, Any]:
@@ -248,19 +316,60 @@ class CVAE(keras.Model):
         return image, condition
 
     def encode(self, inputs: Any, training: bool = False) -> tuple[Any, Any]:
-        """``(z_mean, z_log_var)`` of the inputs."""
+        """Encode inputs.
+
+        Parameters
+        ----------
+        inputs
+            An image batch, ``{"image", "condition"}`` or ``(image, condition)``.
+        training
+            Apply dropout.
+
+        Returns
+        -------
+        tuple
+            ``(z_mean, z_log_var)``.
+        """
         image, condition = self._split(inputs)
         enc_in = [ops.convert_to_tensor(image), ops.convert_to_tensor(condition)] if self.conditional else image
         z_mean, z_log_var = self.encoder(enc_in, training=training)
         return z_mean, z_log_var
 
     def decode(self, z: Any, condition: Any = None, training: bool = False) -> Any:
-        """Reconstruction (sigmoid of the decoder logits) of latents ``z``."""
+        """Decode latents.
+
+        Parameters
+        ----------
+        z
+            Latents (b, L).
+        condition
+            Condition vectors (a ``CondCVAE`` only).
+        training
+            Apply dropout.
+
+        Returns
+        -------
+        tensor
+            The reconstruction (sigmoid of the decoder logits), (b, H, W, C).
+        """
         dec_in = [ops.convert_to_tensor(z), ops.convert_to_tensor(condition)] if self.conditional else z
         return ops.sigmoid(self.decoder(dec_in, training=training))
 
     def call(self, inputs: Any, training: bool = False) -> dict[str, Any]:
-        """Encode, sample ``z`` and decode; returns reconstruction, logits, z_mean, z_log_var and z."""
+        """Encode, sample ``z`` and decode.
+
+        Parameters
+        ----------
+        inputs
+            As for :meth:`encode`.
+        training
+            Apply dropout.
+
+        Returns
+        -------
+        dict
+            ``reconstruction``, ``logits``, ``z_mean``, ``z_log_var`` and ``z``.
+        """
         image, condition = self._split(inputs)
         enc_in = [image, condition] if self.conditional else image
         z_mean, z_log_var = self.encoder(enc_in, training=training)
@@ -270,7 +379,23 @@ class CVAE(keras.Model):
         return {"reconstruction": ops.sigmoid(logits), "logits": logits, "z_mean": z_mean,
                 "z_log_var": z_log_var, "z": z}
 
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):  # noqa: D102
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """The loss of a batch (see the module docstring); updates the loss trackers.
+
+        Parameters
+        ----------
+        x
+            The inputs.
+        y, sample_weight, training
+            Unused (an autoencoder's target is its input).
+        y_pred
+            The output of :meth:`call`.
+
+        Returns
+        -------
+        tensor
+            ``reconstruction_loss + beta * kl_loss`` (float32).
+        """
         del y, sample_weight, training
         image, _ = self._split(x)
         image = ops.cast(image, "float32")
@@ -286,7 +411,13 @@ class CVAE(keras.Model):
         return reconstruction + self.beta * kl
 
     def get_config(self) -> dict[str, Any]:
-        """Return the constructor arguments (Keras saves the weights separately)."""
+        """The constructor arguments (Keras saves the weights separately).
+
+        Returns
+        -------
+        dict
+            Arguments of :class:`CVAE`.
+        """
         base = super().get_config()
         base = {k: v for k, v in base.items() if k in ("name", "trainable", "dtype")}
         return {
@@ -303,7 +434,18 @@ class CVAE(keras.Model):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> CVAE:
-        """Rebuild the model from :meth:`get_config`."""
+        """Rebuild the model from :meth:`get_config`.
+
+        Parameters
+        ----------
+        config
+            The configuration.
+
+        Returns
+        -------
+        CVAE
+            The model (untrained weights).
+        """
         return cls(**config)
 
 
@@ -312,7 +454,16 @@ class CondCVAE(CVAE):
     """Conditional CVAE: the condition vector joins the encoder's features and the latent.
 
     The condition is concatenated to the encoder's flattened convolution features and to ``z`` before
-    decoding. Same parameters as :class:`CVAE`; ``n_conditions`` must be >= 1.
+    decoding.
+
+    Parameters
+    ----------
+    input_shape, n_latent_dim, n_dense_dim
+        As for :class:`CVAE`.
+    n_conditions
+        Width of the condition vector (>= 1).
+    **kwargs
+        The other arguments of :class:`CVAE`.
     """
 
     def __init__(self, input_shape: Sequence[int], n_latent_dim: int, n_dense_dim: int, *,
@@ -334,7 +485,20 @@ def make_model(
     seed: int,
     name: str | None = None,
 ) -> CVAE:
-    """Build a :class:`CondCVAE` when ``n_conditions > 0``, else a :class:`CVAE`."""
+    """Build a :class:`CondCVAE` when ``n_conditions > 0``, else a :class:`CVAE`.
+
+    Parameters
+    ----------
+    input_shape, n_latent_dim, n_dense_dim, conv_layers, dropout, beta, n_conditions, seed
+        As for :class:`CVAE`.
+    name
+        Keras name of the model (default: the class's).
+
+    Returns
+    -------
+    CVAE
+        The untrained model.
+    """
     kwargs = dict(input_shape=input_shape, n_latent_dim=n_latent_dim, n_dense_dim=n_dense_dim,
                   conv_layers=conv_layers, dropout=dropout, beta=beta, seed=seed)
     if name is not None:

@@ -57,7 +57,21 @@ def plot_reconstructions(
 ) -> Path:
     """Montage per channel of ``[input | reconstruction]`` pairs, both on the model's [0, 1] scale.
 
-    ``inputs`` and ``reconstructions`` are (n, h, w, c); one panel per channel.
+    Parameters
+    ----------
+    inputs, reconstructions
+        (n, h, w, c) patches and their reconstructions; one panel per channel.
+    path
+        The PNG file.
+    channels
+        Channel names for the panel titles (default: their numbers).
+    title
+        Figure title (the patch count is appended).
+
+    Returns
+    -------
+    Path
+        ``path``.
     """
     n, h, w, c = inputs.shape
     if n == 0:
@@ -99,7 +113,19 @@ def plot_reconstructions(
 def embed_2d(latents: np.ndarray, *, seed: int = 0, method: str = "auto") -> tuple[np.ndarray, str]:
     """2-D coordinates of ``latents`` for plotting: UMAP for ``UMAP_MIN_POINTS`` points or more, else PCA.
 
-    Returns (coordinates (n, 2), the method used).
+    Parameters
+    ----------
+    latents
+        (n, L) values.
+    seed
+        UMAP's random state.
+    method
+        ``"auto"``, ``"umap"`` or ``"pca"`` (PCA with component signs fixed, so the figure is reproducible).
+
+    Returns
+    -------
+    tuple
+        ``(coordinates (n, 2), the method used)``.
     """
     x = np.asarray(latents, np.float64)
     n = len(x)
@@ -140,6 +166,24 @@ def plot_latent_space(
 
     Numeric columns are coloured on a continuous scale in numeric order (colour bar); other columns by
     category (legend up to ``max_legend`` categories).
+
+    Parameters
+    ----------
+    coords
+        (n, 2) coordinates (:func:`embed_2d`).
+    colors
+        Panel title -> one value per point.
+    path
+        The PNG file.
+    method
+        The embedding's name, for the axis labels.
+    max_legend
+        Most categories listed in a legend.
+
+    Returns
+    -------
+    Path
+        ``path``.
     """
     import matplotlib
 
@@ -178,7 +222,20 @@ def plot_latent_space(
 
 
 def plot_history(history: Mapping[str, Sequence[float]], path: str | Path) -> Path:
-    """Training curves: loss, reconstruction and KL (train and validation) and the learning rate."""
+    """Training curves: loss, reconstruction and KL (train and validation) and the learning rate.
+
+    Parameters
+    ----------
+    history
+        Metrics per epoch (``training.fit``'s history).
+    path
+        The PNG file.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
     keys = ["loss", "reconstruction_loss", "kl_loss", "learning_rate"]
     fig, axes = _figure((13.0, 3.0), 1, len(keys))
     epochs = np.asarray(history.get("epoch", range(1, len(history.get("loss", [])) + 1)))

@@ -963,17 +963,44 @@ def fit(
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     resume_from: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Compile (Adam) and fit ``model``; returns the history dict and the best epoch.
-
-    ``resume_from`` (a :func:`checkpoint_state` whose weights ``model`` already holds) continues an
-    interrupted training: epochs are numbered on from the checkpoint's epoch up to ``n_epochs`` in all,
-    the history is kept, the learning rate is the one of the checkpoint's epoch and the checkpoint is only
-    replaced by a better epoch. Adam's moments and the plateau/early-stopping counters start afresh.
+    """Compile (Adam) and fit ``model`` with early stopping, checkpoints and a metrics history.
 
     Writes ``model_dir/checkpoint.keras`` (best so far), ``history.json``/``history.csv`` (every
     epoch) and TensorBoard event files under ``log_dir``. The best weights are restored at the end.
-    ``on_epoch_end(epoch, metrics)`` is called after every epoch (1-based) with that epoch's row of the
-    history (losses, validation losses, learning rate, timings), e.g. to log metrics while training runs.
+
+    Parameters
+    ----------
+    model
+        The model (:func:`phenocoder_lib.models.make_model`).
+    train, val
+        Training and validation batches (:func:`make_batches`).
+    model_dir
+        Folder of the checkpoint and the history (created).
+    log_dir
+        TensorBoard folder (``None``: no event files).
+    n_epochs
+        Epochs in all (>= 1).
+    learning_rate, min_learning_rate, factor_learning_rate, learning_rate_patience
+        Adam's learning rate and ``ReduceLROnPlateau(val_loss)``.
+    early_stopping_patience
+        ``EarlyStopping(val_loss, restore_best_weights=True)``.
+    seed
+        Seed of Keras's random state (dropout, sampling noise) for the run.
+    verbose
+        Keras's progress output.
+    on_epoch_end
+        Called after every epoch (1-based) with that epoch's row of the history (losses, validation
+        losses, learning rate, timings), e.g. to log metrics while training runs.
+    resume_from
+        A :func:`checkpoint_state` whose weights ``model`` already holds: epochs are numbered on from the
+        checkpoint's epoch up to ``n_epochs`` in all, the history is kept, the learning rate is the one of
+        the checkpoint's epoch and the checkpoint is only replaced by a better epoch (Adam's moments and
+        the plateau/early-stopping counters start afresh).
+
+    Returns
+    -------
+    dict
+        ``history`` (metrics per epoch), ``best_epoch`` (1-based) and ``seconds``.
     """
     for name, value in (("n_epochs", n_epochs), ("learning_rate_patience", learning_rate_patience),
                         ("early_stopping_patience", early_stopping_patience)):
