@@ -4,8 +4,6 @@ Steps -> :mod:`patches`, :mod:`training` (folder layout: :mod:`model_config`), :
 :mod:`spatial.driver`, :mod:`embedding`.
 """
 
-from __future__ import annotations
-
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -45,9 +43,8 @@ class Phenocoder:
         unknown = sorted(set(state) - set(_STATE))
         require(not unknown, f"Phenocoder() got unknown keyword arguments {unknown}; valid: {sorted(_STATE)}.",
                 TypeError)
-        vars(self).update(dict.fromkeys((*_STATE, "history", "model_oh_enc", "_batches")), seed=int(seed),
+        vars(self).update(dict.fromkeys((*_STATE, "history", "model_oh_enc", "_batches")), seed=int(seed), **state,
                           table_key=table_key, sample_key=sample_key, image_key=image_key, spatial_key=spatial_key)
-        vars(self).update(state)
         self.data_dir, self.datasets = None if self.data_dir is None else Path(self.data_dir), list(self.datasets or [])
         if sdata is not None:
             self.add_sdata(sdata)
@@ -105,8 +102,8 @@ class Phenocoder:
         PatchDataset
         """  # noqa: E501 (numpydoc lists the parameters on one line)
         args, table = _args(locals()), self._table(required=False)
-        if spatial_key_index is None:
-            has_index = table is not None and "spatial_index" in table.obsm
+        if spatial_key_index is None:  # the integer twin of spatial_key when the table has one
+            has_index = "spatial_index" in getattr(table, "obsm", {})
             args["spatial_key_index"] = "spatial_index" if has_index else self.spatial_key
         args["dir_dataset"] = dir_dataset = Path(dir_dataset)
         require(self.data_dir is None or Path(self.data_dir) == dir_dataset or not self.datasets,

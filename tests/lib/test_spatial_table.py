@@ -96,6 +96,14 @@ def test_nothing_computable_raises_and_clears_stale_result():
     assert host.adata == "kept"
 
 
+def test_verbose_is_deprecated_and_names_the_replacement():
+    table = make_table(300, seed=4)
+    host = Host(SimpleNamespace(tables={"t": table}))
+    with pytest.warns(FutureWarning, match="set_verbose_logging"):
+        _quiet(host.spatialgraph_stats, radii=(25,), stats=["interactions"], progress=False, verbose=True)
+    assert host.adata is not None and host.adata.n_obs == table.obs["sample"].nunique()
+
+
 def test_facade_errors_name_the_argument():
     table = make_table(200, seed=4)
     host = Host(SimpleNamespace(tables={"t": table}))
