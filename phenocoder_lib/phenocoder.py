@@ -1,11 +1,8 @@
-"""The :class:`Phenocoder` facade: the workflow guide's stateful API, each step one library call.
+"""The workflow guide's stateful API: each step calls patches, training, encoding, clustering, spatial or embedding."""
 
-Steps -> :mod:`patches`, :mod:`training` (folder layout: :mod:`model_config`), :mod:`encoding`, :mod:`clustering`,
-:mod:`spatial.driver`, :mod:`embedding`.
-"""
-
+import inspect
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +12,7 @@ from .model_config import DEFAULT_MEMORY_BUDGET, ModelSettings, _positive_int, c
 from .validation import check_key, require
 
 _KEYS = ("sample_key", "table_key", "image_key", "spatial_key")
+_NO_MODEL = "No model: call initialize_model(...) (and train()) or load_model(path) first."
 _CHECKED = ("scale", "scale_per_sample", "scale_percentile", "spatial_key_index")
 _STATE = ("sdata", "adata", "model", "model_dir", "model_config", "model_name", *_KEYS, "data_dir", "datasets",
           "dir_tensorboard", "seed")
@@ -23,6 +21,29 @@ _STATE = ("sdata", "adata", "model", "model_dir", "model_config", "model_name", 
 def _args(scope: dict[str, Any], *leave_out: str) -> dict[str, Any]:
     """A method's arguments (its ``locals()`` at the top) without ``self`` and ``leave_out``."""
     return {k: v for k, v in scope.items() if k not in ("self", *leave_out)}
+
+
+def _delegates_to(target: str, returns: str) -> Callable:
+    """Complete a method's docstring with numpydoc sections: its parameters are those of ``target``.
+
+    Parameters
+    ----------
+    target
+        Dotted name of the library function (or class) that documents the parameters.
+    returns
+        Type of the returned value.
+
+    Returns
+    -------
+    Callable
+        The decorator.
+    """
+    def decorate(method: Callable) -> Callable:
+        names = ", ".join(name for name in inspect.signature(method).parameters if name != "self")
+        method.__doc__ = (f"{inspect.cleandoc(method.__doc__)}\n\nParameters\n----------\n{names}\n    See "
+                          f":obj:`{target}`.\n\nReturns\n-------\n{returns}\n")
+        return method
+    return decorate
 
 
 class Phenocoder:
@@ -75,7 +96,6 @@ class Phenocoder:
         require(self.sdata is not None, "No SpatialData attached: call pheno.add_sdata(sdata) first.")
         key = self.table_key if key is None else key
         if required:
-            require(key is not None, "table_key is None: pass table_key=... or set Phenocoder(table_key=...).")
             check_key(self.sdata.tables, key, argument="table_key", what="table of sdata.tables",
                       fix="Run encode() first for the 'phenocoder' table, or pass the name of a feature table.")
             require(self.sample_key is not None, "sample_key is None: set Phenocoder(sample_key=...).")
@@ -84,6 +104,7 @@ class Phenocoder:
     def _keys(self, *leave_out: str) -> dict[str, Any]:
         return {k: getattr(self, k) for k in _KEYS if k not in leave_out}
 
+    @_delegates_to("phenocoder_lib.patches.generate_dataset", "PatchDataset")
     def generate_dataset(self, dataset: str, dir_dataset: str | Path, patch_size: int | Sequence[int] = (128, 128),
                          spatial_key_index: str | None = None, scale: bool = True,
                          metadata_keys: Sequence[str] | None = None, scale_percentile: float = 1.0,
@@ -91,16 +112,9 @@ class Phenocoder:
                          *, progress: bool = True) -> _patches.PatchDataset:
         """Extract a patch around every object into ``<dir_dataset>/<dataset>/`` and add it to ``datasets``.
 
-        Parameters
-        ----------
-        dataset, dir_dataset, patch_size, spatial_key_index, scale, metadata_keys, scale_percentile, scale_per_sample, n_samples, n_patches, progress
-            See :func:`phenocoder_lib.patches.generate_dataset` (a model's datasets share ``dir_dataset``, the same
-            name replaces one); ``spatial_key_index``: ``"spatial_index"`` if the table has it, else ``spatial_key``.
-
-        Returns
-        -------
-        PatchDataset
-        """  # noqa: E501 (numpydoc lists the parameters on one line)
+        A model's datasets share ``dir_dataset`` (the same name replaces a dataset); ``spatial_key_index``
+        defaults to ``"spatial_index"`` when the table has it, else ``spatial_key``; the seed is ``self.seed``.
+        """
         args, table = _args(locals()), self._table(required=False)
         if spatial_key_index is None:  # the integer twin of spatial_key when the table has one
             has_index = "spatial_index" in getattr(table, "obsm", {})
@@ -124,6 +138,7 @@ class Phenocoder:
                 "No patch dataset yet: call pheno.generate_dataset(...) first.")
         return [_patches.PatchDataset.open(Path(self.data_dir) / name) for name in self.datasets]
 
+    @_delegates_to("phenocoder_lib.model_config.ModelSettings", "keras.Model")
     def initialize_model(self, n_latent_dim: int, n_dense_dim: int, conditions: Sequence[str] | None,
                          dropout: float | None = 0.25, batch_size: int = 64, n_workers: int = 1,
                          input_shape: Sequence[int] = (128, 128, 4), conv_layers: Sequence[int] = (8, 16, 32, 64, 128),
@@ -131,17 +146,10 @@ class Phenocoder:
                          validation_fraction: float = 0.2, split_by: Literal["object", "sample"] = "object",
                          continuous_conditions: Sequence[str] | None = None, seed: int | None = None,
                          memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> Any:
-        """Build a CVAE (a CondCVAE with ``conditions``) and its batches; write ``models/<model_name>/``.
+        """Build a CVAE (a CondCVAE with ``conditions``) and its batches; write ``<data_dir>/models/<model_name>/``.
 
-        Parameters
-        ----------
-        n_latent_dim, n_dense_dim, conditions, dropout, batch_size, n_workers, input_shape, conv_layers, beta, flip, shuffle, validation_fraction, split_by, continuous_conditions, seed, memory_budget_bytes
-            See :class:`phenocoder_lib.model_config.ModelSettings` (``seed`` defaults to ``self.seed``).
-
-        Returns
-        -------
-        keras.Model
-        """  # noqa: E501 (numpydoc lists the parameters on one line)
+        ``seed`` defaults to ``self.seed``; TensorBoard logs go to ``<data_dir>/tensorboard_logs/<model_name>``.
+        """
         settings = ModelSettings(**_args(locals(), "seed"), seed=self.seed if seed is None else seed)
         from . import training
         datasets, data_dir = self.open_datasets(), Path(self.data_dir)
@@ -177,10 +185,6 @@ class Phenocoder:
         self.dir_tensorboard = self.data_dir / "tensorboard_logs" / self.model_name
         return self.model
 
-    def _require_model(self) -> None:
-        require(self.model is not None and self.model_config is not None,
-                "No model: call initialize_model(...) (and train()) or load_model(path) first.")
-
     def summarize_model(self) -> str:
         """Print the configuration and the layer tables (:func:`phenocoder_lib.models.summarize`).
 
@@ -189,53 +193,37 @@ class Phenocoder:
         str
         """
         from .models import summarize
-        self._require_model()
+        require(self.model is not None and self.model_config is not None, _NO_MODEL)
         print(text := summarize(self.model, self.model_config))
         return text
 
+    @_delegates_to("phenocoder_lib.training.train", "dict")
     def train(self, n_epochs: int = 100, learning_rate: float = 1e-3, min_learning_rate: float = 1e-4,
               factor_learning_rate: float = 0.2, learning_rate_patience: int = 3, early_stopping_patience: int = 5,
               plot: bool = True, n_preview: int = 300, plot_frac: float = 0.001, *, verbose: int | str = "auto",
               on_epoch_end: Any = None, resume: bool = False) -> dict[str, list[float]]:
-        """Fit the model; save it, its history, checkpoint, TensorBoard logs and previews in ``model_dir``.
-
-        Parameters
-        ----------
-        n_epochs, learning_rate, min_learning_rate, factor_learning_rate, learning_rate_patience, early_stopping_patience, plot, n_preview, plot_frac, verbose, on_epoch_end, resume
-            See :func:`phenocoder_lib.training.train`.
-
-        Returns
-        -------
-        dict
-            Per-epoch lists (``loss``, ``val_loss``, ``learning_rate``, ...; also ``self.history``).
-        """  # noqa: E501 (numpydoc lists the parameters on one line)
+        """Fit the model; save it, its history (returned: per-epoch lists), checkpoint and previews in ``model_dir``."""
         args = _args(locals())
         from . import training
-        self._require_model()
+        require(self.model is not None and self.model_config is not None, _NO_MODEL)
         start = training.TrainedModel(self.model, self.model_config, Path(self.model_dir), self.dir_tensorboard,
                                       self.model_oh_enc, self.history, self._batches)
         self._adopt(training.train(self.open_datasets(), self.model_dir, None, obs=self._obs(), start=start, **args))
         return self.history
 
+    @_delegates_to("phenocoder_lib.encoding.encode_table", "anndata.AnnData")
     def encode(self, batch_size: int = 512, scale: bool | None = None, spatial_key_index: str | None = None,
                scale_percentile: float | None = None, scale_per_sample: bool | None = None,
                spatial_message_passing_radius: float | None = None, *, samples: Sequence[str] | None = None,
                table_name: str = PHENOCODER_TABLE, use_store: bool = True, progress: bool = True) -> Any:
-        """Encode every object (``z_mean``) into ``sdata.tables[table_name]``, as normalized in training.
+        """Encode every object (``z_mean``) into ``sdata.tables[table_name]`` (replaced), as normalized in training.
 
-        Parameters
-        ----------
-        batch_size, scale, spatial_key_index, scale_percentile, scale_per_sample, spatial_message_passing_radius, samples, table_name, use_store, progress
-            See :func:`phenocoder_lib.encoding.encode_table`; ``scale*`` and ``spatial_key_index`` are optional checks
-            against the training datasets; an existing table ``table_name`` is replaced.
-
-        Returns
-        -------
-        anndata.AnnData
-        """  # noqa: E501 (numpydoc lists the parameters on one line)
+        ``scale``, ``scale_per_sample``, ``scale_percentile`` and ``spatial_key_index`` are optional checks: when
+        given they must equal the training datasets' values (``ValueError`` otherwise).
+        """
         args = _args(locals(), "table_name")
         from .encoding import encode_table
-        self._require_model()
+        require(self.model is not None and self.model_config is not None, _NO_MODEL)
         self._table(required=False)
         check_same_as_training(self.model_config, **{k: args.pop(k) for k in _CHECKED})
         args["batch_size"] = _positive_int(batch_size, "batch_size")
@@ -245,20 +233,14 @@ class Phenocoder:
         self.sdata.tables[table_name] = table
         return table
 
+    @_delegates_to("phenocoder_lib.clustering.cluster_features", "ClusterReference")
     def cluster(self, table_key: str | None = None, *, key_added: str = "leiden", use_rep: str | None = None,
                 layer: str | None = None, scale: bool = True, n_pcs: int = 50, n_neighbors: int = 15,
                 resolution: float = 1.0, reference: Any = None, transfer_k: int | None = None) -> Any:
-        """Cluster a table's objects (seeded Leiden), or label them from a reference; write ``.obs[key_added]``.
+        """Cluster a table's objects (seeded Leiden) into ``.obs[key_added]``; return the reference.
 
-        Parameters
-        ----------
-        table_key, key_added, use_rep, layer, scale, n_pcs, n_neighbors, resolution, reference, transfer_k
-            See :func:`phenocoder_lib.clustering.cluster_features`; a ``reference`` (or its path) labels by kNN
-            transfer (also ``.obs[key_added + '_confidence']``).
-
-        Returns
-        -------
-        ClusterReference
+        With ``reference`` (a ``ClusterReference`` or its ``.npz`` path) the objects are labelled by kNN transfer
+        (:func:`~phenocoder_lib.clustering.transfer_labels`, also ``.obs[key_added + '_confidence']``).
         """
         from .clustering import ClusterReference, cluster_features, transfer_labels
         table = self._table(table_key)
@@ -271,28 +253,21 @@ class Phenocoder:
         table.obs[key_added], table.obs[f"{key_added}_confidence"] = transfer_labels(ref, table, k=transfer_k)
         return ref
 
+    @_delegates_to("phenocoder_lib.spatial.driver.compute_spatial_stats", "anndata.AnnData")
     def spatialgraph_stats(self, cluster_key: str = "leiden", spatial_key: str = "spatial",
                            radii: float | Sequence[float] = (25, 50), table_key: str | None = None,
                            stats: str | Iterable[str] | None = None, *, chull_min_nds: int = 10,
                            chull_min_degree: int = 3, use_subunits: bool = False,
                            dim_subunit: float | Sequence[float] = (500, 500, 100), min_obs_per_subunit: int = 100,
                            max_obs_per_subunit: int | None = None, subunit_origin: Sequence[float] | None = None,
-                           exact: bool = False,
-                           n_clustering_samples: int = 1000, layer: str | None = None, progress: bool = True,
-                           n_jobs: int = 1, verbose: bool | None = None, max_clusters: int = 500) -> Any:
-        """Spatial graph statistics per sample (or subunit) into ``self.adata`` (``None`` if the computation fails).
+                           exact: bool = False, n_clustering_samples: int = 1000, layer: str | None = None,
+                           progress: bool = True, n_jobs: int = 1, verbose: bool | None = None,
+                           max_clusters: int = 500) -> Any:
+        """Spatial graph statistics per sample (or subunit) of a clustered table, into ``self.adata``.
 
-        Parameters
-        ----------
-        cluster_key, spatial_key, radii, table_key, stats, chull_min_nds, chull_min_degree, use_subunits, dim_subunit, min_obs_per_subunit, max_obs_per_subunit, subunit_origin, exact, n_clustering_samples, layer, progress, n_jobs, max_clusters
-            See :func:`phenocoder_lib.spatial.driver.compute_spatial_stats` (``table_key``: ``self.table_key``).
-        verbose
-            Deprecated and ignored (a ``FutureWarning``): call :func:`phenocoder_lib.set_verbose_logging`.
-
-        Returns
-        -------
-        anndata.AnnData
-        """  # noqa: E501 (numpydoc lists the parameters on one line)
+        Argument errors leave ``self.adata`` alone; a failed computation sets it to ``None``. ``verbose`` is
+        deprecated and ignored (``FutureWarning``): call :func:`phenocoder_lib.set_verbose_logging` instead.
+        """
         args = {**_args(locals(), "verbose"), "table_key": self.table_key if table_key is None else table_key}
         from .spatial.driver import check_stats_arguments, compute_spatial_stats
         if verbose is not None:
@@ -305,20 +280,14 @@ class Phenocoder:
         self.adata = compute_spatial_stats(table, **args, sample_key=self.sample_key, seed=self.seed)
         return self.adata
 
+    @_delegates_to("phenocoder_lib.embedding.spatialgraph_embedding", "anndata.AnnData")
     def spatialgraph_embedding(self, n_dim: int, scale: bool = True, variable_features: bool | int = False,
                                batch_correction: bool = False, batch_key: str | None = None,
                                confounder_key: str | Sequence[str] | None = None, n_neighbors: int = 15,
                                umap: bool = True, obs_keys: str | Sequence[str] | None = None) -> Any:
         """Scale, batch-correct (optional), PCA, neighbours and UMAP of ``self.adata`` (idempotent).
 
-        Parameters
-        ----------
-        n_dim, scale, variable_features, batch_correction, batch_key, confounder_key, n_neighbors, umap, obs_keys
-            See :func:`phenocoder_lib.embedding.spatialgraph_embedding` (keys looked up in the source table).
-
-        Returns
-        -------
-        anndata.AnnData
+        Batch, confounder and obs keys are looked up per sample in the table the statistics came from.
         """
         args = _args(locals())
         from .embedding import spatialgraph_embedding
