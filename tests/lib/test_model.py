@@ -182,3 +182,13 @@ def test_another_keras_backend_is_refused_with_the_fix():
                          env={**__import__("os").environ, "KERAS_BACKEND": "jax"})
     assert out.returncode != 0
     assert "KERAS_BACKEND='jax'" in out.stderr and "Unset KERAS_BACKEND" in out.stderr
+
+
+def test_pipeline_train_model_refuses_no_datasets_or_clashing_names(tmp_path):
+    from phenocoder_lib.pipeline import train_model
+
+    with pytest.raises(ValueError, match="dataset_dirs is empty"):
+        train_model([], tmp_path / "m", {}, keys={})
+    with pytest.raises(ValueError, match=r"distinct names .*\['d', 'd'\]"):
+        train_model([tmp_path / "a" / "d", tmp_path / "b" / "d"], tmp_path / "m", {}, keys={})
+    assert not (tmp_path / "m").exists()  # nothing written before the arguments are checked
