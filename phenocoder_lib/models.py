@@ -32,84 +32,30 @@ condition only for a ``CondCVAE``); a bare image array (CVAE) or an ``(image, co
 Every weight initializer, dropout and the sampling noise take seeds derived from the model's ``seed``,
 so two models built with the same arguments are identical.
 
-TensorFlow is imported with this module (the Keras backend is set to TensorFlow unless the
-environment says otherwise); the package imports this module lazily.
+TensorFlow is imported with this module (Keras with the TensorFlow backend, see
+:mod:`phenocoder_lib._backend`); the package imports this module lazily. The settings' checks
+(:func:`check_architecture`) and ``model_config.json`` live in :mod:`phenocoder_lib.model_config`.
 """
 
 from __future__ import annotations
 
 import numbers
-import os
+from collections.abc import Sequence
+from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+from ._backend import keras
+from .model_config import check_architecture
+from .training import configure_tensorflow
 
-from collections.abc import Sequence  # noqa: E402
-from typing import Any  # noqa: E402
-
-import keras  # noqa: E402
-from keras import layers, ops  # noqa: E402
-
-from .training import configure_tensorflow  # noqa: E402
+layers, ops = keras.layers, keras.ops
 
 # Thread pools can only be sized before TensorFlow runs its first op: building a model is the first.
 configure_tensorflow()
 
-__all__ = ["CVAE", "CondCVAE", "Sampling", "build_decoder", "build_encoder", "check_architecture", "make_model"]
+__all__ = ["CVAE", "CondCVAE", "Sampling", "build_decoder", "build_encoder", "check_architecture", "make_model",
+           "summarize"]
 
 _PACKAGE = "phenocoder"
-
-
-# --------------------------------------------------------------------------------------------------
-# Checks
-# --------------------------------------------------------------------------------------------------
-
-
-def check_architecture(
-    input_shape: Sequence[int],
-    conv_layers: Sequence[int],
-    n_latent_dim: int,
-    n_dense_dim: int,
-    dropout: float | None,
-    beta: float,
-) -> tuple[tuple[int, int, int], tuple[int, ...]]:
-    """Validate the architecture arguments; return ``(input_shape, conv_layers)`` as int tuples.
-
-    Raises ``ValueError``/``TypeError`` naming the argument, the value received and the fix.
-    """
-    try:
-        shape = tuple(int(v) for v in input_shape)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"input_shape={input_shape!r} must be (height, width, channels), e.g. (32, 32, 4).") from err
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(
-            f"input_shape={input_shape!r} must be three positive ints (height, width, channels), e.g. (32, 32, 4)."
-        )
-    try:
-        convs = tuple(int(v) for v in conv_layers)
-    except (TypeError, ValueError) as err:
-        raise TypeError(
-            f"conv_layers={conv_layers!r} must be a sequence of filter counts, e.g. (32, 64, 128)."
-        ) from err
-    if not convs or min(convs) < 1:
-        raise ValueError(
-            f"conv_layers={conv_layers!r} must hold at least one positive filter count, e.g. (32, 64, 128)."
-        )
-    factor = 2 ** len(convs)
-    h, w, _ = shape
-    if h % factor or w % factor:
-        raise ValueError(
-            f"input_shape={shape}: height {h} and width {w} must be divisible by 2**len(conv_layers) = {factor} "
-            f"(conv_layers={convs} halves the image {len(convs)} times). Use a patch size that is a multiple of "
-            f"{factor} or fewer conv_layers."
-        )
-    for name, value in (("n_latent_dim", n_latent_dim), ("n_dense_dim", n_dense_dim)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive int.")
-    if dropout is not None and not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"dropout={dropout!r} must be in [0, 1) (or None for no dropout layer).")
-    if not float(beta) >= 0.0:
-        raise ValueError(f"beta={beta!r} must be a number >= 0 (the weight of the KL term).")
-    return shape, convs  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,6 +71,8 @@ class Sampling(layers.Layer):
     ----------
     seed
         Seed of the layer's ``keras.random.SeedGenerator``; the noise sequence is reproducible.
+    **kwargs
+        Keras ``Layer`` arguments (``name``, ``dtype``).
 
     """
 
@@ -134,17 +82,45 @@ class Sampling(layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, inputs: Any) -> Any:
-        """Sample ``z`` from ``[z_mean, z_log_var]``."""
+        """Sample ``z``.
+
+        Parameters
+        ----------
+        inputs
+            ``[z_mean, z_log_var]``.
+
+        Returns
+        -------
+        tensor
+            ``z``, shaped like ``z_mean``.
+        """
         z_mean, z_log_var = inputs
         eps = keras.random.normal(ops.shape(z_mean), dtype=self.compute_dtype, seed=self.seed_generator)
         return z_mean + ops.exp(0.5 * z_log_var) * eps
 
     def compute_output_shape(self, input_shape: Any) -> Any:
-        """Return the shape of ``z`` (that of ``z_mean``)."""
+        """The shape of ``z``.
+
+        Parameters
+        ----------
+        input_shape
+            Shapes of ``[z_mean, z_log_var]``.
+
+        Returns
+        -------
+        tuple
+            That of ``z_mean``.
+        """
         return input_shape[0]
 
     def get_config(self) -> dict[str, Any]:
-        """Return the layer config with the seed."""
+        """The layer's configuration.
+
+        Returns
+        -------
+        dict
+            Keras's layer config with the seed.
+        """
         return {**super().get_config(), "seed": self.seed}
 
 
@@ -161,7 +137,22 @@ def build_encoder(
     n_conditions: int = 0,
     seed: int = 0,
 ) -> keras.Model:
-    """Functional encoder: inputs ``image`` (and ``condition``), outputs ``[z_mean, z_log_var]``."""
+    """Functional encoder: inputs ``image`` (and ``condition``), outputs ``[z_mean, z_log_var]``.
+
+    Parameters
+    ----------
+    input_shape, conv_layers, n_dense_dim, n_latent_dim, dropout
+        As for :class:`CVAE`.
+    n_conditions
+        Width of the condition vector (0: no condition input).
+    seed
+        Seed of the initializers and dropout.
+
+    Returns
+    -------
+    keras.Model
+        The encoder.
+    """
     image = keras.Input(shape=input_shape, name="image")
     inputs = [image]
     x = image
@@ -190,7 +181,22 @@ def build_decoder(
     n_conditions: int = 0,
     seed: int = 0,
 ) -> keras.Model:
-    """Functional decoder: inputs ``z`` (and ``condition``), output the reconstruction *logits* (H, W, C)."""
+    """Functional decoder: inputs ``z`` (and ``condition``), output the reconstruction *logits* (H, W, C).
+
+    Parameters
+    ----------
+    input_shape, conv_layers, n_dense_dim, n_latent_dim, dropout
+        As for :class:`CVAE` (the decoder's dense layer has the bottleneck's size, not ``n_dense_dim``).
+    n_conditions
+        Width of the condition vector (0: no condition input).
+    seed
+        Seed of the initializers and dropout.
+
+    Returns
+    -------
+    keras.Model
+        The decoder.
+    """
     del n_dense_dim  # the decoder's dense layer has the bottleneck's size
     h, w, c = input_shape
     factor = 2 ** len(conv_layers)
@@ -242,6 +248,8 @@ class CVAE(keras.Model):
         Width of the condition vector (0 for a plain CVAE).
     seed
         Seed for the initializers, dropout and sampling noise.
+    **kwargs
+        Keras ``Model`` arguments (``name``, ``dtype``).
 
     """
 
@@ -282,7 +290,13 @@ class CVAE(keras.Model):
         return self.n_conditions > 0
 
     def build(self, input_shape: Any = None) -> None:
-        """Nothing to build: the encoder and decoder are built in ``__init__``."""
+        """Mark the model built (the encoder and decoder are built in ``__init__``).
+
+        Parameters
+        ----------
+        input_shape
+            Ignored.
+        """
         self.built = True
 
     def _split(self, inputs: Any) -> tuple[Any, Any]:
@@ -302,19 +316,60 @@ class CVAE(keras.Model):
         return image, condition
 
     def encode(self, inputs: Any, training: bool = False) -> tuple[Any, Any]:
-        """``(z_mean, z_log_var)`` of the inputs."""
+        """Encode inputs.
+
+        Parameters
+        ----------
+        inputs
+            An image batch, ``{"image", "condition"}`` or ``(image, condition)``.
+        training
+            Apply dropout.
+
+        Returns
+        -------
+        tuple
+            ``(z_mean, z_log_var)``.
+        """
         image, condition = self._split(inputs)
         enc_in = [ops.convert_to_tensor(image), ops.convert_to_tensor(condition)] if self.conditional else image
         z_mean, z_log_var = self.encoder(enc_in, training=training)
         return z_mean, z_log_var
 
     def decode(self, z: Any, condition: Any = None, training: bool = False) -> Any:
-        """Reconstruction (sigmoid of the decoder logits) of latents ``z``."""
+        """Decode latents.
+
+        Parameters
+        ----------
+        z
+            Latents (b, L).
+        condition
+            Condition vectors (a ``CondCVAE`` only).
+        training
+            Apply dropout.
+
+        Returns
+        -------
+        tensor
+            The reconstruction (sigmoid of the decoder logits), (b, H, W, C).
+        """
         dec_in = [ops.convert_to_tensor(z), ops.convert_to_tensor(condition)] if self.conditional else z
         return ops.sigmoid(self.decoder(dec_in, training=training))
 
     def call(self, inputs: Any, training: bool = False) -> dict[str, Any]:
-        """Encode, sample ``z`` and decode; returns reconstruction, logits, z_mean, z_log_var and z."""
+        """Encode, sample ``z`` and decode.
+
+        Parameters
+        ----------
+        inputs
+            As for :meth:`encode`.
+        training
+            Apply dropout.
+
+        Returns
+        -------
+        dict
+            ``reconstruction``, ``logits``, ``z_mean``, ``z_log_var`` and ``z``.
+        """
         image, condition = self._split(inputs)
         enc_in = [image, condition] if self.conditional else image
         z_mean, z_log_var = self.encoder(enc_in, training=training)
@@ -324,7 +379,23 @@ class CVAE(keras.Model):
         return {"reconstruction": ops.sigmoid(logits), "logits": logits, "z_mean": z_mean,
                 "z_log_var": z_log_var, "z": z}
 
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):  # noqa: D102
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """The loss of a batch (see the module docstring); updates the loss trackers.
+
+        Parameters
+        ----------
+        x
+            The inputs.
+        y, sample_weight, training
+            Unused (an autoencoder's target is its input).
+        y_pred
+            The output of :meth:`call`.
+
+        Returns
+        -------
+        tensor
+            ``reconstruction_loss + beta * kl_loss`` (float32).
+        """
         del y, sample_weight, training
         image, _ = self._split(x)
         image = ops.cast(image, "float32")
@@ -340,7 +411,13 @@ class CVAE(keras.Model):
         return reconstruction + self.beta * kl
 
     def get_config(self) -> dict[str, Any]:
-        """Return the constructor arguments (Keras saves the weights separately)."""
+        """The constructor arguments (Keras saves the weights separately).
+
+        Returns
+        -------
+        dict
+            Arguments of :class:`CVAE`.
+        """
         base = super().get_config()
         base = {k: v for k, v in base.items() if k in ("name", "trainable", "dtype")}
         return {
@@ -357,7 +434,18 @@ class CVAE(keras.Model):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> CVAE:
-        """Rebuild the model from :meth:`get_config`."""
+        """Rebuild the model from :meth:`get_config`.
+
+        Parameters
+        ----------
+        config
+            The configuration.
+
+        Returns
+        -------
+        CVAE
+            The model (untrained weights).
+        """
         return cls(**config)
 
 
@@ -366,7 +454,16 @@ class CondCVAE(CVAE):
     """Conditional CVAE: the condition vector joins the encoder's features and the latent.
 
     The condition is concatenated to the encoder's flattened convolution features and to ``z`` before
-    decoding. Same parameters as :class:`CVAE`; ``n_conditions`` must be >= 1.
+    decoding.
+
+    Parameters
+    ----------
+    input_shape, n_latent_dim, n_dense_dim
+        As for :class:`CVAE`.
+    n_conditions
+        Width of the condition vector (>= 1).
+    **kwargs
+        The other arguments of :class:`CVAE`.
     """
 
     def __init__(self, input_shape: Sequence[int], n_latent_dim: int, n_dense_dim: int, *,
@@ -388,7 +485,20 @@ def make_model(
     seed: int,
     name: str | None = None,
 ) -> CVAE:
-    """Build a :class:`CondCVAE` when ``n_conditions > 0``, else a :class:`CVAE`."""
+    """Build a :class:`CondCVAE` when ``n_conditions > 0``, else a :class:`CVAE`.
+
+    Parameters
+    ----------
+    input_shape, n_latent_dim, n_dense_dim, conv_layers, dropout, beta, n_conditions, seed
+        As for :class:`CVAE`.
+    name
+        Keras name of the model (default: the class's).
+
+    Returns
+    -------
+    CVAE
+        The untrained model.
+    """
     kwargs = dict(input_shape=input_shape, n_latent_dim=n_latent_dim, n_dense_dim=n_dense_dim,
                   conv_layers=conv_layers, dropout=dropout, beta=beta, seed=seed)
     if name is not None:
@@ -396,3 +506,26 @@ def make_model(
     if n_conditions:
         return CondCVAE(n_conditions=n_conditions, **kwargs)
     return CVAE(**kwargs)
+
+
+def summarize(model: CVAE, config: dict[str, Any] | None = None) -> str:
+    """A model's configuration and its encoder's and decoder's layer tables, as text.
+
+    Parameters
+    ----------
+    model
+        The model.
+    config
+        Its configuration (``model_config.json``); the dataset settings and condition encoding are left out.
+
+    Returns
+    -------
+    str
+        One line per setting, then the Keras summaries.
+    """
+    lines = [f"model: {type(model).__name__} {(config or {}).get('model_name', model.name)}"]
+    skip = {"dataset_settings", "conditions_encoder"}
+    lines += [f"  {key}: {value}" for key, value in (config or {}).items() if key not in skip]
+    for part in (model.encoder, model.decoder):
+        part.summary(print_fn=lambda s, line_break=True: lines.append(s))
+    return "\n".join(lines)

@@ -1,109 +1,151 @@
-"""Glue for running the workflow one partition at a time (used by the Dagster assets; no Dagster import).
+"""The workflow one partition at a time, for the Dagster assets (no Dagster import).
 
-The :class:`~phenocoder_lib.Phenocoder` facade keeps every patch dataset of a model in one folder
-(``data_dir``) and writes the model under ``<data_dir>/models/<model_name>/``. A pipeline that stores
-one dataset per sample and wants the model in a folder of its own uses :func:`train_on_datasets`:
-it links the chosen dataset folders into a private ``data_dir`` inside the output folder, runs
-``initialize_model`` and ``train`` there, and moves the model's files to the top of the output folder.
+Each stage is a function from files and settings to a typed result that carries what the asset
+records; the :class:`~phenocoder_lib.Phenocoder` facade and these functions both call the library
+functions that do the work (e.g. :func:`phenocoder_lib.training.train`).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._facade_model import MODEL_CONFIG_FILE, MODEL_FILE
 from .io import write_json_atomic
 
-__all__ = ["TrainedModel", "load_trained_model", "train_on_datasets"]
-
-_LINKS = ".datasets"
+__all__ = ["EncodedWell", "NORMALIZATION_FILE", "encode_well", "train_model"]
 
 
-@dataclass
-class TrainedModel:
-    """What :func:`train_on_datasets` produced."""
+# --- model chain ---
 
-    model: Any  #: the trained Keras model (best epoch)
-    config: dict[str, Any]  #: ``model_config.json`` (parameters, condition encoding, dataset settings)
-    history: dict[str, list[float]]  #: metrics per epoch
-    folder: Path  #: the output folder
+#: Beside the model: per training dataset, the patch geometry and normalization that encoding reproduces.
+NORMALIZATION_FILE = "normalization.json"
 
 
-def train_on_datasets(
+def train_model(
     dataset_dirs: Sequence[str | Path],
     out_dir: str | Path,
+    settings: Mapping[str, Any],
     *,
-    sdata: Any = None,
-    table_key: str,
-    sample_key: str,
-    image_key: str,
-    spatial_key: str = "spatial",
-    seed: int = 0,
-    model_kwargs: Mapping[str, Any],
-    train_kwargs: Mapping[str, Any],
-) -> TrainedModel:
-    """``initialize_model(**model_kwargs)`` then ``train(**train_kwargs)`` on the given patch datasets.
+    keys: Mapping[str, str],
+    obs: Any = None,
+    **train_kwargs: Any,
+) -> Any:
+    """Train a model on per-sample patch dataset folders and write its folder (``out_dir``, created).
 
     Parameters
     ----------
     dataset_dirs
-        Patch dataset folders (written by :func:`phenocoder_lib.patches.generate_dataset`); their
-        names are the dataset names (the ``dataset`` condition).
+        Patch dataset folders (:func:`phenocoder_lib.patches.generate_dataset`); their names are the
+        dataset names (the ``dataset`` condition) and must be distinct.
     out_dir
-        Output folder (created): ``model.keras``, ``model_config.json``, ``checkpoint.keras``,
-        ``history.json``/``.csv``, ``history.png``, ``reconstructions.png``, ``latent_space.png`` and
-        ``tensorboard/``. ``model_config['dir_dataset']`` is set to the datasets' common parent folder.
-    sdata
-        SpatialData whose table ``table_key`` holds ``.obs`` columns used as conditions (only needed for
-        conditions that are not columns of the patch index).
-    table_key, sample_key, image_key, spatial_key
-        Keys of the facade (where the table, the sample column, the images and coordinates are).
-    seed
-        Seed of the facade (split, order, weights, sampling noise).
-    model_kwargs, train_kwargs
-        Arguments of ``Phenocoder.initialize_model`` and ``Phenocoder.train``.
+        The model folder: ``model.keras``, ``model_config.json``, ``checkpoint.keras``, ``history.json``/``.csv``,
+        the previews, :data:`NORMALIZATION_FILE` and ``tensorboard/``.
+    settings
+        Fields of :class:`~phenocoder_lib.model_config.ModelSettings`.
+    keys
+        ``table_key``, ``sample_key``, ``image_key`` (and ``spatial_key``) of the source data.
+    obs
+        The training objects' ``.obs``, for conditions that are not columns of the patch index.
+    **train_kwargs
+        Arguments of :func:`phenocoder_lib.training.train` (``n_epochs``, ``on_epoch_end``, ...).
 
+    Returns
+    -------
+    phenocoder_lib.training.TrainedModel
+        The trained model, its configuration, history and folder.
     """
-    from .phenocoder import Phenocoder
+    from . import training
+    from .patches import PatchDataset
 
-    dirs = [Path(d).resolve() for d in dataset_dirs]
+    dirs = [Path(d) for d in dataset_dirs]
     if not dirs:
         raise ValueError("dataset_dirs is empty: pass at least one patch dataset folder.")
     names = [d.name for d in dirs]
     if len(set(names)) != len(names):
         raise ValueError(f"dataset folders must have distinct names (they are the dataset names), got {names}.")
     out_dir = Path(out_dir)
-    links = out_dir / _LINKS
-    links.mkdir(parents=True, exist_ok=False)
-    try:
-        for d in dirs:
-            (links / d.name).symlink_to(d, target_is_directory=True)
-        pheno = Phenocoder(sdata=sdata, table_key=table_key, sample_key=sample_key, image_key=image_key,
-                           spatial_key=spatial_key, seed=seed, data_dir=links, datasets=names)
-        pheno.initialize_model(**dict(model_kwargs))
-        history = pheno.train(**dict(train_kwargs))
-        for item in Path(pheno.model_dir).iterdir():
-            os.replace(item, out_dir / item.name)
-        if pheno.dir_tensorboard is not None and Path(pheno.dir_tensorboard).exists():
-            os.replace(pheno.dir_tensorboard, out_dir / "tensorboard")
-    finally:
-        shutil.rmtree(links, ignore_errors=True)
-    config = dict(pheno.model_config)
-    parents = {str(d.parent) for d in dirs}
-    config["dir_dataset"] = parents.pop() if len(parents) == 1 else ""
-    write_json_atomic(out_dir / MODEL_CONFIG_FILE, config)
-    return TrainedModel(model=pheno.model, config=config, history=history, folder=out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trained = training.train([PatchDataset.open(d) for d in dirs], out_dir, settings, keys=keys, obs=obs,
+                             log_dir=out_dir / "tensorboard", **train_kwargs)
+    write_json_atomic(out_dir / NORMALIZATION_FILE, {
+        name: {k: ds[k] for k in ("patch_size", "channels", "spatial_key_index", "normalization")}
+        for name, ds in trained.config["dataset_settings"].items()})
+    return trained
 
 
-def load_trained_model(folder: str | Path) -> tuple[Any, dict[str, Any]]:
-    """(Keras model, ``model_config``) of a folder written by :func:`train_on_datasets` (or ``train``)."""
-    from .phenocoder import Phenocoder
+@dataclass
+class EncodedWell:
+    """The latents of one well and the checks on them.
 
-    pheno = Phenocoder()
-    model = pheno.load_model(Path(folder) / MODEL_FILE)
-    return model, pheno.model_config
+    Parameters
+    ----------
+    table
+        The ``phenocoder`` table of the well (:func:`phenocoder_lib.encoding.encode_table`).
+    n_expected
+        Objects of the well's source table.
+    missing
+        Those without a latent (sorted names; expected empty).
+    n_non_finite
+        NaN or infinite latent values (expected 0).
+    pcs
+        (n, 2) coordinates of the latents on their first two principal axes, for a preview (``None``
+        below two objects).
+    """
+
+    table: Any
+    n_expected: int
+    missing: list[str]
+    n_non_finite: int
+    pcs: Any = None
+
+
+def encode_well(
+    trained: Any,
+    sdata: Any,
+    sample: str,
+    *,
+    keys: Mapping[str, str],
+    spatial_key: str = "spatial",
+    batch_size: int = 512,
+    spatial_message_passing_radius: float | None = None,
+    data_dir: str | Path | None = None,
+) -> EncodedWell:
+    """Encode the objects of one well with a trained model and check the result.
+
+    Parameters
+    ----------
+    trained
+        A :class:`~phenocoder_lib.training.TrainedModel` (e.g. :func:`phenocoder_lib.training.load_model`).
+    sdata
+        SpatialData holding the well's table and images.
+    sample
+        The well (a value of the sample column).
+    keys
+        ``table_key``, ``sample_key`` and ``image_key`` of ``sdata``.
+    spatial_key, batch_size, spatial_message_passing_radius
+        See :func:`phenocoder_lib.encoding.encode_table`.
+    data_dir
+        Folder of the training patch datasets (their stored patches are reused when they match).
+
+    Returns
+    -------
+    EncodedWell
+        The table, the objects without a latent, the count of non-finite values and the preview's PCs.
+    """
+    import numpy as np
+
+    from .encoding import encode_table
+    from .plotting import principal_components
+
+    out = encode_table(trained.model, sdata, model_config=trained.config, table_key=keys["table_key"],
+                       sample_key=keys["sample_key"], image_key=keys["image_key"], spatial_key=spatial_key,
+                       batch_size=batch_size, spatial_message_passing_radius=spatial_message_passing_radius,
+                       data_dir=data_dir, samples=[sample])
+    x = np.asarray(out.X)
+    expected = set(sdata.tables[keys["table_key"]].obs_names.astype(str))
+    missing = sorted(expected - set(out.obs_names.astype(str)))
+    pcs = principal_components(x) if out.n_obs >= 2 else None
+    return EncodedWell(table=out, n_expected=len(expected), missing=missing,
+                       n_non_finite=int((~np.isfinite(x)).sum()), pcs=pcs)

@@ -1,5 +1,8 @@
 """Figures rendered to PNG files (matplotlib, Agg backend): reconstructions, latent space, training curves.
 
+:func:`training_previews` draws the three of a trained model (and logs them to TensorBoard);
+:func:`principal_components` is the PCA of the latent previews.
+
 Every function takes the data it draws and a path, creates its own figure, saves it and closes it
 (no global pyplot state is left behind, and nothing is shown on screen).
 """
@@ -17,7 +20,8 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["embed_2d", "plot_history", "plot_latent_space", "plot_reconstructions"]
+__all__ = ["embed_2d", "plot_history", "plot_latent_space", "plot_reconstructions", "principal_components",
+           "training_previews"]
 
 #: Below this many points the latent plot uses PCA (UMAP needs a neighbourhood and compiles slowly).
 UMAP_MIN_POINTS = 200
@@ -53,7 +57,21 @@ def plot_reconstructions(
 ) -> Path:
     """Montage per channel of ``[input | reconstruction]`` pairs, both on the model's [0, 1] scale.
 
-    ``inputs`` and ``reconstructions`` are (n, h, w, c); one panel per channel.
+    Parameters
+    ----------
+    inputs, reconstructions
+        (n, h, w, c) patches and their reconstructions; one panel per channel.
+    path
+        The PNG file.
+    channels
+        Channel names for the panel titles (default: their numbers).
+    title
+        Figure title (the patch count is appended).
+
+    Returns
+    -------
+    Path
+        ``path``.
     """
     n, h, w, c = inputs.shape
     if n == 0:
@@ -95,7 +113,19 @@ def plot_reconstructions(
 def embed_2d(latents: np.ndarray, *, seed: int = 0, method: str = "auto") -> tuple[np.ndarray, str]:
     """2-D coordinates of ``latents`` for plotting: UMAP for ``UMAP_MIN_POINTS`` points or more, else PCA.
 
-    Returns (coordinates (n, 2), the method used).
+    Parameters
+    ----------
+    latents
+        (n, L) values.
+    seed
+        UMAP's random state.
+    method
+        ``"auto"``, ``"umap"`` or ``"pca"`` (PCA with component signs fixed, so the figure is reproducible).
+
+    Returns
+    -------
+    tuple
+        ``(coordinates (n, 2), the method used)``.
     """
     x = np.asarray(latents, np.float64)
     n = len(x)
@@ -136,6 +166,24 @@ def plot_latent_space(
 
     Numeric columns are coloured on a continuous scale in numeric order (colour bar); other columns by
     category (legend up to ``max_legend`` categories).
+
+    Parameters
+    ----------
+    coords
+        (n, 2) coordinates (:func:`embed_2d`).
+    colors
+        Panel title -> one value per point.
+    path
+        The PNG file.
+    method
+        The embedding's name, for the axis labels.
+    max_legend
+        Most categories listed in a legend.
+
+    Returns
+    -------
+    Path
+        ``path``.
     """
     import matplotlib
 
@@ -174,7 +222,20 @@ def plot_latent_space(
 
 
 def plot_history(history: Mapping[str, Sequence[float]], path: str | Path) -> Path:
-    """Training curves: loss, reconstruction and KL (train and validation) and the learning rate."""
+    """Training curves: loss, reconstruction and KL (train and validation) and the learning rate.
+
+    Parameters
+    ----------
+    history
+        Metrics per epoch (``training.fit``'s history).
+    path
+        The PNG file.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
     keys = ["loss", "reconstruction_loss", "kl_loss", "learning_rate"]
     fig, axes = _figure((13.0, 3.0), 1, len(keys))
     epochs = np.asarray(history.get("epoch", range(1, len(history.get("loss", [])) + 1)))
@@ -190,3 +251,95 @@ def plot_history(history: Mapping[str, Sequence[float]], path: str | Path) -> Pa
         ax.set_xlabel("epoch", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def principal_components(x: np.ndarray, n_components: int = 2) -> np.ndarray:
+    """Coordinates of the rows of ``x`` on its first principal axes (the axes fitted on the finite rows).
+
+    Parameters
+    ----------
+    x
+        (n, d) values, e.g. latents.
+    n_components
+        Axes kept; zero columns pad the result when ``x`` has fewer.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, n_components) coordinates (rows with a NaN give NaN).
+    """
+    x = np.asarray(x, np.float64)
+    centred = x - x.mean(axis=0)
+    finite = centred[np.isfinite(centred).all(axis=1)]
+    if len(finite) == 0 or x.shape[1] == 0:
+        return np.zeros((len(x), n_components))
+    _, _, vt = np.linalg.svd(finite, full_matrices=False)
+    comps = centred @ vt[:n_components].T
+    if comps.shape[1] < n_components:
+        comps = np.hstack([comps, np.zeros((len(x), n_components - comps.shape[1]))])
+    return comps
+
+
+def training_previews(run: Any, *, obs: pd.DataFrame | None = None, n_preview: int = 300,
+                      plot_frac: float = 0.001) -> list[Path]:
+    """Draw a trained model's previews into its folder and, with a log folder, into TensorBoard.
+
+    ``history.png`` (training curves), ``reconstructions.png`` (``n_preview`` seeded validation patches and
+    their reconstructions from ``z_mean``) and ``latent_space.png`` (``z_mean`` of a seeded ``plot_frac``
+    share of the training patches, at least one batch; UMAP, or PCA below :data:`UMAP_MIN_POINTS`),
+    coloured by sample and by each condition.
+
+    Parameters
+    ----------
+    run
+        A :class:`~phenocoder_lib.training.TrainedModel` with its batches and history.
+    obs
+        The source table's ``.obs``, for conditions that are not columns of the patch index.
+    n_preview
+        Validation patches shown.
+    plot_frac
+        Share of the training patches whose latents are drawn.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+    """
+    from .conditions import condition_frame
+    from .training import predict_z_mean, reconstruct
+
+    train, val = run.batches
+    data, config, folder = train.data, run.config, Path(run.folder)
+    seed = config["seed"]
+    written = [plot_history(run.history, folder / "history.png")]
+    rng = np.random.default_rng([seed, 11])
+    show = np.sort(rng.choice(val.positions, size=min(n_preview, len(val.positions)), replace=False))
+    inputs, recon = reconstruct(run.model, data, show)
+    written.append(plot_reconstructions(
+        inputs, recon, folder / "reconstructions.png",
+        channels=config["dataset_settings"][config["datasets"][0]]["channels"],
+        title="validation patches: input | reconstruction from z_mean"))
+    n_latent = min(len(train.positions), max(int(np.ceil(plot_frac * len(train.positions))), train.batch_size))
+    pick = np.sort(rng.choice(train.positions, size=n_latent, replace=False))
+    coords, method = embed_2d(predict_z_mean(run.model, data, pick), seed=seed)
+    colors: dict[str, Any] = {"sample": data.index["sample"].to_numpy()[pick]}
+    if config["conditions"]:
+        frame = condition_frame(config["conditions"], index=data.index.iloc[pick],
+                                sample_key=config["keys"]["sample_key"], obs=obs)
+        colors.update({col: frame[col].to_numpy() for col in config["conditions"]})
+    written.append(plot_latent_space(coords, colors, folder / "latent_space.png", method=method))
+    if run.log_dir is not None:
+        _images_to_tensorboard(written[1:], Path(run.log_dir) / "previews")
+    return written
+
+
+def _images_to_tensorboard(pngs: Sequence[Path], log_dir: Path) -> None:
+    """The PNG previews as TensorBoard images (step 0), so they sit beside the training curves."""
+    import tensorflow as tf
+    from matplotlib.image import imread
+
+    writer = tf.summary.create_file_writer(str(log_dir))
+    with writer.as_default():
+        for png in pngs:
+            tf.summary.image(png.stem, imread(png)[..., :3][None], step=0)
+    writer.close()

@@ -38,29 +38,26 @@ Callbacks (:func:`fit`)
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import numpy as np
+import pandas as pd
 
-import json  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections import OrderedDict  # noqa: E402
-from collections.abc import Callable, Mapping, Sequence  # noqa: E402
-from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Literal  # noqa: E402
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from . import patches as P  # noqa: E402
-from ._grouping import group_rows  # noqa: E402
-from .io import write_json_atomic, write_text_atomic  # noqa: E402
+from . import patches as P
+from ._backend import keras
+from ._grouping import group_rows
+from .io import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +66,17 @@ __all__ = [
     "configure_tensorflow",
     "PatchData",
     "PatchSequence",
+    "TrainedModel",
     "check_datasets",
     "TFPatchBatches",
     "batch_plan",
     "fit",
+    "load_model",
     "load_patch_data",
     "make_batches",
+    "prepare",
     "split_train_val",
+    "train",
 ]
 
 #: Default memory budget: raw patches up to this size are held in RAM during training; larger sets are
@@ -962,17 +963,44 @@ def fit(
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     resume_from: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Compile (Adam) and fit ``model``; returns the history dict and the best epoch.
-
-    ``resume_from`` (a :func:`checkpoint_state` whose weights ``model`` already holds) continues an
-    interrupted training: epochs are numbered on from the checkpoint's epoch up to ``n_epochs`` in all,
-    the history is kept, the learning rate is the one of the checkpoint's epoch and the checkpoint is only
-    replaced by a better epoch. Adam's moments and the plateau/early-stopping counters start afresh.
+    """Compile (Adam) and fit ``model`` with early stopping, checkpoints and a metrics history.
 
     Writes ``model_dir/checkpoint.keras`` (best so far), ``history.json``/``history.csv`` (every
     epoch) and TensorBoard event files under ``log_dir``. The best weights are restored at the end.
-    ``on_epoch_end(epoch, metrics)`` is called after every epoch (1-based) with that epoch's row of the
-    history (losses, validation losses, learning rate, timings), e.g. to log metrics while training runs.
+
+    Parameters
+    ----------
+    model
+        The model (:func:`phenocoder_lib.models.make_model`).
+    train, val
+        Training and validation batches (:func:`make_batches`).
+    model_dir
+        Folder of the checkpoint and the history (created).
+    log_dir
+        TensorBoard folder (``None``: no event files).
+    n_epochs
+        Epochs in all (>= 1).
+    learning_rate, min_learning_rate, factor_learning_rate, learning_rate_patience
+        Adam's learning rate and ``ReduceLROnPlateau(val_loss)``.
+    early_stopping_patience
+        ``EarlyStopping(val_loss, restore_best_weights=True)``.
+    seed
+        Seed of Keras's random state (dropout, sampling noise) for the run.
+    verbose
+        Keras's progress output.
+    on_epoch_end
+        Called after every epoch (1-based) with that epoch's row of the history (losses, validation
+        losses, learning rate, timings), e.g. to log metrics while training runs.
+    resume_from
+        A :func:`checkpoint_state` whose weights ``model`` already holds: epochs are numbered on from the
+        checkpoint's epoch up to ``n_epochs`` in all, the history is kept, the learning rate is the one of
+        the checkpoint's epoch and the checkpoint is only replaced by a better epoch (Adam's moments and
+        the plateau/early-stopping counters start afresh).
+
+    Returns
+    -------
+    dict
+        ``history`` (metrics per epoch), ``best_epoch`` (1-based) and ``seconds``.
     """
     for name, value in (("n_epochs", n_epochs), ("learning_rate_patience", learning_rate_patience),
                         ("early_stopping_patience", early_stopping_patience)):
@@ -1046,3 +1074,274 @@ def reconstruct(model: keras.Model, data: PatchData, positions: np.ndarray, batc
         xs.append(x)
         rs.append(np.asarray(keras.ops.convert_to_numpy(r), np.float32))
     return np.concatenate(xs), np.concatenate(rs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Train: settings and datasets in, a model folder out (the one entry of the facade and the pipeline)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainedModel:
+    """A model with its configuration, its folder and its training state.
+
+    Made by :func:`prepare` (untrained), :func:`train` and :func:`load_model`.
+
+    Parameters
+    ----------
+    model
+        The Keras model (:class:`~phenocoder_lib.models.CVAE` or ``CondCVAE``).
+    config
+        Its ``model_config.json`` (:mod:`phenocoder_lib.model_config`).
+    folder
+        The model folder.
+    log_dir
+        The TensorBoard folder (``None``: no event files).
+    conditions
+        The :class:`~phenocoder_lib.conditions.ConditionEncoder` of a conditional model, else ``None``.
+    history
+        Metrics per epoch (``None`` before training).
+    batches
+        ``(train, validation)`` batches, kept between :func:`prepare` and :func:`train`; ``None`` after
+        :func:`load_model` (rebuilt from the datasets when training continues).
+
+    """
+
+    model: Any
+    config: dict[str, Any]
+    folder: Path
+    log_dir: Path | None = None
+    conditions: Any = None
+    history: dict[str, list[float]] | None = None
+    batches: tuple[Any, Any] | None = None
+
+
+def _training_batches(datasets: Sequence[P.PatchDataset], config: dict[str, Any],
+                      obs: pd.DataFrame | None) -> tuple[Any, Any]:
+    """Training/validation batches as ``config`` prescribes; records the split sizes in ``config``."""
+    from .conditions import ConditionEncoder, condition_frame
+
+    index = training_index(datasets)
+    cond_array = None
+    if config["conditions"]:
+        enc = ConditionEncoder.from_dict(config["conditions_encoder"])
+        frame = condition_frame(config["conditions"], index=index, sample_key=config["keys"]["sample_key"], obs=obs)
+        cond_array, _ = enc.transform(frame, warn=False)
+    train_pos, val_pos = split_train_val(index, validation_fraction=config["validation_fraction"],
+                                         seed=config["seed"], split_by=config["split_by"])
+    data = load_patch_data(datasets, conditions=cond_array,
+                           memory_budget_bytes=config.get("memory_budget_bytes", DEFAULT_MEMORY_BUDGET))
+    batches = (make_batches(data, train_pos, batch_size=config["batch_size"], shuffle=config["shuffle"],
+                            flip=config["flip"], seed=config["seed"], workers=config["n_workers"]),
+               make_batches(data, val_pos, batch_size=config["batch_size"], seed=config["seed"],
+                            workers=config["n_workers"]))
+    config["split"] = {"n_train": int(len(train_pos)), "n_val": int(len(val_pos)), "by": config["split_by"]}
+    return batches
+
+
+def prepare(
+    datasets: Sequence[P.PatchDataset],
+    out_dir: str | Path,
+    settings: Any,
+    *,
+    keys: Mapping[str, str] | None = None,
+    obs: pd.DataFrame | None = None,
+    log_dir: str | Path | None = None,
+    name_folders: bool = False,
+) -> TrainedModel:
+    """Build an untrained model and its batches from settings and patch datasets; write its config.
+
+    Parameters
+    ----------
+    datasets
+        The training patch datasets (the same settings and normalization, matching ``input_shape``).
+    out_dir
+        The model folder (created); ``model_config.json`` is written there.
+    settings
+        A :class:`~phenocoder_lib.model_config.ModelSettings` (or a mapping of its fields).
+    keys
+        ``table_key``, ``sample_key``, ``image_key``, ``spatial_key`` of the source data (defaults from
+        :mod:`phenocoder_lib.keys` for those not given).
+    obs
+        The source table's ``.obs``, for conditions that are not columns of the patch index.
+    log_dir
+        TensorBoard folder (``None``: no event files).
+    name_folders
+        Put the model in ``out_dir/<model_name>`` and the logs in ``log_dir/<model_name>``.
+
+    Returns
+    -------
+    TrainedModel
+        The untrained model (``history`` is ``None``) with its batches.
+    """
+    from . import keys as K
+    from . import models as M
+    from .conditions import ConditionEncoder
+    from .model_config import MODEL_CONFIG_FILE, ModelSettings, build_model_config
+
+    if not isinstance(settings, ModelSettings):
+        settings = ModelSettings(**dict(settings))
+    datasets = list(datasets)
+    ref = check_datasets(datasets, settings.input_shape)
+    keys = {"table_key": K.DEFAULT_TABLE_KEY, "sample_key": K.DEFAULT_SAMPLE_KEY, "image_key": K.DEFAULT_IMAGE_KEY,
+            "spatial_key": K.SPATIAL_KEY, **(keys or {})}
+    config = build_model_config(settings, datasets, index=training_index(datasets), keys=keys, obs=obs)
+    name = config["model_name"]
+    folder = Path(out_dir) / name if name_folders else Path(out_dir)
+    logs = None if log_dir is None else (Path(log_dir) / name if name_folders else Path(log_dir))
+    keras.utils.set_random_seed(settings.seed)
+    model = M.make_model(input_shape=settings.input_shape, n_latent_dim=int(settings.n_latent_dim),
+                         n_dense_dim=int(settings.n_dense_dim), conv_layers=settings.conv_layers,
+                         dropout=settings.dropout, beta=float(settings.beta), n_conditions=config["conditions_dim"],
+                         seed=settings.seed)
+    batches = _training_batches(datasets, config, obs)
+    write_json_atomic(folder / MODEL_CONFIG_FILE, config)
+    logger.info("initialized %s %s: %d training / %d validation patches, input %s, patch normalization %s",
+                config["model_class"], name, config["split"]["n_train"], config["split"]["n_val"],
+                settings.input_shape, {k: ref["normalization"][k] for k in _NORM_KEYS})
+    enc = ConditionEncoder.from_dict(config["conditions_encoder"]) if config["conditions_encoder"] else None
+    return TrainedModel(model=model, config=config, folder=folder, log_dir=logs, conditions=enc, batches=batches)
+
+
+def train(
+    datasets: Sequence[P.PatchDataset],
+    out_dir: str | Path,
+    config: Any,
+    *,
+    keys: Mapping[str, str] | None = None,
+    obs: pd.DataFrame | None = None,
+    log_dir: str | Path | None = None,
+    start: TrainedModel | None = None,
+    n_epochs: int = 100,
+    learning_rate: float = 1e-3,
+    min_learning_rate: float = 1e-4,
+    factor_learning_rate: float = 0.2,
+    learning_rate_patience: int = 3,
+    early_stopping_patience: int = 5,
+    plot: bool = True,
+    n_preview: int = 300,
+    plot_frac: float = 0.001,
+    verbose: int | str = "auto",
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    resume: bool = False,
+) -> TrainedModel:
+    """Train a model on patch datasets and write its folder (model, config, history, checkpoint, previews).
+
+    Builds the model with :func:`prepare` (unless ``start`` is given), fits it with :func:`fit`, saves
+    ``model.keras`` (best weights), adds the training parameters and best epoch to ``model_config.json``
+    and, with ``plot``, draws ``history.png``, ``reconstructions.png`` and ``latent_space.png``
+    (:func:`phenocoder_lib.plotting.training_previews`).
+
+    Parameters
+    ----------
+    datasets
+        The training patch datasets.
+    out_dir
+        The model folder (ignored when ``start`` is given: its folder is used).
+    config
+        A :class:`~phenocoder_lib.model_config.ModelSettings` (or a mapping of its fields); ignored when
+        ``start`` is given.
+    keys, obs, log_dir
+        As for :func:`prepare`.
+    start
+        A model to train further: from :func:`prepare`, or :func:`load_model` (its batches are rebuilt from
+        ``datasets`` with the same split).
+    n_epochs
+        Epochs in all (with ``resume``, the interrupted ones included).
+    learning_rate, min_learning_rate, factor_learning_rate, learning_rate_patience, early_stopping_patience
+        Adam's learning rate, ``ReduceLROnPlateau(val_loss)`` and ``EarlyStopping(val_loss)`` settings.
+    plot
+        Draw the previews.
+    n_preview
+        Validation patches shown in ``reconstructions.png``.
+    plot_frac
+        Share of the training patches (at least one batch) whose latents ``latent_space.png`` shows.
+    verbose
+        Keras's progress output.
+    on_epoch_end
+        Called after every epoch (1-based) with that epoch's metrics.
+    resume
+        Continue an interrupted training from the best checkpoint of the model folder (weights, epoch,
+        history, learning rate).
+
+    Returns
+    -------
+    TrainedModel
+        The trained model, its configuration, folder and ``history``.
+    """
+    from . import plotting
+    from .model_config import CHECKPOINT_FILE, MODEL_CONFIG_FILE, MODEL_FILE
+
+    if not 0 < float(plot_frac) <= 1:
+        raise ValueError(f"plot_frac={plot_frac!r} must be in (0, 1].")
+    if isinstance(n_preview, bool) or not isinstance(n_preview, (int, np.integer)) or n_preview < 1:
+        raise ValueError(f"n_preview={n_preview!r} must be a positive int.")
+    datasets = list(datasets)
+    run = start if start is not None else prepare(datasets, out_dir, config, keys=keys, obs=obs, log_dir=log_dir)
+    if run.batches is None:
+        run.batches = _training_batches(datasets, run.config, obs)
+    resume_from = None
+    if resume:
+        resume_from = checkpoint_state(run.folder, CHECKPOINT_FILE)
+        saved = keras.saving.load_model(resume_from["path"], safe_mode=True, compile=False)
+        run.model.set_weights(saved.get_weights())
+        logger.info("resuming %s from epoch %d (val_loss %.4g)", run.config["model_name"], resume_from["epoch"],
+                    resume_from["val_loss"])
+    elif run.log_dir is not None and Path(run.log_dir).exists():
+        import shutil
+
+        shutil.rmtree(run.log_dir)
+    result = fit(run.model, *run.batches, model_dir=run.folder, log_dir=run.log_dir, n_epochs=n_epochs,
+                 learning_rate=learning_rate, min_learning_rate=min_learning_rate,
+                 factor_learning_rate=factor_learning_rate, learning_rate_patience=learning_rate_patience,
+                 early_stopping_patience=early_stopping_patience, seed=run.config["seed"], verbose=verbose,
+                 on_epoch_end=on_epoch_end, resume_from=resume_from)
+    save_model_atomic(run.model, Path(run.folder) / MODEL_FILE)
+    run.history = result["history"]
+    run.config["training"] = {
+        "n_epochs": int(n_epochs), "learning_rate": float(learning_rate),
+        "min_learning_rate": float(min_learning_rate), "factor_learning_rate": float(factor_learning_rate),
+        "learning_rate_patience": int(learning_rate_patience),
+        "early_stopping_patience": int(early_stopping_patience),
+        "epochs_run": len(run.history.get("loss", [])), "best_epoch": result["best_epoch"],
+        "seconds": round(result["seconds"], 3),
+    }
+    write_json_atomic(Path(run.folder) / MODEL_CONFIG_FILE, run.config)
+    if plot:
+        plotting.training_previews(run, obs=obs, n_preview=int(n_preview), plot_frac=float(plot_frac))
+    return run
+
+
+def load_model(path: str | Path) -> TrainedModel:
+    """Load a trained model, its configuration (older schemas migrated) and its history from its folder.
+
+    Parameters
+    ----------
+    path
+        The model folder, its ``model_config.json`` or a ``.keras`` file inside it (e.g. the
+        ``checkpoint.keras`` of an interrupted run).
+
+    Returns
+    -------
+    TrainedModel
+        Without batches and TensorBoard folder.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError, TypeError
+        A missing file, a damaged or too new ``model_config.json``, a ``.keras`` file that is not a CVAE.
+    """
+    from . import models as M
+    from .conditions import ConditionEncoder
+    from .model_config import MODEL_CONFIG_FILE, model_folder_files, read_model_config
+
+    folder, keras_path = model_folder_files(path)
+    config = read_model_config(folder / MODEL_CONFIG_FILE)
+    model = keras.saving.load_model(keras_path, safe_mode=True, compile=False)
+    if not isinstance(model, M.CVAE):
+        raise TypeError(f"{str(keras_path)!r} holds a {type(model).__name__}, not a Phenocoder CVAE.")
+    history_path = folder / "history.json"
+    history = json.loads(history_path.read_text()) if history_path.exists() else None
+    enc = ConditionEncoder.from_dict(config["conditions_encoder"]) if config.get("conditions_encoder") else None
+    logger.info("loaded %s from %s", config["model_class"], keras_path)
+    return TrainedModel(model=model, config=config, folder=folder, conditions=enc, history=history)

@@ -27,7 +27,7 @@ RANKS = {
     "io": 0, "keys": 0, "warnings": 0, "validation": 0, "_lazy": 0, "_grouping": 0, "_backend": 0,
     "synthetic": 1, "ingest": 1,
     "patches": 2,
-    "models": 3, "training": 3, "plotting": 3,
+    "models": 3, "training": 3, "plotting": 3, "model_config": 3, "conditions": 3,
     "encoding": 4,
     "clustering": 5,
     "spatial": 6,

@@ -1,4 +1,8 @@
-"""Bodies of the ``model`` and ``latents`` assets (TensorFlow and MLflow are imported here only)."""
+"""MLflow and Dagster glue of the ``model`` and ``latents`` assets: tracking, records, metadata.
+
+The work itself is the library's (:func:`phenocoder_lib.pipeline.train_model`,
+:func:`phenocoder_lib.pipeline.encode_well`); TensorFlow and MLflow are imported inside the functions.
+"""
 
 from __future__ import annotations
 
@@ -19,25 +23,26 @@ from ._common import (
     array_digest,
     check_known_samples,
     digest,
-    logical_version,
     number,
     preview_metadata,
     read_version,
-    settings_of,
     write_png,
     write_version,
 )
 
 MODEL_FILE = "model.keras"
 MODEL_CONFIG_FILE = "model_config.json"
+NORMALIZATION_FILE = "normalization.json"  # = phenocoder_lib.pipeline.NORMALIZATION_FILE (no TensorFlow import here)
+#: Checks of the ``latents`` asset.
+CHECK_EVERY_OBJECT = "every_object_has_a_latent"
+CHECK_FINITE = "latents_finite"
 
 
-#: History keys logged to MLflow under another name (the brief's metric names).
+#: History keys logged to MLflow under another name.
 METRIC_NAMES = {"learning_rate": "lr"}
 #: Metrics per epoch that are logged (when present in the history).
 EPOCH_METRICS = ("loss", "reconstruction_loss", "kl_loss", "val_loss", "val_reconstruction_loss", "val_kl_loss",
                  "learning_rate", "epoch_seconds", "train_patches_per_s")
-NORMALIZATION_FILE = "normalization.json"
 #: Pictures the library writes next to the model, shown on the model page (metadata key -> file).
 PICTURES = {"reconstructions": "reconstructions.png", "latent_space": "latent_space.png", "curves": "history.png"}
 PICTURE_TITLES = {"reconstructions": "validation patches: input | reconstruction",
@@ -60,17 +65,16 @@ def code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
-def _training_sdata(storage: PhenocoderStorage, samples: list[str], table_key: str, conditions: list[str]) -> Any:
-    """Build a SpatialData of the training samples' object tables when a condition needs ``.obs`` (else None)."""
-    index_columns = {"dataset", "sample", "z", "y", "x"}
-    if not set(conditions) - index_columns:
+def _training_obs(storage: PhenocoderStorage, samples: list[str], table_key: str, conditions: list[str]) -> Any:
+    """The ``.obs`` of the training samples' object tables when a condition needs one (else None)."""
+    if not set(conditions) - {"dataset", "sample", "z", "y", "x"}:
         return None
     import anndata as ad
     import spatialdata
 
     tables = [spatialdata.read_zarr(storage.local_path("sdata", s) / SDATA_FILE,
                                     selection=("tables",)).tables[table_key] for s in samples]
-    return spatialdata.SpatialData(tables={table_key: ad.concat(tables, merge="first")})
+    return ad.concat(tables, merge="first").obs
 
 
 def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage: PhenocoderStorage,
@@ -81,7 +85,7 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
 
     from phenocoder_lib.io import write_json_atomic
     from phenocoder_lib.patches import SETTINGS_FILE
-    from phenocoder_lib.pipeline import train_on_datasets
+    from phenocoder_lib.pipeline import train_model
 
     from ..previews import png_markdown
 
@@ -97,7 +101,7 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
     settings = read_json(dataset_dirs[0] / SETTINGS_FILE)
     input_shape = [*settings["patch_size"], len(settings["channels"])]
     keys = read_json(storage.local_path("sdata", samples[0]) / SUMMARY)
-    sdata = _training_sdata(storage, samples, keys["table_key"], list(config.conditions))
+    obs = _training_obs(storage, samples, keys["table_key"], list(config.conditions))
     # Asset jobs that the UI builds on the fly ("Materialize") have internal names such as __ASSET_JOB.
     job = context.job_name if context.job_name and not context.job_name.startswith("__") else "materialize"
     tags = {"dagster.run_id": context.run.run_id, "dagster.job": job, "dagster.asset": "model",
@@ -123,17 +127,10 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
             mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, tuple, dict)) or v is None else v
                                for k, v in params.items()})
             with timer.phase("train"):
-                trained = train_on_datasets(
-                    dataset_dirs, out, sdata=sdata, table_key=keys["table_key"], sample_key=keys["sample_key"],
-                    image_key=keys["image_key"], seed=config.seed, model_kwargs=config.model_kwargs(input_shape),
-                    train_kwargs={**config.train_kwargs(), "verbose": 0, "on_epoch_end": _log_epoch},
-                )
+                trained = train_model(
+                    dataset_dirs, out, config.model_kwargs(input_shape), obs=obs, verbose=0, on_epoch_end=_log_epoch,
+                    keys={k: keys[k] for k in ("table_key", "sample_key", "image_key")}, **config.train_kwargs())
             history = trained.history
-            # the settings that encoding must reproduce, per training dataset (also inside model_config.json)
-            write_json_atomic(out / NORMALIZATION_FILE, {
-                name: {"patch_size": ds["patch_size"], "channels": ds["channels"],
-                       "spatial_key_index": ds["spatial_key_index"], "normalization": ds["normalization"]}
-                for name, ds in trained.config["dataset_settings"].items()})
             n_epochs_run = len(history.get("loss", []))
             with timer.phase("log"):
                 for artifact in ARTIFACTS:
@@ -198,11 +195,11 @@ def train_and_track(context: AssetExecutionContext, config: ModelConfig, storage
     return MaterializeResult(data_version=data_version, metadata=metadata)
 
 
-_MODEL_CACHE: dict[tuple[str, int], tuple[Any, dict[str, Any], dict[str, Any], Path]] = {}
+_MODEL_CACHE: dict[tuple[str, int], tuple[Any, dict[str, Any]]] = {}
 
 
-def load_current_model(storage: PhenocoderStorage) -> tuple[Any, dict[str, Any], dict[str, Any], Path]:
-    """(keras model, model_config, model_info, folder) of the materialized ``model`` asset.
+def load_current_model(storage: PhenocoderStorage) -> tuple[Any, dict[str, Any]]:
+    """(:class:`~phenocoder_lib.training.TrainedModel`, model record) of the materialized ``model`` asset.
 
     Kept for the life of the process, keyed by the model record's modification time: the wells of a
     plate run load the model once, and a retrained model (a new record) is loaded again.
@@ -210,60 +207,37 @@ def load_current_model(storage: PhenocoderStorage) -> tuple[Any, dict[str, Any],
     folder = storage.local_path("model")
     key = (str(folder), (folder / MODEL_INFO).stat().st_mtime_ns)
     if key not in _MODEL_CACHE:
-        from phenocoder_lib.pipeline import load_trained_model  # imports TensorFlow
+        from phenocoder_lib.training import load_model  # imports TensorFlow
 
         info = read_json(folder / MODEL_INFO)
-        keras_model, config = load_trained_model(folder)
+        trained = load_model(folder / MODEL_FILE)
         _MODEL_CACHE.clear()
-        _MODEL_CACHE[key] = (keras_model, config, info, folder)
+        _MODEL_CACHE[key] = (trained, info)
     return _MODEL_CACHE[key]
 
 
-def encode_sample(context: AssetExecutionContext, config: LatentsConfig,
-                  storage: PhenocoderStorage, sample: str) -> MaterializeResult:
-    """Body of the ``latents`` asset: :func:`phenocoder_lib.encoding.encode_table` for one sample."""
-    import numpy as np
+def read_well(storage: PhenocoderStorage, sample: str) -> tuple[Any, dict[str, Any]]:
+    """The well's SpatialData and its keys (``table_key``, ``sample_key``, ``image_key``) from ``sdata``."""
     import spatialdata
 
-    from phenocoder_lib.encoding import encode_table
+    src = storage.local_path("sdata", sample)
+    return spatialdata.read_zarr(src / SDATA_FILE), read_json(src / SUMMARY)
+
+
+def latents_result(context: AssetExecutionContext, config: LatentsConfig, storage: PhenocoderStorage, sample: str,
+                   encoded: Any, info: dict[str, Any], version: str, inputs: dict[str, str],
+                   timer: Timer, keys: dict[str, Any]) -> MaterializeResult:
+    """Write the well's latents (h5ad, summary, preview, version) and return the materialization."""
     from phenocoder_lib.io import write_json_atomic
 
     from ..previews import scatter, two_columns
-    from .latents import CHECK_EVERY_OBJECT, CHECK_FINITE, CODE_VERSION, COSMETIC
 
-    # what this partition is computed from: the well, its patch dataset (normalization anchors) and the model
-    inputs = {"sdata": read_version(storage, "sdata", sample), "patches": read_version(storage, "patches", sample),
-              "model": read_version(storage, "model")}
-    version = logical_version(CODE_VERSION, settings_of(config, COSMETIC), inputs)
-    timer = Timer()
-    with timer.phase("load_model"):
-        keras_model, model_config, info, _ = load_current_model(storage)
     tag = model_tag(info)
-    src = storage.local_path("sdata", sample)
-    ingest = read_json(src / SUMMARY)
-    sd = spatialdata.read_zarr(src / SDATA_FILE)
-    table = sd.tables[ingest["table_key"]]
-    data_dir = Path(storage.root_url) / "patches" if storage.is_local else None  # training datasets
-    with timer.phase("encode"):
-        out = encode_table(
-            keras_model, sd, model_config=model_config, table_key=ingest["table_key"],
-            sample_key=ingest["sample_key"], image_key=ingest["image_key"], spatial_key=config.spatial_key,
-            batch_size=config.batch_size, spatial_message_passing_radius=config.spatial_message_passing_radius,
-            data_dir=data_dir, samples=[sample],
-        )
-    out.uns["phenocoder_latents"] = {"model": tag, "sample_key": ingest["sample_key"],
-                                     "table_key": ingest["table_key"], "run_id": context.run.run_id}
-    x = np.asarray(out.X)
-    finite = bool(np.isfinite(x).all())
-    expected = set(table.obs_names.astype(str))
-    have = set(out.obs_names.astype(str))
-    missing = sorted(expected - have)
-    png = None
-    if out.n_obs >= 2:
-        centred = x - x.mean(axis=0)
-        _, _, vt = np.linalg.svd(centred[np.isfinite(centred).all(axis=1)], full_matrices=False)
-        png = scatter(two_columns(centred @ vt[:2].T), None, title=f"{sample}: latents (PC1, PC2), model {tag}",
-                      xlabel="PC1", ylabel="PC2", size=5)
+    out = encoded.table
+    out.uns["phenocoder_latents"] = {"model": tag, "sample_key": keys["sample_key"], "table_key": keys["table_key"],
+                                     "run_id": context.run.run_id}
+    png = None if encoded.pcs is None else scatter(two_columns(encoded.pcs), None, xlabel="PC1", ylabel="PC2",
+                                                  title=f"{sample}: latents (PC1, PC2), model {tag}", size=5)
     with storage.stage("latents", sample) as folder:
         folder.mkdir()
         out.write_h5ad(folder / LATENTS_FILE)
@@ -290,10 +264,10 @@ def encode_sample(context: AssetExecutionContext, config: LatentsConfig,
             **preview_metadata(png, f"{sample}: latents", final),
         },
         check_results=[
-            AssetCheckResult(check_name=CHECK_EVERY_OBJECT, passed=not missing,
-                             metadata={"n_objects": len(expected), "n_latents": int(out.n_obs),
-                                       "n_missing": len(missing)}),
-            AssetCheckResult(check_name=CHECK_FINITE, passed=finite,
-                             metadata={"n_non_finite": int((~np.isfinite(x)).sum())}),
+            AssetCheckResult(check_name=CHECK_EVERY_OBJECT, passed=not encoded.missing,
+                             metadata={"n_objects": encoded.n_expected, "n_latents": int(out.n_obs),
+                                       "n_missing": len(encoded.missing)}),
+            AssetCheckResult(check_name=CHECK_FINITE, passed=encoded.n_non_finite == 0,
+                             metadata={"n_non_finite": encoded.n_non_finite}),
         ],
     )

@@ -320,3 +320,28 @@ def _run_items(items, coords, codes, values, config, *, n_jobs: int, progress: b
     finally:
         bar.close()
     return results
+
+
+def check_stats_arguments(table: Any, *, sample_key: str, cluster_key: str, spatial_key: str, radii: Any,
+                          stats: Any, chull_min_nds: int, chull_min_degree: int, max_clusters: int) -> None:
+    """The argument checks of :func:`compute_spatial_stats` that need no computation, on their own.
+
+    A caller that keeps an earlier result runs them first, so an argument error leaves that result alone.
+
+    Parameters
+    ----------
+    table, sample_key, cluster_key, spatial_key, radii, stats, chull_min_nds, chull_min_degree, max_clusters
+        As for :func:`compute_spatial_stats`.
+
+    Returns
+    -------
+    None
+        Raises ``KeyError``/``ValueError``/``TypeError`` naming the argument.
+    """
+    check_obs_column(table.obs, sample_key, argument="sample_key")
+    cats = check_categorical(table.obs, cluster_key, argument="cluster_key")
+    coords = check_obsm(table, spatial_key, argument="spatial_key", n_cols=(2, 3))
+    normalize_stats(stats)
+    check_max_clusters(len(cats.categories), max_clusters, cluster_key=cluster_key, n_radii=len(normalize_radii(radii)),
+                       n_samples=int(table.obs[sample_key].nunique()))
+    validate_hull_params(chull_min_nds, chull_min_degree, coords.shape[1])

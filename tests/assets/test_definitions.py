@@ -93,11 +93,11 @@ def test_every_asset_takes_a_config_with_the_library_parameters():
     # the model's arguments are exactly the facade's
     import inspect
 
-    from phenocoder_lib._facade_model import ModelMixin
+    from phenocoder_lib import Phenocoder
 
-    init = set(inspect.signature(ModelMixin.initialize_model).parameters) - {"self"}
+    init = set(inspect.signature(Phenocoder.initialize_model).parameters) - {"self"}
     # verbose, the on_epoch_end callback and resume (continue a killed training) are runtime choices, not settings
-    train = set(inspect.signature(ModelMixin.train).parameters) - {"self", "verbose", "on_epoch_end", "resume"}
+    train = set(inspect.signature(Phenocoder.train).parameters) - {"self", "verbose", "on_epoch_end", "resume"}
     config = configs.ModelConfig()
     assert set(config.model_kwargs([32, 32, 4])) == init
     assert set(config.train_kwargs()) == train

@@ -18,10 +18,10 @@ import pandas as pd
 import pytest
 
 from phenocoder_lib import Phenocoder
-from phenocoder_lib._facade_model import ModelSchemaWarning
 from phenocoder_lib.encoding import UnseenConditionWarning
 from phenocoder_lib.ingest import read_plate
 from phenocoder_lib.models import check_architecture
+from phenocoder_lib.warnings import ModelSchemaWarning
 
 PATCH = 16
 ARCH = dict(input_shape=(PATCH, PATCH, 2), conv_layers=(8, 16), batch_size=16)

@@ -65,14 +65,10 @@ def test_pooled_leiden_is_seeded_and_transfer_keeps_labels(tmp_path):
     assert (population_of[np.asarray(moved.astype(str))].to_numpy() == new_truth).all()
     assert np.median(conf) > 0.5
     # the facade writes the column and can transfer onto another table
-    from phenocoder_lib._facade_spatial import SpatialMixin
+    from phenocoder_lib import Phenocoder
 
-    class Host(SpatialMixin):
-        pass
-
-    host = Host()
+    host = Phenocoder(table_key="t", sample_key="sample", seed=3)
     host.sdata = SimpleNamespace(tables={"t": adata.copy(), "new": new.copy()})
-    host.table_key, host.sample_key, host.seed, host.adata = "t", "sample", 3, None
     ref2 = host.cluster(n_pcs=3, n_neighbors=10, resolution=0.3)
     assert list(host.sdata.tables["t"].obs["leiden"]) == list(labels)
     host.cluster("new", reference=tmp_path / "r.npz")

@@ -171,3 +171,24 @@ def test_keras_file_round_trip_with_safe_mode(tmp_path, n_conditions):
     b = keras.ops.convert_to_numpy(loaded.encode(x)[0])
     np.testing.assert_array_equal(a, b)
     assert loaded.n_conditions == n_conditions and loaded.beta == 0.5 and loaded.dropout == 0.25
+
+
+def test_another_keras_backend_is_refused_with_the_fix():
+    import subprocess
+    import sys
+
+    code = "import phenocoder_lib.training"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, "KERAS_BACKEND": "jax"})
+    assert out.returncode != 0
+    assert "KERAS_BACKEND='jax'" in out.stderr and "Unset KERAS_BACKEND" in out.stderr
+
+
+def test_pipeline_train_model_refuses_no_datasets_or_clashing_names(tmp_path):
+    from phenocoder_lib.pipeline import train_model
+
+    with pytest.raises(ValueError, match="dataset_dirs is empty"):
+        train_model([], tmp_path / "m", {}, keys={})
+    with pytest.raises(ValueError, match=r"distinct names .*\['d', 'd'\]"):
+        train_model([tmp_path / "a" / "d", tmp_path / "b" / "d"], tmp_path / "m", {}, keys={})
+    assert not (tmp_path / "m").exists()  # nothing written before the arguments are checked

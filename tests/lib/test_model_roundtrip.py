@@ -20,7 +20,8 @@ ARCH = dict(input_shape=(PATCH, PATCH, 4), conv_layers=(8, 16), batch_size=32)
 
 
 def test_importing_the_package_does_not_import_tensorflow():
-    code = ("import sys, phenocoder_lib, phenocoder_lib.phenocoder, phenocoder_lib._facade_model, "
+    code = ("import sys, phenocoder_lib, phenocoder_lib.phenocoder, phenocoder_lib.model_config, "
+            "phenocoder_lib.conditions, "
             "phenocoder_lib.encoding, phenocoder_lib.plotting; "
             "print(sorted(m for m in ('tensorflow', 'keras', 'matplotlib.pyplot') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

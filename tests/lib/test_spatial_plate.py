@@ -9,13 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from phenocoder_lib._facade_spatial import SpatialMixin
+from phenocoder_lib import Phenocoder
 from phenocoder_lib.spatial import EmbeddingWarning, SpatialStatsWarning
 
 
-class Host(SpatialMixin):
-    def __init__(self, sdata, table_key="nuclei_features", sample_key="sample", seed=0):
-        self.sdata, self.table_key, self.sample_key, self.seed, self.adata = sdata, table_key, sample_key, seed, None
+def Host(sdata, table_key='nuclei_features', sample_key="sample", seed=0):
+    """The facade with a stand-in ``sdata`` (only ``tables`` is read by the spatial methods)."""
+    host = Phenocoder(table_key=table_key, sample_key=sample_key, seed=seed)
+    host.sdata = sdata
+    return host
 
 
 def _truth_labels(root, table):

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from phenocoder_lib._facade_spatial import SpatialMixin
+from phenocoder_lib import Phenocoder
 from phenocoder_lib.spatial import SpatialStatsWarning
 from phenocoder_lib.spatial.driver import compute_spatial_stats
 from phenocoder_lib.spatial.stats import is_feature_column, sample_spatial_stats
@@ -22,9 +22,11 @@ except ImportError:
     from spatial_fixtures import make_table
 
 
-class Host(SpatialMixin):
-    def __init__(self, sdata, table_key="t", sample_key="sample", seed=0):
-        self.sdata, self.table_key, self.sample_key, self.seed, self.adata = sdata, table_key, sample_key, seed, None
+def Host(sdata, table_key='t', sample_key="sample", seed=0):
+    """The facade with a stand-in ``sdata`` (only ``tables`` is read by the spatial methods)."""
+    host = Phenocoder(table_key=table_key, sample_key=sample_key, seed=seed)
+    host.sdata = sdata
+    return host
 
 
 def _quiet(fn, *args, **kwargs):
@@ -92,6 +94,14 @@ def test_nothing_computable_raises_and_clears_stale_result():
     with pytest.raises(ValueError, match="unknown entries"):  # argument errors leave state alone
         host.spatialgraph_stats(stats=["nope"], progress=False)
     assert host.adata == "kept"
+
+
+def test_verbose_is_deprecated_and_names_the_replacement():
+    table = make_table(300, seed=4)
+    host = Host(SimpleNamespace(tables={"t": table}))
+    with pytest.warns(FutureWarning, match="set_verbose_logging"):
+        _quiet(host.spatialgraph_stats, radii=(25,), stats=["interactions"], progress=False, verbose=True)
+    assert host.adata is not None and host.adata.n_obs == table.obs["sample"].nunique()
 
 
 def test_facade_errors_name_the_argument():

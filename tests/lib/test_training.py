@@ -382,10 +382,9 @@ def test_metadata_per_object_is_compact(dataset):
 
 
 def test_the_facade_uses_the_default_budget(plate, tmp_path, monkeypatch):
-    from phenocoder_lib import Phenocoder
-    from phenocoder_lib import _facade_model as F
+    from phenocoder_lib import Phenocoder, model_config
 
-    assert T.DEFAULT_MEMORY_BUDGET == F._DEFAULT_MEMORY_BUDGET == 2**30
+    assert T.DEFAULT_MEMORY_BUDGET == model_config.DEFAULT_MEMORY_BUDGET == 2**30
     assert inspect.signature(Phenocoder.initialize_model).parameters["memory_budget_bytes"].default == 2**30
     budgets = []
     load = T.load_patch_data
