@@ -1,12 +1,12 @@
 """The workflow guide's stateful API: each step calls patches, training, encoding, clustering, spatial or embedding."""
 
-import inspect
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from . import patches as _patches
+from ._docs import delegates_to
 from .keys import DEFAULT_IMAGE_KEY, DEFAULT_SAMPLE_KEY, DEFAULT_TABLE_KEY, PHENOCODER_TABLE, SPATIAL_KEY
 from .model_config import DEFAULT_MEMORY_BUDGET, ModelSettings, _positive_int, check_same_as_training
 from .validation import check_key, require
@@ -21,29 +21,6 @@ _STATE = ("sdata", "adata", "model", "model_dir", "model_config", "model_name", 
 def _args(scope: dict[str, Any], *leave_out: str) -> dict[str, Any]:
     """A method's arguments (its ``locals()`` at the top) without ``self`` and ``leave_out``."""
     return {k: v for k, v in scope.items() if k not in ("self", *leave_out)}
-
-
-def _delegates_to(target: str, returns: str) -> Callable:
-    """Complete a method's docstring with numpydoc sections: its parameters are those of ``target``.
-
-    Parameters
-    ----------
-    target
-        Dotted name of the library function (or class) that documents the parameters.
-    returns
-        Type of the returned value.
-
-    Returns
-    -------
-    Callable
-        The decorator.
-    """
-    def decorate(method: Callable) -> Callable:
-        names = ", ".join(name for name in inspect.signature(method).parameters if name != "self")
-        method.__doc__ = (f"{inspect.cleandoc(method.__doc__)}\n\nParameters\n----------\n{names}\n    See "
-                          f":obj:`{target}`.\n\nReturns\n-------\n{returns}\n")
-        return method
-    return decorate
 
 
 class Phenocoder:
@@ -104,7 +81,7 @@ class Phenocoder:
     def _keys(self, *leave_out: str) -> dict[str, Any]:
         return {k: getattr(self, k) for k in _KEYS if k not in leave_out}
 
-    @_delegates_to("phenocoder_lib.patches.generate_dataset", "PatchDataset")
+    @delegates_to("phenocoder_lib.patches.generate_dataset")
     def generate_dataset(self, dataset: str, dir_dataset: str | Path, patch_size: int | Sequence[int] = (128, 128),
                          spatial_key_index: str | None = None, scale: bool = True,
                          metadata_keys: Sequence[str] | None = None, scale_percentile: float = 1.0,
@@ -138,7 +115,8 @@ class Phenocoder:
                 "No patch dataset yet: call pheno.generate_dataset(...) first.")
         return [_patches.PatchDataset.open(Path(self.data_dir) / name) for name in self.datasets]
 
-    @_delegates_to("phenocoder_lib.model_config.ModelSettings", "keras.Model")
+    @delegates_to("phenocoder_lib.model_config.ModelSettings",
+                  "keras.Model\n    The built (untrained) model, also ``self.model``.")
     def initialize_model(self, n_latent_dim: int, n_dense_dim: int, conditions: Sequence[str] | None,
                          dropout: float | None = 0.25, batch_size: int = 64, n_workers: int = 1,
                          input_shape: Sequence[int] = (128, 128, 4), conv_layers: Sequence[int] = (8, 16, 32, 64, 128),
@@ -197,7 +175,8 @@ class Phenocoder:
         print(text := summarize(self.model, self.model_config))
         return text
 
-    @_delegates_to("phenocoder_lib.training.train", "dict")
+    @delegates_to("phenocoder_lib.training.train", "dict of str to list of float\n    The history: one value per "
+                  "epoch of each loss and metric, also ``self.history``.")
     def train(self, n_epochs: int = 100, learning_rate: float = 1e-3, min_learning_rate: float = 1e-4,
               factor_learning_rate: float = 0.2, learning_rate_patience: int = 3, early_stopping_patience: int = 5,
               plot: bool = True, n_preview: int = 300, plot_frac: float = 0.001, *, verbose: int | str = "auto",
@@ -211,7 +190,7 @@ class Phenocoder:
         self._adopt(training.train(self.open_datasets(), self.model_dir, None, obs=self._obs(), start=start, **args))
         return self.history
 
-    @_delegates_to("phenocoder_lib.encoding.encode_table", "anndata.AnnData")
+    @delegates_to("phenocoder_lib.encoding.encode_table")
     def encode(self, batch_size: int = 512, scale: bool | None = None, spatial_key_index: str | None = None,
                scale_percentile: float | None = None, scale_per_sample: bool | None = None,
                spatial_message_passing_radius: float | None = None, *, samples: Sequence[str] | None = None,
@@ -233,7 +212,8 @@ class Phenocoder:
         self.sdata.tables[table_name] = table
         return table
 
-    @_delegates_to("phenocoder_lib.clustering.cluster_features", "ClusterReference")
+    @delegates_to("phenocoder_lib.clustering.cluster_features", "ClusterReference\n    The reference that labels "
+                  "later tables consistently (the one given, when ``reference`` is set).")
     def cluster(self, table_key: str | None = None, *, key_added: str = "leiden", use_rep: str | None = None,
                 layer: str | None = None, scale: bool = True, n_pcs: int = 50, n_neighbors: int = 15,
                 resolution: float = 1.0, reference: Any = None, transfer_k: int | None = None) -> Any:
@@ -253,7 +233,7 @@ class Phenocoder:
         table.obs[key_added], table.obs[f"{key_added}_confidence"] = transfer_labels(ref, table, k=transfer_k)
         return ref
 
-    @_delegates_to("phenocoder_lib.spatial.driver.compute_spatial_stats", "anndata.AnnData")
+    @delegates_to("phenocoder_lib.spatial.driver.compute_spatial_stats")
     def spatialgraph_stats(self, cluster_key: str = "leiden", spatial_key: str = "spatial",
                            radii: float | Sequence[float] = (25, 50), table_key: str | None = None,
                            stats: str | Iterable[str] | None = None, *, chull_min_nds: int = 10,
@@ -280,7 +260,7 @@ class Phenocoder:
         self.adata = compute_spatial_stats(table, **args, sample_key=self.sample_key, seed=self.seed)
         return self.adata
 
-    @_delegates_to("phenocoder_lib.embedding.spatialgraph_embedding", "anndata.AnnData")
+    @delegates_to("phenocoder_lib.embedding.spatialgraph_embedding")
     def spatialgraph_embedding(self, n_dim: int, scale: bool = True, variable_features: bool | int = False,
                                batch_correction: bool = False, batch_key: str | None = None,
                                confounder_key: str | Sequence[str] | None = None, n_neighbors: int = 15,
