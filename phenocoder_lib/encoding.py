@@ -684,7 +684,7 @@ def encode_table(
     for key, value in source.obsm.items():
         out.obsm[key] = np.array(value, copy=True) if isinstance(value, np.ndarray) else value.copy()
     if spatial_message_passing_radius is not None:
-        from .spatial.message_passing import spatial_message_passing
+        from .message_passing import spatial_message_passing
 
         out.layers[MESSAGE_PASSING_LAYER] = spatial_message_passing(
             np.asarray(out.obsm[spatial_key]), latents, float(spatial_message_passing_radius),
