@@ -385,12 +385,12 @@ def check_bool(value: Any, *, argument: str) -> bool:
 
 
 def check_int(value: Any, *, argument: str, minimum: int | None = None, fix: str = "") -> int:
-    """Check that ``value`` is a whole number (not a bool, not ``2.5``), at least ``minimum``.
+    """Check that ``value`` is an int (numpy integers included; not a bool, not ``2.5`` or ``3.0``).
 
     Parameters
     ----------
     value
-        The value passed; ints, numpy integers and integral floats (``3.0``) are accepted.
+        The value passed.
     argument
         Name of the argument.
     minimum
@@ -408,19 +408,15 @@ def check_int(value: Any, *, argument: str, minimum: int | None = None, fix: str
     TypeError
         When it is not a number (or is a bool).
     ValueError
-        When it has a fractional part, is not finite or is below ``minimum``.
+        When it is a float, or below ``minimum``.
 
     """
     bound = "" if minimum is None else f" >= {minimum}"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real):
         raise TypeError(f"{argument}={value!r} must be an int{bound}, found {type(value).__name__}.{_hint(fix)}")
-    if not isinstance(value, Integral) and not (np.isfinite(value) and float(value).is_integer()):
-        raise ValueError(f"{argument}={value!r} must be a whole number{bound}, e.g. {max(1, minimum or 1)}."
-                         f"{_hint(fix)}")
-    number = int(value)
-    if minimum is not None and number < minimum:
+    if not isinstance(value, Integral) or (minimum is not None and value < minimum):
         raise ValueError(f"{argument}={value!r} must be an int{bound}.{_hint(fix)}")
-    return number
+    return int(value)
 
 
 def check_positive(value: Any, *, argument: str, allow_zero: bool = False, unit: str = "") -> float:

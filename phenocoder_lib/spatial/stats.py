@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..validation import check_categorical, check_obsm, check_subset, require
+from ..validation import check_categorical, check_int, check_obsm, check_subset, require
 from ..warnings import SpatialStatsWarning  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -604,8 +604,8 @@ def _config_and_values(adata, categories, *, radii, stats, layer, chull_min_nds,
     stats_t = normalize_stats(stats)
     radii_t = normalize_radii(radii)
     validate_hull_params(chull_min_nds, chull_min_degree, n_dims)
-    if int(n_clustering_samples) < 2:
-        raise ValueError(f"n_clustering_samples={n_clustering_samples!r} must be >= 2 (standard error needs 2).")
+    check_int(n_clustering_samples, argument="n_clustering_samples", minimum=2,
+              fix="The standard error of a sampled clustering coefficient needs 2 nodes.")
     values = None
     var_names: tuple[str, ...] = ()
     if "moran_features" in stats_t:

@@ -106,7 +106,7 @@ def test_batch_correction_variable_features_and_skipped_rows():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"n_dim": 2.5}, ValueError, r"n_dim=2\.5 must be a whole number >= 1"),
+        ({"n_dim": 2.5}, ValueError, r"n_dim=2\.5 must be an int >= 1\. Pass the number"),
         ({"n_dim": 0}, ValueError, r"n_dim=0 must be an int >= 1"),
         ({"n_dim": "3"}, TypeError, r"n_dim='3' must be an int >= 1, found str"),
         ({"n_neighbors": 1}, ValueError, r"n_neighbors=1 must be an int >= 2"),
