@@ -42,7 +42,7 @@ import pandas as pd
 
 from ._grouping import group_rows
 from .keys import INSTANCE_KEY, LATENT_PREFIX, MESSAGE_PASSING_LAYER, REGION_KEY
-from .validation import check_key, check_no_missing, check_obsm, check_unique_obs_names
+from .validation import check_int, check_key, check_no_missing, check_obsm, check_positive, check_unique_obs_names
 from .warnings import UnseenConditionWarning
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ _KEEP_RAW_BYTES = 512 * 2**20
 class ConditionEncoder:
     """Encode condition columns as one vector per object (JSON-serializable, no pickles).
 
-    Attributes
+    Parameters
     ----------
     columns
         Condition column names, in order.
@@ -94,12 +94,35 @@ class ConditionEncoder:
     ) -> ConditionEncoder:
         """Learn categories / ranges of ``columns`` from ``frame`` (the training objects).
 
-        ``continuous`` names the continuous columns; default: ``z`` and every float column.
+        Parameters
+        ----------
+        frame
+            One row per training object, with the condition columns.
+        columns
+            Condition column names, in order.
+        continuous
+            The continuous columns; default: ``z`` and every float column.
+
+        Returns
+        -------
+        ConditionEncoder
+            The fitted encoding.
+
+        Raises
+        ------
+        KeyError
+            When a column is not in ``frame``.
+        TypeError
+            When a continuous column is not numeric.
+        ValueError
+            When a continuous column has NaN or infinite values.
+
         """
         enc = cls(columns=list(columns))
         for col in enc.columns:
-            if col not in frame.columns:
-                raise KeyError(f"condition {col!r} is not a column of the training index.")
+            check_key(frame.columns, col, argument="conditions", what="column of the training index",
+                      fix="Add it to the table's .obs and keep it in the datasets: "
+                          "generate_dataset(metadata_keys=...).")
             values = frame[col]
             is_cont = (col in continuous) if continuous is not None else (
                 col in DEFAULT_CONTINUOUS or pd.api.types.is_float_dtype(values.dtype))
@@ -136,10 +159,31 @@ class ConditionEncoder:
         return names
 
     def transform(self, frame: pd.DataFrame, *, where: str = "", warn: bool = True) -> tuple[np.ndarray, dict]:
-        """Condition vectors (n, width) float32 for the rows of ``frame``, and a report of unseen values.
+        """Return the condition vectors of the rows of ``frame``, and a report of unseen values.
 
-        The report maps column -> ``{"unseen": {value: count}}`` (categorical) or
-        ``{"clipped": count, "range": [min, max]}`` (continuous) for the columns that had any.
+        Parameters
+        ----------
+        frame
+            One row per object, with every condition column.
+        where
+            Text appended to messages, e.g. ``" of sample 'A01'"``.
+        warn
+            Emit an :class:`UnseenConditionWarning` when the report is not empty.
+
+        Returns
+        -------
+        (vectors, report)
+            ``(n, width)`` float32 vectors; the report maps column -> ``{"unseen": {value: count}}``
+            (categorical) or ``{"clipped": count, "range": [min, max]}`` (continuous) for the
+            columns that had any.
+
+        Raises
+        ------
+        KeyError
+            When a condition column is missing from ``frame``.
+        ValueError
+            When a continuous column has missing or non-numeric values.
+
         """
         n = len(frame)
         out = np.zeros((n, self.width), np.float32)
@@ -181,23 +225,61 @@ class ConditionEncoder:
         return out, report
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-compatible dict (stored in ``model_config.json``)."""
+        """Return the encoding as a JSON-compatible dict (stored in ``model_config.json``).
+
+        Returns
+        -------
+        dict
+            ``columns``, ``kinds``, ``categories`` and ``ranges``.
+
+        """
         return {"columns": self.columns, "kinds": self.kinds, "categories": self.categories, "ranges": self.ranges}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ConditionEncoder:
-        """Inverse of :meth:`to_dict`."""
+        """Rebuild an encoding from :meth:`to_dict`'s output.
+
+        Parameters
+        ----------
+        data
+            The dict.
+
+        Returns
+        -------
+        ConditionEncoder
+            The encoding.
+
+        """
         return cls(columns=list(data["columns"]), kinds=dict(data["kinds"]),
                    categories={k: list(v) for k, v in data["categories"].items()},
                    ranges={k: list(v) for k, v in data["ranges"].items()})
 
     def to_json(self) -> str:
-        """:meth:`to_dict` as a JSON string."""
+        """Return :meth:`to_dict` as a JSON string.
+
+        Returns
+        -------
+        str
+            JSON with sorted keys.
+
+        """
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ConditionEncoder:
-        """Inverse of :meth:`to_json`."""
+        """Rebuild an encoding from :meth:`to_json`'s output.
+
+        Parameters
+        ----------
+        text
+            The JSON string.
+
+        Returns
+        -------
+        ConditionEncoder
+            The encoding.
+
+        """
         return cls.from_dict(json.loads(text))
 
 
@@ -222,8 +304,30 @@ def condition_frame(
 
     A column is taken from the index (``dataset``, ``sample``, ``z``, ``y``, ``x`` and the dataset's
     ``metadata_keys``); ``sample_key`` means the index's ``sample``; any other column is looked up in
-    ``obs`` (the source table's ``.obs``) by ``obs_name``. Raises a ``KeyError`` that names the fix when
-    a column is found nowhere.
+    ``obs`` (the source table's ``.obs``) by ``obs_name``.
+
+    Parameters
+    ----------
+    columns
+        Condition column names.
+    index
+        The patch index of a dataset (one row per patch, with ``sample`` and ``obs_name``).
+    sample_key
+        The table's sample column (it means the index's ``sample``).
+    obs
+        The source table's ``.obs``, for the other columns.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per index row, one column per condition.
+
+    Raises
+    ------
+    KeyError
+        When a column is found nowhere (the message names the fix), or patches are not objects of
+        ``obs``.
+
     """
     out = pd.DataFrame(index=index.index)
     for col in columns:
@@ -490,8 +594,10 @@ def encode_sample(
 
     Returns
     -------
-    dict with ``rows`` (positions in the table), ``latents`` ((n, L) float32, ``z_mean``), ``padded``
-    ((n,) bool), ``anchors``, ``anchor_source``, ``patch_source`` and ``conditions_report``.
+    dict
+        ``rows`` (positions in the table), ``latents`` ((n, L) float32, ``z_mean``), ``padded``
+        ((n,) bool), ``anchors``, ``anchor_source``, ``patch_source``, ``dataset`` and
+        ``conditions_report``.
 
     """
     from . import patches as P
@@ -611,17 +717,56 @@ def encode_table(
 ) -> Any:
     """Encode every object of ``sdata.tables[table_key]`` (or of ``samples``) into a new table.
 
-    Returns an AnnData parsed with ``spatialdata.models.TableModel`` (keeping the source table's
-    region/instance link) with one row per object, in the source table's order:
+    Parameters
+    ----------
+    model
+        A trained :class:`~phenocoder_lib.models.CVAE` / ``CondCVAE``.
+    sdata
+        SpatialData with the table and the images ``f"{image_key}_{sample}"``.
+    model_config
+        The model's configuration (``model_config.json``): dataset settings and condition encoding.
+    table_key
+        The per-object table.
+    sample_key
+        Its sample column (no missing values).
+    image_key
+        Prefix of the image names.
+    spatial_key
+        ``.obsm`` key of the coordinates for message passing.
+    batch_size
+        Patches per forward pass (a positive int); bounds memory.
+    spatial_message_passing_radius
+        When given (>= 0, units of ``.obsm[spatial_key]``), also compute the message-passed layer.
+    data_dir
+        Folder of the training datasets; stored patches are read from there when they cover a sample.
+    samples
+        Encode only these samples (default: all).
+    use_store
+        Set False to always cut patches from the images.
+    progress
+        Show a progress bar.
 
-    - ``.X``: ``z_mean`` latents, float32, variables ``phc_latent_1 ... phc_latent_L``;
-    - ``.obs``: the source ``.obs`` plus ``phc_padded`` (the patch crossed the image border and was
-      padded); ``.obsm``: the source ``.obsm``;
-    - ``.layers['spatial_message_passing']`` when ``spatial_message_passing_radius`` is given: the mean
-      latent over each object and its neighbours within the radius (inclusive, units of
-      ``.obsm[spatial_key]``), per sample;
-    - ``.uns['phenocoder']``: model name, version, dataset settings, and per sample the patch source,
-      the anchors used and any unseen condition values.
+    Returns
+    -------
+    anndata.AnnData
+        Parsed with ``spatialdata.models.TableModel`` (keeping the source table's region/instance
+        link), one row per object in the source table's order:
+
+        - ``.X``: ``z_mean`` latents, float32, variables ``phc_latent_1 ... phc_latent_L``;
+        - ``.obs``: the source ``.obs`` plus ``phc_padded`` (the patch crossed the image border and
+          was padded); ``.obsm``: the source ``.obsm``;
+        - ``.layers['spatial_message_passing']`` when ``spatial_message_passing_radius`` is given: the
+          mean latent over each object and its neighbours within the radius (inclusive), per sample;
+        - ``.uns['phenocoder']``: model name, version, dataset settings, and per sample the patch
+          source, the anchors used and any unseen condition values.
+
+    Raises
+    ------
+    KeyError
+        For an unknown table, sample column or sample.
+    ValueError
+        For invalid arguments, duplicate object names or objects without a sample.
+
     """
     import anndata as ad
     from spatialdata.models import TableModel
@@ -634,12 +779,9 @@ def encode_table(
     check_no_missing(table.obs, sample_key, argument="sample_key")
     if spatial_message_passing_radius is not None:
         check_obsm(table, spatial_key, argument="spatial_key")
-        r = float(spatial_message_passing_radius)
-        if not np.isfinite(r) or r < 0:
-            raise ValueError(f"spatial_message_passing_radius={spatial_message_passing_radius!r} must be >= 0 "
-                             f"(units of .obsm[{spatial_key!r}]).")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive int.")
+        check_positive(spatial_message_passing_radius, argument="spatial_message_passing_radius", allow_zero=True,
+                       unit=f"units of .obsm[{spatial_key!r}]")
+    check_int(batch_size, argument="batch_size", minimum=1, expected="a positive int")
     cond_enc = None
     if model_config.get("conditions_encoder"):
         cond_enc = ConditionEncoder.from_dict(model_config["conditions_encoder"])

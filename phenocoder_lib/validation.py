@@ -384,7 +384,7 @@ def check_bool(value: Any, *, argument: str) -> bool:
     return bool(value)
 
 
-def check_int(value: Any, *, argument: str, minimum: int | None = None, fix: str = "") -> int:
+def check_int(value: Any, *, argument: str, minimum: int | None = None, expected: str = "", fix: str = "") -> int:
     """Check that ``value`` is an int (numpy integers included; not a bool, not ``2.5`` or ``3.0``).
 
     Parameters
@@ -395,6 +395,9 @@ def check_int(value: Any, *, argument: str, minimum: int | None = None, fix: str
         Name of the argument.
     minimum
         Smallest allowed value, or ``None``.
+    expected
+        What is allowed, in words, when ``"an int >= <minimum>"`` does not say it well
+        (e.g. ``"a positive int"``).
     fix
         Sentence appended to the message that says how to fix it.
 
@@ -411,11 +414,11 @@ def check_int(value: Any, *, argument: str, minimum: int | None = None, fix: str
         When it is a float, or below ``minimum``.
 
     """
-    bound = "" if minimum is None else f" >= {minimum}"
+    expected = expected or ("an int" if minimum is None else f"an int >= {minimum}")
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real):
-        raise TypeError(f"{argument}={value!r} must be an int{bound}, found {type(value).__name__}.{_hint(fix)}")
+        raise TypeError(f"{argument}={value!r} must be {expected}, found {type(value).__name__}.{_hint(fix)}")
     if not isinstance(value, Integral) or (minimum is not None and value < minimum):
-        raise ValueError(f"{argument}={value!r} must be an int{bound}.{_hint(fix)}")
+        raise ValueError(f"{argument}={value!r} must be {expected}.{_hint(fix)}")
     return int(value)
 
 
@@ -447,13 +450,12 @@ def check_positive(value: Any, *, argument: str, allow_zero: bool = False, unit:
 
     """
     bound = ">= 0" if allow_zero else "> 0"
-    where = f" ({unit})" if unit else ""
+    what = f"a finite number in {unit}" if unit else "a finite number"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real):
-        raise TypeError(f"{argument}={value!r} must be a finite number {bound}{where}, "
-                        f"found {type(value).__name__}.")
+        raise TypeError(f"{argument}={value!r} must be {bound} ({what}), found {type(value).__name__}.")
     ok = np.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
-        raise ValueError(f"{argument}={value!r} must be a finite number {bound}{where}.")
+        raise ValueError(f"{argument}={value!r} must be {bound} ({what}).")
     return float(value)
 
 
