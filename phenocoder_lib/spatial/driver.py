@@ -29,6 +29,7 @@ from .stats import (
     DEFAULT_CLUSTERING_SAMPLES,
     STATUS_OK,
     STATUS_SKIPPED,
+    StatGroup,
     StatsConfig,
     compute_stats,
     normalize_radii,
@@ -122,7 +123,7 @@ def compute_spatial_stats(
     cluster_key: str = "leiden",
     spatial_key: str = "spatial",
     radii: float | Sequence[float] = (25, 50),
-    stats: str | Iterable[str] | None = None,
+    stats: StatGroup | Iterable[StatGroup] | None = None,
     layer: str | None = None,
     chull_min_nds: int = 10,
     chull_min_degree: int = 3,
@@ -303,7 +304,8 @@ def _checked_args(table, *, sample_key, cluster_key, spatial_key, radii, stats, 
         dims = normalize_dim_subunit(dim_subunit, coords.shape[1])
         check_int(min_obs_per_subunit, argument="min_obs_per_subunit", minimum=1)
         if max_obs_per_subunit is not None:
-            check_int(max_obs_per_subunit, argument="max_obs_per_subunit", minimum=1, fix="Or pass None to keep all.")
+            check_int(max_obs_per_subunit, argument="max_obs_per_subunit", minimum=1,
+                      expected="None or a positive int")
     samples_col = table.obs[sample_key]
     samples = sample_order(samples_col)
     check_max_clusters(len(cats.categories), max_clusters, cluster_key=cluster_key, n_radii=len(radii_t),

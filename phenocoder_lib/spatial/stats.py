@@ -30,7 +30,7 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -40,9 +40,9 @@ from ..warnings import SpatialStatsWarning  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
-VALID_STATS: tuple[str, ...] = (
-    "interactions", "centrality", "connectivity", "moran_features", "moran_clusters", "chull",
-)
+#: The six statistic groups (the ``stats`` argument takes a subset).
+StatGroup = Literal["interactions", "centrality", "connectivity", "moran_features", "moran_clusters", "chull"]
+VALID_STATS: tuple[str, ...] = get_args(StatGroup)
 CENTRALITY_METRICS: tuple[str, ...] = ("degree_centrality", "average_clustering", "closeness_centrality")
 CHULL_METRICS: tuple[str, ...] = (
     "volume_chull", "area_chull", "n_chull", "distance_center_chull", "density_chull",
@@ -138,7 +138,7 @@ class StatsConfig:
             self.radii, self.stats, self.categories, self.var_names)))
 
 
-def normalize_stats(stats: str | Iterable[str] | None) -> tuple[str, ...]:
+def normalize_stats(stats: StatGroup | Iterable[StatGroup] | None) -> tuple[str, ...]:
     """Return the statistic groups to compute, in canonical order.
 
     Parameters
@@ -161,7 +161,7 @@ def normalize_stats(stats: str | Iterable[str] | None) -> tuple[str, ...]:
         return VALID_STATS
     if isinstance(stats, str):
         stats = [stats]
-    chosen = check_subset(stats, VALID_STATS, argument="stats")
+    chosen = check_subset(stats, StatGroup, argument="stats")
     require(len(chosen) > 0, f"stats={list(chosen)!r} is empty; pass None for all groups or a subset of "
             f"{list(VALID_STATS)}.")
     return tuple(s for s in VALID_STATS if s in chosen)
@@ -719,7 +719,7 @@ def sample_spatial_stats(
     cluster_key: str = "leiden",
     spatial_key: str = "spatial",
     radii: float | Sequence[float] = (25, 50),
-    stats: str | Iterable[str] | None = None,
+    stats: StatGroup | Iterable[StatGroup] | None = None,
     categories: Sequence[Any] | None = None,
     layer: str | None = None,
     name: str | None = None,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..validation import check_int
+
 __all__ = ["Subunit", "normalize_dim_subunit", "partition_subunits", "subunit_indices"]
 
 
@@ -143,8 +145,8 @@ def partition_subunits(
         Kept cubes in key order, and how many non-empty cubes had fewer than ``min_obs`` objects.
 
     """
-    if max_obs is not None and int(max_obs) < 1:
-        raise ValueError(f"max_obs_per_subunit={max_obs!r} must be None or a positive int.")
+    if max_obs is not None:
+        check_int(max_obs, argument="max_obs_per_subunit", minimum=1, expected="None or a positive int")
     idx = subunit_indices(coords, dim_subunit, origin)
     if idx.shape[0] == 0:
         return [], 0
