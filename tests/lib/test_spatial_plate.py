@@ -9,13 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from phenocoder_lib._facade_spatial import SpatialMixin
+from phenocoder_lib import Phenocoder
 from phenocoder_lib.spatial import EmbeddingWarning, SpatialStatsWarning
 
 
-class Host(SpatialMixin):
-    def __init__(self, sdata, table_key="nuclei_features", sample_key="sample", seed=0):
-        self.sdata, self.table_key, self.sample_key, self.seed, self.adata = sdata, table_key, sample_key, seed, None
+def make_host(sdata, table_key="nuclei_features", sample_key="sample", seed=0) -> Phenocoder:
+    """A ``Phenocoder`` over a stand-in for SpatialData: the spatial steps read only ``sdata.tables``."""
+    pheno = Phenocoder(table_key=table_key, sample_key=sample_key, seed=seed)
+    pheno.sdata = sdata
+    return pheno
 
 
 def _truth_labels(root, table):
@@ -35,7 +37,7 @@ def test_synthetic_plate_with_planted_labels(synthetic_plate_3d, tmp_path):
     table.obs["cell_type"] = _truth_labels(synthetic_plate_3d, table)
     assert table.obs["cell_type"].notna().all()
     before = table.obs.copy()
-    host = Host(SimpleNamespace(tables=sdata.tables))
+    host = make_host(SimpleNamespace(tables=sdata.tables))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SpatialStatsWarning)
         res = host.spatialgraph_stats(cluster_key="cell_type", radii=(25, 50), progress=False)
@@ -61,7 +63,7 @@ def test_standalone_path_on_synthetic_and_real_plate(synthetic_plate_3d, request
         table = sdata.tables["nuclei_features"]
         labels, _ = cluster_features(table, resolution=0.5, n_pcs=10, seed=0)
         table.obs["leiden"] = labels
-        host = Host(SimpleNamespace(tables=sdata.tables))
+        host = make_host(SimpleNamespace(tables=sdata.tables))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SpatialStatsWarning)
             res = host.spatialgraph_stats(cluster_key="leiden", radii=radii, progress=False)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from phenocoder_lib._facade_spatial import SpatialMixin
+from phenocoder_lib import Phenocoder
 from phenocoder_lib.spatial import SpatialStatsWarning
 from phenocoder_lib.spatial.driver import compute_spatial_stats
 from phenocoder_lib.spatial.stats import is_feature_column, sample_spatial_stats
@@ -22,9 +22,11 @@ except ImportError:
     from spatial_fixtures import make_table
 
 
-class Host(SpatialMixin):
-    def __init__(self, sdata, table_key="t", sample_key="sample", seed=0):
-        self.sdata, self.table_key, self.sample_key, self.seed, self.adata = sdata, table_key, sample_key, seed, None
+def make_host(sdata, table_key="t", sample_key="sample", seed=0) -> Phenocoder:
+    """A ``Phenocoder`` over a stand-in for SpatialData: the spatial steps read only ``sdata.tables``."""
+    pheno = Phenocoder(table_key=table_key, sample_key=sample_key, seed=seed)
+    pheno.sdata = sdata
+    return pheno
 
 
 def _quiet(fn, *args, **kwargs):
@@ -83,7 +85,7 @@ def test_int_sample_ids_and_skipped_and_empty_samples():
 def test_nothing_computable_raises_and_clears_stale_result():
     table = make_table(200, seed=4)
     table.obs["leiden"] = pd.Categorical(["1"] * 200, categories=["0", "1"])
-    host = Host(SimpleNamespace(tables={"t": table}))
+    host = make_host(SimpleNamespace(tables={"t": table}))
     host.adata = "stale"
     with pytest.raises(ValueError, match="no spatial statistics could be computed"):
         _quiet(host.spatialgraph_stats, radii=(25,), progress=False)
@@ -96,7 +98,7 @@ def test_nothing_computable_raises_and_clears_stale_result():
 
 def test_facade_errors_name_the_argument():
     table = make_table(200, seed=4)
-    host = Host(SimpleNamespace(tables={"t": table}))
+    host = make_host(SimpleNamespace(tables={"t": table}))
     with pytest.raises(KeyError, match="table_key='missing'"):
         host.spatialgraph_stats(table_key="missing")
     with pytest.raises(KeyError, match="cluster_key='x'"):
@@ -107,9 +109,9 @@ def test_facade_errors_name_the_argument():
     with pytest.raises(KeyError, match="sample_key='well'"):
         host.spatialgraph_stats()
     with pytest.raises(ValueError, match="add_sdata"):
-        Host(None).spatialgraph_stats()
+        make_host(None).spatialgraph_stats()
     with pytest.raises(ValueError, match="spatialgraph_stats"):
-        Host(None).spatialgraph_embedding(2)
+        make_host(None).spatialgraph_embedding(2)
 
 
 def test_subunits_share_the_grid_origin_across_samples():
