@@ -30,7 +30,14 @@ def __getattr__(name: str) -> Any:
 
 
 def set_verbose_logging(verbose: bool = True) -> None:
-    """Show the library's INFO messages (progress, choices made) on stderr, or only warnings."""
+    """Show the library's INFO messages (progress, choices made) on stderr, or only warnings.
+
+    Parameters
+    ----------
+    verbose
+        INFO and above when True, WARNING and above when False.
+
+    """
     logger = logging.getLogger("phenocoder_lib")
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     if verbose and not logger.handlers:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .validation import check_key
 from .warnings import UnseenConditionWarning
 
 __all__ = ["DEFAULT_CONTINUOUS", "ConditionEncoder", "condition_frame"]
@@ -54,26 +55,37 @@ class ConditionEncoder:
     def fit(
         cls, frame: pd.DataFrame, columns: Sequence[str], *, continuous: Sequence[str] | None = None
     ) -> ConditionEncoder:
-        """Learn the categories and ranges of ``columns`` from the training objects.
+        """Learn categories / ranges of ``columns`` from ``frame`` (the training objects).
 
         Parameters
         ----------
         frame
-            The training objects' condition values (:func:`condition_frame`).
+            One row per training object, with the condition columns.
         columns
-            The condition columns, in order.
+            Condition column names, in order.
         continuous
             The continuous columns; default: ``z`` and every float column.
 
         Returns
         -------
         ConditionEncoder
-            The fitted encoder.
+            The fitted encoding.
+
+        Raises
+        ------
+        KeyError
+            When a column is not in ``frame``.
+        TypeError
+            When a continuous column is not numeric.
+        ValueError
+            When a continuous column has NaN or infinite values.
+
         """
         enc = cls(columns=list(columns))
         for col in enc.columns:
-            if col not in frame.columns:
-                raise KeyError(f"condition {col!r} is not a column of the training index.")
+            check_key(frame.columns, col, argument="conditions", what="column of the training index",
+                      fix="Add it to the table's .obs and keep it in the datasets: "
+                          "generate_dataset(metadata_keys=...).")
             values = frame[col]
             is_cont = (col in continuous) if continuous is not None else (
                 col in DEFAULT_CONTINUOUS or pd.api.types.is_float_dtype(values.dtype))
@@ -110,22 +122,31 @@ class ConditionEncoder:
         return names
 
     def transform(self, frame: pd.DataFrame, *, where: str = "", warn: bool = True) -> tuple[np.ndarray, dict]:
-        """Condition vectors for the rows of ``frame``, and a report of values not seen in training.
+        """Return the condition vectors of the rows of ``frame``, and a report of unseen values.
 
         Parameters
         ----------
         frame
-            The objects' condition values.
+            One row per object, with every condition column.
         where
-            Text appended to messages (e.g. ``" in sample 'A01'"``).
+            Text appended to messages, e.g. ``" of sample 'A01'"``.
         warn
-            Warn (:class:`~phenocoder_lib.warnings.UnseenConditionWarning`) when the report is not empty.
+            Emit an :class:`UnseenConditionWarning` when the report is not empty.
 
         Returns
         -------
-        tuple
-            ``(vectors, report)``: (n, width) float32, and a dict mapping column -> ``{"unseen": {value:
-            count}}`` (categorical) or ``{"clipped": count, "range": [min, max]}`` (continuous).
+        (vectors, report)
+            ``(n, width)`` float32 vectors; the report maps column -> ``{"unseen": {value: count}}``
+            (categorical) or ``{"clipped": count, "range": [min, max]}`` (continuous) for the
+            columns that had any.
+
+        Raises
+        ------
+        KeyError
+            When a condition column is missing from ``frame``.
+        ValueError
+            When a continuous column has missing or non-numeric values.
+
         """
         n = len(frame)
         out = np.zeros((n, self.width), np.float32)
@@ -167,18 +188,19 @@ class ConditionEncoder:
         return out, report
 
     def to_dict(self) -> dict[str, Any]:
-        """The encoder as a JSON-compatible dict (stored in ``model_config.json``).
+        """Return the encoding as a JSON-compatible dict (stored in ``model_config.json``).
 
         Returns
         -------
         dict
-            ``columns``, ``kinds``, ``categories``, ``ranges``.
+            ``columns``, ``kinds``, ``categories`` and ``ranges``.
+
         """
         return {"columns": self.columns, "kinds": self.kinds, "categories": self.categories, "ranges": self.ranges}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ConditionEncoder:
-        """Rebuild an encoder from :meth:`to_dict`.
+        """Rebuild an encoding from :meth:`to_dict`'s output.
 
         Parameters
         ----------
@@ -188,25 +210,27 @@ class ConditionEncoder:
         Returns
         -------
         ConditionEncoder
-            The encoder.
+            The encoding.
+
         """
         return cls(columns=list(data["columns"]), kinds=dict(data["kinds"]),
                    categories={k: list(v) for k, v in data["categories"].items()},
                    ranges={k: list(v) for k, v in data["ranges"].items()})
 
     def to_json(self) -> str:
-        """The encoder as a JSON string (:meth:`to_dict`).
+        """Return :meth:`to_dict` as a JSON string.
 
         Returns
         -------
         str
-            Sorted-key JSON.
+            JSON with sorted keys.
+
         """
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ConditionEncoder:
-        """Rebuild an encoder from :meth:`to_json`.
+        """Rebuild an encoding from :meth:`to_json`'s output.
 
         Parameters
         ----------
@@ -216,7 +240,8 @@ class ConditionEncoder:
         Returns
         -------
         ConditionEncoder
-            The encoder.
+            The encoding.
+
         """
         return cls.from_dict(json.loads(text))
 
@@ -238,7 +263,7 @@ def condition_frame(
     sample_key: str,
     obs: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """The condition columns of the objects of a patch ``index`` (one row per index row).
+    """Return the condition columns for the objects of a patch ``index`` (one row per index row).
 
     A column is taken from the index (``dataset``, ``sample``, ``z``, ``y``, ``x`` and the dataset's
     ``metadata_keys``); ``sample_key`` means the index's ``sample``; any other column is looked up in
@@ -247,23 +272,25 @@ def condition_frame(
     Parameters
     ----------
     columns
-        The condition columns.
+        Condition column names.
     index
-        A patch index (``PatchDataset.index`` or ``training.training_index``).
+        The patch index of a dataset (one row per patch, with ``sample`` and ``obs_name``).
     sample_key
-        The source table's sample column (an alias of the index's ``sample``).
+        The table's sample column (it means the index's ``sample``).
     obs
-        The source table's ``.obs``, for other columns.
+        The source table's ``.obs``, for the other columns.
 
     Returns
     -------
     pandas.DataFrame
-        One column per condition, aligned with ``index``.
+        One row per index row, one column per condition.
 
     Raises
     ------
     KeyError
-        When a column is found nowhere (the message names the fix).
+        When a column is found nowhere (the message names the fix), or patches are not objects of
+        ``obs``.
+
     """
     out = pd.DataFrame(index=index.index)
     for col in columns:

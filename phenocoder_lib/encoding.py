@@ -39,7 +39,7 @@ import pandas as pd
 from ._grouping import group_rows
 from .conditions import ConditionEncoder, condition_frame
 from .keys import INSTANCE_KEY, LATENT_PREFIX, MESSAGE_PASSING_LAYER, REGION_KEY
-from .validation import check_key, check_no_missing, check_obsm, check_unique_obs_names
+from .validation import check_int, check_key, check_no_missing, check_obsm, check_positive, check_unique_obs_names
 from .warnings import UnseenConditionWarning
 
 logger = logging.getLogger(__name__)
@@ -297,8 +297,10 @@ def encode_sample(
 
     Returns
     -------
-    dict with ``rows`` (positions in the table), ``latents`` ((n, L) float32, ``z_mean``), ``padded``
-    ((n,) bool), ``anchors``, ``anchor_source``, ``patch_source`` and ``conditions_report``.
+    dict
+        ``rows`` (positions in the table), ``latents`` ((n, L) float32, ``z_mean``), ``padded``
+        ((n,) bool), ``anchors``, ``anchor_source``, ``patch_source``, ``dataset`` and
+        ``conditions_report``.
 
     """
     from . import patches as P
@@ -418,49 +420,117 @@ def encode_table(
 ) -> Any:
     """Encode every object of ``sdata.tables[table_key]`` (or of ``samples``) into a new table.
 
-    Returns an AnnData parsed with ``spatialdata.models.TableModel`` (keeping the source table's
-    region/instance link) with one row per object, in the source table's order:
+    Parameters
+    ----------
+    model
+        A trained :class:`~phenocoder_lib.models.CVAE` / ``CondCVAE``.
+    sdata
+        SpatialData with the table and the images ``f"{image_key}_{sample}"``.
+    model_config
+        The model's configuration (``model_config.json``): dataset settings and condition encoding.
+    table_key
+        The per-object table.
+    sample_key
+        Its sample column (no missing values).
+    image_key
+        Prefix of the image names.
+    spatial_key
+        ``.obsm`` key of the coordinates for message passing.
+    batch_size
+        Patches per forward pass (a positive int); bounds memory.
+    spatial_message_passing_radius
+        When given (>= 0, units of ``.obsm[spatial_key]``), also compute the message-passed layer.
+    data_dir
+        Folder of the training datasets; stored patches are read from there when they cover a sample.
+    samples
+        Encode only these samples (default: all).
+    use_store
+        Set False to always cut patches from the images.
+    progress
+        Show a progress bar.
 
-    - ``.X``: ``z_mean`` latents, float32, variables ``phc_latent_1 ... phc_latent_L``;
-    - ``.obs``: the source ``.obs`` plus ``phc_padded`` (the patch crossed the image border and was
-      padded); ``.obsm``: the source ``.obsm``;
-    - ``.layers['spatial_message_passing']`` when ``spatial_message_passing_radius`` is given: the mean
-      latent over each object and its neighbours within the radius (inclusive, units of
-      ``.obsm[spatial_key]``), per sample;
-    - ``.uns['phenocoder']``: model name, version, dataset settings, and per sample the patch source,
-      the anchors used and any unseen condition values.
+    Returns
+    -------
+    anndata.AnnData
+        Parsed with ``spatialdata.models.TableModel`` (keeping the source table's region/instance
+        link), one row per object in the source table's order:
+
+        - ``.X``: ``z_mean`` latents, float32, variables ``phc_latent_1 ... phc_latent_L``;
+        - ``.obs``: the source ``.obs`` plus ``phc_padded`` (the patch crossed the image border and
+          was padded); ``.obsm``: the source ``.obsm``;
+        - ``.layers['spatial_message_passing']`` when ``spatial_message_passing_radius`` is given: the
+          mean latent over each object and its neighbours within the radius (inclusive), per sample;
+        - ``.uns['phenocoder']``: model name, version, dataset settings, and per sample the patch
+          source, the anchors used and any unseen condition values.
+
+    Raises
+    ------
+    KeyError
+        For an unknown table, sample column or sample.
+    ValueError
+        For invalid arguments, duplicate object names or objects without a sample.
+
     """
-    import anndata as ad
-    from spatialdata.models import TableModel
-    from tqdm.auto import tqdm
+    table = _checked_table(sdata, table_key=table_key, sample_key=sample_key, spatial_key=spatial_key,
+                           batch_size=batch_size, radius=spatial_message_passing_radius)
+    sample_col = table.obs[sample_key].astype(str)
+    chosen = _chosen_samples(sample_col, samples, sample_key=sample_key)
+    selected = np.flatnonzero(sample_col.isin(chosen).to_numpy())
+    latents, padded, per_sample = _encode_samples(
+        model, sdata, table, sample_col, chosen, selected, model_config=model_config, table_key=table_key,
+        sample_key=sample_key, image_key=image_key, batch_size=batch_size, data_dir=data_dir, use_store=use_store,
+        progress=progress)
+    out = _latent_table(table, selected, latents, padded, n_latent_dim=model.n_latent_dim)
+    if spatial_message_passing_radius is not None:
+        from .message_passing import spatial_message_passing
 
+        out.layers[MESSAGE_PASSING_LAYER] = spatial_message_passing(
+            np.asarray(out.obsm[spatial_key]), latents, float(spatial_message_passing_radius),
+            samples=out.obs[sample_key].astype(str).to_numpy(),
+        )
+    out.uns["phenocoder"] = _encoding_info(model, model_config, table_key=table_key, spatial_key=spatial_key,
+                                           radius=spatial_message_passing_radius, per_sample=per_sample)
+    return _linked_to_labels(out, table, table_key=table_key)
+
+
+def _checked_table(sdata: Any, *, table_key: str, sample_key: str, spatial_key: str, batch_size: int,
+                   radius: float | None) -> Any:
+    """Return the table to encode after checking the arguments against it."""
     check_key(sdata.tables, table_key, argument="table_key", what="table of the SpatialData object",
               fix="Pass the name of the per-object table (read_plate(table_key=...) names it).")
     table = sdata.tables[table_key]
     check_unique_obs_names(table, argument=f"table_key={table_key!r}")
     check_no_missing(table.obs, sample_key, argument="sample_key")
-    if spatial_message_passing_radius is not None:
+    if radius is not None:
         check_obsm(table, spatial_key, argument="spatial_key")
-        r = float(spatial_message_passing_radius)
-        if not np.isfinite(r) or r < 0:
-            raise ValueError(f"spatial_message_passing_radius={spatial_message_passing_radius!r} must be >= 0 "
-                             f"(units of .obsm[{spatial_key!r}]).")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive int.")
+        check_positive(radius, argument="spatial_message_passing_radius", allow_zero=True,
+                       unit=f"units of .obsm[{spatial_key!r}]")
+    check_int(batch_size, argument="batch_size", minimum=1, expected="a positive int")
+    return table
+
+
+def _chosen_samples(sample_col: pd.Series, samples: Sequence[str] | None, *, sample_key: str) -> list[str]:
+    """Return the samples to encode: all, in order of first appearance, or the requested ones."""
+    all_samples = list(pd.unique(sample_col.to_numpy()))
+    if samples is None:
+        return all_samples
+    chosen = [str(s) for s in samples]
+    unknown = [s for s in chosen if s not in all_samples]
+    if unknown:
+        raise KeyError(f"samples={unknown} are not in .obs[{sample_key!r}]; available: {all_samples[:12]}.")
+    return chosen
+
+
+def _encode_samples(model: Any, sdata: Any, table: Any, sample_col: pd.Series, chosen: list[str],
+                    selected: np.ndarray, *, model_config: Mapping[str, Any], table_key: str, sample_key: str,
+                    image_key: str, batch_size: int, data_dir: str | Path | None, use_store: bool,
+                    progress: bool) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Encode each chosen sample; return latents and padded flags of the selected rows, and per-sample info."""
+    from tqdm.auto import tqdm
+
     cond_enc = None
     if model_config.get("conditions_encoder"):
         cond_enc = ConditionEncoder.from_dict(model_config["conditions_encoder"])
-    sample_col = table.obs[sample_key].astype(str)
-    all_samples = list(pd.unique(sample_col.to_numpy()))
-    if samples is None:
-        chosen = all_samples
-    else:
-        chosen = [str(s) for s in samples]
-        unknown = [s for s in chosen if s not in all_samples]
-        if unknown:
-            raise KeyError(f"samples={unknown} are not in .obs[{sample_key!r}]; available: {all_samples[:12]}.")
-    mask = sample_col.isin(chosen).to_numpy()
-    selected = np.flatnonzero(mask)
     position = np.full(table.n_obs, -1, np.int64)
     position[selected] = np.arange(len(selected))
     latents = np.empty((len(selected), model.n_latent_dim), np.float32)
@@ -482,23 +552,29 @@ def encode_table(
         per_sample[sample] = info
         logger.info("sample %s: %d objects encoded (%s, anchors: %s)", sample, len(res["rows"]),
                     res["patch_source"], res["anchor_source"])
+    return latents, padded, per_sample
+
+
+def _latent_table(table: Any, selected: np.ndarray, latents: np.ndarray, padded: np.ndarray, *,
+                  n_latent_dim: int) -> Any:
+    """Return the AnnData of the latents with the source rows' ``.obs`` (plus ``phc_padded``) and ``.obsm``."""
+    import anndata as ad
 
     source = table[selected] if len(selected) != table.n_obs else table
     obs = source.obs.copy()
     obs["phc_padded"] = padded
     out = ad.AnnData(X=latents, obs=obs)
-    out.var_names = [f"{LATENT_PREFIX}{i + 1}" for i in range(model.n_latent_dim)]
+    out.var_names = [f"{LATENT_PREFIX}{i + 1}" for i in range(n_latent_dim)]
     for key, value in source.obsm.items():
         out.obsm[key] = np.array(value, copy=True) if isinstance(value, np.ndarray) else value.copy()
-    if spatial_message_passing_radius is not None:
-        from .spatial.message_passing import spatial_message_passing
+    return out
 
-        out.layers[MESSAGE_PASSING_LAYER] = spatial_message_passing(
-            np.asarray(out.obsm[spatial_key]), latents, float(spatial_message_passing_radius),
-            samples=out.obs[sample_key].astype(str).to_numpy(),
-        )
+
+def _encoding_info(model: Any, model_config: Mapping[str, Any], *, table_key: str, spatial_key: str,
+                   radius: float | None, per_sample: dict[str, Any]) -> dict[str, Any]:
+    """Return ``.uns['phenocoder']``: model, dataset settings and, per sample, where patches and anchors came from."""
     first = model_config["dataset_settings"][next(iter(model_config["dataset_settings"]))]
-    out.uns["phenocoder"] = {
+    return {
         "model_name": str(model_config.get("model_name", "")),
         "model_class": type(model).__name__,
         "phenocoder_version": _version(),
@@ -511,11 +587,16 @@ def encode_table(
         "channels": list(first["channels"]),
         "spatial_key_index": first["spatial_key_index"],
         "normalization": {k: first["normalization"][k] for k in ("scale", "scale_per_sample", "scale_percentile")},
-        "spatial_message_passing_radius": (float(spatial_message_passing_radius)
-                                           if spatial_message_passing_radius is not None else "none"),
+        "spatial_message_passing_radius": float(radius) if radius is not None else "none",
         "spatial_key": spatial_key,
         "samples": per_sample,
     }
+
+
+def _linked_to_labels(out: Any, table: Any, *, table_key: str) -> Any:
+    """Return ``out`` parsed as a SpatialData table, linked to the source table's labels when it was."""
+    from spatialdata.models import TableModel
+
     attrs = dict(table.uns.get(TableModel.ATTRS_KEY, {}) or {})
     region = attrs.get(TableModel.REGION_KEY)
     region_key = attrs.get(TableModel.REGION_KEY_KEY)

@@ -43,7 +43,16 @@ def _leftovers(path: Path) -> list[Path]:
 
 
 def recover(path: str | Path, *, stale_seconds: float = STALE_SECONDS) -> None:
-    """Repair what a killed write of ``path`` left: restore a moved-aside folder, drop stale leftovers."""
+    """Repair what a killed write of ``path`` left: restore a moved-aside folder, drop stale leftovers.
+
+    Parameters
+    ----------
+    path
+        The target of earlier writes (file or folder).
+    stale_seconds
+        Leftovers older than this are removed; younger ones may belong to a write in progress.
+
+    """
     path = Path(path)
     leftovers = _leftovers(path)
     olds = sorted((p for p in leftovers if p.name.startswith(f".{path.name}.old-")), key=lambda p: p.stat().st_mtime)
@@ -80,6 +89,19 @@ def atomic_dir(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary folder that replaces ``path`` when the block succeeds.
 
     On error the temporary folder is removed and ``path`` is left as it was.
+
+    Parameters
+    ----------
+    path
+        The folder to write.
+    overwrite
+        Replace an existing folder; with False an existing ``path`` raises ``FileExistsError``.
+
+    Yields
+    ------
+    pathlib.Path
+        The temporary folder to fill (a hidden sibling of ``path``).
+
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -96,7 +118,16 @@ def atomic_dir(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` to ``dst``, replacing ``dst``; the old folder is kept until the move is done."""
+    """Move folder ``src`` to ``dst``, replacing ``dst``; the old folder is kept until the move is done.
+
+    Parameters
+    ----------
+    src
+        The complete new folder.
+    dst
+        The target; an existing folder there is replaced atomically where the system allows.
+
+    """
     if dst.is_dir() and not dst.is_symlink() and _exchange(src, dst):
         shutil.rmtree(src, ignore_errors=True)  # src now holds the old folder
         return
@@ -116,7 +147,19 @@ def replace_dir(src: Path, dst: Path) -> None:
 
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path (same suffix) that replaces file ``path`` when the block succeeds."""
+    """Yield a temporary sibling path (same suffix) that replaces file ``path`` when the block succeeds.
+
+    Parameters
+    ----------
+    path
+        The file to write.
+
+    Yields
+    ------
+    pathlib.Path
+        The temporary file path to write to.
+
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:10]}{path.suffix}")
@@ -129,14 +172,42 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a text file atomically."""
+    """Write a text file atomically.
+
+    Parameters
+    ----------
+    path
+        The file to write.
+    text
+        Its content.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    """
     with atomic_file(path) as tmp:
         tmp.write_text(text)
     return Path(path)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write JSON atomically (sorted keys, indented, numpy scalars converted)."""
+    """Write JSON atomically (sorted keys, indented, numpy scalars and arrays converted).
+
+    Parameters
+    ----------
+    path
+        The file to write.
+    obj
+        JSON-compatible data (numpy values and paths are converted).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    """
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 

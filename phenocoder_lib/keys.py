@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-#: Table written by :meth:`Phenocoder.encode` (name kept from the earlier library).
+#: Table written by :meth:`Phenocoder.encode` (the name the workflow guide uses).
 PHENOCODER_TABLE = "phenocoder"
 #: Layer of the encoded table that holds spatially message-passed latents.
 MESSAGE_PASSING_LAYER = "spatial_message_passing"

@@ -249,13 +249,12 @@ class Phenocoder:
         deprecated and ignored (``FutureWarning``): call :func:`phenocoder_lib.set_verbose_logging` instead.
         """
         args = {**_args(locals(), "verbose"), "table_key": self.table_key if table_key is None else table_key}
-        from .spatial.driver import check_stats_arguments, compute_spatial_stats
+        from .spatial.driver import check_spatial_stats_args, compute_spatial_stats
         if verbose is not None:
             warnings.warn("spatialgraph_stats(verbose=...) is ignored and will be removed; call phenocoder_lib."
                           "set_verbose_logging() for progress logs.", FutureWarning, stacklevel=2)
-        checked = ("cluster_key", "spatial_key", "radii", "stats", "chull_min_nds", "chull_min_degree", "max_clusters")
         table = self._table(table_key)
-        check_stats_arguments(table, sample_key=self.sample_key, **{k: args[k] for k in checked})
+        check_spatial_stats_args(table, **args, sample_key=self.sample_key)
         self.adata = None  # a failed computation leaves no stale result
         self.adata = compute_spatial_stats(table, **args, sample_key=self.sample_key, seed=self.seed)
         return self.adata
@@ -264,7 +263,8 @@ class Phenocoder:
     def spatialgraph_embedding(self, n_dim: int, scale: bool = True, variable_features: bool | int = False,
                                batch_correction: bool = False, batch_key: str | None = None,
                                confounder_key: str | Sequence[str] | None = None, n_neighbors: int = 15,
-                               umap: bool = True, obs_keys: str | Sequence[str] | None = None) -> Any:
+                               umap: bool = True, obs_keys: str | Sequence[str] | None = None,
+                               neighbors: Literal["scanpy", "bbknn"] = "scanpy") -> Any:
         """Scale, batch-correct (optional), PCA, neighbours and UMAP of ``self.adata`` (idempotent).
 
         Batch, confounder and obs keys are looked up per sample in the table the statistics came from.

@@ -24,17 +24,18 @@ LIB = ROOT / "phenocoder_lib"
 #: Pipeline order: a module may import modules of its own rank or lower, never higher.
 #: Rank 0 is infrastructure every stage may use.
 RANKS = {
-    "io": 0, "keys": 0, "warnings": 0, "validation": 0, "_lazy": 0, "_grouping": 0, "_backend": 0,
+    "io": 0, "keys": 0, "warnings": 0, "validation": 0, "_lazy": 0, "_grouping": 0, "_backend": 0, "_docs": 0,
+    "radius_graph": 0,
     "synthetic": 1, "ingest": 1,
     "patches": 2,
     "models": 3, "training": 3, "plotting": 3, "model_config": 3, "conditions": 3,
-    "encoding": 4,
+    "encoding": 4, "message_passing": 4,
     "clustering": 5,
     "spatial": 6,
     "embedding": 7,
     "cellprofiler": 8, "profiles": 8, "retrieval": 8,
     "evaluation": 9, "screen_evaluation": 9,
-    "pipeline": 10, "phenocoder": 10, "_facade_model": 10, "_facade_spatial": 10, "_facade_dataset": 10,
+    "pipeline": 10, "phenocoder": 10,
 }
 
 #: numpydoc checks: PR01 parameters not documented, PR02 unknown parameters, RT01 no Returns, GL08 no docstring.

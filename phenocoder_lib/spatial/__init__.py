@@ -2,11 +2,13 @@
 
 Submodules are imported lazily (PEP 562) so that importing this package does not load numba.
 
-- :func:`build_radius_graph` (:mod:`.graph`): inclusive-radius graph in spatial order, several radii.
+- :func:`build_radius_graph` (:mod:`phenocoder_lib.radius_graph`, also as :mod:`.graph`): inclusive-radius
+  graph in spatial order, several radii.
 - :func:`sample_spatial_stats` (:mod:`.stats`): one sample (AnnData) in, one named row out.
 - :func:`compute_spatial_stats` (:mod:`.driver`): every sample or subunit of a table, as an AnnData.
 - :func:`partition_subunits` (:mod:`.subunits`): cubes on a grid shared by all samples.
-- :func:`spatial_message_passing` (:mod:`.message_passing`): mean over self and neighbours.
+- :func:`spatial_message_passing` (:mod:`phenocoder_lib.message_passing`, also as :mod:`.message_passing`):
+  mean over self and neighbours; it runs in the encoding stage.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Numba kernels over a :class:`~phenocoder_lib.spatial.graph.GraphView` (``start``, ``degree``, ``indices``).
+"""Numba kernels over a :class:`~phenocoder_lib.radius_graph.GraphView` (``start``, ``degree``, ``indices``).
 
 All kernels read the graph in spatial (graph) order. Parallel kernels split the nodes into
 ``n_chunks`` contiguous chunks with private accumulators, so results do not depend on the number
@@ -11,18 +11,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-
-def default_chunks(n: int) -> int:
-    """Return a fixed chunk count (independent of the thread count, for reproducible float sums)."""
-    return int(max(1, min(n, 64)))
-
-
-@njit(cache=True)
-def _bounds(n, n_chunks):
-    b = np.empty(n_chunks + 1, dtype=np.int64)
-    for c in range(n_chunks + 1):
-        b[c] = (n * c) // n_chunks
-    return b
+from ..radius_graph import chunk_bounds as _bounds
+from ..radius_graph import default_chunks  # noqa: F401  (the stats call it as K.default_chunks)
 
 
 @njit(parallel=True, cache=True)
@@ -332,24 +322,3 @@ def moran_numerators(start, degree, indices, z, n_chunks):
                 local[q] += z[i, q] * acc[q] * inv
         part[ch] = local
     return part.sum(axis=0)
-
-
-@njit(parallel=True, cache=True)
-def neighbourhood_mean(start, degree, indices, x, out, n_chunks):
-    """``out[i] = (x[i] + sum of x over the neighbours of i) / (d_i + 1)``, float64 accumulation."""
-    n, f = x.shape
-    bounds = _bounds(n, n_chunks)
-    for ch in prange(n_chunks):
-        acc = np.empty(f, dtype=np.float64)
-        for i in range(bounds[ch], bounds[ch + 1]):
-            for q in range(f):
-                acc[q] = x[i, q]
-            s = start[i]
-            d = degree[i]
-            for e in range(s, s + d):
-                j = indices[e]
-                for q in range(f):
-                    acc[q] += x[j, q]
-            inv = 1.0 / (d + 1.0)
-            for q in range(f):
-                out[i, q] = acc[q] * inv

@@ -1,89 +1,12 @@
-"""Spatial message passing: the mean of each object's latent over itself and its neighbours.
+"""Spatial message passing; it lives in :mod:`phenocoder_lib.message_passing`.
 
-``m_i = (x_i + sum_{j in N_r(i)} x_j) / (|N_r(i)| + 1)`` where ``N_r(i)`` are the other objects of the
-same sample within Euclidean distance ``<= r`` (inclusive). This is ``D^-1 (A + I) X`` with row
-normalisation, i.e. the documented mean (the earlier library weighted each neighbour by its *own*
-inverse degree and built dense N x N matrices). Sparse: the radius graph is built per sample in
-spatial order (:mod:`.graph`) and the mean is one numba pass, float64 accumulation, float32 out.
+Message passing runs in the encoding stage (``encode(spatial_message_passing_radius=...)``), which
+comes before the spatial statistics in the pipeline; this module keeps the
+``phenocoder_lib.spatial.message_passing`` name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import numpy as np
+from ..message_passing import spatial_message_passing
 
 __all__ = ["spatial_message_passing"]
-
-
-def spatial_message_passing(
-    coords: np.ndarray,
-    X: np.ndarray,
-    radius: float,
-    *,
-    samples: Sequence | np.ndarray | None = None,
-) -> np.ndarray:
-    """Mean of ``X`` over each object and its neighbours within ``radius`` in the same sample.
-
-    Parameters
-    ----------
-    coords
-        ``(n, d)`` coordinates, ``d`` in 1..3 (one unit on every axis, e.g. um).
-    X
-        ``(n, f)`` values to average (e.g. latents); NaN propagates to every object that sees it.
-    radius
-        Inclusive Euclidean radius, ``>= 0``, in the units of ``coords``. ``0`` averages only objects
-        at identical positions (so it returns ``X`` when positions are distinct).
-    samples
-        Optional ``(n,)`` sample labels; objects of different samples are never neighbours.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(n, f)`` float32, rows in the input order.
-
-    """
-    from . import _kernels as K
-    from .graph import build_radius_graph
-
-    x = np.asarray(X)
-    if x.ndim != 2:
-        raise ValueError(f"X must be 2-D (n_objects, n_features), found shape {x.shape}.")
-    pts = np.asarray(coords)
-    if pts.ndim != 2 or pts.shape[0] != x.shape[0]:
-        raise ValueError(f"coords must be (n_objects, n_dims) with n_objects = {x.shape[0]} (rows of X); "
-                         f"found shape {pts.shape}.")
-    r = float(radius)
-    if not np.isfinite(r) or r < 0:
-        raise ValueError(f"radius={radius!r} must be a finite number >= 0 (units of coords).")
-    if x.dtype.kind not in "iufb":
-        raise TypeError(f"X must be numeric, found dtype {x.dtype}.")
-    out = np.empty(x.shape, dtype=np.float32)
-    if x.shape[0] == 0:
-        return out
-    if samples is None:
-        groups = [np.arange(x.shape[0])]
-    else:
-        labels = np.asarray(samples)
-        if labels.shape != (x.shape[0],):
-            raise ValueError(f"samples must have one label per object ({x.shape[0]}), found shape {labels.shape}.")
-        codes, _ = _factorize(labels)
-        order = np.argsort(codes, kind="stable")
-        cuts = np.flatnonzero(np.diff(codes[order])) + 1
-        groups = np.split(order, cuts)
-    xf = x.astype(np.float64, copy=False)
-    for rows in groups:
-        graph = build_radius_graph(pts[rows], r)
-        view = graph.view(r)
-        xs = np.ascontiguousarray(xf[rows][graph.order])
-        res = np.empty(xs.shape, dtype=np.float64)
-        K.neighbourhood_mean(view.start, view.degree, view.indices, xs, res, K.default_chunks(xs.shape[0]))
-        out[rows[graph.order]] = res
-    return out
-
-
-def _factorize(labels: np.ndarray):
-    import pandas as pd
-
-    codes, uniques = pd.factorize(labels, use_na_sentinel=False)
-    return codes, uniques

@@ -30,19 +30,19 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
 
-from ..validation import check_categorical, check_obsm, check_subset, require
+from ..validation import check_categorical, check_int, check_obsm, check_subset, require
 from ..warnings import SpatialStatsWarning  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
-VALID_STATS: tuple[str, ...] = (
-    "interactions", "centrality", "connectivity", "moran_features", "moran_clusters", "chull",
-)
+#: The six statistic groups (the ``stats`` argument takes a subset).
+StatGroup = Literal["interactions", "centrality", "connectivity", "moran_features", "moran_clusters", "chull"]
+VALID_STATS: tuple[str, ...] = get_args(StatGroup)
 CENTRALITY_METRICS: tuple[str, ...] = ("degree_centrality", "average_clustering", "closeness_centrality")
 CHULL_METRICS: tuple[str, ...] = (
     "volume_chull", "area_chull", "n_chull", "distance_center_chull", "density_chull",
@@ -61,19 +61,66 @@ SERIAL_BELOW_N = 5_000
 
 
 def format_radius(radius: float) -> str:
-    """``25`` and ``25.0`` give ``'25'``; other values their shortest float repr (``'12.5'``)."""
+    """Return a radius as it appears in feature names.
+
+    Parameters
+    ----------
+    radius
+        The radius.
+
+    Returns
+    -------
+    str
+        ``'25'`` for ``25`` and ``25.0``; other values their shortest float repr (``'12.5'``).
+
+    """
     r = float(radius)
     return str(int(r)) if r.is_integer() else repr(r)
 
 
 def is_feature_column(name: str) -> bool:
-    """Feature columns contain ``'_stat:'``; everything else in a result row is metadata."""
+    """Tell feature columns (they contain ``'_stat:'``) from the metadata columns of a result row.
+
+    Parameters
+    ----------
+    name
+        Column name.
+
+    Returns
+    -------
+    bool
+        True for a feature column.
+
+    """
     return "_stat:" in str(name)
 
 
 @dataclass(frozen=True)
 class StatsConfig:
-    """Validated settings shared by every sample of one run (fixes the column layout)."""
+    """Validated settings shared by every sample of one run (fixes the column layout).
+
+    Parameters
+    ----------
+    radii
+        Sorted, unique radii.
+    stats
+        Statistic groups, in the order of :data:`VALID_STATS`.
+    categories
+        Cluster categories (str) of the whole table.
+    var_names
+        Variables for ``moran_features``.
+    chull_min_nds
+        Minimum component size for the convex hulls.
+    chull_min_degree
+        Core degree of the convex-hull components.
+    exact
+        Exact average clustering coefficient instead of a node sample.
+    n_clustering_samples
+        Nodes sampled per cluster when not ``exact``.
+    seed
+        Seed of the node samples.
+
+    """
 
     radii: tuple[float, ...]
     stats: tuple[str, ...]
@@ -91,20 +138,54 @@ class StatsConfig:
             self.radii, self.stats, self.categories, self.var_names)))
 
 
-def normalize_stats(stats: str | Iterable[str] | None) -> tuple[str, ...]:
-    """``None`` means all six groups; returns them in canonical order; unknown names raise."""
+def normalize_stats(stats: StatGroup | Iterable[StatGroup] | None) -> tuple[str, ...]:
+    """Return the statistic groups to compute, in canonical order.
+
+    Parameters
+    ----------
+    stats
+        One group name, several, or ``None`` for all six.
+
+    Returns
+    -------
+    tuple of str
+        The groups in the order of :data:`VALID_STATS`.
+
+    Raises
+    ------
+    ValueError
+        For unknown names or an empty selection.
+
+    """
     if stats is None:
         return VALID_STATS
     if isinstance(stats, str):
         stats = [stats]
-    chosen = check_subset(stats, VALID_STATS, argument="stats")
+    chosen = check_subset(stats, StatGroup, argument="stats")
     require(len(chosen) > 0, f"stats={list(chosen)!r} is empty; pass None for all groups or a subset of "
             f"{list(VALID_STATS)}.")
     return tuple(s for s in VALID_STATS if s in chosen)
 
 
 def normalize_radii(radii: float | Sequence[float]) -> tuple[float, ...]:
-    """Validate radii (positive, finite) and return them sorted and unique."""
+    """Validate radii (positive, finite) and return them sorted and unique.
+
+    Parameters
+    ----------
+    radii
+        One radius or several, in the units of the coordinates.
+
+    Returns
+    -------
+    tuple of float
+        Sorted, unique radii.
+
+    Raises
+    ------
+    ValueError
+        For an empty selection, a string, or values that are not positive and finite.
+
+    """
     values = np.atleast_1d(np.asarray(radii, dtype=np.float64)) if not isinstance(radii, str) else None
     if values is None or values.ndim != 1 or values.size == 0 or not np.isfinite(values).all() \
             or (values <= 0).any():
@@ -115,7 +196,30 @@ def normalize_radii(radii: float | Sequence[float]) -> tuple[float, ...]:
 
 def feature_names(radii: Sequence[float], stats: Sequence[str], categories: Sequence[str],
                   var_names: Sequence[str] = ()) -> list[str]:
-    """Return the column names of a result row, ``radius:{r}_stat:{group}_{column}`` (fixed order)."""
+    """Return the column names of a result row, ``radius:{r}_stat:{group}_{column}`` (fixed order).
+
+    Parameters
+    ----------
+    radii
+        Radii.
+    stats
+        Statistic groups.
+    categories
+        Cluster categories of the whole table.
+    var_names
+        Variables for ``moran_features``.
+
+    Returns
+    -------
+    list of str
+        The feature names.
+
+    Raises
+    ------
+    ValueError
+        When categories or variables give duplicate names.
+
+    """
     cats = [str(c) for c in categories]
     names: list[str] = []
     for r in radii:
@@ -146,12 +250,38 @@ def feature_names(radii: Sequence[float], stats: Sequence[str], categories: Sequ
 
 
 def se_column(radius: float, cluster: str) -> str:
-    """Name of the info column with the standard error of a sampled average clustering coefficient."""
+    """Return the name of the info column with the standard error of a sampled average clustering coefficient.
+
+    Parameters
+    ----------
+    radius
+        The radius.
+    cluster
+        The cluster category.
+
+    Returns
+    -------
+    str
+        ``radius:{r}_se:centrality_{cluster}_average_clustering``.
+
+    """
     return f"radius:{format_radius(radius)}_se:centrality_{cluster}_average_clustering"
 
 
 def stable_key(value: Any) -> int:
-    """Return a platform-independent 32-bit key of ``str(value)`` for seeding."""
+    """Return a platform-independent 32-bit key of ``str(value)`` for seeding.
+
+    Parameters
+    ----------
+    value
+        Anything with a stable ``str()`` (sample id, cube key).
+
+    Returns
+    -------
+    int
+        CRC-32 of the UTF-8 text.
+
+    """
     return zlib.crc32(str(value).encode("utf-8"))
 
 
@@ -329,6 +459,21 @@ def enrichment_moments(sizes: np.ndarray, s0: float, t2: float) -> tuple[np.ndar
     ``sizes`` are the cluster sizes (``n = sum``), ``s0`` the number of directed edges and ``t2`` is
     ``sum_v d_v (d_v - 1)`` of a symmetric 0/1 adjacency without self loops. This is the null of
     squidpy's ``nhood_enrichment`` (labels shuffled over all objects), in closed form.
+
+    Parameters
+    ----------
+    sizes
+        ``(k,)`` cluster sizes.
+    s0
+        Number of directed edges.
+    t2
+        ``sum_v d_v (d_v - 1)``.
+
+    Returns
+    -------
+    (mean, var)
+        ``(k, k)`` float64 mean and variance of ``C_ab``.
+
     """
     na = np.asarray(sizes, dtype=np.float64)
     n = float(na.sum())
@@ -434,7 +579,29 @@ def _connectivity(row, p, ctx: _Context, config: StatsConfig, view) -> None:
 
 def hull_components(view, coords: np.ndarray, lab: np.ndarray, *, same_label: bool, min_nds: int,
                     min_degree: int) -> list[tuple[int, np.ndarray]]:
-    """Components (label, graph node ids) of the ``min_degree``-core with at least ``min_nds`` nodes."""
+    """Return the components of the ``min_degree``-core with at least ``min_nds`` nodes.
+
+    Parameters
+    ----------
+    view
+        The graph at one radius.
+    coords
+        Coordinates in graph order (unused by the search; kept for callers that pass them).
+    lab
+        int32 cluster code per graph node.
+    same_label
+        Only edges between objects of the same cluster (per-cluster hulls) when True.
+    min_nds
+        Smallest component kept.
+    min_degree
+        Core degree: nodes of lower degree are peeled off first.
+
+    Returns
+    -------
+    list of (int, numpy.ndarray)
+        The label (first node's) and the graph node ids of each component.
+
+    """
     from . import _kernels as K
 
     alive = K.kcore(view.start, view.degree, view.indices, lab, same_label, int(min_degree))
@@ -454,9 +621,22 @@ def hull_components(view, coords: np.ndarray, lab: np.ndarray, *, same_label: bo
 
 
 def hull_metrics(points: np.ndarray, center: np.ndarray) -> tuple[float, float, float, float, float] | None:
-    """(volume, area, n, distance to center, density) of one component; None when degenerate.
+    """Return the convex-hull metrics of one component, or None when it is degenerate.
 
     In 2-D, volume is the polygon area and area its perimeter (scipy/Qhull conventions).
+
+    Parameters
+    ----------
+    points
+        ``(m, d)`` coordinates of the component.
+    center
+        ``(d,)`` centre of the sample.
+
+    Returns
+    -------
+    tuple of float or None
+        ``(volume, area, n, distance to center, density)``; None for flat or zero-volume hulls.
+
     """
     from scipy.spatial import ConvexHull, QhullError
 
@@ -505,7 +685,27 @@ def _chull(row, p, ctx: _Context, config: StatsConfig, view) -> None:
 
 def row_frame(name: str, features: np.ndarray, info: dict[str, Any], config: StatsConfig,
               extra: dict[str, Any] | None = None) -> pd.DataFrame:
-    """Assemble one result row: features (float64) then metadata columns."""
+    """Assemble one result row: features (float64) then metadata columns.
+
+    Parameters
+    ----------
+    name
+        Row name.
+    features
+        Values aligned with ``config.feature_names``.
+    info
+        Status, counts and standard errors (from :func:`compute_stats`).
+    config
+        The column layout.
+    extra
+        More metadata columns, placed before ``info``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row indexed by ``str(name)``.
+
+    """
     data: dict[str, Any] = dict(zip(config.feature_names, features, strict=True))
     if extra:
         data.update(extra)
@@ -519,7 +719,7 @@ def sample_spatial_stats(
     cluster_key: str = "leiden",
     spatial_key: str = "spatial",
     radii: float | Sequence[float] = (25, 50),
-    stats: str | Iterable[str] | None = None,
+    stats: StatGroup | Iterable[StatGroup] | None = None,
     categories: Sequence[Any] | None = None,
     layer: str | None = None,
     name: str | None = None,
@@ -588,7 +788,26 @@ def sample_spatial_stats(
 
 
 def codes_for(labels: pd.Series, categories: Sequence[Any]) -> np.ndarray:
-    """Integer codes of ``labels`` into ``categories`` (-1 for missing); unknown labels raise."""
+    """Return the integer codes of ``labels`` into ``categories`` (-1 for missing).
+
+    Parameters
+    ----------
+    labels
+        Cluster labels of the objects.
+    categories
+        The global categories.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n,)`` int32 codes.
+
+    Raises
+    ------
+    ValueError
+        When a label is not among ``categories``.
+
+    """
     cat = pd.Categorical(labels)
     known = pd.Index(categories)
     unknown = [c for c in cat.categories if c not in known]
@@ -604,8 +823,8 @@ def _config_and_values(adata, categories, *, radii, stats, layer, chull_min_nds,
     stats_t = normalize_stats(stats)
     radii_t = normalize_radii(radii)
     validate_hull_params(chull_min_nds, chull_min_degree, n_dims)
-    if int(n_clustering_samples) < 2:
-        raise ValueError(f"n_clustering_samples={n_clustering_samples!r} must be >= 2 (standard error needs 2).")
+    check_int(n_clustering_samples, argument="n_clustering_samples", minimum=2,
+              fix="The standard error of a sampled clustering coefficient needs 2 nodes.")
     values = None
     var_names: tuple[str, ...] = ()
     if "moran_features" in stats_t:
@@ -619,16 +838,53 @@ def _config_and_values(adata, categories, *, radii, stats, layer, chull_min_nds,
 
 
 def validate_hull_params(chull_min_nds: int, chull_min_degree: int, n_dims: int) -> None:
-    """Check the convex-hull settings against the coordinate dimension."""
-    if int(chull_min_nds) < n_dims + 1:
-        raise ValueError(f"chull_min_nds={chull_min_nds!r} is too small: a convex hull in {n_dims}-D needs at "
-                         f"least {n_dims + 1} points; pass chull_min_nds >= {n_dims + 1} (default 10).")
-    if int(chull_min_degree) < 0:
-        raise ValueError(f"chull_min_degree={chull_min_degree!r} must be >= 0 (default 3).")
+    """Check the convex-hull settings against the coordinate dimension.
+
+    Parameters
+    ----------
+    chull_min_nds
+        Minimum component size: at least ``n_dims + 1`` points span a hull.
+    chull_min_degree
+        Core degree, >= 0.
+    n_dims
+        Number of coordinate axes.
+
+    Raises
+    ------
+    ValueError
+        When either setting is out of range.
+
+    """
+    check_int(chull_min_nds, argument="chull_min_nds", minimum=n_dims + 1,
+              fix=f"A convex hull in {n_dims}-D needs at least {n_dims + 1} points (default 10).")
+    check_int(chull_min_degree, argument="chull_min_degree", minimum=0, fix="The default is 3.")
 
 
 def table_values(adata, layer: str | None) -> np.ndarray:
-    """Dense float64 variables of ``adata`` (``.X`` or a layer) for Moran's I."""
+    """Return the dense float64 variables of ``adata`` (``.X`` or a layer) for Moran's I.
+
+    Parameters
+    ----------
+    adata
+        The object table.
+    layer
+        Layer name, or ``None`` for ``.X``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_obs, n_vars)`` float64; NaN/inf values are kept (with a ``SpatialStatsWarning``).
+
+    Raises
+    ------
+    KeyError
+        When ``layer`` is not a layer of the table.
+    ValueError
+        When ``.X`` is None and there are variables.
+    TypeError
+        When the variables are not numeric.
+
+    """
     import scipy.sparse as sp
 
     from ..validation import check_key

@@ -2,7 +2,7 @@
 
 A cube is ``floor((position - origin) / dim_subunit)`` per axis. The origin defaults to the origin
 of the coordinate system (all zeros), so the same cube key means the same region in every well and
-in every later run (it does not move with each sample's minimum, unlike the earlier library).
+in every later run (it does not move with each sample's minimum).
 Cubes do not overlap; graphs are built inside a cube, so objects near its faces lose neighbours
 outside it. Subsampling of large cubes is seeded by ``(seed, sample, cube key)``.
 """
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..validation import check_int
+
 __all__ = ["Subunit", "normalize_dim_subunit", "partition_subunits", "subunit_indices"]
 
 
@@ -21,7 +23,7 @@ __all__ = ["Subunit", "normalize_dim_subunit", "partition_subunits", "subunit_in
 class Subunit:
     """One cube of one sample.
 
-    Attributes
+    Parameters
     ----------
     key
         Grid index per axis (``(iy, ix[, iz])`` for coordinates ``(y, x[, z])``).
@@ -47,7 +49,26 @@ class Subunit:
 
 
 def normalize_dim_subunit(dim_subunit: float | Sequence[float], n_dims: int) -> np.ndarray:
-    """Cube edge per axis: a scalar is broadcast; 3 values with 2-D coordinates use the first 2."""
+    """Return the cube edge per axis: a scalar is broadcast; 3 values with 2-D coordinates use the first 2.
+
+    Parameters
+    ----------
+    dim_subunit
+        One edge, or one per axis.
+    n_dims
+        Number of coordinate axes.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_dims,)`` float64 edges.
+
+    Raises
+    ------
+    ValueError
+        For another number of values, or edges that are not positive and finite.
+
+    """
     dims = np.atleast_1d(np.asarray(dim_subunit, dtype=np.float64))
     if dims.ndim != 1 or dims.size not in (1, n_dims, 3) or (dims.size == 3 and n_dims not in (2, 3)):
         raise ValueError(f"dim_subunit={dim_subunit!r} must be a number or one edge per axis "
@@ -62,7 +83,23 @@ def normalize_dim_subunit(dim_subunit: float | Sequence[float], n_dims: int) -> 
 
 def subunit_indices(coords: np.ndarray, dim_subunit: float | Sequence[float],
                     origin: Sequence[float] | None = None) -> np.ndarray:
-    """Integer cube index per object and axis, ``floor((coords - origin) / dim_subunit)``."""
+    """Return the integer cube index per object and axis, ``floor((coords - origin) / dim_subunit)``.
+
+    Parameters
+    ----------
+    coords
+        ``(n, d)`` coordinates.
+    dim_subunit
+        Cube edge (one, or one per axis).
+    origin
+        Grid origin, one value per axis (default: all zeros).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, d)`` int64 cube indices.
+
+    """
     coords = np.asarray(coords, dtype=np.float64)
     dims = normalize_dim_subunit(dim_subunit, coords.shape[1])
     org = np.zeros(coords.shape[1]) if origin is None else np.asarray(origin, dtype=np.float64)
@@ -82,7 +119,25 @@ def partition_subunits(
     seed: int = 0,
     seed_key: Sequence[int] = (),
 ) -> tuple[list[Subunit], int]:
-    """Cubes of one sample with at least ``min_obs`` objects, each subsampled to ``max_obs``.
+    """Return the cubes of one sample with at least ``min_obs`` objects, each subsampled to ``max_obs``.
+
+    Parameters
+    ----------
+    coords
+        ``(n, d)`` coordinates of the sample's objects.
+    dim_subunit
+        Cube edge (one, or one per axis).
+    origin
+        Grid origin, one value per axis (default: all zeros, shared by every sample).
+    min_obs
+        Cubes with fewer objects are dropped.
+    max_obs
+        Larger cubes are subsampled to this many objects; ``None`` keeps all.
+    seed
+        Seed of the subsampling.
+    seed_key
+        Non-negative ints mixed into the seed (e.g. the sample key), so a cube's sample does not
+        depend on the other samples.
 
     Returns
     -------
@@ -90,8 +145,8 @@ def partition_subunits(
         Kept cubes in key order, and how many non-empty cubes had fewer than ``min_obs`` objects.
 
     """
-    if max_obs is not None and int(max_obs) < 1:
-        raise ValueError(f"max_obs_per_subunit={max_obs!r} must be None or a positive int.")
+    if max_obs is not None:
+        check_int(max_obs, argument="max_obs_per_subunit", minimum=1, expected="None or a positive int")
     idx = subunit_indices(coords, dim_subunit, origin)
     if idx.shape[0] == 0:
         return [], 0

@@ -629,7 +629,7 @@ def test_message_passing_bad_coordinates_and_nan_features():
     bad[5] = np.nan
     with pytest.raises(ValueError, match=r"coords contain NaN or inf; drop or fix those objects first"):
         spatial_message_passing(bad, x, 10.0)
-    with pytest.raises(ValueError, match=r"radius=-1\.0 must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"radius=-1\.0 must be >= 0 \(a finite number in units of coords\)"):
         spatial_message_passing(coords, x, -1.0)
     with pytest.raises(ValueError, match=r"coords must be \(n_objects, n_dims\) with n_objects = 40"):
         spatial_message_passing(coords[:39], x, 10.0)

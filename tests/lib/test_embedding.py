@@ -99,4 +99,37 @@ def test_batch_correction_variable_features_and_skipped_rows():
     assert np.isnan(emb.obsm["X_umap"][skipped.to_numpy()]).all()
     assert np.isfinite(emb.obsm["X_umap"][~skipped.to_numpy()]).all()
     assert emb.obsp["connectivities"][np.flatnonzero(skipped)[0]].nnz == 0
-    assert emb.uns["spatialgraph_embedding"]["neighbors"] in ("scanpy", "bbknn")
+    # the neighbour method is the explicit default, whatever is installed
+    assert emb.uns["spatialgraph_embedding"]["neighbors"] == "scanpy"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"n_dim": 2.5}, ValueError, r"n_dim=2\.5 must be an int >= 1\. Pass the number"),
+        ({"n_dim": 0}, ValueError, r"n_dim=0 must be an int >= 1"),
+        ({"n_dim": "3"}, TypeError, r"n_dim='3' must be an int >= 1, found str"),
+        ({"n_neighbors": 1}, ValueError, r"n_neighbors=1 must be an int >= 2"),
+        ({"variable_features": 0}, ValueError, r"variable_features=0 must be an int >= 1"),
+        ({"variable_features": "top"}, TypeError, r"variable_features='top' must be True, False or an int"),
+        ({"scale": "yes"}, TypeError, r"scale='yes' must be True or False"),
+        ({"neighbors": "faiss"}, ValueError, r"neighbors='faiss' is not valid; choose one of \['scanpy', 'bbknn'\]"),
+        ({"neighbors": "bbknn"}, ValueError, r"neighbors='bbknn' balances the graph .* batch_correction=True"),
+    ],
+)
+def test_invalid_options_raise_before_any_work(stats_3_wells, kwargs, error, match):
+    _, res = stats_3_wells
+    args = {"n_dim": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        spatialgraph_embedding(res, args.pop("n_dim"), **args)
+    assert "X_pca" not in res.obsm  # input untouched
+
+
+def test_bbknn_is_opt_in_and_names_the_extra_when_missing(stats_3_wells, monkeypatch):
+    import sys
+
+    table, res = stats_3_wells
+    monkeypatch.setitem(sys.modules, "bbknn", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'phenocoder\[bbknn\]'"):
+        spatialgraph_embedding(res, 2, batch_correction=True, batch_key="plate", source_obs=table.obs,
+                               neighbors="bbknn")

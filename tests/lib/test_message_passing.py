@@ -71,3 +71,15 @@ def test_invalid_arguments():
         spatial_message_passing(np.zeros((3, 3)), np.zeros((2, 1)), 1)
     with pytest.raises(ValueError, match="samples must have one label"):
         spatial_message_passing(np.zeros((2, 3)), np.zeros((2, 1)), 1, samples=[1])
+
+
+def test_message_passing_lives_below_the_spatial_statistics():
+    """The encoding stage runs it, so it is its own module; the old spatial names stay importable."""
+    import phenocoder_lib.message_passing as mp
+    import phenocoder_lib.radius_graph as rg
+    import phenocoder_lib.spatial as spatial
+    import phenocoder_lib.spatial.graph as old_graph
+    import phenocoder_lib.spatial.message_passing as old_mp
+
+    assert old_mp.spatial_message_passing is mp.spatial_message_passing is spatial.spatial_message_passing
+    assert old_graph.build_radius_graph is rg.build_radius_graph is spatial.build_radius_graph

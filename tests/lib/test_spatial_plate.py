@@ -13,11 +13,11 @@ from phenocoder_lib import Phenocoder
 from phenocoder_lib.spatial import EmbeddingWarning, SpatialStatsWarning
 
 
-def Host(sdata, table_key='nuclei_features', sample_key="sample", seed=0):
-    """The facade with a stand-in ``sdata`` (only ``tables`` is read by the spatial methods)."""
-    host = Phenocoder(table_key=table_key, sample_key=sample_key, seed=seed)
-    host.sdata = sdata
-    return host
+def make_host(sdata, table_key="nuclei_features", sample_key="sample", seed=0) -> Phenocoder:
+    """A ``Phenocoder`` over a stand-in for SpatialData: the spatial steps read only ``sdata.tables``."""
+    pheno = Phenocoder(table_key=table_key, sample_key=sample_key, seed=seed)
+    pheno.sdata = sdata
+    return pheno
 
 
 def _truth_labels(root, table):
@@ -37,7 +37,7 @@ def test_synthetic_plate_with_planted_labels(synthetic_plate_3d, tmp_path):
     table.obs["cell_type"] = _truth_labels(synthetic_plate_3d, table)
     assert table.obs["cell_type"].notna().all()
     before = table.obs.copy()
-    host = Host(SimpleNamespace(tables=sdata.tables))
+    host = make_host(SimpleNamespace(tables=sdata.tables))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SpatialStatsWarning)
         res = host.spatialgraph_stats(cluster_key="cell_type", radii=(25, 50), progress=False)
@@ -63,7 +63,7 @@ def test_standalone_path_on_synthetic_and_real_plate(synthetic_plate_3d, request
         table = sdata.tables["nuclei_features"]
         labels, _ = cluster_features(table, resolution=0.5, n_pcs=10, seed=0)
         table.obs["leiden"] = labels
-        host = Host(SimpleNamespace(tables=sdata.tables))
+        host = make_host(SimpleNamespace(tables=sdata.tables))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SpatialStatsWarning)
             res = host.spatialgraph_stats(cluster_key="leiden", radii=radii, progress=False)

@@ -22,11 +22,11 @@ except ImportError:
     from spatial_fixtures import make_table
 
 
-def Host(sdata, table_key='t', sample_key="sample", seed=0):
-    """The facade with a stand-in ``sdata`` (only ``tables`` is read by the spatial methods)."""
-    host = Phenocoder(table_key=table_key, sample_key=sample_key, seed=seed)
-    host.sdata = sdata
-    return host
+def make_host(sdata, table_key="t", sample_key="sample", seed=0) -> Phenocoder:
+    """A ``Phenocoder`` over a stand-in for SpatialData: the spatial steps read only ``sdata.tables``."""
+    pheno = Phenocoder(table_key=table_key, sample_key=sample_key, seed=seed)
+    pheno.sdata = sdata
+    return pheno
 
 
 def _quiet(fn, *args, **kwargs):
@@ -85,7 +85,7 @@ def test_int_sample_ids_and_skipped_and_empty_samples():
 def test_nothing_computable_raises_and_clears_stale_result():
     table = make_table(200, seed=4)
     table.obs["leiden"] = pd.Categorical(["1"] * 200, categories=["0", "1"])
-    host = Host(SimpleNamespace(tables={"t": table}))
+    host = make_host(SimpleNamespace(tables={"t": table}))
     host.adata = "stale"
     with pytest.raises(ValueError, match="no spatial statistics could be computed"):
         _quiet(host.spatialgraph_stats, radii=(25,), progress=False)
@@ -98,7 +98,7 @@ def test_nothing_computable_raises_and_clears_stale_result():
 
 def test_verbose_is_deprecated_and_names_the_replacement():
     table = make_table(300, seed=4)
-    host = Host(SimpleNamespace(tables={"t": table}))
+    host = make_host(SimpleNamespace(tables={"t": table}))
     with pytest.warns(FutureWarning, match="set_verbose_logging"):
         _quiet(host.spatialgraph_stats, radii=(25,), stats=["interactions"], progress=False, verbose=True)
     assert host.adata is not None and host.adata.n_obs == table.obs["sample"].nunique()
@@ -106,7 +106,7 @@ def test_verbose_is_deprecated_and_names_the_replacement():
 
 def test_facade_errors_name_the_argument():
     table = make_table(200, seed=4)
-    host = Host(SimpleNamespace(tables={"t": table}))
+    host = make_host(SimpleNamespace(tables={"t": table}))
     with pytest.raises(KeyError, match="table_key='missing'"):
         host.spatialgraph_stats(table_key="missing")
     with pytest.raises(KeyError, match="cluster_key='x'"):
@@ -117,9 +117,9 @@ def test_facade_errors_name_the_argument():
     with pytest.raises(KeyError, match="sample_key='well'"):
         host.spatialgraph_stats()
     with pytest.raises(ValueError, match="add_sdata"):
-        Host(None).spatialgraph_stats()
+        make_host(None).spatialgraph_stats()
     with pytest.raises(ValueError, match="spatialgraph_stats"):
-        Host(None).spatialgraph_embedding(2)
+        make_host(None).spatialgraph_embedding(2)
 
 
 def test_subunits_share_the_grid_origin_across_samples():
