@@ -324,17 +324,31 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN/inf -> None and numpy scalars -> Python, so the document is strict JSON."""
+def json_safe(value: Any) -> Any:
+    """A document made strict JSON: NaN/inf -> None, numpy scalars -> Python, keys -> str.
+
+    Parameters
+    ----------
+    value
+        Nested dicts, lists, tuples and scalars.
+
+    Returns
+    -------
+    Any
+        The same structure, writable with ``json.dumps(..., allow_nan=False)``.
+    """
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
+
+
+_json_safe = json_safe
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -350,7 +364,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                                     nuclei_per_well=args.nuclei_per_well or 90, epochs=args.epochs or 25,
                                     resolution=args.resolution, cellprofiler=not args.no_cellprofiler,
                                     null_size=args.null_size)
-        print(json.dumps(_json_safe(doc), indent=2, allow_nan=False))
+        print(json.dumps(json_safe(doc), indent=2, allow_nan=False))
         return 1 if args.strict and not all(t["met"] for t in doc["targets"]) else 0
     nuclei, epochs = args.nuclei_per_well or 150, args.epochs or 15
     start = time.perf_counter()
