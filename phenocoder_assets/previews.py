@@ -246,3 +246,28 @@ def heatmap(matrix: np.ndarray, labels: list[str], *, title: str = "", colorbar:
     bar.set_label(colorbar, fontsize=7)
     bar.ax.tick_params(labelsize=6)
     return figure_png(fig)
+
+
+def well_thumbnail(image: Any, sample: str) -> bytes:
+    """Thumbnail of a well's image: max projection (3-D) of the first three channels, strided to at most ~512 px.
+
+    Parameters
+    ----------
+    image
+        The well's image (``c[, z], y, x``; an ``xarray.DataArray`` or array, dask-backed or not).
+    sample
+        The well's sample name (the title).
+
+    Returns
+    -------
+    bytes
+        The PNG.
+    """
+    import numpy as np
+
+    arr = getattr(image, "data", image)
+    step = max(1, int(np.ceil(max(arr.shape[-2:]) / 512)))
+    arr = arr[..., ::step, ::step]
+    if arr.ndim == 4:
+        arr = arr.max(axis=1)
+    return image_thumbnail(np.asarray(arr[:3]), title=sample)

@@ -74,8 +74,10 @@ def wells_check_spec(asset: str) -> AssetCheckSpec:
 
 
 def per_sample_asset(*, check_specs: tuple[AssetCheckSpec, ...] = (), **kwargs: Any) -> Callable:
-    """``@asset`` of a per-well stage: the ``samples`` partitions, the ``per_sample`` group, step retries,
-    plate-sized backfill runs and the :data:`CHECK_WELLS` check, plus the stage's own ``kwargs``.
+    """``@asset`` decorator of a per-well stage, with what every such stage shares.
+
+    That is the ``samples`` partitions, the ``per_sample`` group, step retries, plate-sized backfill
+    runs and the :data:`CHECK_WELLS` check, plus the stage's own ``kwargs`` (and ``check_specs``).
     """
     from dagster import asset
 

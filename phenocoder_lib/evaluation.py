@@ -491,7 +491,6 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-_json_safe = json_safe  # the name phenocoder_assets.assets.profiles imports
 
 
 def run_from_args(args: argparse.Namespace) -> int:

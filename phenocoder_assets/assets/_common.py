@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -113,23 +112,17 @@ def write_png(path: Path, png: bytes | None) -> None:
 
 
 def digest(*parts: Any) -> str:
-    """SHA-256 (24 hex digits) of ``parts`` as canonical JSON (numpy scalars and paths via ``str``)."""
-    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+    """SHA-256 (24 hex digits) of ``parts`` as canonical JSON (:func:`phenocoder_lib.pipeline.content_digest`)."""
+    from phenocoder_lib.pipeline import content_digest
+
+    return content_digest(*parts)
 
 
 def array_digest(arrays: Iterable[Any]) -> str:
-    """SHA-256 (24 hex digits) of the dtypes, shapes and bytes of ``arrays`` (a content digest)."""
-    import numpy as np
+    """Content digest of ``arrays``: dtypes, shapes and bytes (:func:`phenocoder_lib.pipeline.array_digest`)."""
+    from phenocoder_lib.pipeline import array_digest as digest_arrays
 
-    h = hashlib.sha256()
-    for arr in arrays:
-        a = np.ascontiguousarray(np.asarray(arr))
-        if a.dtype == object:
-            a = a.astype(str)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:24]
+    return digest_arrays(arrays)
 
 
 def settings_of(config: Any, exclude: Iterable[str] = ()) -> dict[str, Any]:
@@ -164,3 +157,26 @@ def write_version(out: Path, version: str, inputs: Mapping[str, Any] | None = No
 
     write_json_atomic(out / VERSION_FILE, {"data_version": version, "inputs": dict(inputs or {})})
     return DataVersion(version)
+
+
+def source_digest(plate_dir: Path, plate: str, well: str, layout: Any) -> str | None:
+    """Digest of one well's files as the sensor computes it (the sensor skips wells already ingested)."""
+    from phenocoder_lib.ingest import scan_plate
+
+    from ..sensors import well_digests
+
+    return well_digests(plate_dir, scan_plate(plate_dir, layout=layout, plate=plate), []).get(well)
+
+
+def sdata_summaries(storage: Any, samples: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``sample -> summary.json`` of ``sdata`` (plate, well, plate folder) for the samples whose one is readable."""
+    from ..state import SUMMARY, read_json
+
+    out = {}
+    for s in samples:
+        try:
+            if storage.exists("sdata", s):
+                out[s] = read_json(storage.local_path("sdata", s) / SUMMARY)
+        except (OSError, ValueError):
+            continue  # an unreadable summary: the well is shown and scored without its plate
+    return out

@@ -2,27 +2,20 @@
 
 from pathlib import Path
 
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
+from dagster import AssetExecutionContext, MaterializeResult
 
 from ..configs import IngestConfig
 from ..metadata_docs import describe
 from ..partitions import split_sample
 from ..resources import PhenocoderStorage
 from ..wells import for_each_well, per_sample_asset
-from ._common import (
-    PREVIEW_FILE,
-    SDATA_FILE,
-    Timer,
-    logical_version,
-    preview_metadata,
-    settings_of,
-    write_png,
-    write_version,
-)
+from ._common import SDATA_FILE, logical_version, settings_of, source_digest, write_version
 
 CODE_VERSION = "1"
 #: Settings that change only the preview, not the data (left out of the data version).
 COSMETIC = ("preview",)
+#: Settings of :func:`phenocoder_lib.pipeline.ingest_well` besides the plate layout.
+READ_SETTINGS = {"pixel_size_um", "z_step_um", "table_scale", "image_key", "table_key", "sample_key"}
 
 
 @per_sample_asset(
@@ -40,68 +33,25 @@ def sdata(context: AssetExecutionContext, config: IngestConfig, storage: Phenoco
 
 def _sdata_one(context: AssetExecutionContext, config: IngestConfig, storage: PhenocoderStorage,
                sample: str) -> MaterializeResult:
-    """One well of ``sdata``."""
-    from phenocoder_lib.ingest import read_plate, scan_plate, write_sdata
+    """One well of ``sdata`` (:func:`phenocoder_lib.pipeline.ingest_well`)."""
     from phenocoder_lib.io import write_json_atomic
+    from phenocoder_lib.pipeline import ingest_well
 
-    from ..sensors import well_digests
+    from ..metadata import sdata_result
+    from ..state import SUMMARY
 
     plate, well = split_sample(sample)
     plate_dir = Path(config.plate_dir) if config.plate_dir else storage.landing_dir / plate
-    timer = Timer()
-    # digest of the well's files as the sensor computes it: the sensor skips wells already ingested
-    digest = well_digests(plate_dir, scan_plate(plate_dir, layout=config.layout(), plate=plate), []).get(well)
-    with timer.phase("read"):
-        sd = read_plate(plate_dir, wells=[well], plate=plate, layout=config.layout(),
-                        pixel_size_um=config.pixel_size_um, z_step_um=config.z_step_um,
-                        table_scale=config.table_scale, image_key=config.image_key,
-                        table_key=config.table_key, sample_key=config.sample_key)
-    table = sd.tables[config.table_key]
-    image = sd.images[f"{config.image_key}_{sample}"]
-    png = None
+    digest = source_digest(plate_dir, plate, well, config.layout())
     # the well's files (names, sizes, times) and the reading settings: a re-export or another setting is a
     # new version, an unchanged rerun the same one
     inputs = {"source": str(digest)}
     version = logical_version(CODE_VERSION, settings_of(config, COSMETIC), inputs)
     with storage.stage("sdata", sample) as out:
-        with timer.phase("write"):
-            write_sdata(sd, out / SDATA_FILE)
-        summary = {
-            "sample": sample, "plate": plate, "well": well, "plate_dir": str(plate_dir), "source_digest": digest,
-            "table_key": config.table_key, "image_key": config.image_key, "sample_key": config.sample_key,
-            "n_objects": int(table.n_obs), "n_features": int(table.n_vars),
-            "image_shape": [int(s) for s in image.shape], "image_dims": list(image.dims),
-            "channels": [str(c) for c in image.coords["c"].values],
-        }
-        write_json_atomic(out / "summary.json", summary)
+        ingested = ingest_well(plate_dir, out / SDATA_FILE, plate=plate, well=well, layout=config.layout(),
+                               source_digest=digest, **config.model_dump(include=READ_SETTINGS))
+        write_json_atomic(out / SUMMARY, ingested.summary)
         data_version = write_version(out, version, inputs)
-        if config.preview:
-            with timer.phase("preview"):
-                png = _thumbnail(image, sample)
-            write_png(out / PREVIEW_FILE, png)
-    final = storage.url("sdata", sample)
-    context.log.info(f"{sample}: {table.n_obs} objects, image {tuple(image.shape)} -> {final}")
-    return MaterializeResult(data_version=data_version, metadata={
-        **preview_metadata(png, f"{sample}: max projection", final),
-        "n_objects": MetadataValue.int(int(table.n_obs)),
-        "n_features": MetadataValue.int(int(table.n_vars)),
-        "image_shape": MetadataValue.text(" x ".join(f"{d}={s}" for d, s in zip(image.dims, image.shape, strict=True))),
-        "plate_dir": MetadataValue.path(str(plate_dir)),
-        "source_digest": MetadataValue.text(str(digest)),
-        "path": MetadataValue.path(f"{final}/{SDATA_FILE}"),
-        **timer.metadata(),
-    })
-
-
-def _thumbnail(image, sample: str) -> bytes:
-    """Max projection (3-D) of the first three channels, strided to at most ~512 px."""
-    import numpy as np
-
-    from ..previews import image_thumbnail
-
-    arr = image.data
-    step = max(1, int(np.ceil(max(arr.shape[-2:]) / 512)))
-    arr = arr[..., ::step, ::step]
-    if arr.ndim == 4:
-        arr = arr.max(axis=1)
-    return image_thumbnail(np.asarray(arr[:3]), title=sample)
+        result = sdata_result(context, ingested, out, storage.url("sdata", sample), data_version,
+                              preview=config.preview)
+    return result
