@@ -116,7 +116,14 @@ def delegates_to(target: str, returns: str | None = None) -> Callable:
         seen: list[str] = []
         for name in wanted:
             entry = documented.get(name)
-            if entry is not None and entry not in seen:
+            if entry is None:
+                continue
+            # an entry documenting several names together keeps only those the method takes
+            head, _, rest = entry.partition("\n")
+            names, sep, kind = head.partition(" : ")
+            kept = [n for n in (x.strip() for x in names.split(",")) if n.lstrip("*") in wanted]
+            entry = ", ".join(kept) + sep + kind + ("\n" + rest if rest else "")
+            if entry not in seen:
                 seen.append(entry)
         parts = [own["Summary"]]
         parts += [f"{title}\n{'-' * len(title)}\n{body}" for title, body in own.items()

@@ -197,8 +197,12 @@ class Phenocoder:
                table_name: str = PHENOCODER_TABLE, use_store: bool = True, progress: bool = True) -> Any:
         """Encode every object (``z_mean``) into ``sdata.tables[table_name]`` (replaced), as normalized in training.
 
-        ``scale``, ``scale_per_sample``, ``scale_percentile`` and ``spatial_key_index`` are optional checks: when
-        given they must equal the training datasets' values (``ValueError`` otherwise).
+        Parameters
+        ----------
+        scale, spatial_key_index, scale_percentile, scale_per_sample
+            Optional checks: when given they must equal the training datasets' values (else ``ValueError``).
+        table_name
+            Name of the new table in ``sdata.tables``.
         """
         args = _args(locals(), "table_name")
         from .encoding import encode_table
@@ -219,8 +223,15 @@ class Phenocoder:
                 resolution: float = 1.0, reference: Any = None, transfer_k: int | None = None) -> Any:
         """Cluster a table's objects (seeded Leiden) into ``.obs[key_added]``; return the reference.
 
-        With ``reference`` (a ``ClusterReference`` or its ``.npz`` path) the objects are labelled by kNN transfer
-        (:func:`~phenocoder_lib.clustering.transfer_labels`, also ``.obs[key_added + '_confidence']``).
+        Parameters
+        ----------
+        table_key
+            Table to cluster (default ``self.table_key``).
+        key_added
+            ``.obs`` column of the labels.
+        reference
+            A ``ClusterReference`` (or its ``.npz`` path): label by kNN transfer instead
+            (:func:`~phenocoder_lib.clustering.transfer_labels`, also ``.obs[key_added + '_confidence']``).
         """
         from .clustering import ClusterReference, cluster_features, transfer_labels
         table = self._table(table_key)
@@ -245,8 +256,12 @@ class Phenocoder:
                            max_clusters: int = 500) -> Any:
         """Spatial graph statistics per sample (or subunit) of a clustered table, into ``self.adata``.
 
-        Argument errors leave ``self.adata`` alone; a failed computation sets it to ``None``. ``verbose`` is
-        deprecated and ignored (``FutureWarning``): call :func:`phenocoder_lib.set_verbose_logging` instead.
+        Argument errors leave ``self.adata`` alone; a failed computation sets it to ``None``.
+
+        Parameters
+        ----------
+        verbose
+            Deprecated and ignored (``FutureWarning``): call :func:`phenocoder_lib.set_verbose_logging` instead.
         """
         args = {**_args(locals(), "verbose"), "table_key": self.table_key if table_key is None else table_key}
         from .spatial.driver import check_spatial_stats_args, compute_spatial_stats
