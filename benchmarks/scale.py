@@ -166,7 +166,7 @@ def graphql_figures(wctx, key: str, repeat: int) -> dict:
         ("last_materialization_one_partition", LAST_MATERIALIZATION, {"key": {"path": ["latents"]},
                                                                       "partition": key}),
     ):
-        def _q(query=query, variables=variables):
+        def _q(query=query, variables=variables, name=name):
             res = execute_dagster_graphql(wctx.create_request_context(), query, variables)
             if res.errors:
                 raise RuntimeError(f"GraphQL {name}: {res.errors}")

@@ -14,7 +14,8 @@ EDGES = {
     "sdata": set(), "patches": {"sdata"}, "model": {"patches"}, "latents": {"sdata", "patches", "model"},
     "cluster_reference": {"latents"}, "clusters": {"latents", "cluster_reference"},
     # embedding -> latents: Dagster reports only a direct dependency's change as STALE
-    "graph_stats": {"latents", "clusters"}, "embedding": {"graph_stats", "latents"}, "well_profiles": {"latents", "graph_stats"},
+    "graph_stats": {"latents", "clusters"}, "embedding": {"graph_stats", "latents"},
+    "well_profiles": {"latents", "graph_stats"},
 }
 
 

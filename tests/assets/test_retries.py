@@ -58,7 +58,8 @@ res = materialize(ASSETS, selection=["sdata"], partition_key="TINY_A01", instanc
                   resources={"storage": PhenocoderStorage(root=home), "mlflow": MLflowTracking(root=home)})
 types = [e.event_type_value for e in res.all_events]
 print(json.dumps({"success": res.success, "calls": calls, "retries": types.count("STEP_UP_FOR_RETRY"),
-                  "materialized": sorted(instance.get_materialized_partitions(__import__("dagster").AssetKey("sdata")))}))
+                  "materialized": sorted(instance.get_materialized_partitions(
+                      __import__("dagster").AssetKey("sdata")))}))
 """
 
 
@@ -121,7 +122,8 @@ def test_pool_limit_holds_a_step_until_a_slot_frees(tmp_path, copy_plate):
         worker = threading.Thread(target=_run)
         worker.start()
         deadline = time.time() + 120
-        while time.time() < deadline and instance.event_log_storage.get_concurrency_info("ingest").pending_step_count < 1:
+        storage = instance.event_log_storage
+        while time.time() < deadline and storage.get_concurrency_info("ingest").pending_step_count < 1:
             time.sleep(0.5)
         info = instance.event_log_storage.get_concurrency_info("ingest")
         assert info.pending_step_count == 1 and info.active_slot_count == 1  # our step waits for the slot

@@ -22,7 +22,6 @@ def test_write_sdata_does_not_warn_about_zarr_autosharding(tmp_path, synthetic_p
 
 
 def test_conditions_none_builds_a_plain_cvae(tmp_path, synthetic_plate_2d):
-    pytest.importorskip("keras")
     from phenocoder_lib import Phenocoder
 
     p = Phenocoder(sdata=read_plate(synthetic_plate_2d), seed=0)
