@@ -94,7 +94,13 @@ _NORM_KEYS = ("scale", "scale_per_sample", "scale_percentile")
 
 
 def process_cores() -> int:
-    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where there is none).
+
+    Returns
+    -------
+    int
+        The number of cores (at least 1).
+    """
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -112,6 +118,18 @@ def configure_tensorflow(threads: int | None = None) -> dict[str, Any]:
     has run its first op: a later call changes nothing and reports what is in force. XLA (``jit_compile``)
     stays Keras's ``"auto"``: on for GPUs, off on CPUs, where measured training with XLA was 3-4x slower
     than oneDNN's kernels (``benchmarks/train_speed.py``).
+
+    Parameters
+    ----------
+    threads
+        Threads of both pools; ``None`` (default) uses :func:`process_cores`. The environment variables
+        ``TF_NUM_INTRAOP_THREADS`` / ``TF_NUM_INTEROP_THREADS`` take precedence over it.
+
+    Returns
+    -------
+    dict
+        The settings in force: ``intra_op_threads`` and ``inter_op_threads`` (0 means TensorFlow's own
+        choice), ``gpus`` (GPUs visible to TensorFlow) and ``jit_compile`` (``"auto"``).
     """
     import tensorflow as tf
 
@@ -129,7 +147,15 @@ def configure_tensorflow(threads: int | None = None) -> dict[str, Any]:
 
 
 def compile_model(model: keras.Model, learning_rate: float) -> None:
-    """Compile ``model`` with Adam the way :func:`fit` does (XLA left to Keras: on with a GPU, off on CPU)."""
+    """Compile ``model`` with Adam the way :func:`fit` does (XLA left to Keras: on with a GPU, off on CPU).
+
+    Parameters
+    ----------
+    model
+        The model to compile (its loss comes from its own ``compute_loss``).
+    learning_rate
+        Adam's initial learning rate (> 0).
+    """
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate), jit_compile="auto")
 
 
@@ -141,7 +167,26 @@ def compile_model(model: keras.Model, learning_rate: float) -> None:
 def check_datasets(datasets: Sequence[P.PatchDataset], input_shape: Sequence[int]) -> dict[str, Any]:
     """Check that the datasets agree with each other and with ``input_shape``; return the first's settings.
 
-    Raises ``ValueError`` naming the argument and the fix (before anything is trained).
+    Parameters
+    ----------
+    datasets
+        The training patch datasets; all must share ``patch_size``, ``channels``, ``spatial_key_index``,
+        ``store_dtype`` and the normalization settings (``scale``, ``scale_per_sample``,
+        ``scale_percentile``).
+    input_shape
+        The model's ``(height, width, channels)``; height and width must equal the datasets'
+        ``patch_size`` and channels their channel count.
+
+    Returns
+    -------
+    dict
+        The first dataset's ``settings`` (``settings.json``: patch geometry, channels, normalization).
+
+    Raises
+    ------
+    ValueError
+        No dataset, datasets that disagree, or an ``input_shape`` that does not match them; the message
+        names the argument and the fix (raised before anything is trained).
     """
     if not datasets:
         raise ValueError("No patch dataset: call generate_dataset(...) first.")
@@ -249,6 +294,42 @@ class PatchData:
     With ``raw`` None the patches are read from the store in whole chunks through a least-recently-used
     cache of at most ``cache_bytes`` decoded bytes. The store chunks also define the training order
     (see :func:`batch_plan`), in memory or not, so both give the same batches.
+
+    Parameters
+    ----------
+    index
+        The compact patch index, one row per patch in training-row order (columns such as ``dataset``,
+        ``sample``, the object id, ``z``, ``y``, ``x``; see :func:`load_patch_data`).
+    low
+        Low intensity anchors, float32 ``(n_groups, C)``: one row per anchor group (per sample or one for
+        all, as the datasets were made).
+    inv
+        ``1 / (high - low)`` of the same anchor groups, float32 ``(n_groups, C)``.
+    scale
+        Whether patches are normalized as ``clip((v - low) * inv, 0, 1)``; ``False``: the raw values are
+        used as they are (already in [0, 1]).
+    conditions
+        Condition vectors, float32 ``(n, width)`` with one row per patch, or ``None`` for a plain CVAE.
+    patch_shape
+        ``(height, width, channels)`` of one patch.
+    dtype
+        The store's dtype of the raw patches (``uint8``, ``uint16`` or a float type).
+    stores
+        ``(dataset folder, sample)`` of every block: where the block's zarr store is read from.
+    block_start
+        First row of every block and the total row count, int64 ``(n_blocks + 1,)``.
+    block_group
+        Anchor group (row of ``low``/``inv``) of every block, int32 ``(n_blocks,)``.
+    chunk_rows
+        Rows per store chunk: one int for all blocks or one per block (default: the patch writer's
+        chunk length).
+    raw
+        All raw patches ``(n, H, W, C)`` in RAM, or ``None`` to stream them from the stores.
+    cache_bytes
+        Bytes of decoded chunks the streaming cache may hold (default 1 GiB).
+    shuffle_window_bytes
+        Raw bytes of one shuffle window (rounded to whole chunks); 0 (default) means
+        :data:`SHUFFLE_WINDOW_BYTES`.
     """
 
     index: pd.DataFrame
@@ -293,11 +374,33 @@ class PatchData:
         return max(int(self.shuffle_window_bytes or SHUFFLE_WINDOW_BYTES) // max(chunk_bytes, 1), 1)
 
     def block_of(self, pos: np.ndarray) -> np.ndarray:
-        """Block (dataset, sample) of rows ``pos``."""
+        """Block (dataset, sample) of rows ``pos``.
+
+        Parameters
+        ----------
+        pos
+            Row positions (ints in ``[0, len(self))``).
+
+        Returns
+        -------
+        numpy.ndarray
+            The block of every row (index into ``block_start``/``stores``), same shape as ``pos``.
+        """
         return np.searchsorted(self.block_start, pos, side="right") - 1
 
     def group_of(self, pos: np.ndarray) -> np.ndarray:
-        """Anchor group (row of ``low``/``inv``) of rows ``pos``."""
+        """Anchor group (row of ``low``/``inv``) of rows ``pos``.
+
+        Parameters
+        ----------
+        pos
+            Row positions (ints in ``[0, len(self))``).
+
+        Returns
+        -------
+        numpy.ndarray
+            The anchor group of every row, int32, same shape as ``pos``.
+        """
         return self.block_group[self.block_of(pos)]
 
     def _layout(self) -> tuple[np.ndarray, np.ndarray]:
@@ -308,7 +411,19 @@ class PatchData:
         return rows, np.concatenate([[0], np.cumsum(n_chunks)])
 
     def chunk_of(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Global store chunk of rows ``pos`` and their row within the chunk."""
+        """Global store chunk of rows ``pos`` and their row within the chunk.
+
+        Parameters
+        ----------
+        pos
+            Row positions (ints in ``[0, len(self))``).
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            ``(chunk, offset)``, int64 like ``pos``: the chunk's global id (chunks numbered block after
+            block) and the row inside that chunk.
+        """
         rows, base = self._layout()
         block = self.block_of(pos)
         local = np.asarray(pos, np.int64) - self.block_start[block]
@@ -316,7 +431,21 @@ class PatchData:
         return base[block] + local // per, local % per
 
     def raw_rows(self, pos: np.ndarray, plan: BatchPlan | None = None) -> np.ndarray:
-        """Raw patches of rows ``pos`` (in the given order); ``plan`` lets the cache prefetch the next window."""
+        """Raw patches of rows ``pos`` (in the given order); ``plan`` lets the cache prefetch the next window.
+
+        Parameters
+        ----------
+        pos
+            Row positions, in the order wanted.
+        plan
+            The epoch's :class:`BatchPlan`; when streaming, the chunk cache then starts decoding the
+            window after the latest one these rows touch. ``None``: no prefetch.
+
+        Returns
+        -------
+        numpy.ndarray
+            The raw patches ``(len(pos), H, W, C)`` in the store's dtype (a copy).
+        """
         if self.raw is not None:
             return self.raw[pos]
         chunk, offset = self.chunk_of(pos)
@@ -343,7 +472,14 @@ class PatchData:
             self._cache.prefetch(plan.windows[nxt][:room].tolist())
 
     def start(self, plan: BatchPlan) -> None:
-        """Begin decoding the first window of ``plan`` (streaming only)."""
+        """Begin decoding the first window of ``plan`` (streaming only).
+
+        Parameters
+        ----------
+        plan
+            The epoch's :class:`BatchPlan`; its first window's chunks are decoded in the background, as
+            many as the chunk cache holds. Nothing happens when the patches are in RAM.
+        """
         if self.raw is None and plan.windows:
             plan.next_prefetch = 1
             chunk_bytes = int(np.max(self._layout()[0])) * self.patch_bytes
@@ -364,7 +500,20 @@ class PatchData:
         return np.asarray(arr[start:start + int(hi - lo)])
 
     def normalize(self, raw: np.ndarray, group: np.ndarray) -> np.ndarray:
-        """Normalized float32 patches of ``raw`` patches whose anchor groups are ``group``."""
+        """Normalized float32 patches of ``raw`` patches whose anchor groups are ``group``.
+
+        Parameters
+        ----------
+        raw
+            Raw patches ``(b, H, W, C)`` in the store's dtype.
+        group
+            Anchor group (row of ``low``/``inv``) of every patch, ``(b,)``.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(b, H, W, C)``: ``clip((raw - low) * inv, 0, 1)`` with ``scale``, else ``raw`` as float32.
+        """
         x = raw.astype(np.float32)
         if self.scale:
             x -= self.low[group][:, None, None, :]
@@ -373,7 +522,20 @@ class PatchData:
         return x
 
     def batch(self, pos: np.ndarray, plan: BatchPlan | None = None) -> np.ndarray:
-        """Return normalized float32 patches (len(pos), h, w, c) of rows ``pos``."""
+        """Return normalized float32 patches (len(pos), h, w, c) of rows ``pos``.
+
+        Parameters
+        ----------
+        pos
+            Row positions, in the order wanted.
+        plan
+            The epoch's :class:`BatchPlan` for the streaming prefetch (see :meth:`raw_rows`), or ``None``.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(len(pos), H, W, C)`` in [0, 1] (unaugmented).
+        """
         return self.normalize(self.raw_rows(pos, plan), self.group_of(pos))
 
 
@@ -389,6 +551,29 @@ def load_patch_data(
     :func:`training_index`). When the raw patches exceed ``memory_budget_bytes`` they stay on disk and
     are read in whole store chunks through a cache of at most ``memory_budget_bytes`` and at most two
     shuffle windows (``2 * SHUFFLE_WINDOW_BYTES`` plus two chunks); the batches are the same either way.
+
+    Parameters
+    ----------
+    datasets
+        The training patch datasets (checked with :func:`check_datasets`); their non-empty samples become
+        the blocks, in dataset order and store order.
+    conditions
+        Condition vectors, ``(n, width)`` float32 with one row per row of :func:`training_index`, or
+        ``None`` for a plain CVAE.
+    memory_budget_bytes
+        Raw patches up to this many bytes are read into RAM (default :data:`DEFAULT_MEMORY_BUDGET`,
+        1 GiB); above it they are streamed through a chunk cache bounded by it.
+
+    Returns
+    -------
+    PatchData
+        The patches (in RAM or streamed), their anchors, conditions and compact index.
+
+    Raises
+    ------
+    ValueError
+        ``conditions`` with the wrong row count, or a dataset made with ``scale=False`` whose values leave
+        [0, 1].
     """
     import zarr
 
@@ -485,7 +670,18 @@ def _concat_index(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
 
 
 def training_index(datasets: Sequence[P.PatchDataset]) -> pd.DataFrame:
-    """Concatenate the patch indexes in training-row order (samples in dataset order, store order within)."""
+    """Concatenate the patch indexes in training-row order (samples in dataset order, store order within).
+
+    Parameters
+    ----------
+    datasets
+        The training patch datasets.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per patch (``sample`` as str), with a fresh ``RangeIndex``: row ``i`` is training row ``i``.
+    """
     return _concat_index([frame for _, _, frame in _training_blocks(datasets)])
 
 
@@ -519,6 +715,30 @@ def split_train_val(
     ``split_by="object"``: within each (dataset, sample), ``round(fraction * n)`` objects (at least 1
     and at most n - 1 when n >= 2) go to validation. ``split_by="sample"``: whole samples, at least one
     in each split.
+
+    Parameters
+    ----------
+    index
+        The patch index in training-row order (:func:`training_index`); needs ``dataset`` and ``sample``.
+    validation_fraction
+        Share of the objects (or samples) held out for validation, strictly between 0 and 1 (default 0.2).
+    seed
+        Seed of the draw; the same seed gives the same split.
+    split_by
+        ``"object"`` (default): hold out objects within every (dataset, sample); ``"sample"``: hold out
+        whole samples.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(train_positions, val_positions)``: sorted row positions into ``index``, disjoint, both
+        non-empty, together all rows.
+
+    Raises
+    ------
+    ValueError
+        A fraction outside (0, 1), fewer than two patches, ``split_by="sample"`` with one sample, or an
+        unknown ``split_by``.
     """
     if not 0.0 < float(validation_fraction) < 1.0:
         raise ValueError(f"validation_fraction={validation_fraction!r} must be strictly between 0 and 1.")
@@ -559,7 +779,20 @@ def split_train_val(
 
 
 def dihedral(x: np.ndarray, states: np.ndarray) -> np.ndarray:
-    """Apply dihedral transform ``states[i]`` (0..7: ``k = s % 4`` quarter turns, mirrored if ``s >= 4``)."""
+    """Apply dihedral transform ``states[i]`` (0..7: ``k = s % 4`` quarter turns, mirrored if ``s >= 4``).
+
+    Parameters
+    ----------
+    x
+        Images ``(b, H, W, C)``; quarter turns of a non-square image need ``H == W`` (use even states).
+    states
+        Dihedral state of every image, ints in 0..7, ``(b,)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        The transformed images (a new array; ``x`` is not changed).
+    """
     out = x.copy()
     for s in np.unique(states):
         m = states == s
@@ -572,7 +805,19 @@ def dihedral(x: np.ndarray, states: np.ndarray) -> np.ndarray:
 
 @dataclass
 class BatchPlan:
-    """One epoch's order of a split: ``order`` (rows in batch order) and its store chunks, window by window."""
+    """One epoch's order of a split: ``order`` (rows in batch order) and its store chunks, window by window.
+
+    Parameters
+    ----------
+    order
+        Row positions of the split in batch order (batch ``i`` is ``order[i * batch_size:(i + 1) * batch_size]``).
+    windows
+        Global store chunks of every shuffle window, in the order the epoch first uses them.
+    window_of_chunk
+        Window of every global store chunk, int32 (-1: the chunk holds no row of this split).
+    next_prefetch
+        First window not yet handed to the chunk cache's prefetch (updated while the epoch streams).
+    """
 
     order: np.ndarray
     windows: list[np.ndarray]  # store chunks of each window, in the order the epoch first uses them
@@ -589,6 +834,24 @@ def batch_plan(data: PatchData, positions: np.ndarray, *, shuffle: bool, seed: i
     never needs more than two windows' chunks, so streaming decodes each chunk about once per epoch. The
     order depends on (seed, epoch), the positions and the store chunks only: not on the memory budget,
     nor on whether the patches are in RAM.
+
+    Parameters
+    ----------
+    data
+        The patches (their store chunks define the windows).
+    positions
+        Row positions of the split.
+    shuffle
+        Shuffle chunk-wise (training); ``False`` keeps ``positions`` in their order (validation).
+    seed
+        Seed of the shuffle.
+    epoch
+        Epoch number (0-based); every epoch has its own order.
+
+    Returns
+    -------
+    BatchPlan
+        The epoch's row order and its windows of store chunks.
     """
     chunk, _ = data.chunk_of(positions)
     if shuffle:
@@ -636,7 +899,18 @@ class _PlannedBatches:
         return math.ceil(len(self.positions) / self.batch_size)
 
     def plan(self, epoch: int) -> BatchPlan:
-        """The order of epoch ``epoch`` (the last two epochs' plans are kept)."""
+        """The order of epoch ``epoch`` (the last two epochs' plans are kept).
+
+        Parameters
+        ----------
+        epoch
+            Epoch number (0-based); ignored without ``shuffle`` (every epoch has the same order).
+
+        Returns
+        -------
+        BatchPlan
+            The epoch's :func:`batch_plan` (streaming: its first window starts decoding when it is made).
+        """
         key = int(epoch) if self.shuffle else 0
         with self._plan_lock:
             plan = self._plans.get(key)
@@ -649,7 +923,26 @@ class _PlannedBatches:
             return plan
 
     def batch_arrays(self, epoch: int, i: int) -> tuple[np.ndarray, ...]:
-        """Raw patches, anchor groups, dihedral states (zeros without ``flip``) and positions of batch ``i``."""
+        """Raw patches, anchor groups, dihedral states (zeros without ``flip``) and positions of batch ``i``.
+
+        Parameters
+        ----------
+        epoch
+            Epoch number (0-based): selects the order and the dihedral draws.
+        i
+            Batch number within the epoch, ``0 <= i < len(self)``.
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            ``(raw, group, states, pos)``: raw patches ``(b, H, W, C)`` in the store's dtype, int32 anchor
+            groups ``(b,)``, int32 dihedral states ``(b,)`` and the int64 row positions ``(b,)``.
+
+        Raises
+        ------
+        IndexError
+            ``i`` out of range.
+        """
         if i < 0 or i >= len(self):
             raise IndexError(f"batch {i} out of range (0..{len(self) - 1}).")
         plan = self.plan(epoch)
@@ -673,12 +966,16 @@ class PatchSequence(_PlannedBatches, keras.utils.PyDataset):
         Rows of ``data`` in this split.
     batch_size
         Patches per batch (the last batch may be smaller; no patch is dropped).
-    shuffle, flip
-        Seeded per-epoch chunk-wise shuffle (:func:`batch_plan`) and dihedral augmentation (training split only).
+    shuffle
+        Seeded per-epoch chunk-wise shuffle (:func:`batch_plan`; training split only). Default ``False``:
+        the rows in the order of ``positions``.
+    flip
+        Give every patch one of the 8 dihedral transforms (4 for non-square patches), drawn per batch
+        from (seed, epoch, batch); training split only. Default ``False``.
     seed
         Seed of the order and the augmentation; batch ``i`` of epoch ``e`` depends only on (seed, e, i).
     workers
-        Preparation threads (Keras PyDataset ``workers``).
+        Preparation threads (Keras PyDataset ``workers``, default 1).
 
     """
 
@@ -710,7 +1007,13 @@ class PatchSequence(_PlannedBatches, keras.utils.PyDataset):
         self.epoch += 1
 
     def keras_input(self) -> Any:
-        """Return what ``fit`` consumes (the PyDataset itself)."""
+        """Return what ``fit`` consumes (the PyDataset itself).
+
+        Returns
+        -------
+        PatchSequence
+            ``self``: a ``keras.utils.PyDataset`` yielding ``{"image", ["condition"]}`` dicts.
+        """
         return self
 
 
@@ -723,6 +1026,23 @@ class TFPatchBatches(_PlannedBatches):
     ``PyDataset`` behind ``tf.data`` holds the GIL for every batch and halves the throughput of small
     models on two cores). Every pass over :meth:`keras_input` is the next epoch (0, 1, ...), with the
     order and draws of that epoch of :class:`PatchSequence`.
+
+    Parameters
+    ----------
+    data
+        The patches.
+    positions
+        Rows of ``data`` in this split.
+    batch_size
+        Patches per batch (the last batch may be smaller; no patch is dropped).
+    shuffle
+        Seeded per-epoch chunk-wise shuffle (:func:`batch_plan`; training split only). Default ``False``.
+    flip
+        Seeded dihedral augmentation (training split only). Default ``False``.
+    seed
+        Seed of the order and the augmentation; batch ``i`` of epoch ``e`` depends only on (seed, e, i).
+    workers
+        Parallel map calls of the pipeline beyond the default two (default 1).
     """
 
     def __init__(self, data: PatchData, positions: np.ndarray, *, batch_size: int, shuffle: bool = False,
@@ -733,7 +1053,14 @@ class TFPatchBatches(_PlannedBatches):
         self._dataset = None
 
     def keras_input(self) -> Any:
-        """Return the ``tf.data.Dataset`` that ``fit`` consumes (built once)."""
+        """Return the ``tf.data.Dataset`` that ``fit`` consumes (built once).
+
+        Returns
+        -------
+        tf.data.Dataset
+            Batches ``{"image": float32 (b, H, W, C) in [0, 1], ["condition": float32 (b, width)]}``,
+            ``len(self)`` per pass; every pass is the next epoch.
+        """
         if self._dataset is None:
             self._dataset = self._build()
         return self._dataset
@@ -804,7 +1131,30 @@ def _tf_dihedral(x: Any, states: Any, square: bool) -> Any:
 
 def make_batches(data: PatchData, positions: np.ndarray, *, batch_size: int, shuffle: bool = False,
                  flip: bool = False, seed: int = 0, workers: int = 1) -> PatchSequence | TFPatchBatches:
-    """:class:`TFPatchBatches` with the TensorFlow backend, else :class:`PatchSequence` (the same batches)."""
+    """:class:`TFPatchBatches` with the TensorFlow backend, else :class:`PatchSequence` (the same batches).
+
+    Parameters
+    ----------
+    data
+        The patches (:func:`load_patch_data`).
+    positions
+        Rows of ``data`` in this split (:func:`split_train_val`).
+    batch_size
+        Patches per batch (the last batch may be smaller).
+    shuffle
+        Seeded per-epoch chunk-wise shuffle (training split). Default ``False``.
+    flip
+        Seeded dihedral augmentation (training split). Default ``False``.
+    seed
+        Seed of the order and the augmentation.
+    workers
+        Preparation threads or parallel map calls (default 1).
+
+    Returns
+    -------
+    PatchSequence or TFPatchBatches
+        The batches; pass ``.keras_input()`` to ``fit``.
+    """
     kw = dict(batch_size=batch_size, shuffle=shuffle, flip=flip, seed=seed, workers=workers)
     if keras.backend.backend() == "tensorflow":
         return TFPatchBatches(data, positions, **kw)
@@ -817,7 +1167,20 @@ def make_batches(data: PatchData, positions: np.ndarray, *, batch_size: int, shu
 
 
 def save_model_atomic(model: keras.Model, path: str | Path) -> Path:
-    """``model.save(path)`` through a temporary sibling file, so ``path`` is always a complete model."""
+    """``model.save(path)`` through a temporary sibling file, so ``path`` is always a complete model.
+
+    Parameters
+    ----------
+    model
+        The model to save.
+    path
+        The ``.keras`` file to write (replaced atomically).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
     from .io import atomic_file
 
     with atomic_file(path) as tmp:
@@ -831,6 +1194,15 @@ class BestCheckpoint(keras.callbacks.Callback):
     Beside it, ``<stem>.json`` records the checkpoint's epoch (1-based), the monitored value, the learning
     rate and the SHA-1 of the ``.keras`` file, so :func:`checkpoint_state` can tell which epoch a
     checkpoint holds after a crash (resuming continues from there).
+
+    Parameters
+    ----------
+    path
+        The ``.keras`` file of the checkpoint.
+    monitor
+        The logged metric to minimize (default ``"val_loss"``).
+    best
+        The value to beat (default infinity; a resumed run passes its checkpoint's value).
     """
 
     def __init__(self, path: str | Path, monitor: str = "val_loss", best: float = np.inf) -> None:
@@ -841,6 +1213,15 @@ class BestCheckpoint(keras.callbacks.Callback):
         self.best_epoch: int | None = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Save the model when ``monitor`` improved in this epoch.
+
+        Parameters
+        ----------
+        epoch
+            The epoch (0-based, as Keras counts).
+        logs
+            The epoch's metrics.
+        """
         value = (logs or {}).get(self.monitor)
         if value is not None and np.isfinite(value) and value < self.best:
             self.best, self.best_epoch = float(value), epoch
@@ -867,7 +1248,27 @@ def checkpoint_state(model_dir: str | Path, checkpoint: str = "checkpoint.keras"
     Returns ``{"path", "epoch" (1-based), "val_loss", "learning_rate", "history"}``. The epoch comes from
     the checkpoint's ``.json`` record when its SHA-1 matches the ``.keras`` file; a process killed
     between writing the two leaves a newer checkpoint, which is then the best epoch of ``history.json``
-    (written before the checkpoint in every epoch). Raises ``FileNotFoundError`` without a checkpoint.
+    (written before the checkpoint in every epoch).
+
+    Parameters
+    ----------
+    model_dir
+        The model folder.
+    checkpoint
+        File name of the checkpoint in it (default ``"checkpoint.keras"``).
+
+    Returns
+    -------
+    dict
+        ``path`` (the checkpoint), ``epoch`` (1-based), ``val_loss``, ``learning_rate`` (of that epoch) and
+        ``history`` (every metric up to that epoch).
+
+    Raises
+    ------
+    FileNotFoundError
+        No checkpoint.
+    ValueError
+        Neither a matching record nor a ``history.json`` tells which epoch the checkpoint holds.
     """
     folder = Path(model_dir)
     path = folder / checkpoint
@@ -896,6 +1297,15 @@ class HistoryRecorder(keras.callbacks.Callback):
 
     Adds the learning rate used in the epoch, ``epoch_seconds`` (training pass, validation pass and
     callbacks), ``train_seconds`` (training pass only) and ``train_patches_per_s`` (training pass).
+
+    Parameters
+    ----------
+    folder
+        Where ``history.json`` and ``history.csv`` are written after each epoch (``None``: not written).
+    n_train
+        Training patches per epoch (for ``train_patches_per_s``).
+    history
+        Metrics of earlier epochs to continue (a resumed run), or ``None``.
     """
 
     def __init__(self, folder: str | Path | None, n_train: int,
@@ -908,16 +1318,41 @@ class HistoryRecorder(keras.callbacks.Callback):
         self._lr = float("nan")
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        """Start the epoch's clock and note its learning rate.
+
+        Parameters
+        ----------
+        epoch
+            The epoch (0-based).
+        logs
+            Unused.
+        """
         self._t0 = time.perf_counter()
         self._train_end: float | None = None
         lr = self.model.optimizer.learning_rate
         self._lr = float(lr.numpy() if hasattr(lr, "numpy") else lr)
 
     def on_test_begin(self, logs: dict | None = None) -> None:
+        """Note the end of the training pass (the validation pass begins).
+
+        Parameters
+        ----------
+        logs
+            Unused.
+        """
         if self._train_end is None:  # the validation pass of this epoch starts: the training pass is over
             self._train_end = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Append the epoch's row and write the history files.
+
+        Parameters
+        ----------
+        epoch
+            The epoch (0-based; recorded 1-based as ``epoch``).
+        logs
+            The epoch's metrics from Keras.
+        """
         now = time.perf_counter()
         seconds = now - self._t0
         train_seconds = (self._train_end or now) - self._t0
@@ -934,7 +1369,15 @@ class HistoryRecorder(keras.callbacks.Callback):
 
 
 def write_history(history: Mapping[str, Sequence[float]], folder: str | Path) -> None:
-    """``history.json`` and ``history.csv`` (one row per epoch), atomically."""
+    """``history.json`` and ``history.csv`` (one row per epoch), atomically.
+
+    Parameters
+    ----------
+    history
+        Metric name -> one value per epoch (all lists of the same length).
+    folder
+        The folder to write into.
+    """
     folder = Path(folder)
     write_json_atomic(folder / "history.json", {k: list(v) for k, v in history.items()})
     write_text_atomic(folder / "history.csv", pd.DataFrame(dict(history)).to_csv(index=False))
@@ -972,18 +1415,27 @@ def fit(
     ----------
     model
         The model (:func:`phenocoder_lib.models.make_model`).
-    train, val
-        Training and validation batches (:func:`make_batches`).
+    train
+        Training batches (:func:`make_batches`, shuffled and flipped as configured).
+    val
+        Validation batches (:func:`make_batches`, neither shuffled nor flipped).
     model_dir
         Folder of the checkpoint and the history (created).
     log_dir
         TensorBoard folder (``None``: no event files).
     n_epochs
-        Epochs in all (>= 1).
-    learning_rate, min_learning_rate, factor_learning_rate, learning_rate_patience
-        Adam's learning rate and ``ReduceLROnPlateau(val_loss)``.
+        Epochs in all (>= 1; default 100).
+    learning_rate
+        Adam's initial learning rate (> 0; default 1e-3).
+    min_learning_rate
+        Lower bound of ``ReduceLROnPlateau(val_loss)`` (>= 0; default 1e-4).
+    factor_learning_rate
+        Factor ``ReduceLROnPlateau`` multiplies the learning rate by, in (0, 1) (default 0.2).
+    learning_rate_patience
+        Epochs without a better ``val_loss`` before the learning rate is reduced (default 3).
     early_stopping_patience
-        ``EarlyStopping(val_loss, restore_best_weights=True)``.
+        Epochs without a better ``val_loss`` before ``EarlyStopping(val_loss, restore_best_weights=True)``
+        stops (default 5).
     seed
         Seed of Keras's random state (dropout, sampling noise) for the run.
     verbose
@@ -1052,7 +1504,24 @@ def fit(
 
 
 def predict_z_mean(model: keras.Model, data: PatchData, positions: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """``z_mean`` of the (unaugmented) patches at ``positions`` of ``data``."""
+    """``z_mean`` of the (unaugmented) patches at ``positions`` of ``data``.
+
+    Parameters
+    ----------
+    model
+        A :class:`~phenocoder_lib.models.CVAE` or ``CondCVAE``.
+    data
+        The patches (and conditions).
+    positions
+        Row positions to encode, in order.
+    batch_size
+        Patches per forward pass (default 256; ``z_mean`` does not depend on it).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(len(positions), n_latent_dim)``.
+    """
     out = []
     for start in range(0, len(positions), batch_size):
         pos = positions[start:start + batch_size]
@@ -1063,7 +1532,24 @@ def predict_z_mean(model: keras.Model, data: PatchData, positions: np.ndarray, b
 
 
 def reconstruct(model: keras.Model, data: PatchData, positions: np.ndarray, batch_size: int = 256) -> tuple:
-    """Return (inputs, reconstructions from ``z_mean``) of the patches at ``positions`` (deterministic)."""
+    """Return (inputs, reconstructions from ``z_mean``) of the patches at ``positions`` (deterministic).
+
+    Parameters
+    ----------
+    model
+        A :class:`~phenocoder_lib.models.CVAE` or ``CondCVAE``.
+    data
+        The patches (and conditions).
+    positions
+        Row positions, in order.
+    batch_size
+        Patches per forward pass (default 256).
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(inputs, reconstructions)``, both float32 ``(len(positions), H, W, C)`` in [0, 1].
+    """
     xs, rs = [], []
     for start in range(0, len(positions), batch_size):
         pos = positions[start:start + batch_size]
@@ -1241,15 +1727,27 @@ def train(
     config
         A :class:`~phenocoder_lib.model_config.ModelSettings` (or a mapping of its fields); ignored when
         ``start`` is given.
-    keys, obs, log_dir
-        As for :func:`prepare`.
+    keys
+        Key names of the source data, as for :func:`prepare`.
+    obs
+        The source table's ``.obs`` (conditions that are not patch-index columns), as for :func:`prepare`.
+    log_dir
+        TensorBoard folder (``None``: no event files), as for :func:`prepare`.
     start
         A model to train further: from :func:`prepare`, or :func:`load_model` (its batches are rebuilt from
         ``datasets`` with the same split).
     n_epochs
         Epochs in all (with ``resume``, the interrupted ones included).
-    learning_rate, min_learning_rate, factor_learning_rate, learning_rate_patience, early_stopping_patience
-        Adam's learning rate, ``ReduceLROnPlateau(val_loss)`` and ``EarlyStopping(val_loss)`` settings.
+    learning_rate
+        Adam's initial learning rate (default 1e-3).
+    min_learning_rate
+        Lower bound of ``ReduceLROnPlateau(val_loss)`` (default 1e-4).
+    factor_learning_rate
+        Factor of each learning-rate reduction, in (0, 1) (default 0.2).
+    learning_rate_patience
+        Epochs without a better ``val_loss`` before the learning rate is reduced (default 3).
+    early_stopping_patience
+        Epochs without a better ``val_loss`` before training stops, best weights restored (default 5).
     plot
         Draw the previews.
     n_preview
