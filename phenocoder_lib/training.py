@@ -38,6 +38,7 @@ Callbacks (:func:`fit`)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -45,7 +46,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BatchPlan",
     "configure_tensorflow",
+    "dtype_policy",
+    "mixed_precision_policy",
     "PatchData",
     "PatchSequence",
     "TrainedModel",
@@ -84,6 +87,10 @@ __all__ = [
 DEFAULT_MEMORY_BUDGET = 2**30
 #: Training rows are shuffled within windows of whole store chunks of about this many raw bytes.
 SHUFFLE_WINDOW_BYTES = 256 * 2**20
+#: Training steps per call into the compiled graph (Keras ``steps_per_execution``); the losses are the same.
+STEPS_PER_EXECUTION = 8
+#: Environment variable that switches automatic mixed precision off (``0``) or forces a policy.
+MIXED_PRECISION_ENV = "PHENOCODER_MIXED_PRECISION"
 _SETTING_KEYS = ("patch_size", "channels", "spatial_key_index", "store_dtype")
 _NORM_KEYS = ("scale", "scale_per_sample", "scale_percentile")
 
@@ -146,17 +153,106 @@ def configure_tensorflow(threads: int | None = None) -> dict[str, Any]:
             "gpus": len(tf.config.list_physical_devices("GPU")), "jit_compile": "auto"}
 
 
-def compile_model(model: keras.Model, learning_rate: float) -> None:
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of this machine (``/proc/cpuinfo``; empty where it cannot be read).
+
+    Returns
+    -------
+    set of str
+        Flags such as ``"avx512f"``, ``"avx512_bf16"``, ``"amx_bf16"`` (lower case).
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def mixed_precision_policy() -> str:
+    """The Keras dtype policy :func:`prepare` builds models under: mixed precision where the hardware has it.
+
+    - a GPU of compute capability 7.0 or higher: ``"mixed_float16"`` (Keras then scales the loss);
+    - no GPU, and a CPU with bfloat16 instructions (``avx512_bf16`` or ``amx_bf16`` in ``/proc/cpuinfo``):
+      ``"mixed_bfloat16"``;
+    - otherwise ``"float32"``.
+
+    Mixed policies compute the layers in 16 bits and keep the weights and the loss in float32
+    (:meth:`~phenocoder_lib.models.CVAE.compute_loss`). The environment variable ``PHENOCODER_MIXED_PRECISION``
+    overrides the choice: ``0`` (or ``off``/``false``/``no``/``float32``) trains in float32,
+    ``bfloat16``/``float16`` (or the ``mixed_`` names) force that policy; ``1``/``auto``/unset choose as above.
+
+    Returns
+    -------
+    str
+        ``"mixed_float16"``, ``"mixed_bfloat16"`` or ``"float32"``.
+
+    Raises
+    ------
+    ValueError
+        An unknown value of ``PHENOCODER_MIXED_PRECISION``.
+    """
+    value = os.environ.get(MIXED_PRECISION_ENV, "auto").strip().lower()
+    if value in ("0", "off", "false", "no", "float32"):
+        return "float32"
+    if value in ("bfloat16", "mixed_bfloat16", "float16", "mixed_float16"):
+        return value if value.startswith("mixed_") else f"mixed_{value}"
+    if value not in ("", "1", "on", "true", "yes", "auto"):
+        raise ValueError(f"{MIXED_PRECISION_ENV}={value!r} is not valid; use 0 (float32), auto (default), "
+                         "bfloat16 or float16.")
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return "mixed_float16" if tuple(details.get("compute_capability", (0, 0))) >= (7, 0) else "float32"
+    return "mixed_bfloat16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "float32"
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str) -> Iterator[str]:
+    """Build Keras layers under the dtype policy ``name``, then restore the global policy.
+
+    A layer keeps the policy in force when it is made, so models built inside compute under ``name``
+    while the process's global policy is unchanged afterwards.
+
+    Parameters
+    ----------
+    name
+        A Keras dtype policy (``"float32"``, ``"mixed_bfloat16"``, ``"mixed_float16"``).
+
+    Yields
+    ------
+    str
+        ``name``.
+    """
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield name
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def compile_model(model: keras.Model, learning_rate: float, *,
+                  steps_per_execution: int = STEPS_PER_EXECUTION) -> None:
     """Compile ``model`` with Adam the way :func:`fit` does (XLA left to Keras: on with a GPU, off on CPU).
 
     Parameters
     ----------
     model
-        The model to compile (its loss comes from its own ``compute_loss``).
+        The model to compile (its loss comes from its own ``compute_loss``). A model built under
+        ``mixed_float16`` gets Keras's loss scaling.
     learning_rate
         Adam's initial learning rate (> 0).
+    steps_per_execution
+        Training (and validation) steps per call into the compiled graph (default
+        :data:`STEPS_PER_EXECUTION`): fewer Python round trips per epoch, the same steps and losses.
     """
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate), jit_compile="auto")
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate), jit_compile="auto",
+                  steps_per_execution=int(steps_per_execution))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -353,6 +449,7 @@ class PatchData:
         self.block_group = np.asarray(self.block_group, np.int32)
         self._cache = _ChunkCache(self._load_chunk, self.cache_bytes)
         self._arrays: dict[int, Any] = {}
+        self._tensors: dict[str, Any] = {}
 
     def __len__(self) -> int:
         return int(self.block_start[-1])
@@ -459,6 +556,40 @@ class PatchData:
             sel = by_chunk[bounds[j]:bounds[j + 1]]
             out[sel] = self._cache.get(key)[offset[sel]]
         return out
+
+    def raw_tensor(self) -> Any:
+        """The in-memory raw patches as a TensorFlow tensor that shares their memory (made once).
+
+        The tensor is built through DLPack on ``raw``'s buffer, so the patches are held once (the memory
+        budget counts them once). An array that is not 64-byte aligned or not C-contiguous (TensorFlow's
+        requirement), or read-only (DLPack cannot export it), is first replaced by an aligned copy.
+
+        Returns
+        -------
+        tf.Tensor
+            ``(n, H, W, C)`` in the store's dtype, on the CPU.
+
+        Raises
+        ------
+        ValueError
+            The patches are streamed (``raw`` is ``None``).
+        """
+        if self.raw is None:
+            raise ValueError("the patches are streamed from the store (raw is None); no tensor of them is held.")
+        tensor = self._tensors.get("raw")
+        if tensor is None:
+            import tensorflow as tf
+
+            if self.raw.ctypes.data % 64 or not self.raw.flags.c_contiguous or not self.raw.flags.writeable:
+                aligned = _aligned_empty(self.raw.shape, self.raw.dtype)
+                aligned[...] = self.raw
+                self.raw = aligned
+            if self.raw.size == 0:
+                tensor = tf.zeros(self.raw.shape, tf.as_dtype(self.raw.dtype))
+            else:
+                tensor = tf.experimental.dlpack.from_dlpack(self.raw.__dlpack__())
+            self._tensors["raw"] = tensor
+        return tensor
 
     def _prefetch_after(self, plan: BatchPlan, keys: np.ndarray) -> None:
         """Decode the chunks of the window after the latest one ``keys`` touch, as far as the cache holds them."""
@@ -592,7 +723,7 @@ def load_patch_data(
     lows, highs, block_group, chunk_rows = [], [], [], []
     block_start = np.concatenate([[0], np.cumsum([len(frame) for _, _, frame in blocks])]).astype(np.int64)
     in_memory = total <= memory_budget_bytes
-    raw = np.empty((len(index), h, w, c), dtype) if in_memory else None
+    raw = _aligned_empty((len(index), h, w, c), dtype) if in_memory else None
     for b, (ds, sample, _) in enumerate(blocks):
         if scale:
             key = (ds.name, sample) if norm["scale_per_sample"] else (ds.name,)
@@ -635,6 +766,18 @@ def load_patch_data(
                 for key in range(int(base[b]), int(base[b + 1])):
                     _check_unit_range(data._load_chunk(key), ds.name, sample)
     return data
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
+    """An uninitialized C-contiguous array whose data start at a multiple of ``align`` bytes.
+
+    TensorFlow can use such a buffer without a copy (:meth:`PatchData.raw_tensor`).
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buf = np.empty(nbytes + align, np.uint8)
+    start = (-buf.ctypes.data) % align
+    return buf[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _check_unit_range(raw: np.ndarray, dataset: str, sample: str) -> None:
@@ -922,6 +1065,15 @@ class _PlannedBatches:
                     self._plans.popitem(last=False)
             return plan
 
+    def _states(self, epoch: int, i: int, n: int) -> np.ndarray:
+        """Dihedral states of the ``n`` patches of batch ``i`` of epoch ``epoch`` (zeros without ``flip``)."""
+        if not self.flip:
+            return np.zeros(n, np.int32)
+        states = np.random.default_rng([self.seed, int(epoch), int(i), 2]).integers(0, 8, size=n)
+        if self.n_states == 4:
+            states = states - states % 2  # 0, 2, 4, 6: the symmetries of a rectangle
+        return states.astype(np.int32)
+
     def batch_arrays(self, epoch: int, i: int) -> tuple[np.ndarray, ...]:
         """Raw patches, anchor groups, dihedral states (zeros without ``flip``) and positions of batch ``i``.
 
@@ -947,12 +1099,30 @@ class _PlannedBatches:
             raise IndexError(f"batch {i} out of range (0..{len(self) - 1}).")
         plan = self.plan(epoch)
         pos = plan.order[i * self.batch_size:(i + 1) * self.batch_size]
-        states = np.zeros(len(pos), np.int32)
-        if self.flip:
-            states = np.random.default_rng([self.seed, int(epoch), int(i), 2]).integers(0, 8, size=len(pos))
-            if self.n_states == 4:
-                states = states - states % 2  # 0, 2, 4, 6: the symmetries of a rectangle
-        return self.data.raw_rows(pos, plan), self.data.group_of(pos).astype(np.int32), states.astype(np.int32), pos
+        states = self._states(epoch, i, len(pos))
+        return self.data.raw_rows(pos, plan), self.data.group_of(pos).astype(np.int32), states, pos
+
+    def epoch_arrays(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows, anchor groups and dihedral states of a whole epoch, in batch order.
+
+        Batch ``i`` is the slice ``[i * batch_size:(i + 1) * batch_size]`` of each, with the values
+        :meth:`batch_arrays` gives for it.
+
+        Parameters
+        ----------
+        epoch
+            Epoch number (0-based).
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            ``(pos, group, states)``: int64 row positions, int32 anchor groups and int32 dihedral states,
+            each ``(len(positions),)``.
+        """
+        pos = self.plan(epoch).order
+        states = np.concatenate([self._states(epoch, i, len(pos[i * self.batch_size:(i + 1) * self.batch_size]))
+                                 for i in range(len(self))])
+        return pos, self.data.group_of(pos).astype(np.int32), states
 
 
 class PatchSequence(_PlannedBatches, keras.utils.PyDataset):
@@ -1020,12 +1190,15 @@ class PatchSequence(_PlannedBatches, keras.utils.PyDataset):
 class TFPatchBatches(_PlannedBatches):
     """The batches of :class:`PatchSequence` as a ``tf.data`` pipeline (TensorFlow backend).
 
-    One short numpy call per batch gathers the raw patches (from RAM, or from the chunk cache while the
-    next window's chunks are decoded in the background); normalization and the dihedral transforms run
-    as TensorFlow ops in parallel map calls with prefetching, so no other Python runs per batch (a Python
-    ``PyDataset`` behind ``tf.data`` holds the GIL for every batch and halves the throughput of small
-    models on two cores). Every pass over :meth:`keras_input` is the next epoch (0, 1, ...), with the
-    order and draws of that epoch of :class:`PatchSequence`.
+    With the patches in RAM (``in_graph``), one numpy call per *epoch* computes the epoch's rows, anchor
+    groups and dihedral states; each batch is then gathered by index from the patch array (held as a
+    tensor that shares the array's memory, :meth:`PatchData.raw_tensor`), normalized and transformed by
+    TensorFlow ops in parallel map calls, prefetched: no Python runs per batch. Streamed from the store,
+    one short numpy call per batch gathers the raw patches from the chunk cache (while the next window's
+    chunks are decoded in the background) and the same ops follow. (A Python ``PyDataset`` behind
+    ``tf.data`` holds the GIL for every batch and halves the throughput of small models on two cores.)
+    Every pass over :meth:`keras_input` is the next epoch (0, 1, ...), with the order and draws of that
+    epoch of :class:`PatchSequence`: both ways give the same batches.
 
     Parameters
     ----------
@@ -1043,12 +1216,20 @@ class TFPatchBatches(_PlannedBatches):
         Seed of the order and the augmentation; batch ``i`` of epoch ``e`` depends only on (seed, e, i).
     workers
         Parallel map calls of the pipeline beyond the default two (default 1).
+    in_graph
+        Gather the batches inside the TensorFlow graph from the in-memory patches; ``None`` (default):
+        whenever the patches are in RAM. ``False`` gathers each batch in a numpy call (the way streamed
+        patches are read).
     """
 
     def __init__(self, data: PatchData, positions: np.ndarray, *, batch_size: int, shuffle: bool = False,
-                 flip: bool = False, seed: int = 0, workers: int = 1) -> None:
+                 flip: bool = False, seed: int = 0, workers: int = 1, in_graph: bool | None = None) -> None:
         self._setup(data, positions, batch_size, shuffle, flip, seed)
         self.workers = max(int(workers), 1)
+        if in_graph and not data.in_memory:
+            raise ValueError("in_graph=True needs the patches in RAM; these are streamed from the store "
+                             "(raise memory_budget_bytes, or leave in_graph=None).")
+        self.in_graph = data.in_memory if in_graph is None else bool(in_graph)
         self.epoch = 0  # the epoch the next pass will be
         self._dataset = None
 
@@ -1069,6 +1250,9 @@ class TFPatchBatches(_PlannedBatches):
         with self._plan_lock:
             epoch, self.epoch = self.epoch, self.epoch + 1
         return np.int64(epoch)
+
+    def _epoch_arrays(self) -> list[np.ndarray]:
+        return list(self.epoch_arrays(int(self._next_epoch())))
 
     def _arrays(self, epoch: np.int64, i: np.int64) -> list[np.ndarray]:
         raw, group, states, pos = self.batch_arrays(int(epoch), int(i))
@@ -1091,8 +1275,7 @@ class TFPatchBatches(_PlannedBatches):
             epoch = tf.numpy_function(self._next_epoch, [], tf.int64, stateful=True)
             return tf.data.Dataset.from_tensors(epoch).repeat(n).enumerate()
 
-        def make(i, epoch):
-            raw, group, states, *cond = tf.numpy_function(self._arrays, [epoch, i], types, stateful=False)
+        def transform(raw, group, states, cond):
             x = tf.cast(tf.ensure_shape(raw, (None, *data.patch_shape)), tf.float32)
             if scale:
                 group = tf.ensure_shape(group, (None,))
@@ -1105,9 +1288,31 @@ class TFPatchBatches(_PlannedBatches):
                 out["condition"] = tf.ensure_shape(cond[0], (None, n_cond))
             return out
 
-        ds = tf.data.Dataset.from_tensors(np.int64(0)).flat_map(epoch_batches)
-        ds = ds.apply(tf.data.experimental.assert_cardinality(n))
-        ds = ds.map(make, num_parallel_calls=max(self.workers, 2), deterministic=True)
+        def make(i, epoch):
+            raw, group, states, *cond = tf.numpy_function(self._arrays, [epoch, i], types, stateful=False)
+            return transform(raw, group, states, cond)
+
+        if self.in_graph:  # one numpy call per epoch; batches gathered from the patch tensor
+            raw_t = data.raw_tensor()
+            cond_t = None if n_cond is None else tf.constant(np.asarray(data.conditions, np.float32))
+
+            def epoch_rows(_):
+                pos, group, states = tf.numpy_function(self._epoch_arrays, [], [tf.int64, tf.int32, tf.int32],
+                                                       stateful=True)
+                rows = tuple(tf.ensure_shape(v, (len(self.positions),)) for v in (pos, group, states))
+                return tf.data.Dataset.from_tensor_slices(rows).batch(self.batch_size)
+
+            def gather(pos, group, states):
+                cond = [] if cond_t is None else [tf.gather(cond_t, pos)]
+                return transform(tf.gather(raw_t, pos), group, states, cond)
+
+            ds = tf.data.Dataset.from_tensors(np.int64(0)).flat_map(epoch_rows)
+            ds = ds.apply(tf.data.experimental.assert_cardinality(n))
+            ds = ds.map(gather, num_parallel_calls=max(self.workers, 2), deterministic=True)
+        else:
+            ds = tf.data.Dataset.from_tensors(np.int64(0)).flat_map(epoch_batches)
+            ds = ds.apply(tf.data.experimental.assert_cardinality(n))
+            ds = ds.map(make, num_parallel_calls=max(self.workers, 2), deterministic=True)
         options = tf.data.Options()
         options.deterministic = True
         return ds.with_options(options).prefetch(2)
@@ -1130,7 +1335,8 @@ def _tf_dihedral(x: Any, states: Any, square: bool) -> Any:
 
 
 def make_batches(data: PatchData, positions: np.ndarray, *, batch_size: int, shuffle: bool = False,
-                 flip: bool = False, seed: int = 0, workers: int = 1) -> PatchSequence | TFPatchBatches:
+                 flip: bool = False, seed: int = 0, workers: int = 1,
+                 in_graph: bool | None = None) -> PatchSequence | TFPatchBatches:
     """:class:`TFPatchBatches` with the TensorFlow backend, else :class:`PatchSequence` (the same batches).
 
     Parameters
@@ -1149,6 +1355,9 @@ def make_batches(data: PatchData, positions: np.ndarray, *, batch_size: int, shu
         Seed of the order and the augmentation.
     workers
         Preparation threads or parallel map calls (default 1).
+    in_graph
+        TensorFlow backend: gather batches inside the ``tf.data`` graph (see :class:`TFPatchBatches`;
+        ``None``, the default: whenever the patches are in RAM). Ignored with another backend.
 
     Returns
     -------
@@ -1157,7 +1366,7 @@ def make_batches(data: PatchData, positions: np.ndarray, *, batch_size: int, shu
     """
     kw = dict(batch_size=batch_size, shuffle=shuffle, flip=flip, seed=seed, workers=workers)
     if keras.backend.backend() == "tensorflow":
-        return TFPatchBatches(data, positions, **kw)
+        return TFPatchBatches(data, positions, in_graph=in_graph, **kw)
     return PatchSequence(data, positions, **kw)
 
 
@@ -1166,8 +1375,36 @@ def make_batches(data: PatchData, positions: np.ndarray, *, batch_size: int, shu
 # --------------------------------------------------------------------------------------------------
 
 
+def float32_model(model: keras.Model) -> keras.Model:
+    """``model`` itself when it computes in float32, else a float32 copy of it with the same weights.
+
+    A model trained under a mixed-precision policy keeps float32 weights; the copy is the same model (same
+    configuration, same weights and random states) built under ``float32``, so what is saved and encoded
+    is the float32 model a float32 training makes (:func:`save_model_atomic`, :func:`train`).
+
+    Parameters
+    ----------
+    model
+        A :class:`~phenocoder_lib.models.CVAE` (or another Keras model with ``get_config``/``from_config``).
+
+    Returns
+    -------
+    keras.Model
+        A float32 model (not compiled when it is a copy).
+    """
+    if keras.backend.standardize_dtype(model.dtype_policy.compute_dtype) == "float32":
+        return model
+    with dtype_policy("float32"):
+        copy = type(model).from_config({**model.get_config(), "dtype": "float32"})
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def save_model_atomic(model: keras.Model, path: str | Path) -> Path:
     """``model.save(path)`` through a temporary sibling file, so ``path`` is always a complete model.
+
+    A model trained under a mixed-precision policy is saved as its float32 copy (:func:`float32_model`):
+    the file loads, and encodes, exactly like one trained in float32.
 
     Parameters
     ----------
@@ -1184,7 +1421,7 @@ def save_model_atomic(model: keras.Model, path: str | Path) -> Path:
     from .io import atomic_file
 
     with atomic_file(path) as tmp:
-        model.save(tmp)
+        float32_model(model).save(tmp)
     return Path(path)
 
 
@@ -1211,6 +1448,7 @@ class BestCheckpoint(keras.callbacks.Callback):
         self.monitor = monitor
         self.best = float(best)
         self.best_epoch: int | None = None
+        self._float32: keras.Model | None = None  # the float32 copy of a mixed-precision model, made once
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         """Save the model when ``monitor`` improved in this epoch.
@@ -1225,7 +1463,11 @@ class BestCheckpoint(keras.callbacks.Callback):
         value = (logs or {}).get(self.monitor)
         if value is not None and np.isfinite(value) and value < self.best:
             self.best, self.best_epoch = float(value), epoch
-            save_model_atomic(self.model, self.path)
+            if self._float32 is None:
+                self._float32 = float32_model(self.model)
+            elif self._float32 is not self.model:
+                self._float32.set_weights(self.model.get_weights())
+            save_model_atomic(self._float32, self.path)
             lr = self.model.optimizer.learning_rate
             write_json_atomic(self.path.with_suffix(".json"), {
                 "epoch": epoch + 1, self.monitor: float(value), "monitor": self.monitor,
@@ -1676,10 +1918,11 @@ def prepare(
     folder = Path(out_dir) / name if name_folders else Path(out_dir)
     logs = None if log_dir is None else (Path(log_dir) / name if name_folders else Path(log_dir))
     keras.utils.set_random_seed(settings.seed)
-    model = M.make_model(input_shape=settings.input_shape, n_latent_dim=int(settings.n_latent_dim),
-                         n_dense_dim=int(settings.n_dense_dim), conv_layers=settings.conv_layers,
-                         dropout=settings.dropout, beta=float(settings.beta), n_conditions=config["conditions_dim"],
-                         seed=settings.seed)
+    with dtype_policy(mixed_precision_policy()):  # saved and returned after training as float32 models
+        model = M.make_model(input_shape=settings.input_shape, n_latent_dim=int(settings.n_latent_dim),
+                             n_dense_dim=int(settings.n_dense_dim), conv_layers=settings.conv_layers,
+                             dropout=settings.dropout, beta=float(settings.beta),
+                             n_conditions=config["conditions_dim"], seed=settings.seed)
     batches = _training_batches(datasets, config, obs)
     write_json_atomic(folder / MODEL_CONFIG_FILE, config)
     logger.info("initialized %s %s: %d training / %d validation patches, input %s, patch normalization %s",
@@ -1794,6 +2037,8 @@ def train(
                  factor_learning_rate=factor_learning_rate, learning_rate_patience=learning_rate_patience,
                  early_stopping_patience=early_stopping_patience, seed=run.config["seed"], verbose=verbose,
                  on_epoch_end=on_epoch_end, resume_from=resume_from)
+    policy = run.model.dtype_policy.name
+    run.model = float32_model(run.model)  # encode and save in float32, as a loaded model does
     save_model_atomic(run.model, Path(run.folder) / MODEL_FILE)
     run.history = result["history"]
     run.config["training"] = {
@@ -1802,7 +2047,7 @@ def train(
         "learning_rate_patience": int(learning_rate_patience),
         "early_stopping_patience": int(early_stopping_patience),
         "epochs_run": len(run.history.get("loss", [])), "best_epoch": result["best_epoch"],
-        "seconds": round(result["seconds"], 3),
+        "seconds": round(result["seconds"], 3), "dtype_policy": policy,
     }
     write_json_atomic(Path(run.folder) / MODEL_CONFIG_FILE, run.config)
     if plot:
