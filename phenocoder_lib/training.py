@@ -1315,6 +1315,10 @@ class TFPatchBatches(_PlannedBatches):
             ds = ds.map(make, num_parallel_calls=max(self.workers, 2), deterministic=True)
         options = tf.data.Options()
         options.deterministic = True
+        if self.in_graph:
+            # tf.data's default graph rewrites serialize the pipeline, and with it the captured patch tensor:
+            # a second copy of every patch. The pipeline is already fused by hand (one map, one prefetch).
+            options.experimental_optimization.apply_default_optimizations = False
         return ds.with_options(options).prefetch(2)
 
 
