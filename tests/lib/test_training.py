@@ -554,10 +554,11 @@ def test_the_dtype_policy_scope_restores_the_global_policy():
     assert keras.config.dtype_policy().name == before and layer.dtype_policy.name == "mixed_bfloat16"
 
 
-@pytest.mark.parametrize("policy", ["bfloat16", "0"])
+@pytest.mark.parametrize("policy", ["bfloat16", "float16", "0"])
 def test_a_mixed_precision_training_saves_and_returns_a_float32_model(dataset, tmp_path, monkeypatch, policy):
-    """Trained under mixed_bfloat16 (or float32 with the variable at 0), the model folder holds a float32
-    model with the trained weights: loaded in a fresh call it gives the returned model's latents exactly."""
+    """Trained under mixed_bfloat16, mixed_float16 (the GPU policy: loss scaling, the learning-rate callbacks)
+    or float32 (the variable at 0), the model folder holds a float32 model with the trained weights: loaded
+    in a fresh call it gives the returned model's latents exactly."""
     import keras
 
     from phenocoder_lib.model_config import ModelSettings
@@ -566,7 +567,7 @@ def test_a_mixed_precision_training_saves_and_returns_a_float32_model(dataset, t
     settings = ModelSettings(n_latent_dim=4, n_dense_dim=8, conditions=[], input_shape=(PATCH, PATCH, 4),
                              conv_layers=(8,), batch_size=16, seed=0)
     run = T.prepare([dataset], tmp_path / "m", settings)
-    expected = "mixed_bfloat16" if policy == "bfloat16" else "float32"
+    expected = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16", "0": "float32"}[policy]
     assert run.model.dtype_policy.name == expected
     run = T.train([dataset], tmp_path / "m", None, start=run, n_epochs=2, plot=False, verbose=0)
     assert run.config["training"]["dtype_policy"] == expected
