@@ -28,7 +28,8 @@ one step per graph call, each batch gathered in a numpy call inside ``tf.data``)
 - ``lib``: the library's defaults of today (:func:`phenocoder_lib.training.configure_tensorflow`,
   :func:`~phenocoder_lib.training.make_batches`, :func:`~phenocoder_lib.training.compile_model` and the
   model built under :func:`~phenocoder_lib.training.mixed_precision_policy`), whatever they are;
-  ``lib_fp32``: the same with ``PHENOCODER_MIXED_PRECISION=0``.
+  ``lib_fp32``: the same with ``PHENOCODER_MIXED_PRECISION=0`` (float32 everywhere); ``lib_mp``: with
+  ``PHENOCODER_MIXED_PRECISION=1`` (also bfloat16 on a CPU that has it).
 
 Each run also reports its peak resident memory (``peak_rss_mb``).
 """
@@ -43,7 +44,7 @@ import subprocess
 import sys
 import time
 
-DEFAULT_VARIANTS = ["baseline", "graph", "spe8", "bf16", "graph_spe8", "lib_fp32", "lib"]
+DEFAULT_VARIANTS = ["baseline", "graph", "spe8", "bf16", "lib", "lib_mp"]
 
 
 def _patches(n: int, seed: int):
@@ -76,6 +77,8 @@ def worker(variant: str, n: int, epochs: int, seed: int) -> dict:
     parts = set(variant.split("_"))
     if "fp32" in parts:
         os.environ["PHENOCODER_MIXED_PRECISION"] = "0"
+    if "mp" in parts:
+        os.environ["PHENOCODER_MIXED_PRECISION"] = "1"
     import resource
 
     import keras
