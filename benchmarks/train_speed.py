@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/train_speed.py                          # all variants, 2 rounds, 6,000 patches
-    python benchmarks/train_speed.py --variants baseline xla xla_bf16 --rounds 3 --n 12000
+    python benchmarks/train_speed.py --variants baseline graph lib --rounds 3 --n 12000 --epochs 10
 
 Every variant trains the example's model (conv layers 32, 64, 128, latent 16, dense 64, the conditions
 "dataset" and "z" as an 8-wide condition vector, flips on) for ``--epochs`` epochs on the same seeded
@@ -14,15 +14,24 @@ pass. Variants run alternately, round after round, so a colleague's load hits th
 gives each variant's median and its ratio to the baseline's median, in wall time (``patches_per_s``) and
 per CPU second of the process (``patches_per_cpu_s``: less sensitive to a shared machine's load).
 
-Variants (a name is settings joined by ``_``; ``baseline`` is the library before any of them):
+Variants (a name is settings joined by ``_``; ``baseline`` is the library before any of them: float32,
+one step per graph call, each batch gathered in a numpy call inside ``tf.data``):
 
-- ``threads``: ``tf.config.threading`` intra-/inter-op threads = the process's cores;
+- ``threads``: ``tf.config.threading`` intra-/inter-op threads = the process's cores (the library sets them
+  when :mod:`phenocoder_lib.models` is imported, so every variant has them);
+- ``graph``: batches gathered by index inside the ``tf.data`` graph from the in-memory patch tensor
+  (``make_batches(in_graph=True)``; one numpy call per epoch);
 - ``xla``: ``jit_compile=True`` (XLA) for the training and validation steps;
 - ``bf16``: the ``mixed_bfloat16`` Keras policy (bfloat16 convolutions, float32 weights and loss);
 - ``bs128`` / ``bs256``: batch size (default 64);
 - ``spe8`` / ``spe16`` ...: Keras ``steps_per_execution`` (training steps per call into the graph);
-- ``lib``: the library's defaults of today (:func:`phenocoder_lib.training.configure_tensorflow` and
-  ``fit``'s defaults), whatever they are.
+- ``lib``: the library's defaults of today (:func:`phenocoder_lib.training.configure_tensorflow`,
+  :func:`~phenocoder_lib.training.make_batches`, :func:`~phenocoder_lib.training.compile_model` and the
+  model built under :func:`~phenocoder_lib.training.mixed_precision_policy`), whatever they are;
+  ``lib_fp32``: the same with ``PHENOCODER_MIXED_PRECISION=0`` (float32 everywhere); ``lib_mp``: with
+  ``PHENOCODER_MIXED_PRECISION=1`` (also bfloat16 on a CPU that has it).
+
+Each run also reports its peak resident memory (``peak_rss_mb``).
 """
 
 from __future__ import annotations
@@ -35,16 +44,19 @@ import subprocess
 import sys
 import time
 
-DEFAULT_VARIANTS = ["baseline", "threads", "xla", "bf16", "xla_bf16", "bs128", "xla_bf16_bs128", "lib"]
+DEFAULT_VARIANTS = ["baseline", "graph", "spe8", "bf16", "lib", "lib_mp"]
 
 
 def _patches(n: int, seed: int):
     """Seeded uint8 patches of a few blurred blobs (cell-like), 32x32x4, and an 8-wide condition vector."""
     import numpy as np
 
+    from phenocoder_lib.training import _aligned_empty
+
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:32, 0:32].astype(np.float32)
-    out = np.empty((n, 32, 32, 4), np.uint8)
+    # 64-byte aligned, as load_patch_data allocates it: the in-graph pipeline then uses it without a copy
+    out = _aligned_empty((n, 32, 32, 4), np.uint8)
     for start in range(0, n, 1000):
         m = min(1000, n - start)
         cy, cx = rng.normal(16, 3, (2, m, 1, 1))
@@ -63,6 +75,12 @@ def _patches(n: int, seed: int):
 def worker(variant: str, n: int, epochs: int, seed: int) -> dict:
     """Train one variant in this process; return its epoch timings and losses."""
     parts = set(variant.split("_"))
+    if "fp32" in parts:
+        os.environ["PHENOCODER_MIXED_PRECISION"] = "0"
+    if "mp" in parts:
+        os.environ["PHENOCODER_MIXED_PRECISION"] = "1"
+    import resource
+
     import keras
     import numpy as np
     import pandas as pd
@@ -74,13 +92,14 @@ def worker(variant: str, n: int, epochs: int, seed: int) -> dict:
     cores = len(os.sched_getaffinity(0))
     if "lib" in parts:
         settings = T.configure_tensorflow()
-        jit, bs, spe = settings.get("jit_compile", False), 64, None
+        jit, bs, spe, in_graph = settings.get("jit_compile", False), 64, None, None
+        policy = T.mixed_precision_policy()
     else:
+        policy = "mixed_bfloat16" if "bf16" in parts else "float32"
+        in_graph = "graph" in parts
         if "threads" in parts:
             tf.config.threading.set_intra_op_parallelism_threads(cores)
             tf.config.threading.set_inter_op_parallelism_threads(cores)
-        if "bf16" in parts:
-            keras.mixed_precision.set_global_policy("mixed_bfloat16")
         jit = "xla" in parts
         bs = 256 if "bs256" in parts else 128 if "bs128" in parts else 64
         spe = next((int(p[3:]) for p in parts if p.startswith("spe")), 1)
@@ -90,11 +109,13 @@ def worker(variant: str, n: int, epochs: int, seed: int) -> dict:
                        patch_shape=(32, 32, 4), dtype=np.uint8, stores=[], block_start=np.array([0, n]),
                        block_group=np.array([0]), raw=raw)
     n_val = n // 10
-    train = T.make_batches(data, np.arange(n_val, n), batch_size=bs, shuffle=True, flip=True, seed=seed)
-    val = T.make_batches(data, np.arange(n_val), batch_size=bs, seed=seed)
+    train = T.make_batches(data, np.arange(n_val, n), batch_size=bs, shuffle=True, flip=True, seed=seed,
+                           in_graph=in_graph)
+    val = T.make_batches(data, np.arange(n_val), batch_size=bs, seed=seed, in_graph=in_graph)
     keras.utils.set_random_seed(seed)
-    model = make_model(input_shape=(32, 32, 4), n_latent_dim=16, n_dense_dim=64, conv_layers=(32, 64, 128),
-                       dropout=0.25, beta=0.01, n_conditions=8, seed=seed)
+    with T.dtype_policy(policy):
+        model = make_model(input_shape=(32, 32, 4), n_latent_dim=16, n_dense_dim=64, conv_layers=(32, 64, 128),
+                           dropout=0.25, beta=0.01, n_conditions=8, seed=seed)
     if "lib" in parts:
         T.compile_model(model, 1e-3)
     else:
@@ -115,8 +136,10 @@ def worker(variant: str, n: int, epochs: int, seed: int) -> dict:
     hist = model.fit(train.keras_input(), validation_data=val.keras_input(), epochs=epochs, verbose=0,
                      callbacks=[Timer()], shuffle=False)
     n_train = n - n_val
-    return {"variant": variant, "batch_size": bs, "jit_compile": bool(jit),
-            "policy": keras.mixed_precision.global_policy().name,
+    return {"variant": variant, "batch_size": bs, "jit_compile": bool(model.jit_compile),
+            "policy": model.dtype_policy.name, "in_graph": train.in_graph,
+            "steps_per_execution": model.steps_per_execution,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "train_seconds": [round(t, 3) for t in times],
             "patches_per_s": round(n_train / min(times[1:] or times)),
             "patches_per_cpu_s": round(n_train / min(cpu[1:] or cpu)),
@@ -161,7 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
             "patches_per_cpu_s": [r["patches_per_cpu_s"] for r in rs],
             "cpu_ratio_vs_baseline": round(statistics.median(r["patches_per_cpu_s"] for r in rs) / base_cpu, 2),
             "cpu_per_wall": [r["cpu_per_wall"] for r in rs], "batch_size": rs[0]["batch_size"],
-            "jit_compile": rs[0]["jit_compile"], "policy": rs[0]["policy"],
+            "jit_compile": rs[0]["jit_compile"], "policy": rs[0]["policy"], "in_graph": rs[0]["in_graph"],
+            "steps_per_execution": rs[0]["steps_per_execution"],
+            "peak_rss_mb": [r["peak_rss_mb"] for r in rs],
             "final_val_loss": [r["val_loss"][-1] for r in rs]}
     print(json.dumps(result, indent=2))
     return result

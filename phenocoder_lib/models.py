@@ -70,9 +70,11 @@ class Sampling(layers.Layer):
     Parameters
     ----------
     seed
-        Seed of the layer's ``keras.random.SeedGenerator``; the noise sequence is reproducible.
+        Seed of the layer's ``keras.random.SeedGenerator``; the noise sequence is reproducible
+        (``None``: an unseeded generator).
     **kwargs
-        Keras ``Layer`` arguments (``name``, ``dtype``).
+        Keras ``Layer`` arguments (``name``, ``dtype``). Under a mixed-precision policy the noise is drawn
+        in the layer's compute dtype.
 
     """
 
@@ -87,12 +89,12 @@ class Sampling(layers.Layer):
         Parameters
         ----------
         inputs
-            ``[z_mean, z_log_var]``.
+            ``[z_mean, z_log_var]``, both ``(b, L)``.
 
         Returns
         -------
         tensor
-            ``z``, shaped like ``z_mean``.
+            ``z``, ``(b, L)`` like ``z_mean``: one fresh noise draw per call.
         """
         z_mean, z_log_var = inputs
         eps = keras.random.normal(ops.shape(z_mean), dtype=self.compute_dtype, seed=self.seed_generator)
@@ -141,17 +143,25 @@ def build_encoder(
 
     Parameters
     ----------
-    input_shape, conv_layers, n_dense_dim, n_latent_dim, dropout
-        As for :class:`CVAE`.
+    input_shape
+        ``(height, width, channels)`` of the patches.
+    conv_layers
+        Filters of the stride-2 3x3 convolutions, in order.
+    n_dense_dim
+        Width of the dense layer after the convolutions.
+    n_latent_dim
+        Latent size L (width of ``z_mean`` and ``z_log_var``).
+    dropout
+        Dropout rate after the dense layer (``None`` or 0: no dropout layer).
     n_conditions
-        Width of the condition vector (0: no condition input).
+        Width of the condition vector concatenated after Flatten (0: no condition input).
     seed
         Seed of the initializers and dropout.
 
     Returns
     -------
     keras.Model
-        The encoder.
+        The encoder, named ``"encoder"``: ``image`` (and ``condition``) in, ``[z_mean, z_log_var]`` out.
     """
     image = keras.Input(shape=input_shape, name="image")
     inputs = [image]
@@ -185,17 +195,27 @@ def build_decoder(
 
     Parameters
     ----------
-    input_shape, conv_layers, n_dense_dim, n_latent_dim, dropout
-        As for :class:`CVAE` (the decoder's dense layer has the bottleneck's size, not ``n_dense_dim``).
+    input_shape
+        ``(height, width, channels)`` of the patches (the output's shape).
+    conv_layers
+        Filters of the encoder's convolutions; the decoder mirrors them from the last (the bottleneck is
+        ``(H / 2**n, W / 2**n, conv_layers[-1])``).
+    n_dense_dim
+        Unused: the decoder's dense layer has the bottleneck's size (kept for a signature like
+        :func:`build_encoder`'s).
+    n_latent_dim
+        Latent size L (width of the ``z`` input).
+    dropout
+        Dropout rate after the dense layer (``None`` or 0: no dropout layer).
     n_conditions
-        Width of the condition vector (0: no condition input).
+        Width of the condition vector concatenated to ``z`` (0: no condition input).
     seed
         Seed of the initializers and dropout.
 
     Returns
     -------
     keras.Model
-        The decoder.
+        The decoder, named ``"decoder"``: ``z`` (and ``condition``) in, logits ``(b, H, W, C)`` out.
     """
     del n_dense_dim  # the decoder's dense layer has the bottleneck's size
     h, w, c = input_shape
@@ -236,18 +256,22 @@ class CVAE(keras.Model):
     ----------
     input_shape
         (height, width, channels) of the patches.
-    n_latent_dim, n_dense_dim
-        Latent size L and width of the dense layer.
+    n_latent_dim
+        Latent size L (positive int).
+    n_dense_dim
+        Width of the encoder's dense layer (positive int).
     conv_layers
-        Filters of the stride-2 convolutions; height and width must be divisible by ``2**len(conv_layers)``.
+        Filters of the stride-2 convolutions (default ``(32, 64, 128)``); height and width must be
+        divisible by ``2**len(conv_layers)``.
     dropout
-        Dropout after the dense layers (``None`` or 0: none).
+        Dropout rate in [0, 1) after the encoder's and the decoder's dense layer (default 0.25; ``None`` or
+        0: none).
     beta
-        Weight of the KL term.
+        Weight of the KL term in the loss (>= 0; default 0.01).
     n_conditions
-        Width of the condition vector (0 for a plain CVAE).
+        Width of the condition vector (default 0: a plain CVAE).
     seed
-        Seed for the initializers, dropout and sampling noise.
+        Seed for the initializers, dropout and sampling noise (default 0).
     **kwargs
         Keras ``Model`` arguments (``name``, ``dtype``).
 
@@ -321,14 +345,15 @@ class CVAE(keras.Model):
         Parameters
         ----------
         inputs
-            An image batch, ``{"image", "condition"}`` or ``(image, condition)``.
+            An image batch ``(b, H, W, C)`` in [0, 1], ``{"image", "condition"}`` or ``(image, condition)``
+            (the condition ``(b, n_conditions)`` only for a ``CondCVAE``).
         training
-            Apply dropout.
+            Apply dropout (default ``False``: deterministic).
 
         Returns
         -------
         tuple
-            ``(z_mean, z_log_var)``.
+            ``(z_mean, z_log_var)``, each ``(b, L)``; no sampling, so deterministic without ``training``.
         """
         image, condition = self._split(inputs)
         enc_in = [ops.convert_to_tensor(image), ops.convert_to_tensor(condition)] if self.conditional else image
@@ -343,9 +368,9 @@ class CVAE(keras.Model):
         z
             Latents (b, L).
         condition
-            Condition vectors (a ``CondCVAE`` only).
+            Condition vectors ``(b, n_conditions)`` (a ``CondCVAE`` only; ``None`` for a ``CVAE``).
         training
-            Apply dropout.
+            Apply dropout (default ``False``).
 
         Returns
         -------
@@ -363,12 +388,13 @@ class CVAE(keras.Model):
         inputs
             As for :meth:`encode`.
         training
-            Apply dropout.
+            Apply dropout (default ``False``; ``z`` is sampled either way).
 
         Returns
         -------
         dict
-            ``reconstruction``, ``logits``, ``z_mean``, ``z_log_var`` and ``z``.
+            ``reconstruction`` (sigmoid of the logits) and ``logits``, ``(b, H, W, C)``; ``z_mean``,
+            ``z_log_var`` and the sampled ``z``, ``(b, L)``. In the policy's compute dtype.
         """
         image, condition = self._split(inputs)
         enc_in = [image, condition] if self.conditional else image
@@ -385,11 +411,15 @@ class CVAE(keras.Model):
         Parameters
         ----------
         x
-            The inputs.
-        y, sample_weight, training
+            The inputs, as for :meth:`encode`; the image is also the target.
+        y
             Unused (an autoencoder's target is its input).
         y_pred
-            The output of :meth:`call`.
+            The output of :meth:`call` (``logits``, ``z_mean`` and ``z_log_var`` are used).
+        sample_weight
+            Unused (every patch weighs the same).
+        training
+            Unused (the loss is the same in training and validation).
 
         Returns
         -------
@@ -439,12 +469,12 @@ class CVAE(keras.Model):
         Parameters
         ----------
         config
-            The configuration.
+            The configuration, as :meth:`get_config` returns it (``dtype`` and ``name`` included).
 
         Returns
         -------
         CVAE
-            The model (untrained weights).
+            The model (freshly initialized weights; Keras loads the saved ones afterwards).
         """
         return cls(**config)
 
@@ -458,12 +488,16 @@ class CondCVAE(CVAE):
 
     Parameters
     ----------
-    input_shape, n_latent_dim, n_dense_dim
-        As for :class:`CVAE`.
+    input_shape
+        (height, width, channels) of the patches.
+    n_latent_dim
+        Latent size L.
+    n_dense_dim
+        Width of the encoder's dense layer.
     n_conditions
-        Width of the condition vector (>= 1).
+        Width of the condition vector (>= 1; keyword-only).
     **kwargs
-        The other arguments of :class:`CVAE`.
+        The other arguments of :class:`CVAE` (``conv_layers``, ``dropout``, ``beta``, ``seed``, ``name``, ``dtype``).
     """
 
     def __init__(self, input_shape: Sequence[int], n_latent_dim: int, n_dense_dim: int, *,
@@ -489,8 +523,22 @@ def make_model(
 
     Parameters
     ----------
-    input_shape, n_latent_dim, n_dense_dim, conv_layers, dropout, beta, n_conditions, seed
-        As for :class:`CVAE`.
+    input_shape
+        (height, width, channels) of the patches.
+    n_latent_dim
+        Latent size L.
+    n_dense_dim
+        Width of the encoder's dense layer.
+    conv_layers
+        Filters of the stride-2 convolutions.
+    dropout
+        Dropout rate after the dense layers (``None`` or 0: none).
+    beta
+        Weight of the KL term.
+    n_conditions
+        Width of the condition vector; 0 builds a :class:`CVAE`, more a :class:`CondCVAE`.
+    seed
+        Seed of the initializers, dropout and sampling noise.
     name
         Keras name of the model (default: the class's).
 

@@ -38,6 +38,7 @@ Callbacks (:func:`fit`)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -45,7 +46,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BatchPlan",
     "configure_tensorflow",
+    "dtype_policy",
+    "mixed_precision_policy",
     "PatchData",
     "PatchSequence",
     "TrainedModel",
@@ -84,6 +87,10 @@ __all__ = [
 DEFAULT_MEMORY_BUDGET = 2**30
 #: Training rows are shuffled within windows of whole store chunks of about this many raw bytes.
 SHUFFLE_WINDOW_BYTES = 256 * 2**20
+#: Training steps per call into the compiled graph (Keras ``steps_per_execution``); the losses are the same.
+STEPS_PER_EXECUTION = 8
+#: Environment variable that chooses the mixed precision: ``auto`` (default), ``1``, ``0`` or a policy.
+MIXED_PRECISION_ENV = "PHENOCODER_MIXED_PRECISION"
 _SETTING_KEYS = ("patch_size", "channels", "spatial_key_index", "store_dtype")
 _NORM_KEYS = ("scale", "scale_per_sample", "scale_percentile")
 
@@ -94,7 +101,13 @@ _NORM_KEYS = ("scale", "scale_per_sample", "scale_percentile")
 
 
 def process_cores() -> int:
-    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where there is none).
+
+    Returns
+    -------
+    int
+        The number of cores (at least 1).
+    """
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -112,6 +125,18 @@ def configure_tensorflow(threads: int | None = None) -> dict[str, Any]:
     has run its first op: a later call changes nothing and reports what is in force. XLA (``jit_compile``)
     stays Keras's ``"auto"``: on for GPUs, off on CPUs, where measured training with XLA was 3-4x slower
     than oneDNN's kernels (``benchmarks/train_speed.py``).
+
+    Parameters
+    ----------
+    threads
+        Threads of both pools; ``None`` (default) uses :func:`process_cores`. The environment variables
+        ``TF_NUM_INTRAOP_THREADS`` / ``TF_NUM_INTEROP_THREADS`` take precedence over it.
+
+    Returns
+    -------
+    dict
+        The settings in force: ``intra_op_threads`` and ``inter_op_threads`` (0 means TensorFlow's own
+        choice), ``gpus`` (GPUs visible to TensorFlow) and ``jit_compile`` (``"auto"``).
     """
     import tensorflow as tf
 
@@ -128,9 +153,111 @@ def configure_tensorflow(threads: int | None = None) -> dict[str, Any]:
             "gpus": len(tf.config.list_physical_devices("GPU")), "jit_compile": "auto"}
 
 
-def compile_model(model: keras.Model, learning_rate: float) -> None:
-    """Compile ``model`` with Adam the way :func:`fit` does (XLA left to Keras: on with a GPU, off on CPU)."""
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate), jit_compile="auto")
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of this machine (``/proc/cpuinfo``; empty where it cannot be read).
+
+    Returns
+    -------
+    set of str
+        Flags such as ``"avx512f"``, ``"avx512_bf16"``, ``"amx_bf16"`` (lower case).
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def mixed_precision_policy() -> str:
+    """The Keras dtype policy :func:`prepare` builds models under.
+
+    By default (``PHENOCODER_MIXED_PRECISION`` unset or ``auto``): ``"mixed_float16"`` on a GPU of compute
+    capability 7.0 or higher (Keras then scales the loss), else ``"float32"``. On a CPU, bfloat16 is opt-in:
+    on the 2-core AVX512_BF16 development machine it trained 1.10-1.13x faster per CPU-second but ended 10
+    epochs on the real plate with a 1.6-3.3 % higher validation loss (two seeds), more than the seeds differ.
+
+    The environment variable ``PHENOCODER_MIXED_PRECISION`` sets the choice: ``1`` (or ``on``/``true``/``yes``)
+    uses the hardware's mixed precision, ``"mixed_bfloat16"`` on a CPU with bfloat16 instructions
+    (``avx512_bf16`` or ``amx_bf16`` in ``/proc/cpuinfo``) and ``"mixed_float16"`` on such a GPU; ``0`` (or
+    ``off``/``false``/``no``/``float32``) trains in float32 everywhere; ``bfloat16``/``float16`` (or the
+    ``mixed_`` names) force that policy. Mixed policies compute the layers in 16 bits and keep the weights and
+    the loss in float32 (:meth:`~phenocoder_lib.models.CVAE.compute_loss`).
+
+    Returns
+    -------
+    str
+        ``"mixed_float16"``, ``"mixed_bfloat16"`` or ``"float32"``.
+
+    Raises
+    ------
+    ValueError
+        An unknown value of ``PHENOCODER_MIXED_PRECISION``.
+    """
+    value = os.environ.get(MIXED_PRECISION_ENV, "auto").strip().lower()
+    if value in ("0", "off", "false", "no", "float32"):
+        return "float32"
+    if value in ("bfloat16", "mixed_bfloat16", "float16", "mixed_float16"):
+        return value if value.startswith("mixed_") else f"mixed_{value}"
+    if value not in ("", "auto", "1", "on", "true", "yes"):
+        raise ValueError(f"{MIXED_PRECISION_ENV}={value!r} is not valid; use auto (default: mixed_float16 on a GPU, "
+                         "float32 on a CPU), 1 (also bfloat16 on a CPU that has it), 0 (float32), bfloat16 or "
+                         "float16.")
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return "mixed_float16" if tuple(details.get("compute_capability", (0, 0))) >= (7, 0) else "float32"
+    if value in ("", "auto"):
+        return "float32"
+    return "mixed_bfloat16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "float32"
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str) -> Iterator[str]:
+    """Build Keras layers under the dtype policy ``name``, then restore the global policy.
+
+    A layer keeps the policy in force when it is made, so models built inside compute under ``name``
+    while the process's global policy is unchanged afterwards.
+
+    Parameters
+    ----------
+    name
+        A Keras dtype policy (``"float32"``, ``"mixed_bfloat16"``, ``"mixed_float16"``).
+
+    Yields
+    ------
+    str
+        ``name``.
+    """
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield name
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def compile_model(model: keras.Model, learning_rate: float, *,
+                  steps_per_execution: int = STEPS_PER_EXECUTION) -> None:
+    """Compile ``model`` with Adam the way :func:`fit` does (XLA left to Keras: on with a GPU, off on CPU).
+
+    Parameters
+    ----------
+    model
+        The model to compile (its loss comes from its own ``compute_loss``). A model built under
+        ``mixed_float16`` gets Keras's loss scaling.
+    learning_rate
+        Adam's initial learning rate (> 0).
+    steps_per_execution
+        Training (and validation) steps per call into the compiled graph (default
+        :data:`STEPS_PER_EXECUTION`): fewer Python round trips per epoch, the same steps and losses.
+    """
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate), jit_compile="auto",
+                  steps_per_execution=int(steps_per_execution))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,7 +268,26 @@ def compile_model(model: keras.Model, learning_rate: float) -> None:
 def check_datasets(datasets: Sequence[P.PatchDataset], input_shape: Sequence[int]) -> dict[str, Any]:
     """Check that the datasets agree with each other and with ``input_shape``; return the first's settings.
 
-    Raises ``ValueError`` naming the argument and the fix (before anything is trained).
+    Parameters
+    ----------
+    datasets
+        The training patch datasets; all must share ``patch_size``, ``channels``, ``spatial_key_index``,
+        ``store_dtype`` and the normalization settings (``scale``, ``scale_per_sample``,
+        ``scale_percentile``).
+    input_shape
+        The model's ``(height, width, channels)``; height and width must equal the datasets'
+        ``patch_size`` and channels their channel count.
+
+    Returns
+    -------
+    dict
+        The first dataset's ``settings`` (``settings.json``: patch geometry, channels, normalization).
+
+    Raises
+    ------
+    ValueError
+        No dataset, datasets that disagree, or an ``input_shape`` that does not match them; the message
+        names the argument and the fix (raised before anything is trained).
     """
     if not datasets:
         raise ValueError("No patch dataset: call generate_dataset(...) first.")
@@ -249,6 +395,42 @@ class PatchData:
     With ``raw`` None the patches are read from the store in whole chunks through a least-recently-used
     cache of at most ``cache_bytes`` decoded bytes. The store chunks also define the training order
     (see :func:`batch_plan`), in memory or not, so both give the same batches.
+
+    Parameters
+    ----------
+    index
+        The compact patch index, one row per patch in training-row order (columns such as ``dataset``,
+        ``sample``, the object id, ``z``, ``y``, ``x``; see :func:`load_patch_data`).
+    low
+        Low intensity anchors, float32 ``(n_groups, C)``: one row per anchor group (per sample or one for
+        all, as the datasets were made).
+    inv
+        ``1 / (high - low)`` of the same anchor groups, float32 ``(n_groups, C)``.
+    scale
+        Whether patches are normalized as ``clip((v - low) * inv, 0, 1)``; ``False``: the raw values are
+        used as they are (already in [0, 1]).
+    conditions
+        Condition vectors, float32 ``(n, width)`` with one row per patch, or ``None`` for a plain CVAE.
+    patch_shape
+        ``(height, width, channels)`` of one patch.
+    dtype
+        The store's dtype of the raw patches (``uint8``, ``uint16`` or a float type).
+    stores
+        ``(dataset folder, sample)`` of every block: where the block's zarr store is read from.
+    block_start
+        First row of every block and the total row count, int64 ``(n_blocks + 1,)``.
+    block_group
+        Anchor group (row of ``low``/``inv``) of every block, int32 ``(n_blocks,)``.
+    chunk_rows
+        Rows per store chunk: one int for all blocks or one per block (default: the patch writer's
+        chunk length).
+    raw
+        All raw patches ``(n, H, W, C)`` in RAM, or ``None`` to stream them from the stores.
+    cache_bytes
+        Bytes of decoded chunks the streaming cache may hold (default 1 GiB).
+    shuffle_window_bytes
+        Raw bytes of one shuffle window (rounded to whole chunks); 0 (default) means
+        :data:`SHUFFLE_WINDOW_BYTES`.
     """
 
     index: pd.DataFrame
@@ -272,6 +454,7 @@ class PatchData:
         self.block_group = np.asarray(self.block_group, np.int32)
         self._cache = _ChunkCache(self._load_chunk, self.cache_bytes)
         self._arrays: dict[int, Any] = {}
+        self._tensors: dict[str, Any] = {}
 
     def __len__(self) -> int:
         return int(self.block_start[-1])
@@ -293,11 +476,33 @@ class PatchData:
         return max(int(self.shuffle_window_bytes or SHUFFLE_WINDOW_BYTES) // max(chunk_bytes, 1), 1)
 
     def block_of(self, pos: np.ndarray) -> np.ndarray:
-        """Block (dataset, sample) of rows ``pos``."""
+        """Block (dataset, sample) of rows ``pos``.
+
+        Parameters
+        ----------
+        pos
+            Row positions (ints in ``[0, len(self))``).
+
+        Returns
+        -------
+        numpy.ndarray
+            The block of every row (index into ``block_start``/``stores``), same shape as ``pos``.
+        """
         return np.searchsorted(self.block_start, pos, side="right") - 1
 
     def group_of(self, pos: np.ndarray) -> np.ndarray:
-        """Anchor group (row of ``low``/``inv``) of rows ``pos``."""
+        """Anchor group (row of ``low``/``inv``) of rows ``pos``.
+
+        Parameters
+        ----------
+        pos
+            Row positions (ints in ``[0, len(self))``).
+
+        Returns
+        -------
+        numpy.ndarray
+            The anchor group of every row, int32, same shape as ``pos``.
+        """
         return self.block_group[self.block_of(pos)]
 
     def _layout(self) -> tuple[np.ndarray, np.ndarray]:
@@ -308,7 +513,19 @@ class PatchData:
         return rows, np.concatenate([[0], np.cumsum(n_chunks)])
 
     def chunk_of(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Global store chunk of rows ``pos`` and their row within the chunk."""
+        """Global store chunk of rows ``pos`` and their row within the chunk.
+
+        Parameters
+        ----------
+        pos
+            Row positions (ints in ``[0, len(self))``).
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            ``(chunk, offset)``, int64 like ``pos``: the chunk's global id (chunks numbered block after
+            block) and the row inside that chunk.
+        """
         rows, base = self._layout()
         block = self.block_of(pos)
         local = np.asarray(pos, np.int64) - self.block_start[block]
@@ -316,7 +533,21 @@ class PatchData:
         return base[block] + local // per, local % per
 
     def raw_rows(self, pos: np.ndarray, plan: BatchPlan | None = None) -> np.ndarray:
-        """Raw patches of rows ``pos`` (in the given order); ``plan`` lets the cache prefetch the next window."""
+        """Raw patches of rows ``pos`` (in the given order); ``plan`` lets the cache prefetch the next window.
+
+        Parameters
+        ----------
+        pos
+            Row positions, in the order wanted.
+        plan
+            The epoch's :class:`BatchPlan`; when streaming, the chunk cache then starts decoding the
+            window after the latest one these rows touch. ``None``: no prefetch.
+
+        Returns
+        -------
+        numpy.ndarray
+            The raw patches ``(len(pos), H, W, C)`` in the store's dtype (a copy).
+        """
         if self.raw is not None:
             return self.raw[pos]
         chunk, offset = self.chunk_of(pos)
@@ -331,6 +562,40 @@ class PatchData:
             out[sel] = self._cache.get(key)[offset[sel]]
         return out
 
+    def raw_tensor(self) -> Any:
+        """The in-memory raw patches as a TensorFlow tensor that shares their memory (made once).
+
+        The tensor is built through DLPack on ``raw``'s buffer, so the patches are held once (the memory
+        budget counts them once). An array that is not 64-byte aligned or not C-contiguous (TensorFlow's
+        requirement), or read-only (DLPack cannot export it), is first replaced by an aligned copy.
+
+        Returns
+        -------
+        tf.Tensor
+            ``(n, H, W, C)`` in the store's dtype, on the CPU.
+
+        Raises
+        ------
+        ValueError
+            The patches are streamed (``raw`` is ``None``).
+        """
+        if self.raw is None:
+            raise ValueError("the patches are streamed from the store (raw is None); no tensor of them is held.")
+        tensor = self._tensors.get("raw")
+        if tensor is None:
+            import tensorflow as tf
+
+            if self.raw.ctypes.data % 64 or not self.raw.flags.c_contiguous or not self.raw.flags.writeable:
+                aligned = _aligned_empty(self.raw.shape, self.raw.dtype)
+                aligned[...] = self.raw
+                self.raw = aligned
+            if self.raw.size == 0:
+                tensor = tf.zeros(self.raw.shape, tf.as_dtype(self.raw.dtype))
+            else:
+                tensor = tf.experimental.dlpack.from_dlpack(self.raw.__dlpack__())
+            self._tensors["raw"] = tensor
+        return tensor
+
     def _prefetch_after(self, plan: BatchPlan, keys: np.ndarray) -> None:
         """Decode the chunks of the window after the latest one ``keys`` touch, as far as the cache holds them."""
         nxt = int(plan.window_of_chunk[keys].max()) + 1
@@ -343,7 +608,14 @@ class PatchData:
             self._cache.prefetch(plan.windows[nxt][:room].tolist())
 
     def start(self, plan: BatchPlan) -> None:
-        """Begin decoding the first window of ``plan`` (streaming only)."""
+        """Begin decoding the first window of ``plan`` (streaming only).
+
+        Parameters
+        ----------
+        plan
+            The epoch's :class:`BatchPlan`; its first window's chunks are decoded in the background, as
+            many as the chunk cache holds. Nothing happens when the patches are in RAM.
+        """
         if self.raw is None and plan.windows:
             plan.next_prefetch = 1
             chunk_bytes = int(np.max(self._layout()[0])) * self.patch_bytes
@@ -364,7 +636,20 @@ class PatchData:
         return np.asarray(arr[start:start + int(hi - lo)])
 
     def normalize(self, raw: np.ndarray, group: np.ndarray) -> np.ndarray:
-        """Normalized float32 patches of ``raw`` patches whose anchor groups are ``group``."""
+        """Normalized float32 patches of ``raw`` patches whose anchor groups are ``group``.
+
+        Parameters
+        ----------
+        raw
+            Raw patches ``(b, H, W, C)`` in the store's dtype.
+        group
+            Anchor group (row of ``low``/``inv``) of every patch, ``(b,)``.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(b, H, W, C)``: ``clip((raw - low) * inv, 0, 1)`` with ``scale``, else ``raw`` as float32.
+        """
         x = raw.astype(np.float32)
         if self.scale:
             x -= self.low[group][:, None, None, :]
@@ -373,7 +658,20 @@ class PatchData:
         return x
 
     def batch(self, pos: np.ndarray, plan: BatchPlan | None = None) -> np.ndarray:
-        """Return normalized float32 patches (len(pos), h, w, c) of rows ``pos``."""
+        """Return normalized float32 patches (len(pos), h, w, c) of rows ``pos``.
+
+        Parameters
+        ----------
+        pos
+            Row positions, in the order wanted.
+        plan
+            The epoch's :class:`BatchPlan` for the streaming prefetch (see :meth:`raw_rows`), or ``None``.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(len(pos), H, W, C)`` in [0, 1] (unaugmented).
+        """
         return self.normalize(self.raw_rows(pos, plan), self.group_of(pos))
 
 
@@ -389,6 +687,29 @@ def load_patch_data(
     :func:`training_index`). When the raw patches exceed ``memory_budget_bytes`` they stay on disk and
     are read in whole store chunks through a cache of at most ``memory_budget_bytes`` and at most two
     shuffle windows (``2 * SHUFFLE_WINDOW_BYTES`` plus two chunks); the batches are the same either way.
+
+    Parameters
+    ----------
+    datasets
+        The training patch datasets (checked with :func:`check_datasets`); their non-empty samples become
+        the blocks, in dataset order and store order.
+    conditions
+        Condition vectors, ``(n, width)`` float32 with one row per row of :func:`training_index`, or
+        ``None`` for a plain CVAE.
+    memory_budget_bytes
+        Raw patches up to this many bytes are read into RAM (default :data:`DEFAULT_MEMORY_BUDGET`,
+        1 GiB); above it they are streamed through a chunk cache bounded by it.
+
+    Returns
+    -------
+    PatchData
+        The patches (in RAM or streamed), their anchors, conditions and compact index.
+
+    Raises
+    ------
+    ValueError
+        ``conditions`` with the wrong row count, or a dataset made with ``scale=False`` whose values leave
+        [0, 1].
     """
     import zarr
 
@@ -407,7 +728,7 @@ def load_patch_data(
     lows, highs, block_group, chunk_rows = [], [], [], []
     block_start = np.concatenate([[0], np.cumsum([len(frame) for _, _, frame in blocks])]).astype(np.int64)
     in_memory = total <= memory_budget_bytes
-    raw = np.empty((len(index), h, w, c), dtype) if in_memory else None
+    raw = _aligned_empty((len(index), h, w, c), dtype) if in_memory else None
     for b, (ds, sample, _) in enumerate(blocks):
         if scale:
             key = (ds.name, sample) if norm["scale_per_sample"] else (ds.name,)
@@ -452,6 +773,18 @@ def load_patch_data(
     return data
 
 
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
+    """An uninitialized C-contiguous array whose data start at a multiple of ``align`` bytes.
+
+    TensorFlow can use such a buffer without a copy (:meth:`PatchData.raw_tensor`).
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buf = np.empty(nbytes + align, np.uint8)
+    start = (-buf.ctypes.data) % align
+    return buf[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def _check_unit_range(raw: np.ndarray, dataset: str, sample: str) -> None:
     lo, hi = float(raw.min()), float(raw.max())
     if lo < 0 or hi > 1:
@@ -485,7 +818,18 @@ def _concat_index(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
 
 
 def training_index(datasets: Sequence[P.PatchDataset]) -> pd.DataFrame:
-    """Concatenate the patch indexes in training-row order (samples in dataset order, store order within)."""
+    """Concatenate the patch indexes in training-row order (samples in dataset order, store order within).
+
+    Parameters
+    ----------
+    datasets
+        The training patch datasets.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per patch (``sample`` as str), with a fresh ``RangeIndex``: row ``i`` is training row ``i``.
+    """
     return _concat_index([frame for _, _, frame in _training_blocks(datasets)])
 
 
@@ -519,6 +863,30 @@ def split_train_val(
     ``split_by="object"``: within each (dataset, sample), ``round(fraction * n)`` objects (at least 1
     and at most n - 1 when n >= 2) go to validation. ``split_by="sample"``: whole samples, at least one
     in each split.
+
+    Parameters
+    ----------
+    index
+        The patch index in training-row order (:func:`training_index`); needs ``dataset`` and ``sample``.
+    validation_fraction
+        Share of the objects (or samples) held out for validation, strictly between 0 and 1 (default 0.2).
+    seed
+        Seed of the draw; the same seed gives the same split.
+    split_by
+        ``"object"`` (default): hold out objects within every (dataset, sample); ``"sample"``: hold out
+        whole samples.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(train_positions, val_positions)``: sorted row positions into ``index``, disjoint, both
+        non-empty, together all rows.
+
+    Raises
+    ------
+    ValueError
+        A fraction outside (0, 1), fewer than two patches, ``split_by="sample"`` with one sample, or an
+        unknown ``split_by``.
     """
     if not 0.0 < float(validation_fraction) < 1.0:
         raise ValueError(f"validation_fraction={validation_fraction!r} must be strictly between 0 and 1.")
@@ -559,7 +927,20 @@ def split_train_val(
 
 
 def dihedral(x: np.ndarray, states: np.ndarray) -> np.ndarray:
-    """Apply dihedral transform ``states[i]`` (0..7: ``k = s % 4`` quarter turns, mirrored if ``s >= 4``)."""
+    """Apply dihedral transform ``states[i]`` (0..7: ``k = s % 4`` quarter turns, mirrored if ``s >= 4``).
+
+    Parameters
+    ----------
+    x
+        Images ``(b, H, W, C)``; quarter turns of a non-square image need ``H == W`` (use even states).
+    states
+        Dihedral state of every image, ints in 0..7, ``(b,)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        The transformed images (a new array; ``x`` is not changed).
+    """
     out = x.copy()
     for s in np.unique(states):
         m = states == s
@@ -572,7 +953,19 @@ def dihedral(x: np.ndarray, states: np.ndarray) -> np.ndarray:
 
 @dataclass
 class BatchPlan:
-    """One epoch's order of a split: ``order`` (rows in batch order) and its store chunks, window by window."""
+    """One epoch's order of a split: ``order`` (rows in batch order) and its store chunks, window by window.
+
+    Parameters
+    ----------
+    order
+        Row positions of the split in batch order (batch ``i`` is ``order[i * batch_size:(i + 1) * batch_size]``).
+    windows
+        Global store chunks of every shuffle window, in the order the epoch first uses them.
+    window_of_chunk
+        Window of every global store chunk, int32 (-1: the chunk holds no row of this split).
+    next_prefetch
+        First window not yet handed to the chunk cache's prefetch (updated while the epoch streams).
+    """
 
     order: np.ndarray
     windows: list[np.ndarray]  # store chunks of each window, in the order the epoch first uses them
@@ -589,6 +982,24 @@ def batch_plan(data: PatchData, positions: np.ndarray, *, shuffle: bool, seed: i
     never needs more than two windows' chunks, so streaming decodes each chunk about once per epoch. The
     order depends on (seed, epoch), the positions and the store chunks only: not on the memory budget,
     nor on whether the patches are in RAM.
+
+    Parameters
+    ----------
+    data
+        The patches (their store chunks define the windows).
+    positions
+        Row positions of the split.
+    shuffle
+        Shuffle chunk-wise (training); ``False`` keeps ``positions`` in their order (validation).
+    seed
+        Seed of the shuffle.
+    epoch
+        Epoch number (0-based); every epoch has its own order.
+
+    Returns
+    -------
+    BatchPlan
+        The epoch's row order and its windows of store chunks.
     """
     chunk, _ = data.chunk_of(positions)
     if shuffle:
@@ -636,7 +1047,18 @@ class _PlannedBatches:
         return math.ceil(len(self.positions) / self.batch_size)
 
     def plan(self, epoch: int) -> BatchPlan:
-        """The order of epoch ``epoch`` (the last two epochs' plans are kept)."""
+        """The order of epoch ``epoch`` (the last two epochs' plans are kept).
+
+        Parameters
+        ----------
+        epoch
+            Epoch number (0-based); ignored without ``shuffle`` (every epoch has the same order).
+
+        Returns
+        -------
+        BatchPlan
+            The epoch's :func:`batch_plan` (streaming: its first window starts decoding when it is made).
+        """
         key = int(epoch) if self.shuffle else 0
         with self._plan_lock:
             plan = self._plans.get(key)
@@ -648,18 +1070,64 @@ class _PlannedBatches:
                     self._plans.popitem(last=False)
             return plan
 
+    def _states(self, epoch: int, i: int, n: int) -> np.ndarray:
+        """Dihedral states of the ``n`` patches of batch ``i`` of epoch ``epoch`` (zeros without ``flip``)."""
+        if not self.flip:
+            return np.zeros(n, np.int32)
+        states = np.random.default_rng([self.seed, int(epoch), int(i), 2]).integers(0, 8, size=n)
+        if self.n_states == 4:
+            states = states - states % 2  # 0, 2, 4, 6: the symmetries of a rectangle
+        return states.astype(np.int32)
+
     def batch_arrays(self, epoch: int, i: int) -> tuple[np.ndarray, ...]:
-        """Raw patches, anchor groups, dihedral states (zeros without ``flip``) and positions of batch ``i``."""
+        """Raw patches, anchor groups, dihedral states (zeros without ``flip``) and positions of batch ``i``.
+
+        Parameters
+        ----------
+        epoch
+            Epoch number (0-based): selects the order and the dihedral draws.
+        i
+            Batch number within the epoch, ``0 <= i < len(self)``.
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            ``(raw, group, states, pos)``: raw patches ``(b, H, W, C)`` in the store's dtype, int32 anchor
+            groups ``(b,)``, int32 dihedral states ``(b,)`` and the int64 row positions ``(b,)``.
+
+        Raises
+        ------
+        IndexError
+            ``i`` out of range.
+        """
         if i < 0 or i >= len(self):
             raise IndexError(f"batch {i} out of range (0..{len(self) - 1}).")
         plan = self.plan(epoch)
         pos = plan.order[i * self.batch_size:(i + 1) * self.batch_size]
-        states = np.zeros(len(pos), np.int32)
-        if self.flip:
-            states = np.random.default_rng([self.seed, int(epoch), int(i), 2]).integers(0, 8, size=len(pos))
-            if self.n_states == 4:
-                states = states - states % 2  # 0, 2, 4, 6: the symmetries of a rectangle
-        return self.data.raw_rows(pos, plan), self.data.group_of(pos).astype(np.int32), states.astype(np.int32), pos
+        states = self._states(epoch, i, len(pos))
+        return self.data.raw_rows(pos, plan), self.data.group_of(pos).astype(np.int32), states, pos
+
+    def epoch_arrays(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows, anchor groups and dihedral states of a whole epoch, in batch order.
+
+        Batch ``i`` is the slice ``[i * batch_size:(i + 1) * batch_size]`` of each, with the values
+        :meth:`batch_arrays` gives for it.
+
+        Parameters
+        ----------
+        epoch
+            Epoch number (0-based).
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            ``(pos, group, states)``: int64 row positions, int32 anchor groups and int32 dihedral states,
+            each ``(len(positions),)``.
+        """
+        pos = self.plan(epoch).order
+        states = np.concatenate([self._states(epoch, i, len(pos[i * self.batch_size:(i + 1) * self.batch_size]))
+                                 for i in range(len(self))])
+        return pos, self.data.group_of(pos).astype(np.int32), states
 
 
 class PatchSequence(_PlannedBatches, keras.utils.PyDataset):
@@ -673,12 +1141,16 @@ class PatchSequence(_PlannedBatches, keras.utils.PyDataset):
         Rows of ``data`` in this split.
     batch_size
         Patches per batch (the last batch may be smaller; no patch is dropped).
-    shuffle, flip
-        Seeded per-epoch chunk-wise shuffle (:func:`batch_plan`) and dihedral augmentation (training split only).
+    shuffle
+        Seeded per-epoch chunk-wise shuffle (:func:`batch_plan`; training split only). Default ``False``:
+        the rows in the order of ``positions``.
+    flip
+        Give every patch one of the 8 dihedral transforms (4 for non-square patches), drawn per batch
+        from (seed, epoch, batch); training split only. Default ``False``.
     seed
         Seed of the order and the augmentation; batch ``i`` of epoch ``e`` depends only on (seed, e, i).
     workers
-        Preparation threads (Keras PyDataset ``workers``).
+        Preparation threads (Keras PyDataset ``workers``, default 1).
 
     """
 
@@ -710,30 +1182,71 @@ class PatchSequence(_PlannedBatches, keras.utils.PyDataset):
         self.epoch += 1
 
     def keras_input(self) -> Any:
-        """Return what ``fit`` consumes (the PyDataset itself)."""
+        """Return what ``fit`` consumes (the PyDataset itself).
+
+        Returns
+        -------
+        PatchSequence
+            ``self``: a ``keras.utils.PyDataset`` yielding ``{"image", ["condition"]}`` dicts.
+        """
         return self
 
 
 class TFPatchBatches(_PlannedBatches):
     """The batches of :class:`PatchSequence` as a ``tf.data`` pipeline (TensorFlow backend).
 
-    One short numpy call per batch gathers the raw patches (from RAM, or from the chunk cache while the
-    next window's chunks are decoded in the background); normalization and the dihedral transforms run
-    as TensorFlow ops in parallel map calls with prefetching, so no other Python runs per batch (a Python
-    ``PyDataset`` behind ``tf.data`` holds the GIL for every batch and halves the throughput of small
-    models on two cores). Every pass over :meth:`keras_input` is the next epoch (0, 1, ...), with the
-    order and draws of that epoch of :class:`PatchSequence`.
+    With the patches in RAM (``in_graph``), one numpy call per *epoch* computes the epoch's rows, anchor
+    groups and dihedral states; each batch is then gathered by index from the patch array (held as a
+    tensor that shares the array's memory, :meth:`PatchData.raw_tensor`), normalized and transformed by
+    TensorFlow ops in parallel map calls, prefetched: no Python runs per batch. Streamed from the store,
+    one short numpy call per batch gathers the raw patches from the chunk cache (while the next window's
+    chunks are decoded in the background) and the same ops follow. (A Python ``PyDataset`` behind
+    ``tf.data`` holds the GIL for every batch and halves the throughput of small models on two cores.)
+    Every pass over :meth:`keras_input` is the next epoch (0, 1, ...), with the order and draws of that
+    epoch of :class:`PatchSequence`: both ways give the same batches.
+
+    Parameters
+    ----------
+    data
+        The patches.
+    positions
+        Rows of ``data`` in this split.
+    batch_size
+        Patches per batch (the last batch may be smaller; no patch is dropped).
+    shuffle
+        Seeded per-epoch chunk-wise shuffle (:func:`batch_plan`; training split only). Default ``False``.
+    flip
+        Seeded dihedral augmentation (training split only). Default ``False``.
+    seed
+        Seed of the order and the augmentation; batch ``i`` of epoch ``e`` depends only on (seed, e, i).
+    workers
+        Parallel map calls of the pipeline beyond the default two (default 1).
+    in_graph
+        Gather the batches inside the TensorFlow graph from the in-memory patches; ``None`` (default):
+        whenever the patches are in RAM. ``False`` gathers each batch in a numpy call (the way streamed
+        patches are read).
     """
 
     def __init__(self, data: PatchData, positions: np.ndarray, *, batch_size: int, shuffle: bool = False,
-                 flip: bool = False, seed: int = 0, workers: int = 1) -> None:
+                 flip: bool = False, seed: int = 0, workers: int = 1, in_graph: bool | None = None) -> None:
         self._setup(data, positions, batch_size, shuffle, flip, seed)
         self.workers = max(int(workers), 1)
+        if in_graph and not data.in_memory:
+            raise ValueError("in_graph=True needs the patches in RAM; these are streamed from the store "
+                             "(raise memory_budget_bytes, or leave in_graph=None).")
+        self.in_graph = data.in_memory if in_graph is None else bool(in_graph)
         self.epoch = 0  # the epoch the next pass will be
         self._dataset = None
 
     def keras_input(self) -> Any:
-        """Return the ``tf.data.Dataset`` that ``fit`` consumes (built once)."""
+        """Return the ``tf.data.Dataset`` that ``fit`` consumes (built once).
+
+        Returns
+        -------
+        tf.data.Dataset
+            Batches ``{"image": float32 (b, H, W, C) in [0, 1], ["condition": float32 (b, width)]}``,
+            ``len(self)`` per pass; every pass is the next epoch.
+        """
         if self._dataset is None:
             self._dataset = self._build()
         return self._dataset
@@ -742,6 +1255,9 @@ class TFPatchBatches(_PlannedBatches):
         with self._plan_lock:
             epoch, self.epoch = self.epoch, self.epoch + 1
         return np.int64(epoch)
+
+    def _epoch_arrays(self) -> list[np.ndarray]:
+        return list(self.epoch_arrays(int(self._next_epoch())))
 
     def _arrays(self, epoch: np.int64, i: np.int64) -> list[np.ndarray]:
         raw, group, states, pos = self.batch_arrays(int(epoch), int(i))
@@ -764,8 +1280,7 @@ class TFPatchBatches(_PlannedBatches):
             epoch = tf.numpy_function(self._next_epoch, [], tf.int64, stateful=True)
             return tf.data.Dataset.from_tensors(epoch).repeat(n).enumerate()
 
-        def make(i, epoch):
-            raw, group, states, *cond = tf.numpy_function(self._arrays, [epoch, i], types, stateful=False)
+        def transform(raw, group, states, cond):
             x = tf.cast(tf.ensure_shape(raw, (None, *data.patch_shape)), tf.float32)
             if scale:
                 group = tf.ensure_shape(group, (None,))
@@ -778,11 +1293,37 @@ class TFPatchBatches(_PlannedBatches):
                 out["condition"] = tf.ensure_shape(cond[0], (None, n_cond))
             return out
 
-        ds = tf.data.Dataset.from_tensors(np.int64(0)).flat_map(epoch_batches)
-        ds = ds.apply(tf.data.experimental.assert_cardinality(n))
-        ds = ds.map(make, num_parallel_calls=max(self.workers, 2), deterministic=True)
+        def make(i, epoch):
+            raw, group, states, *cond = tf.numpy_function(self._arrays, [epoch, i], types, stateful=False)
+            return transform(raw, group, states, cond)
+
+        if self.in_graph:  # one numpy call per epoch; batches gathered from the patch tensor
+            raw_t = data.raw_tensor()
+            cond_t = None if n_cond is None else tf.constant(np.asarray(data.conditions, np.float32))
+
+            def epoch_rows(_):
+                pos, group, states = tf.numpy_function(self._epoch_arrays, [], [tf.int64, tf.int32, tf.int32],
+                                                       stateful=True)
+                rows = tuple(tf.ensure_shape(v, (len(self.positions),)) for v in (pos, group, states))
+                return tf.data.Dataset.from_tensor_slices(rows).batch(self.batch_size)
+
+            def gather(pos, group, states):
+                cond = [] if cond_t is None else [tf.gather(cond_t, pos)]
+                return transform(tf.gather(raw_t, pos), group, states, cond)
+
+            ds = tf.data.Dataset.from_tensors(np.int64(0)).flat_map(epoch_rows)
+            ds = ds.apply(tf.data.experimental.assert_cardinality(n))
+            ds = ds.map(gather, num_parallel_calls=max(self.workers, 2), deterministic=True)
+        else:
+            ds = tf.data.Dataset.from_tensors(np.int64(0)).flat_map(epoch_batches)
+            ds = ds.apply(tf.data.experimental.assert_cardinality(n))
+            ds = ds.map(make, num_parallel_calls=max(self.workers, 2), deterministic=True)
         options = tf.data.Options()
         options.deterministic = True
+        if self.in_graph:
+            # tf.data's default graph rewrites serialize the pipeline, and with it the captured patch tensor:
+            # a second copy of every patch. The pipeline is already fused by hand (one map, one prefetch).
+            options.experimental_optimization.apply_default_optimizations = False
         return ds.with_options(options).prefetch(2)
 
 
@@ -803,11 +1344,38 @@ def _tf_dihedral(x: Any, states: Any, square: bool) -> Any:
 
 
 def make_batches(data: PatchData, positions: np.ndarray, *, batch_size: int, shuffle: bool = False,
-                 flip: bool = False, seed: int = 0, workers: int = 1) -> PatchSequence | TFPatchBatches:
-    """:class:`TFPatchBatches` with the TensorFlow backend, else :class:`PatchSequence` (the same batches)."""
+                 flip: bool = False, seed: int = 0, workers: int = 1,
+                 in_graph: bool | None = None) -> PatchSequence | TFPatchBatches:
+    """:class:`TFPatchBatches` with the TensorFlow backend, else :class:`PatchSequence` (the same batches).
+
+    Parameters
+    ----------
+    data
+        The patches (:func:`load_patch_data`).
+    positions
+        Rows of ``data`` in this split (:func:`split_train_val`).
+    batch_size
+        Patches per batch (the last batch may be smaller).
+    shuffle
+        Seeded per-epoch chunk-wise shuffle (training split). Default ``False``.
+    flip
+        Seeded dihedral augmentation (training split). Default ``False``.
+    seed
+        Seed of the order and the augmentation.
+    workers
+        Preparation threads or parallel map calls (default 1).
+    in_graph
+        TensorFlow backend: gather batches inside the ``tf.data`` graph (see :class:`TFPatchBatches`;
+        ``None``, the default: whenever the patches are in RAM). Ignored with another backend.
+
+    Returns
+    -------
+    PatchSequence or TFPatchBatches
+        The batches; pass ``.keras_input()`` to ``fit``.
+    """
     kw = dict(batch_size=batch_size, shuffle=shuffle, flip=flip, seed=seed, workers=workers)
     if keras.backend.backend() == "tensorflow":
-        return TFPatchBatches(data, positions, **kw)
+        return TFPatchBatches(data, positions, in_graph=in_graph, **kw)
     return PatchSequence(data, positions, **kw)
 
 
@@ -816,12 +1384,53 @@ def make_batches(data: PatchData, positions: np.ndarray, *, batch_size: int, shu
 # --------------------------------------------------------------------------------------------------
 
 
+def float32_model(model: keras.Model) -> keras.Model:
+    """``model`` itself when it computes in float32, else a float32 copy of it with the same weights.
+
+    A model trained under a mixed-precision policy keeps float32 weights; the copy is the same model (same
+    configuration, same weights and random states) built under ``float32``, so what is saved and encoded
+    is the float32 model a float32 training makes (:func:`save_model_atomic`, :func:`train`).
+
+    Parameters
+    ----------
+    model
+        A :class:`~phenocoder_lib.models.CVAE` (or another Keras model with ``get_config``/``from_config``).
+
+    Returns
+    -------
+    keras.Model
+        A float32 model (not compiled when it is a copy).
+    """
+    if keras.backend.standardize_dtype(model.dtype_policy.compute_dtype) == "float32":
+        return model
+    with dtype_policy("float32"):
+        copy = type(model).from_config({**model.get_config(), "dtype": "float32"})
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def save_model_atomic(model: keras.Model, path: str | Path) -> Path:
-    """``model.save(path)`` through a temporary sibling file, so ``path`` is always a complete model."""
+    """``model.save(path)`` through a temporary sibling file, so ``path`` is always a complete model.
+
+    A model trained under a mixed-precision policy is saved as its float32 copy (:func:`float32_model`):
+    the file loads, and encodes, exactly like one trained in float32.
+
+    Parameters
+    ----------
+    model
+        The model to save.
+    path
+        The ``.keras`` file to write (replaced atomically).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
     from .io import atomic_file
 
     with atomic_file(path) as tmp:
-        model.save(tmp)
+        float32_model(model).save(tmp)
     return Path(path)
 
 
@@ -831,6 +1440,15 @@ class BestCheckpoint(keras.callbacks.Callback):
     Beside it, ``<stem>.json`` records the checkpoint's epoch (1-based), the monitored value, the learning
     rate and the SHA-1 of the ``.keras`` file, so :func:`checkpoint_state` can tell which epoch a
     checkpoint holds after a crash (resuming continues from there).
+
+    Parameters
+    ----------
+    path
+        The ``.keras`` file of the checkpoint.
+    monitor
+        The logged metric to minimize (default ``"val_loss"``).
+    best
+        The value to beat (default infinity; a resumed run passes its checkpoint's value).
     """
 
     def __init__(self, path: str | Path, monitor: str = "val_loss", best: float = np.inf) -> None:
@@ -839,12 +1457,26 @@ class BestCheckpoint(keras.callbacks.Callback):
         self.monitor = monitor
         self.best = float(best)
         self.best_epoch: int | None = None
+        self._float32: keras.Model | None = None  # the float32 copy of a mixed-precision model, made once
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Save the model when ``monitor`` improved in this epoch.
+
+        Parameters
+        ----------
+        epoch
+            The epoch (0-based, as Keras counts).
+        logs
+            The epoch's metrics.
+        """
         value = (logs or {}).get(self.monitor)
         if value is not None and np.isfinite(value) and value < self.best:
             self.best, self.best_epoch = float(value), epoch
-            save_model_atomic(self.model, self.path)
+            if self._float32 is None:
+                self._float32 = float32_model(self.model)
+            elif self._float32 is not self.model:
+                self._float32.set_weights(self.model.get_weights())
+            save_model_atomic(self._float32, self.path)
             lr = self.model.optimizer.learning_rate
             write_json_atomic(self.path.with_suffix(".json"), {
                 "epoch": epoch + 1, self.monitor: float(value), "monitor": self.monitor,
@@ -867,7 +1499,27 @@ def checkpoint_state(model_dir: str | Path, checkpoint: str = "checkpoint.keras"
     Returns ``{"path", "epoch" (1-based), "val_loss", "learning_rate", "history"}``. The epoch comes from
     the checkpoint's ``.json`` record when its SHA-1 matches the ``.keras`` file; a process killed
     between writing the two leaves a newer checkpoint, which is then the best epoch of ``history.json``
-    (written before the checkpoint in every epoch). Raises ``FileNotFoundError`` without a checkpoint.
+    (written before the checkpoint in every epoch).
+
+    Parameters
+    ----------
+    model_dir
+        The model folder.
+    checkpoint
+        File name of the checkpoint in it (default ``"checkpoint.keras"``).
+
+    Returns
+    -------
+    dict
+        ``path`` (the checkpoint), ``epoch`` (1-based), ``val_loss``, ``learning_rate`` (of that epoch) and
+        ``history`` (every metric up to that epoch).
+
+    Raises
+    ------
+    FileNotFoundError
+        No checkpoint.
+    ValueError
+        Neither a matching record nor a ``history.json`` tells which epoch the checkpoint holds.
     """
     folder = Path(model_dir)
     path = folder / checkpoint
@@ -896,6 +1548,15 @@ class HistoryRecorder(keras.callbacks.Callback):
 
     Adds the learning rate used in the epoch, ``epoch_seconds`` (training pass, validation pass and
     callbacks), ``train_seconds`` (training pass only) and ``train_patches_per_s`` (training pass).
+
+    Parameters
+    ----------
+    folder
+        Where ``history.json`` and ``history.csv`` are written after each epoch (``None``: not written).
+    n_train
+        Training patches per epoch (for ``train_patches_per_s``).
+    history
+        Metrics of earlier epochs to continue (a resumed run), or ``None``.
     """
 
     def __init__(self, folder: str | Path | None, n_train: int,
@@ -908,16 +1569,41 @@ class HistoryRecorder(keras.callbacks.Callback):
         self._lr = float("nan")
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        """Start the epoch's clock and note its learning rate.
+
+        Parameters
+        ----------
+        epoch
+            The epoch (0-based).
+        logs
+            Unused.
+        """
         self._t0 = time.perf_counter()
         self._train_end: float | None = None
         lr = self.model.optimizer.learning_rate
         self._lr = float(lr.numpy() if hasattr(lr, "numpy") else lr)
 
     def on_test_begin(self, logs: dict | None = None) -> None:
+        """Note the end of the training pass (the validation pass begins).
+
+        Parameters
+        ----------
+        logs
+            Unused.
+        """
         if self._train_end is None:  # the validation pass of this epoch starts: the training pass is over
             self._train_end = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Append the epoch's row and write the history files.
+
+        Parameters
+        ----------
+        epoch
+            The epoch (0-based; recorded 1-based as ``epoch``).
+        logs
+            The epoch's metrics from Keras.
+        """
         now = time.perf_counter()
         seconds = now - self._t0
         train_seconds = (self._train_end or now) - self._t0
@@ -934,7 +1620,15 @@ class HistoryRecorder(keras.callbacks.Callback):
 
 
 def write_history(history: Mapping[str, Sequence[float]], folder: str | Path) -> None:
-    """``history.json`` and ``history.csv`` (one row per epoch), atomically."""
+    """``history.json`` and ``history.csv`` (one row per epoch), atomically.
+
+    Parameters
+    ----------
+    history
+        Metric name -> one value per epoch (all lists of the same length).
+    folder
+        The folder to write into.
+    """
     folder = Path(folder)
     write_json_atomic(folder / "history.json", {k: list(v) for k, v in history.items()})
     write_text_atomic(folder / "history.csv", pd.DataFrame(dict(history)).to_csv(index=False))
@@ -972,18 +1666,27 @@ def fit(
     ----------
     model
         The model (:func:`phenocoder_lib.models.make_model`).
-    train, val
-        Training and validation batches (:func:`make_batches`).
+    train
+        Training batches (:func:`make_batches`, shuffled and flipped as configured).
+    val
+        Validation batches (:func:`make_batches`, neither shuffled nor flipped).
     model_dir
         Folder of the checkpoint and the history (created).
     log_dir
         TensorBoard folder (``None``: no event files).
     n_epochs
-        Epochs in all (>= 1).
-    learning_rate, min_learning_rate, factor_learning_rate, learning_rate_patience
-        Adam's learning rate and ``ReduceLROnPlateau(val_loss)``.
+        Epochs in all (>= 1; default 100).
+    learning_rate
+        Adam's initial learning rate (> 0; default 1e-3).
+    min_learning_rate
+        Lower bound of ``ReduceLROnPlateau(val_loss)`` (>= 0; default 1e-4).
+    factor_learning_rate
+        Factor ``ReduceLROnPlateau`` multiplies the learning rate by, in (0, 1) (default 0.2).
+    learning_rate_patience
+        Epochs without a better ``val_loss`` before the learning rate is reduced (default 3).
     early_stopping_patience
-        ``EarlyStopping(val_loss, restore_best_weights=True)``.
+        Epochs without a better ``val_loss`` before ``EarlyStopping(val_loss, restore_best_weights=True)``
+        stops (default 5).
     seed
         Seed of Keras's random state (dropout, sampling noise) for the run.
     verbose
@@ -1052,7 +1755,24 @@ def fit(
 
 
 def predict_z_mean(model: keras.Model, data: PatchData, positions: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """``z_mean`` of the (unaugmented) patches at ``positions`` of ``data``."""
+    """``z_mean`` of the (unaugmented) patches at ``positions`` of ``data``.
+
+    Parameters
+    ----------
+    model
+        A :class:`~phenocoder_lib.models.CVAE` or ``CondCVAE``.
+    data
+        The patches (and conditions).
+    positions
+        Row positions to encode, in order.
+    batch_size
+        Patches per forward pass (default 256; ``z_mean`` does not depend on it).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(len(positions), n_latent_dim)``.
+    """
     out = []
     for start in range(0, len(positions), batch_size):
         pos = positions[start:start + batch_size]
@@ -1063,7 +1783,24 @@ def predict_z_mean(model: keras.Model, data: PatchData, positions: np.ndarray, b
 
 
 def reconstruct(model: keras.Model, data: PatchData, positions: np.ndarray, batch_size: int = 256) -> tuple:
-    """Return (inputs, reconstructions from ``z_mean``) of the patches at ``positions`` (deterministic)."""
+    """Return (inputs, reconstructions from ``z_mean``) of the patches at ``positions`` (deterministic).
+
+    Parameters
+    ----------
+    model
+        A :class:`~phenocoder_lib.models.CVAE` or ``CondCVAE``.
+    data
+        The patches (and conditions).
+    positions
+        Row positions, in order.
+    batch_size
+        Patches per forward pass (default 256).
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(inputs, reconstructions)``, both float32 ``(len(positions), H, W, C)`` in [0, 1].
+    """
     xs, rs = [], []
     for start in range(0, len(positions), batch_size):
         pos = positions[start:start + batch_size]
@@ -1190,10 +1927,11 @@ def prepare(
     folder = Path(out_dir) / name if name_folders else Path(out_dir)
     logs = None if log_dir is None else (Path(log_dir) / name if name_folders else Path(log_dir))
     keras.utils.set_random_seed(settings.seed)
-    model = M.make_model(input_shape=settings.input_shape, n_latent_dim=int(settings.n_latent_dim),
-                         n_dense_dim=int(settings.n_dense_dim), conv_layers=settings.conv_layers,
-                         dropout=settings.dropout, beta=float(settings.beta), n_conditions=config["conditions_dim"],
-                         seed=settings.seed)
+    with dtype_policy(mixed_precision_policy()):  # saved and returned after training as float32 models
+        model = M.make_model(input_shape=settings.input_shape, n_latent_dim=int(settings.n_latent_dim),
+                             n_dense_dim=int(settings.n_dense_dim), conv_layers=settings.conv_layers,
+                             dropout=settings.dropout, beta=float(settings.beta),
+                             n_conditions=config["conditions_dim"], seed=settings.seed)
     batches = _training_batches(datasets, config, obs)
     write_json_atomic(folder / MODEL_CONFIG_FILE, config)
     logger.info("initialized %s %s: %d training / %d validation patches, input %s, patch normalization %s",
@@ -1241,15 +1979,27 @@ def train(
     config
         A :class:`~phenocoder_lib.model_config.ModelSettings` (or a mapping of its fields); ignored when
         ``start`` is given.
-    keys, obs, log_dir
-        As for :func:`prepare`.
+    keys
+        Key names of the source data, as for :func:`prepare`.
+    obs
+        The source table's ``.obs`` (conditions that are not patch-index columns), as for :func:`prepare`.
+    log_dir
+        TensorBoard folder (``None``: no event files), as for :func:`prepare`.
     start
         A model to train further: from :func:`prepare`, or :func:`load_model` (its batches are rebuilt from
         ``datasets`` with the same split).
     n_epochs
         Epochs in all (with ``resume``, the interrupted ones included).
-    learning_rate, min_learning_rate, factor_learning_rate, learning_rate_patience, early_stopping_patience
-        Adam's learning rate, ``ReduceLROnPlateau(val_loss)`` and ``EarlyStopping(val_loss)`` settings.
+    learning_rate
+        Adam's initial learning rate (default 1e-3).
+    min_learning_rate
+        Lower bound of ``ReduceLROnPlateau(val_loss)`` (default 1e-4).
+    factor_learning_rate
+        Factor of each learning-rate reduction, in (0, 1) (default 0.2).
+    learning_rate_patience
+        Epochs without a better ``val_loss`` before the learning rate is reduced (default 3).
+    early_stopping_patience
+        Epochs without a better ``val_loss`` before training stops, best weights restored (default 5).
     plot
         Draw the previews.
     n_preview
@@ -1296,6 +2046,8 @@ def train(
                  factor_learning_rate=factor_learning_rate, learning_rate_patience=learning_rate_patience,
                  early_stopping_patience=early_stopping_patience, seed=run.config["seed"], verbose=verbose,
                  on_epoch_end=on_epoch_end, resume_from=resume_from)
+    policy = run.model.dtype_policy.name
+    run.model = float32_model(run.model)  # encode and save in float32, as a loaded model does
     save_model_atomic(run.model, Path(run.folder) / MODEL_FILE)
     run.history = result["history"]
     run.config["training"] = {
@@ -1304,7 +2056,7 @@ def train(
         "learning_rate_patience": int(learning_rate_patience),
         "early_stopping_patience": int(early_stopping_patience),
         "epochs_run": len(run.history.get("loss", [])), "best_epoch": result["best_epoch"],
-        "seconds": round(result["seconds"], 3),
+        "seconds": round(result["seconds"], 3), "dtype_policy": policy,
     }
     write_json_atomic(Path(run.folder) / MODEL_CONFIG_FILE, run.config)
     if plot:

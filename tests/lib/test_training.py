@@ -462,3 +462,129 @@ def test_model_trains_under_a_bfloat16_policy_with_a_float32_loss():
     # same seeded weights, same sampling noise: only the bfloat16 rounding differs
     assert np.isfinite(losses["mixed_bfloat16"]) and losses["mixed_bfloat16"] == pytest.approx(losses["float32"],
                                                                                                 rel=0.02)
+
+
+# --------------------------------------------------------------------------------------------------
+# Throughput settings: in-graph gather, steps per execution, mixed precision
+# --------------------------------------------------------------------------------------------------
+
+
+def test_in_graph_batches_are_the_numpy_gathered_batches_and_share_the_patch_memory(dataset):
+    """In RAM the batches are gathered inside tf.data from a tensor on the patch array's own memory; they
+    equal the batches gathered per batch in numpy (order, values, flips, conditions), epoch after epoch."""
+    cond = np.arange(len(dataset.index), dtype=np.float32)[:, None]
+    data = T.load_patch_data([dataset], conditions=cond)
+    pos = np.arange(len(data))[1::2]
+    kw = dict(batch_size=8, shuffle=True, flip=True, seed=6)
+    graph, numpy_ = T.make_batches(data, pos, in_graph=None, **kw), T.make_batches(data, pos, in_graph=False, **kw)
+    assert graph.in_graph and not numpy_.in_graph
+    for _ in range(2):
+        eg, en = _epoch(graph), _epoch(numpy_)
+        assert len(eg) == len(en) == len(graph)
+        for bg, bn in zip(eg, en, strict=True):
+            np.testing.assert_array_equal(bg["image"], bn["image"])
+            np.testing.assert_array_equal(bg["condition"], bn["condition"])
+    tensor = data.raw_tensor()
+    assert data.raw.ctypes.data % 64 == 0 and tensor.shape == data.raw.shape
+    old = int(data.raw[0, 0, 0, 0])
+    try:
+        data.raw[0, 0, 0, 0] = old ^ 0xFF
+        assert int(tensor[0, 0, 0, 0]) == old ^ 0xFF  # the same memory: the patches are held once
+    finally:
+        data.raw[0, 0, 0, 0] = old
+    streamed = _small_chunks(dataset, 5 * CHUNK_BYTES)
+    assert not T.make_batches(streamed, pos, **kw).in_graph
+    with pytest.raises(ValueError, match="in_graph=True needs the patches in RAM"):
+        T.make_batches(streamed, pos, in_graph=True, **kw)
+
+
+def test_steps_per_execution_gives_the_same_losses(dataset):
+    import keras
+
+    from phenocoder_lib import models as M
+
+    data = T.load_patch_data([dataset])
+    train, val = T.split_train_val(data.index, seed=0)
+    n_batches = len(T.make_batches(data, train, batch_size=6))
+    assert T.STEPS_PER_EXECUTION == 8 and n_batches % 8  # the last execution of an epoch is partial
+    histories = []
+    for spe in (1, T.STEPS_PER_EXECUTION):
+        keras.utils.set_random_seed(0)
+        model = M.make_model(input_shape=(PATCH, PATCH, 4), n_latent_dim=4, n_dense_dim=8, conv_layers=(8,),
+                             dropout=0.1, beta=0.01, n_conditions=0, seed=0)
+        T.compile_model(model, 1e-3, steps_per_execution=spe)
+        assert model.steps_per_execution == spe
+        hist = model.fit(T.make_batches(data, train, batch_size=6, shuffle=True, flip=True, seed=0).keras_input(),
+                         validation_data=T.make_batches(data, val, batch_size=6, seed=0).keras_input(),
+                         epochs=2, verbose=0, shuffle=False)
+        histories.append(hist.history)
+    for key in ("loss", "val_loss", "reconstruction_loss", "kl_loss"):
+        np.testing.assert_allclose(histories[0][key], histories[1][key], rtol=1e-5, err_msg=key)
+
+
+def test_mixed_precision_follows_the_hardware_and_the_environment(monkeypatch):
+    import tensorflow as tf
+
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    monkeypatch.delenv(T.MIXED_PRECISION_ENV, raising=False)
+    monkeypatch.setattr(T, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    # by default mixed precision only on a GPU: bfloat16 raised the real plate's 10-epoch loss on a CPU
+    assert T.mixed_precision_policy() == ("mixed_float16" if gpu else "float32")
+    monkeypatch.setenv(T.MIXED_PRECISION_ENV, "1")  # the hardware's mixed precision, on a CPU too
+    assert T.mixed_precision_policy() == ("mixed_float16" if gpu else "mixed_bfloat16")
+    monkeypatch.setattr(T, "cpu_flags", lambda: {"avx512f", "avx2"})
+    assert T.mixed_precision_policy() == ("mixed_float16" if gpu else "float32")
+    for value, policy in (("0", "float32"), ("off", "float32"), ("bfloat16", "mixed_bfloat16"),
+                          ("mixed_float16", "mixed_float16")):
+        monkeypatch.setenv(T.MIXED_PRECISION_ENV, value)
+        assert T.mixed_precision_policy() == policy
+    monkeypatch.setenv(T.MIXED_PRECISION_ENV, "half")
+    with pytest.raises(ValueError, match="PHENOCODER_MIXED_PRECISION='half' is not valid"):
+        T.mixed_precision_policy()
+    monkeypatch.undo()
+    with open("/proc/cpuinfo") as fh:  # the flags of the first CPU listed
+        flags = set(next(line for line in fh if line.startswith("flags")).partition(":")[2].split())
+    assert T.cpu_flags() == flags
+
+
+def test_the_dtype_policy_scope_restores_the_global_policy():
+    import keras
+
+    before = keras.config.dtype_policy().name
+    with T.dtype_policy("mixed_bfloat16"):
+        assert keras.config.dtype_policy().name == "mixed_bfloat16"
+        layer = keras.layers.Dense(2)
+    assert keras.config.dtype_policy().name == before and layer.dtype_policy.name == "mixed_bfloat16"
+
+
+@pytest.mark.parametrize("policy", ["bfloat16", "float16", "0"])
+def test_a_mixed_precision_training_saves_and_returns_a_float32_model(dataset, tmp_path, monkeypatch, policy):
+    """Trained under mixed_bfloat16, mixed_float16 (the GPU policy: loss scaling, the learning-rate callbacks)
+    or float32 (the variable at 0), the model folder holds a float32 model with the trained weights: loaded
+    in a fresh call it gives the returned model's latents exactly."""
+    import keras
+
+    from phenocoder_lib.model_config import ModelSettings
+
+    monkeypatch.setenv(T.MIXED_PRECISION_ENV, policy)
+    settings = ModelSettings(n_latent_dim=4, n_dense_dim=8, conditions=[], input_shape=(PATCH, PATCH, 4),
+                             conv_layers=(8,), batch_size=16, seed=0)
+    run = T.prepare([dataset], tmp_path / "m", settings)
+    expected = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16", "0": "float32"}[policy]
+    assert run.model.dtype_policy.name == expected
+    run = T.train([dataset], tmp_path / "m", None, start=run, n_epochs=2, plot=False, verbose=0)
+    assert run.config["training"]["dtype_policy"] == expected
+    assert np.isfinite(run.history["val_loss"]).all()
+    loaded = T.load_model(tmp_path / "m")
+    checkpoint = keras.saving.load_model(tmp_path / "m" / "checkpoint.keras", safe_mode=True, compile=False)
+    for model in (run.model, loaded.model, checkpoint):
+        assert model.dtype_policy.name == "float32"
+        assert all(layer.dtype_policy.name == "float32" for part in (model.encoder, model.decoder)
+                   for layer in part.layers)
+    for a, b in zip(run.model.get_weights(), loaded.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    data = T.load_patch_data([dataset])
+    pos = np.arange(len(data))
+    z = T.predict_z_mean(run.model, data, pos)
+    np.testing.assert_array_equal(z, T.predict_z_mean(loaded.model, data, pos))
+    np.testing.assert_array_equal(z, T.predict_z_mean(loaded.model, data, pos))  # deterministic
