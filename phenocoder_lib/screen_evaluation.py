@@ -108,6 +108,11 @@ def screen_profiles(
     graph_stat_groups
         Spatial-statistics groups kept in the ``graph_stats`` profile (``None``: all).
 
+    Returns
+    -------
+    Representation name -> :class:`~phenocoder_lib.profiles.WellProfiles`, in :data:`REPRESENTATIONS` order
+    (``cellprofiler`` only when ``cellprofiler`` is given).
+
     """
     samples = _sample_frame(table.obs, sample_key)
     layout = layout.drop(columns=[c for c in ("kind",) if c in layout.columns])
@@ -146,7 +151,24 @@ def screen_profiles(
 
 def score_profiles(profiles: dict[str, WellProfiles], layout: pd.DataFrame, *, null_size: int = 10000,
                    seed: int = 0) -> dict[str, dict[str, Any]]:
-    """:func:`evaluate_profiles` of every representation, with subsets per phenotype kind (``layout['kind']``)."""
+    """:func:`evaluate_profiles` of every representation, with subsets per phenotype kind (``layout['kind']``).
+
+    Parameters
+    ----------
+    profiles
+        Representation name -> normalized well profiles (:func:`screen_profiles`).
+    layout
+        The screen layout; with a ``kind`` column, every kind's treatments form a subset that is also scored
+        on its own.
+    null_size, seed
+        Permutations of the mAP p-values and their seed.
+
+    Returns
+    -------
+    Representation name -> the dict of :func:`~phenocoder_lib.retrieval.evaluate_profiles` (with ``subsets``
+    per kind when the layout has ``kind``).
+
+    """
     subsets = None
     layout = check_layout(layout)
     if "kind" in layout.columns:
@@ -164,6 +186,17 @@ def check_targets(scores: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     - on the spatial-arrangement treatments, ``graph_stats`` retrieves >= 0.9 of the treatment-doses
       (q < 0.05) while both baselines stay near chance (retrieve <= 0.2, i.e. at most one false hit in five);
     - on the morphology treatments, ``latents`` ``map_activity`` >= ``cellprofiler``'s (within 0.02).
+
+    Parameters
+    ----------
+    scores
+        Representation name -> metrics (:func:`score_profiles`); the subset targets read ``subsets["spatial"]``
+        and ``subsets["morphology"]`` (NaN, hence not met, when absent).
+
+    Returns
+    -------
+    Three dicts, one per target: ``target`` (its wording), the values compared and ``met`` (bool).
+
     """
     out = []
     best = max(scores, key=lambda k: scores[k]["map_activity"])
