@@ -11,7 +11,8 @@ with :func:`phenocoder_lib.retrieval.evaluate_profiles`:
 ``latents_message_passing``
     median of the message-passed latents (each nucleus averaged with its neighbours);
 ``graph_stats``
-    the well's spatial graph statistics (interactions, centrality, Moran's I, ...);
+    the well's spatial graph statistics (cluster interactions, Moran's I of the clusters) and arrangement
+    features (neighbour-type composition, co-occurrence, radial statistics of control-fitted cell types);
 ``combined``
     ``latents`` and ``graph_stats`` side by side, each block weighted equally;
 ``regionprops``
@@ -23,7 +24,9 @@ with :func:`phenocoder_lib.retrieval.evaluate_profiles`:
 
 Every representation is aggregated (median per well) and normalized the same way
 (:func:`phenocoder_lib.profiles.build_profiles`: mad_robustize per plate against its controls, variance and
-correlation feature selection). :func:`check_targets` states the targets.
+correlation feature selection, ZCA sphering on the controls) by :func:`build_representations`, the path the
+``well_profiles`` asset shares; ``graph_stats`` also holds the arrangement features of
+:mod:`phenocoder_lib.spatial.neighbourhood`. :func:`check_targets` states the targets.
 """
 
 from __future__ import annotations
