@@ -113,6 +113,17 @@ def measure_plate(
 ) -> pd.DataFrame:
     """:func:`measure_objects` for every well of a 2-D plate export.
 
+    Parameters
+    ----------
+    root
+        A 2-D plate export folder (as :func:`phenocoder_lib.ingest.read_plate` reads it; first z-level only).
+    wells
+        Wells to measure (default: every well of the plate).
+    groups
+        Feature groups passed to :func:`measure_objects`.
+    plate
+        Plate name used in ``sample`` and ``plate`` (default: the folder name, as ingest names it).
+
     Returns
     -------
     One row per object: ``sample`` (``f"{plate}_{well}"``, as ingest names it), ``plate``, ``well``, ``label``

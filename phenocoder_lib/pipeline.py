@@ -1009,7 +1009,7 @@ def _planted_truth(emb: Any, summaries: Mapping[str, Mapping[str, Any]], labels_
 
 
 #: Raw (aggregated, not yet normalized) profiles written by :func:`profile_wells`, per representation.
-RAW_REPRESENTATIONS = ("latents", "latents_message_passing", "graph_stats")
+RAW_REPRESENTATIONS = ("latents", "latents_message_passing", "graph_stats", "arrangement")
 #: Scores of the profiles written by :func:`profile_wells` when a layout is known.
 EVALUATION_FILE = "evaluation.json"
 #: Metrics of each representation reported by the ``well_profiles`` asset.
@@ -1038,11 +1038,15 @@ def score_profiles(
     sample_info: pd.DataFrame,
     *,
     corr_threshold: float = 0.9,
-    sphere: bool = False,
+    sphere: bool = True,
     null_size: int = 10000,
     seed: int = 0,
 ) -> tuple[dict[str, Any] | None, list[str]]:
     """Normalize and score the well profiles of the plates whose folder holds a ``layout.csv``.
+
+    The profiles are built by :func:`phenocoder_lib.screen_evaluation.build_representations`, the same path
+    as ``phenocoder validate --json``: the ``graph_stats`` block holds the cluster interaction statistics
+    and the ``arrangement`` features, and is always sphered on the controls.
 
     Parameters
     ----------
@@ -1063,30 +1067,16 @@ def score_profiles(
         ``"profile scoring skipped"``).
     """
     from .evaluation import json_safe
-    from .profiles import LAYOUT_FILE, attach_layout, build_profiles, combine_profiles, read_layout
     from .retrieval import evaluate_profiles
-    from .screen_evaluation import GRAPH_STAT_GROUPS
+    from .screen_evaluation import build_representations
 
-    layouts = []
-    for plate, plate_dir in sample_info[["plate", "plate_dir"]].drop_duplicates().itertuples(index=False):
-        if plate_dir and (Path(plate_dir) / LAYOUT_FILE).is_file():
-            layouts.append(read_layout(Path(plate_dir) / LAYOUT_FILE).assign(plate=plate))
-    if not layouts:
+    layout = _plate_layouts(sample_info)
+    if layout is None:
         return None, ["no layout.csv beside the plate exports: the profiles are not scored"]
     try:
-        layout = pd.concat(layouts, ignore_index=True)
         kinds = layout.pop("kind") if "kind" in layout.columns else None
-        profiles = {}
-        for name, frame in frames.items():
-            feats = frame.drop(columns="n_objects", errors="ignore")
-            if name == "graph_stats":  # the statistics of who sits next to whom, as `validate --json` scores them
-                feats = feats[[c for c in feats.columns if any(f"_stat:{g}_" in c for g in GRAPH_STAT_GROUPS)]]
-            with_layout = attach_layout(feats, sample_info, layout)
-            profiles[name] = build_profiles(with_layout, list(feats.columns), representation=name,
-                                            corr_threshold=corr_threshold, sphere=sphere)
-        if "latents" in profiles and "graph_stats" in profiles:
-            profiles["combined"] = combine_profiles({"latents": profiles["latents"],
-                                                     "graph_stats": profiles["graph_stats"]})
+        profiles = build_representations(dict(frames), sample_info, layout, corr_threshold=corr_threshold,
+                                         sphere=sphere)
         subsets = None
         if kinds is not None:
             treated = layout.assign(kind=kinds)[~layout["control"]]
@@ -1099,6 +1089,17 @@ def score_profiles(
     summary = {k: round(v["map_activity"], 3) for k, v in scores.items()}
     return (json_safe({"n_wells_with_layout": int(profiles["latents"].n_wells), "representations": scores}),
             [f"profiles scored against the layout (map_activity): {summary}"])
+
+
+def _plate_layouts(sample_info: pd.DataFrame) -> pd.DataFrame | None:
+    """The ``layout.csv`` of every plate folder that holds one, with its ``plate``; ``None`` when none does."""
+    from .profiles import LAYOUT_FILE, read_layout
+
+    layouts = []
+    for plate, plate_dir in sample_info[["plate", "plate_dir"]].drop_duplicates().itertuples(index=False):
+        if plate_dir and (Path(plate_dir) / LAYOUT_FILE).is_file():
+            layouts.append(read_layout(Path(plate_dir) / LAYOUT_FILE).assign(plate=plate))
+    return pd.concat(layouts, ignore_index=True) if layouts else None
 
 
 @dataclass
@@ -1165,7 +1166,12 @@ def profile_wells(
     out_dir: str | Path,
     **score_kwargs: Any,
 ) -> ProfiledWells:
-    """Per-well profiles (median latent, median message-passed latent, graph statistics), scored where a layout is.
+    """Per-well profiles (median latent, median message-passed latent, graph statistics, arrangement), scored.
+
+    The ``arrangement`` frame (:func:`phenocoder_lib.screen_evaluation.object_arrangement`) types every object
+    by k-means on the latents, fitted on the control wells when a layout names them (else on every well),
+    and summarizes each well's neighbourhood composition, co-occurrence and radial statistics. Profiles are
+    scored where a layout is.
 
     Writes ``<representation>.parquet`` for each of :data:`RAW_REPRESENTATIONS` that has data,
     ``samples.parquet`` and, when scored, :data:`EVALUATION_FILE`.
@@ -1190,16 +1196,21 @@ def profile_wells(
     """
     import anndata as ad
 
-    from .keys import MESSAGE_PASSING_LAYER
+    from .keys import MESSAGE_PASSING_LAYER, SPATIAL_KEY
     from .profiles import LAYOUT_FILE, aggregate_table
+    from .screen_evaluation import object_arrangement
 
     seconds: dict[str, float] = {}
     raw: dict[str, list] = {name: [] for name in RAW_REPRESENTATIONS}
+    objects: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     with _timed(seconds, "aggregate"):
         for path in latents_files.values():
             table = ad.read_h5ad(path)
             key = table.uns.get("phenocoder_latents", {}).get("sample_key", "sample")
             raw["latents"].append(aggregate_table(table, sample_key=key, prefix="latent:"))
+            if SPATIAL_KEY in table.obsm:
+                x = table.X.toarray() if hasattr(table.X, "toarray") else np.asarray(table.X)
+                objects.append((x, np.asarray(table.obsm[SPATIAL_KEY]), table.obs[key].astype(str).to_numpy()))
             if MESSAGE_PASSING_LAYER in table.layers:
                 raw["latents_message_passing"].append(aggregate_table(table, layer=MESSAGE_PASSING_LAYER,
                                                                       sample_key=key, prefix="mp:"))
@@ -1212,11 +1223,21 @@ def profile_wells(
                 raw["graph_stats"].append(pd.DataFrame(np.nanmedian(x, axis=0)[None],
                                                        index=pd.Index([s], name="sample"),
                                                        columns=[str(v) for v in stats.var_names]))
-    frames = {k: pd.concat(v) for k, v in raw.items() if v}
     sample_info = pd.DataFrame([{"sample": s, **{k: str(summaries.get(s, {}).get(k, "")) for k in
                                                  ("plate", "well", "plate_dir")}} for s in latents_files])
+    messages_arr: list[str] = []
+    with _timed(seconds, "arrangement"):
+        try:
+            if objects:
+                values, coords, groups = (np.concatenate(parts) for parts in zip(*objects, strict=True))
+                raw["arrangement"].append(object_arrangement(values, coords, groups, _plate_layouts(sample_info),
+                                                             sample_info, seed=int(score_kwargs.get("seed", 0))))
+        except (ValueError, KeyError) as err:  # e.g. fewer objects than cell types: the other profiles stand
+            messages_arr.append(f"arrangement features skipped: {type(err).__name__}: {err}")
+    frames = {k: pd.concat(v) for k, v in raw.items() if v}
     with _timed(seconds, "score"):
         scores, messages = score_profiles(frames, sample_info, **score_kwargs)
+    messages = messages_arr + messages
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, frame in frames.items():

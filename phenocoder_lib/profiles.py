@@ -50,12 +50,12 @@ DEFAULT_SELECTION = ("variance_threshold", "correlation_threshold", "drop_outlie
 class WellProfiles:
     """Well profiles of one representation.
 
-    Attributes
+    Parameters
     ----------
     data
         One row per well: the metadata columns followed by the feature columns.
     features
-        Feature column names (after selection).
+        Feature column names (after selection); every other column of ``data`` is metadata.
     representation
         Name of the representation (``"latents"``, ``"graph_stats"``, ...).
     steps
@@ -80,6 +80,7 @@ class WellProfiles:
 
     @property
     def n_wells(self) -> int:
+        """Number of wells (rows of ``data``)."""
         return int(len(self.data))
 
 
@@ -108,7 +109,23 @@ def read_layout(path: str | Path) -> pd.DataFrame:
 
 
 def check_layout(layout: pd.DataFrame, *, argument: str = "layout") -> pd.DataFrame:
-    """Return a checked copy of ``layout`` with normalized dtypes (see :func:`read_layout`)."""
+    """Return a checked copy of ``layout`` with normalized dtypes (see :func:`read_layout`).
+
+    Parameters
+    ----------
+    layout
+        One row per well with at least :data:`LAYOUT_COLUMNS` (``well, treatment, dose, control``), and
+        optionally ``mechanism`` and ``plate``. ``control`` may be bool or text (true/false, 1/0, yes/no).
+    argument
+        How error messages name the layout (e.g. the file it was read from).
+
+    Returns
+    -------
+    A copy with ``well``, ``treatment``, ``mechanism`` (and ``plate``) as str, ``dose`` as float (missing or
+    non-numeric -> 0.0) and ``control`` as bool. Raises ``ValueError`` when a required column is missing,
+    ``control`` holds other text, or a (plate,) well appears twice.
+
+    """
     missing = [c for c in LAYOUT_COLUMNS if c not in layout.columns]
     if missing:
         raise ValueError(f"{argument} lacks columns {missing}; found {list(layout.columns)}. A layout needs "
@@ -191,7 +208,26 @@ def aggregate_table(
     method: Literal["median", "mean"] = "median",
     prefix: str = "",
 ) -> pd.DataFrame:
-    """Per-well aggregate of an object table (AnnData): ``.X`` or ``.layers[layer]``, grouped by ``sample_key``."""
+    """Per-well aggregate of an object table (AnnData): ``.X`` or ``.layers[layer]``, grouped by ``sample_key``.
+
+    Parameters
+    ----------
+    table
+        AnnData with one row per object; ``table.var_names`` become the feature names.
+    layer
+        Aggregate ``table.layers[layer]`` (e.g. ``"spatial_message_passing"``) instead of ``table.X``.
+    sample_key
+        ``table.obs`` column holding each object's sample (well).
+    method
+        ``"median"`` or ``"mean"`` (:func:`aggregate_wells`).
+    prefix
+        Prepended to every feature name.
+
+    Returns
+    -------
+    DataFrame indexed by sample (sorted), one column per variable of the table, plus ``n_objects``.
+
+    """
     if sample_key not in table.obs.columns:
         raise KeyError(f"sample_key={sample_key!r} is not a column of the table's obs; available: "
                        f"{list(table.obs.columns)[:12]}.")
@@ -221,6 +257,29 @@ def aggregate_by_cluster(
     proxy of the cell type) keeps them apart. Clusters holding fewer than ``min_fraction`` of all objects
     are left out; a cluster absent from a well gives NaN (set to the controls' median by
     :func:`normalize_profiles`).
+
+    Parameters
+    ----------
+    table
+        AnnData with one row per object.
+    cluster_key
+        ``table.obs`` column with each object's cluster label.
+    layer
+        Aggregate ``table.layers[layer]`` instead of ``table.X``.
+    sample_key
+        ``table.obs`` column holding each object's sample (well).
+    method
+        ``"median"`` or ``"mean"`` (:func:`aggregate_wells`).
+    prefix
+        Prepended to every feature name (before the cluster suffix).
+    min_fraction
+        Smallest fraction of all objects a cluster must hold to get its own columns.
+
+    Returns
+    -------
+    DataFrame indexed by every sample of the table (sorted), one column per (feature, kept cluster); no
+    ``n_objects`` column.
+
     """
     if cluster_key not in table.obs.columns:
         raise KeyError(f"cluster_key={cluster_key!r} is not a column of the table's obs; cluster the objects first.")
@@ -384,6 +443,27 @@ def select_features(
     ``variance_threshold`` drops features with variance below ``min_variance``; ``correlation_threshold`` drops
     one of every pair correlated above ``corr_threshold`` (pycytominer keeps the one least correlated overall);
     ``drop_outliers`` drops features with an absolute value above ``outlier_cutoff`` (for normalized profiles).
+
+    Parameters
+    ----------
+    profiles
+        One row per well with the feature columns (normally the output of :func:`normalize_profiles`).
+    features
+        Feature columns to select from (default: every non-metadata column).
+    operations
+        pycytominer ``feature_select`` operations, applied in order.
+    corr_threshold
+        Pearson correlation in (0, 1] above which one feature of a pair is dropped.
+    min_variance
+        Variance below which ``variance_threshold`` drops a feature.
+    outlier_cutoff
+        Absolute value beyond which ``drop_outliers`` drops a feature.
+
+    Returns
+    -------
+    ``(kept, dropped)``: feature names in their input order. When every feature would be dropped, the most
+    variable one is kept. Fewer than two features are returned unchanged.
+
     """
     from pycytominer import feature_select
 
@@ -408,7 +488,25 @@ def sphere_profiles(
     control_key: str = "control",
     epsilon: float = 1e-6,
 ) -> pd.DataFrame:
-    """ZCA-cor sphering fit on the control wells of all plates (pycytominer ``spherize``)."""
+    """ZCA-cor sphering fit on the control wells of all plates (pycytominer ``spherize``).
+
+    Parameters
+    ----------
+    profiles
+        One row per well, normally normalized and selected, with ``control_key``.
+    features
+        Feature columns to sphere (default: every non-metadata column).
+    control_key
+        Negative-control flag; the sphering transform is fit on these wells only and applied to all.
+    epsilon
+        Added to the eigenvalues of the controls' covariance before inverting (regularizes near-singular
+        directions when there are fewer control wells than features).
+
+    Returns
+    -------
+    A new frame (same index) with the metadata columns followed by the sphered features.
+
+    """
     from pycytominer import normalize
 
     features = _split(profiles, features)
@@ -493,6 +591,18 @@ def combine_profiles(blocks: Mapping[str, WellProfiles], *, representation: str 
     Scaling gives every block the same expected squared norm, so a block with hundreds of features does
     not drown one with ten in the cosine similarities that retrieval uses. Blocks must cover the same
     samples; their rows are aligned on ``sample``.
+
+    Parameters
+    ----------
+    blocks
+        Name -> profiles, at least two; each must have a ``sample`` column and cover the first block's samples.
+    representation
+        Name recorded in the result.
+
+    Returns
+    -------
+    :class:`WellProfiles` with the first block's metadata and features named ``f"{block}|{feature}"``.
+
     """
     if len(blocks) < 2:
         raise ValueError(f"combine_profiles needs at least two blocks, got {list(blocks)}.")

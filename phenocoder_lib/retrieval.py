@@ -37,7 +37,7 @@ _REF = "_reference_index"
 class RetrievalResult:
     """mAP per group and its summary.
 
-    Attributes
+    Parameters
     ----------
     per_group
         One row per group: key columns, ``mean_average_precision``, ``p_value``, ``corrected_p_value``,
@@ -62,6 +62,7 @@ class RetrievalResult:
 
     @property
     def chance_map(self) -> float:
+        """Mean over the groups of the mAP a random ranking would get (NaN when no group was scored)."""
         return float(self.per_group["chance_map"].mean()) if len(self.per_group) else float("nan")
 
 
@@ -138,6 +139,12 @@ def phenotypic_activity(
     null_size, seed
         Permutations of the null distribution and its seed.
 
+    Returns
+    -------
+    :class:`RetrievalResult`: ``per_group`` has one row per treatment-dose (``treatment_dose``, mAP, p, q,
+    ``below_corrected_p``, ``chance_map``, and the ``treatment``, ``dose``, ``mechanism`` of the group);
+    ``per_query`` the AP of every treated well with at least one replicate.
+
     """
     meta, x = _meta_and_features(profiles, features)
     _check_columns(meta, [treatment_key, control_key] + ([plate_key] if plate_key else []))
@@ -168,7 +175,23 @@ def consensus_profiles(
     dose_key: str | None = "dose",
     control_key: str = "control",
 ) -> WellProfiles:
-    """Median profile of each treatment-dose over its replicate wells (controls left out)."""
+    """Median profile of each treatment-dose over its replicate wells (controls left out).
+
+    Parameters
+    ----------
+    profiles
+        Well profiles with ``treatment_key`` and ``control_key`` metadata.
+    treatment_key, dose_key
+        A group is one (treatment, dose); ``dose_key=None`` groups by treatment only.
+    control_key
+        Negative-control flag; control wells get no consensus profile.
+
+    Returns
+    -------
+    :class:`WellProfiles` with one row per treatment-dose (sorted by ``treatment_dose``): ``treatment_dose``,
+    ``treatment``, ``dose``, ``mechanism`` (those present) and the median of every feature; ``steps`` extended.
+
+    """
     meta = profiles.metadata.reset_index(drop=True)
     _check_columns(meta, [treatment_key, control_key])
     data = profiles.data.reset_index(drop=True)
@@ -197,6 +220,25 @@ def phenotypic_consistency(
     A query (one treatment-dose consensus) ranks the consensus profiles of *other* treatments of its mechanism
     against those of other mechanisms. Mechanisms with fewer than two treatments, and empty mechanism names,
     are left out.
+
+    Parameters
+    ----------
+    profiles
+        Well profiles with ``mechanism_key``, ``treatment_key`` and ``control_key`` metadata.
+    mechanism_key
+        Mechanism-of-action column; treatments sharing it are each other's positives.
+    treatment_key, dose_key
+        Consensus groups (:func:`consensus_profiles`); a positive must be a different treatment.
+    control_key
+        Negative-control flag; controls are left out.
+    null_size, seed
+        Permutations of the null distribution and its seed.
+
+    Returns
+    -------
+    :class:`RetrievalResult` with one ``per_group`` row per scored mechanism; both frames are empty when fewer
+    than two mechanisms have two treatments each.
+
     """
     meta = profiles.metadata
     _check_columns(meta, [mechanism_key, treatment_key, control_key])
@@ -231,6 +273,27 @@ def percent_replicating(
 
     The null draws ``n_null`` random groups of wells of the same size from *different* treatment-doses and
     takes their median pairwise correlation; its ``percentile`` is the threshold.
+
+    Parameters
+    ----------
+    profiles
+        Well profiles with ``treatment_key`` and ``control_key`` metadata.
+    treatment_key, dose_key
+        A group is one (treatment, dose); ``dose_key=None`` groups by treatment only.
+    control_key
+        Negative-control flag; control wells are left out of groups and null.
+    n_null
+        Random non-replicate groups drawn per group size.
+    percentile
+        Percentile of the null distribution a group's median correlation must exceed, in (0, 100).
+    seed
+        Seed of the null draws.
+
+    Returns
+    -------
+    Fraction in [0, 1] of the treatment-doses with at least two wells that beat the threshold; NaN when no
+    treatment-dose has two wells.
+
     """
     if not 0 < percentile < 100:
         raise ValueError(f"percentile={percentile!r} must be in (0, 100).")

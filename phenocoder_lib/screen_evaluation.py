@@ -11,7 +11,8 @@ with :func:`phenocoder_lib.retrieval.evaluate_profiles`:
 ``latents_message_passing``
     median of the message-passed latents (each nucleus averaged with its neighbours);
 ``graph_stats``
-    the well's spatial graph statistics (interactions, centrality, Moran's I, ...);
+    the well's spatial graph statistics (cluster interactions, Moran's I of the clusters) and arrangement
+    features (neighbour-type composition, co-occurrence, radial statistics of control-fitted cell types);
 ``combined``
     ``latents`` and ``graph_stats`` side by side, each block weighted equally;
 ``regionprops``
@@ -23,7 +24,9 @@ with :func:`phenocoder_lib.retrieval.evaluate_profiles`:
 
 Every representation is aggregated (median per well) and normalized the same way
 (:func:`phenocoder_lib.profiles.build_profiles`: mad_robustize per plate against its controls, variance and
-correlation feature selection). :func:`check_targets` states the targets.
+correlation feature selection, ZCA sphering on the controls) by :func:`build_representations`, the path the
+``well_profiles`` asset shares; ``graph_stats`` also holds the arrangement features of
+:mod:`phenocoder_lib.spatial.neighbourhood`. :func:`check_targets` states the targets.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ REGIONPROPS_MORPHOLOGY = ("area", "eccentricity", "major_axis_length", "minor_ax
 #: and enrichment, Moran's I of each cluster). Chosen on seed 0 (docs/profiling.md): with every group the noise of
 #: the others (connectivity spread, convex hulls, Moran's I of each latent) halves the retrieval.
 GRAPH_STAT_GROUPS = ("interactions", "moran_clusters")
+#: Raw per-well frame of the arrangement features (:func:`phenocoder_lib.spatial.neighbourhood.well_arrangement`),
+#: joined to the ``graph_stats`` block by :func:`build_representations`.
+ARRANGEMENT = "arrangement"
 #: Summary metrics per representation.
 METRICS = ("map_activity", "map_consistency", "fraction_retrieved_activity", "percent_replicating")
 
@@ -66,6 +72,120 @@ METRICS = ("map_activity", "map_consistency", "fraction_retrieved_activity", "pe
 def _sample_frame(obs: pd.DataFrame, sample_key: str) -> pd.DataFrame:
     return obs[[sample_key, "plate", "well"]].astype(str).drop_duplicates(sample_key).rename(
         columns={sample_key: "sample"})
+
+
+def object_arrangement(
+    values: np.ndarray,
+    coords: np.ndarray,
+    samples: Sequence[str] | np.ndarray,
+    layout: pd.DataFrame | None,
+    sample_info: pd.DataFrame,
+    *,
+    n_types: int = 3,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Per-well arrangement features with cell types fitted on the control wells' objects.
+
+    Parameters
+    ----------
+    values
+        (n_objects, n_features) object latents (the types are k-means clusters of them).
+    coords
+        (n_objects, 2 or 3) object positions (``.obsm['spatial']``).
+    samples
+        (n_objects,) sample of each object.
+    layout
+        Checked layout (``plate`` optional); its control wells fit the types. ``None``: fit on every well.
+    sample_info
+        ``sample``, ``plate``, ``well`` of each sample (to find the control samples).
+    n_types
+        Number of cell types.
+    seed
+        Seed of the k-means fit.
+
+    Returns
+    -------
+    One row per sample, one column per feature (:func:`phenocoder_lib.spatial.neighbourhood.well_arrangement`).
+
+    """
+    from .spatial.neighbourhood import well_arrangement
+
+    controls = None
+    if layout is not None:
+        keys = ["plate", "well"] if "plate" in layout.columns else ["well"]
+        ctrl = layout.loc[layout["control"].astype(bool), keys].astype(str)
+        info = sample_info[["sample", "plate", "well"]].astype(str)
+        controls = info.merge(ctrl, on=keys)["sample"].tolist() or None
+    return well_arrangement(values, coords, samples, fit_samples=controls, n_types=n_types, seed=seed)
+
+
+def build_representations(
+    raw: dict[str, pd.DataFrame],
+    samples: pd.DataFrame,
+    layout: pd.DataFrame,
+    *,
+    corr_threshold: float = 0.9,
+    sphere: bool = True,
+    sphere_spatial: bool = True,
+    graph_stat_groups: Sequence[str] | None = GRAPH_STAT_GROUPS,
+) -> dict[str, WellProfiles]:
+    """Normalized profiles of the pipeline's representations, and their combination; one path for all callers.
+
+    ``phenocoder validate --json`` (:func:`screen_profiles`) and the ``well_profiles`` asset
+    (:func:`phenocoder_lib.pipeline.score_profiles`) both build their profiles here. The ``graph_stats`` block
+    is the spatial statistics restricted to ``graph_stat_groups`` joined with the :data:`ARRANGEMENT`
+    features when present; it is sphered on the controls (ZCA-cor) when ``sphere_spatial``: its features are
+    many views of one arrangement, strongly correlated among the controls, and whitening them is what lets a
+    half-strength arrangement stand out (docs/profiling.md).
+
+    Parameters
+    ----------
+    raw
+        Representation -> raw per-well frame (index ``sample``; ``n_objects`` is dropped): ``latents``,
+        ``latents_message_passing``, ``graph_stats``, :data:`ARRANGEMENT` (those present).
+    samples
+        ``sample``, ``plate``, ``well`` of every well.
+    layout
+        ``well, treatment, dose, control[, mechanism][, plate]``; a ``kind`` column is ignored.
+    corr_threshold
+        Correlation threshold of the feature selection.
+    sphere
+        Sphere every representation on the controls.
+    sphere_spatial
+        Sphere the ``graph_stats`` block (also when ``sphere`` is false).
+    graph_stat_groups
+        Spatial-statistics groups kept from ``raw['graph_stats']`` (``None``: all).
+
+    Returns
+    -------
+    Representation -> :class:`~phenocoder_lib.profiles.WellProfiles`; ``combined`` (latents + graph_stats)
+    when both exist.
+
+    """
+    layout = layout.drop(columns=[c for c in ("kind",) if c in layout.columns])
+
+    def build(frame: pd.DataFrame, name: str, sphered: bool) -> WellProfiles:
+        feats = frame.drop(columns="n_objects", errors="ignore")
+        return build_profiles(attach_layout(feats, samples, layout), list(feats.columns), representation=name,
+                              corr_threshold=corr_threshold, sphere=sphered)
+
+    out: dict[str, WellProfiles] = {}
+    for name in ("latents", "latents_message_passing"):
+        if name in raw:
+            out[name] = build(raw[name], name, sphere)
+    spatial = []
+    if "graph_stats" in raw:
+        stats = raw["graph_stats"].drop(columns="n_objects", errors="ignore")
+        if graph_stat_groups:
+            stats = stats[[c for c in stats.columns if any(f"_stat:{g}_" in c for g in graph_stat_groups)]]
+        spatial.append(stats)
+    if ARRANGEMENT in raw:
+        spatial.append(raw[ARRANGEMENT])
+    if spatial:
+        out["graph_stats"] = build(pd.concat(spatial, axis=1, join="outer"), "graph_stats", sphere or sphere_spatial)
+    if "latents" in out and "graph_stats" in out:
+        out["combined"] = combine_profiles({"latents": out["latents"], "graph_stats": out["graph_stats"]})
+    return out
 
 
 def screen_profiles(
@@ -77,10 +197,13 @@ def screen_profiles(
     *,
     sample_key: str = "sample",
     layer: str = "spatial_message_passing",
-    sphere: bool = False,
+    sphere: bool = True,
     method: str = "median",
     per_cluster: str | None = None,
     graph_stat_groups: Sequence[str] | None = GRAPH_STAT_GROUPS,
+    arrangement: bool = True,
+    sphere_spatial: bool = True,
+    seed: int = 0,
 ) -> dict[str, WellProfiles]:
     """Normalized well profiles of every representation.
 
@@ -107,8 +230,22 @@ def screen_profiles(
         Also aggregate the latents per cluster of this ``table.obs`` column (:func:`aggregate_by_cluster`).
     graph_stat_groups
         Spatial-statistics groups kept in the ``graph_stats`` profile (``None``: all).
+    arrangement
+        Add the arrangement features (:func:`object_arrangement`: cell types fitted on the control wells'
+        latents, neighbourhood composition, co-occurrence, radial statistics) to the ``graph_stats`` block.
+    sphere_spatial
+        Sphere the ``graph_stats`` block on the controls (:func:`build_representations`).
+    seed
+        Seed of the cell-type fit.
+
+    Returns
+    -------
+    Representation name -> :class:`~phenocoder_lib.profiles.WellProfiles`, in :data:`REPRESENTATIONS` order
+    (``cellprofiler`` only when ``cellprofiler`` is given).
 
     """
+    from .keys import SPATIAL_KEY
+
     samples = _sample_frame(table.obs, sample_key)
     layout = layout.drop(columns=[c for c in ("kind",) if c in layout.columns])
 
@@ -117,20 +254,23 @@ def screen_profiles(
         return build_profiles(frame, [c for c in raw.columns if c != "n_objects"], representation=name,
                               sphere=sphere)
 
-    out: dict[str, WellProfiles] = {}
     lat = aggregate_table(table, sample_key=sample_key, prefix="latent:", method=method)
     if per_cluster:
         lat = lat.join(aggregate_by_cluster(table, sample_key=sample_key, cluster_key=per_cluster, method=method,
                                             prefix="latent:"))
-    out["latents"] = build(lat, "latents")
-    out["latents_message_passing"] = build(aggregate_table(table, layer=layer, sample_key=sample_key,
-                                                           prefix="mp:", method=method), "latents_message_passing")
-    stats = pd.DataFrame(np.asarray(graph_stats.X, dtype=np.float64), index=graph_stats.obs_names.astype(str),
-                         columns=[str(v) for v in graph_stats.var_names])
-    if graph_stat_groups:
-        stats = stats[[c for c in stats.columns if any(f"_stat:{g}_" in c for g in graph_stat_groups)]]
-    out["graph_stats"] = build(stats, "graph_stats")
-    out["combined"] = combine_profiles({"latents": out["latents"], "graph_stats": out["graph_stats"]})
+    raw = {"latents": lat,
+           "latents_message_passing": aggregate_table(table, layer=layer, sample_key=sample_key, prefix="mp:",
+                                                      method=method),
+           "graph_stats": pd.DataFrame(np.asarray(graph_stats.X, dtype=np.float64),
+                                       index=graph_stats.obs_names.astype(str),
+                                       columns=[str(v) for v in graph_stats.var_names])}
+    if arrangement:
+        x = table.X.toarray() if hasattr(table.X, "toarray") else np.asarray(table.X)
+        raw[ARRANGEMENT] = object_arrangement(x, np.asarray(table.obsm[SPATIAL_KEY]),
+                                              table.obs[sample_key].astype(str).to_numpy(), check_layout(layout),
+                                              samples, seed=seed)
+    out = build_representations(raw, samples, layout, sphere=sphere, sphere_spatial=sphere_spatial,
+                                graph_stat_groups=graph_stat_groups)
     morph = [c for c in REGIONPROPS_MORPHOLOGY if c in features.obs.columns]
     values = np.hstack([np.asarray(features.X, dtype=np.float64), features.obs[morph].to_numpy(np.float64)])
     names = [str(v) for v in features.var_names] + morph
@@ -146,7 +286,24 @@ def screen_profiles(
 
 def score_profiles(profiles: dict[str, WellProfiles], layout: pd.DataFrame, *, null_size: int = 10000,
                    seed: int = 0) -> dict[str, dict[str, Any]]:
-    """:func:`evaluate_profiles` of every representation, with subsets per phenotype kind (``layout['kind']``)."""
+    """:func:`evaluate_profiles` of every representation, with subsets per phenotype kind (``layout['kind']``).
+
+    Parameters
+    ----------
+    profiles
+        Representation name -> normalized well profiles (:func:`screen_profiles`).
+    layout
+        The screen layout; with a ``kind`` column, every kind's treatments form a subset that is also scored
+        on its own.
+    null_size, seed
+        Permutations of the mAP p-values and their seed.
+
+    Returns
+    -------
+    Representation name -> the dict of :func:`~phenocoder_lib.retrieval.evaluate_profiles` (with ``subsets``
+    per kind when the layout has ``kind``).
+
+    """
     subsets = None
     layout = check_layout(layout)
     if "kind" in layout.columns:
@@ -164,6 +321,17 @@ def check_targets(scores: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     - on the spatial-arrangement treatments, ``graph_stats`` retrieves >= 0.9 of the treatment-doses
       (q < 0.05) while both baselines stay near chance (retrieve <= 0.2, i.e. at most one false hit in five);
     - on the morphology treatments, ``latents`` ``map_activity`` >= ``cellprofiler``'s (within 0.02).
+
+    Parameters
+    ----------
+    scores
+        Representation name -> metrics (:func:`score_profiles`); the subset targets read ``subsets["spatial"]``
+        and ``subsets["morphology"]`` (NaN, hence not met, when absent).
+
+    Returns
+    -------
+    Three dicts, one per target: ``target`` (its wording), the values compared and ``met`` (bool).
+
     """
     out = []
     best = max(scores, key=lambda k: scores[k]["map_activity"])
@@ -280,7 +448,7 @@ def run_screen_validation(
     ari = _cluster_ari(table, screen_dir)
 
     t = time.perf_counter()
-    profiles = screen_profiles(table, features, stats, cp, layout)
+    profiles = screen_profiles(table, features, stats, cp, layout, seed=seed)
     scores = score_profiles(profiles, layout, null_size=null_size, seed=seed)
     timings["profiles_and_scores"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0

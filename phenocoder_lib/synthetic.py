@@ -32,7 +32,26 @@ _BARCODE = "SYNTH000001"
 
 @dataclass(frozen=True)
 class SyntheticPlate:
-    """What :func:`make_synthetic_plate` wrote."""
+    """What :func:`make_synthetic_plate` wrote.
+
+    Parameters
+    ----------
+    root
+        The plate export folder.
+    wells
+        Well names in writing order (``A01``, ``A02``, ...).
+    treatments
+        Well -> treatment name.
+    n_objects
+        Nuclei written over all wells (those that kept at least one pixel).
+    is_3d
+        Whether the export holds z-stacks.
+    n_channels
+        Channels per field.
+    cell_types
+        Planted cell-type names (``type_0``, ...), as ``ground_truth/objects.csv`` names them.
+
+    """
 
     root: Path
     wells: list[str]
@@ -85,6 +104,10 @@ def make_synthetic_plate(
         Everything is derived from this seed.
     write_marker
         Write the ``EXPORT_COMPLETE`` marker (leave it out to simulate an export still being written).
+
+    Returns
+    -------
+    :class:`SyntheticPlate` describing the export written to ``root``.
 
     """
     import imageio.v3 as iio
@@ -186,6 +209,18 @@ def slice_measurements(labels: np.ndarray, image: np.ndarray) -> pd.DataFrame:
     Columns as skimage's ``regionprops_table`` names them: ``label``, ``centroid-0``, ``centroid-1``,
     ``area``, ``eccentricity``, ``intensity_mean-{c}``, ``major_axis_length``, ``minor_axis_length``
     (axis lengths and eccentricity from the second central moments, as skimage defines them).
+
+    Parameters
+    ----------
+    labels
+        (y, x) integer label mask, 0 = background.
+    image
+        (channels, y, x) intensities of the same slice.
+
+    Returns
+    -------
+    One row per label present (ascending); an empty frame with the same columns when there is no object.
+
     """
     lab = labels.ravel().astype(np.int64)
     inside = lab > 0
@@ -236,8 +271,9 @@ def _place_nuclei(rng: np.random.Generator, n: int, size: int, n_z: int, min_dis
 
 
 def _rotated_window(cy: float, cx: float, ext: int, theta: float, h: int, w: int):
-    """The pixel window of half-width ``ext`` around (cy, cx), clipped to the image, and its pixels'
-    coordinates ``u, v`` along the nucleus axes rotated by ``theta``.
+    """Return the clipped pixel window of half-width ``ext`` around (cy, cx) and its rotated coordinates.
+
+    ``u, v`` are the window pixels' coordinates along the nucleus axes rotated by ``theta``.
     """
     y0, y1 = max(int(cy) - ext, 0), min(int(cy) + ext + 1, h)
     x0, x1 = max(int(cx) - ext, 0), min(int(cx) + ext + 1, w)
@@ -269,7 +305,19 @@ def _paint(image, labels, lab, cz, cy, cx, r, elong, tex, sig, rng, is_3d) -> No
 
 
 def read_ground_truth(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Return (objects: well, label, cell_type; wells: well, treatment) of a synthetic plate."""
+    """Read the planted truth that :func:`make_synthetic_plate` (or the screen) saved beside an export.
+
+    Parameters
+    ----------
+    root
+        The synthetic plate export folder (holding ``ground_truth/``).
+
+    Returns
+    -------
+    ``(objects, wells)``: ``objects`` has ``well, label, cell_type`` (one row per nucleus), ``wells`` has
+    ``well, treatment``.
+
+    """
     root = Path(root)
     objects = pd.read_csv(root / "ground_truth" / "objects.csv", dtype={"well": str})
     wells = pd.read_csv(root / "ground_truth" / "wells.csv", dtype={"well": str})
@@ -302,11 +350,26 @@ _SCREEN_TEXTURE = np.array([0.0, 0.6, 0.25])
 
 @dataclass(frozen=True)
 class SyntheticScreen:
-    """What :func:`make_synthetic_screen` wrote: one plate export per plate, each with a ``layout.csv``."""
+    """What :func:`make_synthetic_screen` wrote: one plate export per plate, each with a ``layout.csv``.
+
+    Parameters
+    ----------
+    root
+        The screen folder (holding ``screen_layout.csv`` and one folder per plate).
+    plates
+        The plate export folders, in plate order.
+    layout
+        Every well of every plate: ``plate, well, treatment, dose, control, mechanism, kind``.
+    n_objects
+        Nuclei written over all plates.
+    treatments
+        Treatment name -> (kind, mechanism) of the treatments on the screen.
+
+    """
 
     root: Path
     plates: list[Path]
-    layout: pd.DataFrame  #: plate, well, treatment, dose, control, mechanism, kind
+    layout: pd.DataFrame
     n_objects: int
     treatments: dict[str, tuple[str, str]]
 
@@ -359,6 +422,10 @@ def make_synthetic_screen(
         Field size (px), nuclei per well (at most the lattice allows), channels (>= 2).
     seed
         Everything is derived from this seed.
+
+    Returns
+    -------
+    :class:`SyntheticScreen` describing the plates written under ``root``.
 
     """
     import imageio.v3 as iio
@@ -419,8 +486,8 @@ def make_synthetic_screen(
                     speckle = 0.8 * dose
                 elif treatment == "shape_irregular":
                     lobes = 0.18 * dose
-                _paint_screen_cell(image, labels, i + 1, cy, cx, r, el, _SCREEN_TEXTURE[k], speckle, lobes,
-                                   signature[k], rng)
+                paint_screen_cell(image, labels, i + 1, cy, cx, r, el, _SCREEN_TEXTURE[k], speckle, lobes,
+                                  signature[k], rng)
             well_gain = rng.normal(1.0, 0.03)
             # signal x 0.35 keeps the brightest speckle below saturation after gain and illumination (a clipped
             # pixel would change a cell's mean intensity, which the subtle phenotypes must leave unchanged)
@@ -510,8 +577,54 @@ def _arrange_types(rng: np.random.Generator, treatment: str, dose: float, centre
     return types
 
 
-def _paint_screen_cell(image, labels, lab, cy, cx, r, elong, tex, speckle, lobes, sig, rng) -> None:
-    """Paint one 2-D nucleus; its mean intensity per channel is ``sig * (1 - tex / 2)`` whatever the texture."""
+def paint_screen_cell(
+    image: np.ndarray,
+    labels: np.ndarray,
+    lab: int,
+    cy: float,
+    cx: float,
+    r: float,
+    elong: float,
+    tex: float,
+    speckle: float,
+    lobes: float,
+    sig: np.ndarray,
+    rng: np.random.Generator,
+) -> None:
+    """Paint one 2-D screen nucleus in place; its mean intensity per channel is ``sig * (1 - tex / 2)``.
+
+    The nucleus is an ellipse of the area of a circle of radius ``r``, at a random orientation, optionally
+    with a speckle (``texture_granular``) or boundary lobes (``shape_irregular``). Its intensity pattern is
+    rescaled so that the mean over its pixels does not depend on ``tex``, ``speckle`` or ``lobes``: the
+    subtle phenotypes change texture and shape, never the mean intensity. Pixels already labelled by another
+    nucleus are left alone.
+
+    Parameters
+    ----------
+    image
+        (channels, y, x) float image, written in place inside the nucleus.
+    labels
+        (y, x) label mask, written in place (``lab`` on the nucleus's free pixels).
+    lab
+        Label id of this nucleus (> 0).
+    cy, cx
+        Centre in pixels.
+    r
+        Radius in pixels of the circle of the same area.
+    elong
+        Ratio of the ellipse's semi-axes (1 = circle).
+    tex
+        Amplitude in [0, 1] of the cell type's coarse sinusoidal texture.
+    speckle
+        Amplitude of the added fine speckle (0: none).
+    lobes
+        Relative amplitude of five boundary lobes at unchanged area (0: a plain ellipse).
+    sig
+        Mean intensity per channel of the cell type before the ``1 - tex / 2`` texture factor.
+    rng
+        Random generator for the orientation and the phases of the patterns.
+
+    """
     _, h, w = image.shape
     a, b = r * elong**0.5, r / elong**0.5
     if lobes:

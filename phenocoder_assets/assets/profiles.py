@@ -25,7 +25,7 @@ from ._common import (
 )
 
 CHECK_COMPLETE = CHECK_PROFILES_COMPLETE
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 
 
 class ProfilesConfig(Config):
@@ -33,7 +33,8 @@ class ProfilesConfig(Config):
 
     corr_threshold: float = Field(default=0.9, gt=0, le=1,
                                   description="Drop one of two features correlated above this.")
-    sphere: bool = Field(default=False, description="ZCA sphering on the control wells after feature selection.")
+    sphere: bool = Field(default=True, description="ZCA sphering of every representation on the control wells "
+                         "after feature selection (the graph_stats block is always sphered).")
     null_size: int = Field(default=10000, ge=1, description="Permutations of the mAP p-values.")
     seed: int = Field(default=0, description="Seed of the permutation nulls.")
 
@@ -47,7 +48,8 @@ class ProfilesConfig(Config):
     check_specs=[AssetCheckSpec(CHECK_COMPLETE, asset="well_profiles",
                                 description="Every sample with latents has a finite latent profile.")],
     description=describe("well_profiles", "Per-well profiles (median latent, median message-passed latent, graph "
-                         "statistics) of every sample, `<root>/well_profiles/_/<representation>.parquet`. When a "
+                         "statistics, arrangement features) of every sample, "
+                         "`<root>/well_profiles/_/<representation>.parquet`. When a "
                          "`layout.csv` (well, treatment, dose, control, mechanism) sits beside a plate export, the "
                          "profiles are normalized per plate against its controls and scored (retrieval mAP, "
                          "copairs): metadata `profiling/<representation>/<metric>`. Without a layout nothing is "

@@ -7,6 +7,8 @@ Submodules are imported lazily (PEP 562) so that importing this package does not
 - :func:`sample_spatial_stats` (:mod:`.stats`): one sample (AnnData) in, one named row out.
 - :func:`compute_spatial_stats` (:mod:`.driver`): every sample or subunit of a table, as an AnnData.
 - :func:`partition_subunits` (:mod:`.subunits`): cubes on a grid shared by all samples.
+- :func:`well_arrangement` (:mod:`.neighbourhood`): cell types fitted on the control wells, neighbourhood
+  composition, co-occurrence and radial statistics per well.
 - :func:`spatial_message_passing` (:mod:`phenocoder_lib.message_passing`, also as :mod:`.message_passing`):
   mean over self and neighbours; it runs in the encoding stage.
 """
@@ -30,6 +32,10 @@ _LAZY = {
     "partition_subunits": ".subunits",
     "subunit_indices": ".subunits",
     "spatial_message_passing": ".message_passing",
+    "fit_cell_types": ".neighbourhood",
+    "neighbourhood_composition": ".neighbourhood",
+    "arrangement_features": ".neighbourhood",
+    "well_arrangement": ".neighbourhood",
 }
 
 __all__ = ["EmbeddingWarning", "SpatialStatsWarning", *_LAZY]

@@ -72,6 +72,11 @@ def test_profiles_are_scored_with_a_layout_and_not_without(screen_home):
         latents = pd.read_parquet(out / "latents.parquet")
         assert sorted(latents.index) == screen_home.samples
         assert latents["n_objects"].min() >= 20
+        # the arrangement features of the validate --json path: every well, three cell types fitted on controls
+        arrangement = pd.read_parquet(out / "arrangement.parquet")
+        assert sorted(arrangement.index) == screen_home.samples
+        assert {"arrangement:homotypic_k4", "arrangement:radial_sd:2"} <= set(arrangement.columns)
+        assert arrangement["arrangement:homotypic_k4"].between(0, 1).all()
         doc = json.loads((out / "evaluation.json").read_text())
         assert set(doc["representations"]["combined"]["subsets"]) == {"morphology", "spatial"}
 

@@ -51,14 +51,14 @@ def test_every_well_has_the_same_type_mix(screen):
 
 
 def test_subtle_phenotypes_leave_mean_intensity_and_area_unchanged():
-    from phenocoder_lib.synthetic import _paint_screen_cell
+    from phenocoder_lib.synthetic import paint_screen_cell
 
     sig = np.array([0.8, 0.5])
     results = {}
     for name, speckle, lobes in (("plain", 0.0, 0.0), ("texture", 0.8, 0.0), ("shape", 0.0, 0.18)):
         image, labels = np.zeros((2, 41, 41), np.float32), np.zeros((41, 41), np.uint16)
-        _paint_screen_cell(image, labels, 1, 20.0, 20.0, 6.0, 1.3, 0.25, speckle, lobes, sig,
-                           np.random.default_rng(0))
+        paint_screen_cell(image, labels, 1, 20.0, 20.0, 6.0, 1.3, 0.25, speckle, lobes, sig,
+                          np.random.default_rng(0))
         inside = labels == 1
         results[name] = (inside.sum(), image[:, inside].mean(axis=1), image[0][inside].std())
     for name in ("plain", "texture", "shape"):
