@@ -12,7 +12,8 @@ baseline / current (> 1: faster now).
 
 Identity: every file of each well's zarr store is hashed (SHA-256), for the synthetic plate, a small synthetic
 3-D plate with several slices per object and ``../shared/data/plate_3d`` (when present); ``identical_files``
-says whether both variants wrote the same bytes, ``identical_tables`` whether the tables read back are equal.
+says whether both variants wrote the same bytes, ``identical_tables`` whether the tables read back are equal;
+``times`` and ``ratio_*`` are those of that single pass (one round, baseline first).
 
 The 10^6 figure is an estimate: the ingest is per well (its time and memory do not depend on the plate's other
 wells), so ``objects_per_s`` at 10^5 (20 wells of 5,000) is the rate of 200 such wells, i.e. 10^6 objects.
@@ -110,12 +111,14 @@ def tables_equal(a: Path, b: Path) -> bool:
 def compare(baseline, current, plate: Path, work: Path, geometry: dict) -> dict:
     """Ingest ``plate`` with both variants; whether the written stores are identical."""
     a, b = work / "baseline", work / "current"
-    ingest_plate(baseline, plate, a, geometry)
-    ingest_plate(current, plate, b, geometry)
+    timed = {"baseline": ingest_plate(baseline, plate, a, geometry),
+             "current": ingest_plate(current, plate, b, geometry)}
     da, db = file_digests(a), file_digests(b)
     differ = sorted(k for k in set(da) | set(db) if da.get(k) != db.get(k))
     result = {"plate": str(plate), "n_files": len(da), "identical_files": not differ, "differing_files": differ[:10],
-              "identical_tables": tables_equal(a, b)}
+              "identical_tables": tables_equal(a, b), "times": timed,
+              "ratio_wall": round(timed["baseline"]["wall_s"] / timed["current"]["wall_s"], 2),
+              "ratio_cpu": round(timed["baseline"]["cpu_s"] / timed["current"]["cpu_s"], 2)}
     shutil.rmtree(a, ignore_errors=True)
     shutil.rmtree(b, ignore_errors=True)
     return result
