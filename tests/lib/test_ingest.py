@@ -118,6 +118,30 @@ def test_write_is_atomic_and_readable(tmp_path, synthetic_plate_2d):
     assert [p.name for p in tmp_path.iterdir()] == ["plate.zarr"]
 
 
+@pytest.mark.parametrize("plate", ["synthetic_plate_2d", "synthetic_plate_3d"])
+def test_write_sdata_writes_the_files_of_spatialdata_write(plate, request, tmp_path, folder_digest):
+    # write_sdata writes the element types side by side and the tables from memory: the same bytes as
+    # SpatialData.write, for a whole plate (several images and labels: the labels group's shared list)
+    sdata = read_plate(request.getfixturevalue(plate))
+    ours = write_sdata(sdata, tmp_path / "ours.zarr")
+    read_plate(request.getfixturevalue(plate)).write(tmp_path / "theirs.zarr")
+    assert len(list(ours.rglob("zarr.json"))) > 20
+    assert folder_digest(ours) == folder_digest(tmp_path / "theirs.zarr")
+
+
+def test_slices_read_in_parallel_equal_one_at_a_time(synthetic_plate_3d, monkeypatch):
+    import phenocoder_lib.ingest as ingest
+
+    files = scan_plate(synthetic_plate_3d)
+    geometry = ingest.read_plate_geometry(synthetic_plate_3d)
+    well = files.wells[0]
+    assert sum(w == well for w, _ in files.tables) > 1
+    parallel = ingest.read_well_table(files, well, geometry, PlateLayout())
+    monkeypatch.setattr(ingest, "_READ_THREADS", 1)
+    pd.testing.assert_frame_equal(parallel, ingest.read_well_table(files, well, geometry, PlateLayout()),
+                                  check_exact=True)
+
+
 @pytest.mark.slow
 def test_real_plate(plate_3d_path, plate_3d_geometry):
     sdata = read_plate(plate_3d_path, **plate_3d_geometry)
