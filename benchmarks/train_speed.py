@@ -51,12 +51,12 @@ def _patches(n: int, seed: int):
     """Seeded uint8 patches of a few blurred blobs (cell-like), 32x32x4, and an 8-wide condition vector."""
     import numpy as np
 
-    from phenocoder_lib.training import _aligned_empty
+    from phenocoder_lib.training import aligned_empty
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:32, 0:32].astype(np.float32)
     # 64-byte aligned, as load_patch_data allocates it: the in-graph pipeline then uses it without a copy
-    out = _aligned_empty((n, 32, 32, 4), np.uint8)
+    out = aligned_empty((n, 32, 32, 4), np.uint8)
     for start in range(0, n, 1000):
         m = min(1000, n - start)
         cy, cx = rng.normal(16, 3, (2, m, 1, 1))

@@ -586,7 +586,7 @@ class PatchData:
             import tensorflow as tf
 
             if self.raw.ctypes.data % 64 or not self.raw.flags.c_contiguous or not self.raw.flags.writeable:
-                aligned = _aligned_empty(self.raw.shape, self.raw.dtype)
+                aligned = aligned_empty(self.raw.shape, self.raw.dtype)
                 aligned[...] = self.raw
                 self.raw = aligned
             if self.raw.size == 0:
@@ -728,7 +728,7 @@ def load_patch_data(
     lows, highs, block_group, chunk_rows = [], [], [], []
     block_start = np.concatenate([[0], np.cumsum([len(frame) for _, _, frame in blocks])]).astype(np.int64)
     in_memory = total <= memory_budget_bytes
-    raw = _aligned_empty((len(index), h, w, c), dtype) if in_memory else None
+    raw = aligned_empty((len(index), h, w, c), dtype) if in_memory else None
     for b, (ds, sample, _) in enumerate(blocks):
         if scale:
             key = (ds.name, sample) if norm["scale_per_sample"] else (ds.name,)
@@ -773,10 +773,24 @@ def load_patch_data(
     return data
 
 
-def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
     """An uninitialized C-contiguous array whose data start at a multiple of ``align`` bytes.
 
     TensorFlow can use such a buffer without a copy (:meth:`PatchData.raw_tensor`).
+
+    Parameters
+    ----------
+    shape
+        Shape of the array, e.g. ``(n, H, W, C)`` for patches.
+    dtype
+        Element type.
+    align
+        Alignment of the first element in bytes (64: what TensorFlow's CPU allocator uses).
+
+    Returns
+    -------
+    numpy.ndarray
+        A writable, uninitialized view of ``shape`` and ``dtype`` into a slightly larger byte buffer.
     """
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
