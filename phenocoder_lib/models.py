@@ -14,9 +14,9 @@ Architecture (``conv_layers = (f_1, ..., f_n)``, input ``(H, W, C)``)::
              -> Conv2DTranspose(C, 3x3, stride 2) logits; reconstruction = sigmoid(logits)
 
 The decoder mirrors the encoder layer for layer: it starts from the *largest* filter count ``f_n`` at the
-bottleneck and goes back through ``f_{n-1} ... f_1`` to the C channels (the earlier library started from the
-smallest, a 1x1x8 bottleneck at 32 px, and added a full-resolution convolution that costs more than the
-rest of the network on a CPU).
+bottleneck and goes back through ``f_{n-1} ... f_1`` to the C channels. Starting the decoder from the
+smallest count instead (a 1x1x8 bottleneck at 32 px) and adding a full-resolution convolution would cost
+more on a CPU than the rest of the network.
 
 Loss (per batch, returned by :meth:`CVAE.compute_loss` so that plain ``fit()`` works)::
 
