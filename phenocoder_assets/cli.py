@@ -141,6 +141,8 @@ def run_demo(home: str | Path | None = None, *, wells: int = 3, epochs: int = 5,
         for s in result.samples:
             run(["clusters", "graph_stats"], s, {"graph_stats": {"config": seeded}} if seeded else None)
         run(["embedding"], config={"embedding": {"config": seeded}} if seeded else None)
+        # Profiles of every well; the demo plate has no layout.csv, so they are written and nothing is scored.
+        run(["well_profiles"], config={"well_profiles": {"config": seeded}} if seeded else None)
 
     from .state import current_model_info
 

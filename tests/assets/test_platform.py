@@ -25,7 +25,7 @@ from dagster import AssetKey, DagsterInstance, build_sensor_context
 
 REPO = Path(__file__).resolve().parents[2]
 PER_SAMPLE = ["sdata", "patches", "latents", "clusters", "graph_stats"]
-CROSS_SAMPLE = ["model", "cluster_reference", "embedding"]
+CROSS_SAMPLE = ["model", "cluster_reference", "embedding", "well_profiles"]
 EPOCHS = 3  # the demo fixture's training epochs (conftest.DEMO_EPOCHS)
 
 pytestmark = pytest.mark.slow
