@@ -24,7 +24,9 @@ Metadata (layout) columns are ``plate``, ``well``, ``treatment``, ``dose``, ``co
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +46,36 @@ METADATA_COLUMNS = ("sample", "plate", "well", "treatment", "dose", "control", "
 #: value beyond +-500 in some well: features that are zero up to rounding (e.g. odd central moments of a symmetric
 #: nucleus) have a MAD of ~1e-16 and would otherwise reach z-scores of 1e15 and decide every similarity alone.
 DEFAULT_SELECTION = ("variance_threshold", "correlation_threshold", "drop_outliers")
+
+
+@contextmanager
+def _pycytominer() -> Iterator[Any]:
+    """Import pycytominer and run its calls without changing pandas' behaviour for the caller.
+
+    pycytominer switches pandas' copy-on-write mode on for the whole process when it is imported
+    (``pycytominer/__config__.py``). Under copy-on-write, arrays from ``Series.to_numpy()`` are read-only, so
+    code elsewhere in the caller's program that writes into them would start to fail after the first profile
+    was built. Its calls run with copy-on-write on, as pycytominer expects; the caller's setting is restored
+    afterwards. (pandas 3 has copy-on-write always on and no such switch: nothing is done there.)
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning))
+        try:
+            previous = pd.get_option("mode.copy_on_write")
+        except (KeyError, pd.errors.OptionError):
+            previous = None
+    if previous is None or int(pd.__version__.split(".")[0]) >= 3:
+        import pycytominer
+
+        yield pycytominer
+        return
+    pd.set_option("mode.copy_on_write", True)
+    try:
+        import pycytominer
+
+        yield pycytominer
+    finally:
+        pd.set_option("mode.copy_on_write", previous)
 
 
 @dataclass(frozen=True)
@@ -396,8 +428,6 @@ def normalize_profiles(
     The normalized frame (same row order, kept features only) and the dropped features.
 
     """
-    from pycytominer import normalize
-
     features = _split(profiles, features)
     if not 0 <= max_missing < 1:
         raise ValueError(f"max_missing={max_missing!r} must be in [0, 1).")
@@ -421,8 +451,9 @@ def normalize_profiles(
         part = part.copy()
         # pycytominer selects the fit rows with DataFrame.query; a private flag column keeps that robust
         part["_is_control"] = part[control_key].astype(bool)
-        norm = normalize(part, features=keep, meta_features=[*meta, "_is_control"], samples="_is_control == True",
-                         method=method)
+        with _pycytominer() as pycytominer:
+            norm = pycytominer.normalize(part, features=keep, meta_features=[*meta, "_is_control"],
+                                         samples="_is_control == True", method=method)
         parts.append(norm.drop(columns="_is_control"))
     out = pd.concat(parts).loc[profiles.index]
     out[keep] = out[keep].fillna(0.0)
@@ -465,16 +496,16 @@ def select_features(
     variable one is kept. Fewer than two features are returned unchanged.
 
     """
-    from pycytominer import feature_select
-
     features = _split(profiles, features)
     if not 0 < corr_threshold <= 1:
         raise ValueError(f"corr_threshold={corr_threshold!r} must be in (0, 1].")
     if len(features) < 2:
         return features, []
-    out = feature_select(profiles[features].astype(np.float64).reset_index(drop=True), features=features,
-                         operation=list(operations), corr_threshold=corr_threshold, min_variance=min_variance,
-                         outlier_cutoff=outlier_cutoff)
+    with _pycytominer() as pycytominer:
+        out = pycytominer.feature_select(profiles[features].astype(np.float64).reset_index(drop=True),
+                                         features=features, operation=list(operations),
+                                         corr_threshold=corr_threshold, min_variance=min_variance,
+                                         outlier_cutoff=outlier_cutoff)
     kept = [f for f in features if f in out.columns]
     if not kept:  # every feature flagged: keep the most variable one rather than nothing
         kept = [str(profiles[features].var().idxmax())]
@@ -507,8 +538,6 @@ def sphere_profiles(
     A new frame (same index) with the metadata columns followed by the sphered features.
 
     """
-    from pycytominer import normalize
-
     features = _split(profiles, features)
     meta = [c for c in profiles.columns if c not in set(features)]
     n_ctrl = int(profiles[control_key].astype(bool).sum())
@@ -516,8 +545,9 @@ def sphere_profiles(
         raise ValueError(f"sphering needs at least 2 control wells, found {n_ctrl}.")
     frame = profiles.copy()
     frame["_is_control"] = frame[control_key].astype(bool)
-    out = normalize(frame, features=list(features), meta_features=[*meta, "_is_control"],
-                    samples="_is_control == True", method="spherize", spherize_epsilon=epsilon)
+    with _pycytominer() as pycytominer:
+        out = pycytominer.normalize(frame, features=list(features), meta_features=[*meta, "_is_control"],
+                                    samples="_is_control == True", method="spherize", spherize_epsilon=epsilon)
     out.index = profiles.index
     return out.drop(columns="_is_control")[meta + list(features)]
 

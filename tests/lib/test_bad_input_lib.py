@@ -561,7 +561,7 @@ def test_samples_with_one_object_or_one_cluster_are_skipped_and_reported(stats_p
     table = stats_pheno.sdata.tables["t"]
     table.obs["sample"] = table.obs["sample"].astype(str)
     table.obs.loc[table.obs_names[0], "sample"] = "S_one_object"
-    labels = table.obs["leiden"].astype(str).to_numpy()
+    labels = table.obs["leiden"].astype(str).to_numpy(copy=True)  # writable under copy-on-write too
     labels[(table.obs["sample"] == "S1").to_numpy()] = "0"
     table.obs["leiden"] = pd.Categorical(labels, categories=["0", "1", "2"])
     with pytest.warns(SpatialStatsWarning, match=r"2 of 4 samples skipped"):

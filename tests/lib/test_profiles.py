@@ -1,5 +1,7 @@
 """Well profiles: aggregation, per-plate robust normalization against controls, selection, sphering, combining."""
 
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -168,3 +170,33 @@ def test_aggregate_by_cluster_keeps_clusters_apart():
     assert list(out.columns) == ["0|leiden=0", "0|leiden=1"]
     np.testing.assert_allclose(out.loc["a"], [2, 20])
     assert out.loc["b", "0|leiden=0"] == 6 and np.isnan(out.loc["b", "0|leiden=1"])
+
+
+def test_building_profiles_leaves_pandas_copy_on_write_as_the_caller_set_it():
+    # pycytominer switches copy-on-write on for the whole process when it is imported; in a fresh process
+    # (pycytominer not yet imported) the profile functions must hand pandas back as they found it, or arrays from
+    # Series.to_numpy() become read-only for the rest of the caller's program.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np
+        import pandas as pd
+        sys.path.insert(0, sys.argv[1])
+        from test_profiles import _frame
+        from phenocoder_lib.profiles import build_profiles
+        assert "pycytominer" not in sys.modules
+        pd.set_option("mode.copy_on_write", False)
+        frame = _frame(np.random.default_rng(3))
+        prof = build_profiles(frame, ["f0", "f1", "f2"], representation="toy", sphere=True)
+        assert "pycytominer" in sys.modules and prof.n_wells == 12
+        values = pd.Series(["a", "b"]).astype(str).to_numpy()
+        values[0] = "c"
+        print(pd.get_option("mode.copy_on_write"), values.tolist())
+    """)
+    done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[-2] == "False ['c', 'b']"
