@@ -1,11 +1,13 @@
-"""Shared fixtures: small seeded synthetic plates built once per test session, and the real plate."""
+"""Shared fixtures: small seeded synthetic plates and a trained model built once per test process, the real plate."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,6 +102,41 @@ def synthetic_plate_3d(plate_template) -> Path:
 def synthetic_plate_2d(plate_template) -> Path:
     """A 2-well 2-D uint16 synthetic plate export with 3 channels, read-only."""
     return plate_template("synth2d")
+
+
+@dataclass(frozen=True)
+class TrainedCVAE:
+    """The plate -> dataset -> trained model chain of :func:`trained_cvae` (read-only: load, never write)."""
+
+    plate_root: Path  #: the synthetic plate (kind ``"model"``: 2 wells of 60 nuclei, 4 channels, 3-D)
+    data_dir: Path  #: its dataset ``d1`` (16 x 16 patches, metadata ``well``) and the model under ``models/``
+    model_dir: Path  #: the trained plain CVAE's folder (model, checkpoint, config, history, previews)
+    history: dict  #: what ``train`` returned
+    latents: Any  #: ``encode(spatial_message_passing_radius=15.0)`` right after training (AnnData)
+
+
+#: The small architecture the facade tests train: 16 x 16 x 4 patches, two conv layers.
+TRAINED_ARCH = dict(input_shape=(16, 16, 4), conv_layers=(8, 16), batch_size=32)
+
+
+@pytest.fixture(scope="session")
+def trained_cvae(plate_template, tmp_path_factory) -> TrainedCVAE:
+    """A plain CVAE (4 latent, 16 dense dims) trained 2 epochs on the ``model`` plate through the facade, seed 0.
+
+    Built once per test process and shared: tests load it into a fresh facade (``Phenocoder.load_model``) and
+    must not train or write into its folders (a test that continues training trains its own model).
+    """
+    from phenocoder_lib import Phenocoder
+    from phenocoder_lib.ingest import read_plate
+
+    root = plate_template("model", "plate")
+    p = Phenocoder(sdata=read_plate(root), seed=0)
+    p.generate_dataset("d1", tmp_path_factory.mktemp("trained_cvae"), patch_size=16, metadata_keys=["well"],
+                       progress=False)
+    p.initialize_model(4, 16, [], flip=True, **TRAINED_ARCH)
+    history = p.train(n_epochs=2, verbose=0, n_preview=20)
+    latents = p.encode(progress=False, spatial_message_passing_radius=15.0).copy()
+    return TrainedCVAE(root, Path(p.data_dir), Path(p.model_dir), history, latents)
 
 
 def _folder_digest(folder: Path) -> str:

@@ -78,9 +78,10 @@ _CHILD = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_save_load_round_trip_in_a_fresh_process(pheno, plate_root, tmp_path):
-    _, _, plain = _train(pheno, [])
-    plain_dir = pheno.model_dir
+def test_save_load_round_trip_in_a_fresh_process(pheno, plate_root, trained_cvae, tmp_path):
+    # the plain CVAE is the session's (tests/conftest.py: trained and encoded in this process); the CondCVAE is
+    # trained here. Both plates are the same synthetic plate (kind "model").
+    plain, plain_dir = trained_cvae.latents, trained_cvae.model_dir
     _, _, cond = _train(pheno, ["dataset", "z", "well"])
     cond_dir = pheno.model_dir
     script = tmp_path / "child.py"
@@ -88,10 +89,11 @@ def test_save_load_round_trip_in_a_fresh_process(pheno, plate_root, tmp_path):
     subprocess.run([sys.executable, str(script), str(plate_root), str(tmp_path), str(plain_dir), str(cond_dir)],
                    check=True, capture_output=True, text=True)
     result = json.loads((tmp_path / "result.json").read_text())
-    for i, (folder, table, cls) in enumerate([(plain_dir, plain, "CVAE"), (cond_dir, cond, "CondCVAE")]):
+    for i, (folder, table, cls, data_dir) in enumerate([(plain_dir, plain, "CVAE", trained_cvae.data_dir),
+                                                        (cond_dir, cond, "CondCVAE", pheno.data_dir)]):
         info = result[str(folder)]
         assert info["class"] == cls
-        assert info["datasets"] == ["d1"] and info["data_dir"] == str(pheno.data_dir.resolve())
+        assert info["datasets"] == ["d1"] and info["data_dir"] == str(data_dir.resolve())
         assert (info["dropout"], info["beta"]) == (0.25, 0.01)
         assert info["history"] and info["obs_names"] == list(map(str, table.obs_names))
         np.testing.assert_array_equal(np.load(tmp_path / f"latents_{i}.npy"), table.X)

@@ -23,17 +23,11 @@ def plate_root(plate_template):
 
 
 @pytest.fixture(scope="module")
-def pheno(plate_root, tmp_path_factory):
-    p = Phenocoder(sdata=read_plate(plate_root), seed=0)
-    p.generate_dataset("d1", tmp_path_factory.mktemp("data"), patch_size=PATCH, progress=False)
-    return p
-
-
-@pytest.fixture(scope="module")
-def plain(pheno):
-    pheno.initialize_model(4, 16, [], flip=True, **ARCH)
-    history = pheno.train(n_epochs=2, verbose=0, n_preview=20)
-    return pheno, history
+def plain(trained_cvae):
+    """The session's trained plain CVAE (tests/conftest.py) loaded into a fresh facade, and its training history."""
+    p = Phenocoder(sdata=read_plate(trained_cvae.plate_root))
+    p.load_model(trained_cvae.model_dir)
+    return p, trained_cvae.history
 
 
 # --------------------------------------------------------------------------------------------------
