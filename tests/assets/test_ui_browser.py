@@ -126,7 +126,10 @@ def page(ui):
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=["--no-sandbox", "--disable-dev-shm-usage"])
+                                    # no background connections: this machine's closed network refuses them
+                                    args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                                          "--disable-background-networking", "--disable-component-update",
+                                          "--disable-sync", "--no-first-run", "--disable-quic"])
         context = browser.new_context(viewport=VIEWPORT)
         context.set_default_timeout(60_000)
         yield context.new_page()
@@ -170,7 +173,9 @@ def close_mlflow_assistant(page) -> None:
     panel = page.get_by_text("MLflow Assistant")
     with contextlib.suppress(Exception):
         panel.first.wait_for(state="visible", timeout=5_000)
-        page.get_by_role("button", name="Close").last.click()
+        # short: once closed on an earlier page, the panel's title stays as a button and no Close button
+        # exists; the page's default timeout (60 s) would be spent waiting for one
+        page.get_by_role("button", name="Close").last.click(timeout=5_000)
 
 
 def test_lineage_shows_every_asset(ui, page):
@@ -247,7 +252,9 @@ def test_mlflow_compares_the_two_trainings(ui, page):
     page.wait_for_timeout(1500)
     page.screenshot(path=str(shots / "7-mlflow-compare.png"))
     # the validation loss of both trainings, epoch by epoch, in one chart
-    page.get_by_role("link", name="val_loss", exact=True).first.click()
+    # follow the link's address rather than clicking it: on a loaded machine a click can land while the
+    # table re-renders and be lost, and the chart then never comes
+    page.goto(page.get_by_role("link", name="val_loss", exact=True).first.evaluate("a => a.href"))
     chart = page.locator("svg").filter(has_text="Step").first
     chart.wait_for(state="visible")
     legend = page.get_by_text(re.compile(r"^model DEMO_A01,DEMO_A02.* \(val_loss\)$"))
