@@ -449,7 +449,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--out", default="phenocoder_validation", help="working folder (plate, datasets, model)")
     parser.add_argument("--wells-per-treatment", type=int, default=6)
     parser.add_argument("--nuclei-per-well", type=int, default=None,
-                        help="nuclei per well (default 150 on the single plate, 90 on the --json screen)")
+                        help="nuclei per well (default 150 on the single plate, 270 on the --json screen)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="training epochs (default 15 on the single plate, 25 on the --json screen)")
     parser.add_argument("--seed", type=int, default=0)
@@ -515,7 +515,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         from .screen_evaluation import run_screen_validation
 
         doc = run_screen_validation(args.out, seed=args.seed, n_plates=args.plates,
-                                    nuclei_per_well=args.nuclei_per_well or 90, epochs=args.epochs or 25,
+                                    nuclei_per_well=args.nuclei_per_well or 270, epochs=args.epochs or 25,
                                     resolution=args.resolution, cellprofiler=not args.no_cellprofiler,
                                     null_size=args.null_size)
         print(json.dumps(json_safe(doc), indent=2, allow_nan=False))

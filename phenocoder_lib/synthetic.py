@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -382,7 +383,7 @@ def make_synthetic_screen(
     replicates: int = 2,
     doses: tuple[float, ...] = (0.5, 1.0),
     treatments: tuple[str, ...] | None = None,
-    image_size: int = 256,
+    image_size: int | None = None,
     nuclei_per_well: int = 90,
     n_channels: int = 4,
     seed: int = 0,
@@ -419,7 +420,8 @@ def make_synthetic_screen(
     treatments
         Subset of :data:`SCREEN_TREATMENTS` (default: all).
     image_size, nuclei_per_well, n_channels
-        Field size (px), nuclei per well (at most the lattice allows), channels (>= 2).
+        Field size (px; default :func:`screen_image_size` of ``nuclei_per_well``: 256 px for 90 nuclei, the
+        same density for any number), nuclei per well (at most the lattice allows), channels (>= 2).
     seed
         Everything is derived from this seed.
 
@@ -440,6 +442,7 @@ def make_synthetic_screen(
             raise ValueError(f"{name}={value!r} must be >= {low}.")
     if not doses or any(not 0 < d <= 1 for d in doses):
         raise ValueError(f"doses={doses!r} must be one or more values in (0, 1].")
+    image_size = screen_image_size(nuclei_per_well) if image_size is None else int(image_size)
     root = Path(root)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"root={str(root)!r} is not empty; choose a new folder for the synthetic screen.")
@@ -450,10 +453,7 @@ def make_synthetic_screen(
         signature[k, 0] = 0.8
         signature[k, 1 + k % (n_channels - 1)] = 0.95
         signature[k, 1 + (k + 1) % (n_channels - 1)] += 0.35 * (k % 2)
-    # one lattice for every well (largest planted nucleus + a gap), so density never differs between treatments
-    max_semi_axis = float(np.max(_SCREEN_RADIUS * (1 + 0.3 * max(doses))
-                                 * np.sqrt(_SCREEN_ELONGATION * (1 + 0.6 * max(doses)))))
-    step = 2 * max_semi_axis + 2.0
+    step = screen_lattice_step(doses)
     design = [(SCREEN_CONTROL, 0.0)] * n_controls + [(t, d) for t in treatments for d in doses] * replicates
     wells = _well_names(len(design))
     layouts, n_total, plates = [], 0, []
@@ -471,8 +471,8 @@ def make_synthetic_screen(
         truth_rows, well_rows = [], []
         for well, (treatment, dose) in zip(wells, [design[i] for i in order], strict=True):
             kind, mechanism = SCREEN_TREATMENTS.get(treatment, ("control", ""))
-            centres, grid = _lattice(rng, nuclei_per_well, image_size, step)
-            cell_type = _arrange_types(rng, treatment, dose, centres, grid, image_size, n_types)
+            centres, cell_type = screen_well_layout(rng, treatment, dose, nuclei_per_well=nuclei_per_well,
+                                                    image_size=image_size, step=step, n_types=n_types)
             image = np.zeros((n_channels, image_size, image_size), np.float32)
             labels = np.zeros((image_size, image_size), np.uint16)
             for i, (cy, cx) in enumerate(centres):
@@ -526,6 +526,67 @@ def make_synthetic_screen(
     layout.to_csv(root / "screen_layout.csv", index=False)
     logger.info("wrote synthetic screen %s: %d plates, %d wells, %d objects", root, n_plates, len(layout), n_total)
     return SyntheticScreen(root, plates, layout, n_total, {t: SCREEN_TREATMENTS[t] for t in treatments})
+
+
+def screen_image_size(nuclei_per_well: int) -> int:
+    """Field side (px) of a screen well: 256 px for 90 nuclei, and the same density for any other number.
+
+    Parameters
+    ----------
+    nuclei_per_well
+        Nuclei per well.
+
+    Returns
+    -------
+    ``ceil(256 sqrt(nuclei_per_well / 90))``.
+
+    """
+    return int(np.ceil(256 * np.sqrt(int(nuclei_per_well) / 90)))
+
+
+def screen_lattice_step(doses: Sequence[float]) -> float:
+    """Lattice spacing (px) of the screen's wells: the largest planted nucleus at the highest dose plus a gap.
+
+    One lattice for every well, so the density never differs between treatments.
+
+    Parameters
+    ----------
+    doses
+        The screen's doses (the largest sets the size of ``morph_large`` and ``morph_elongated`` nuclei).
+
+    Returns
+    -------
+    Distance between neighbouring lattice positions in pixels.
+
+    """
+    top = max(float(d) for d in doses)
+    max_semi_axis = float(np.max(_SCREEN_RADIUS * (1 + 0.3 * top) * np.sqrt(_SCREEN_ELONGATION * (1 + 0.6 * top))))
+    return 2 * max_semi_axis + 2.0
+
+
+def screen_well_layout(rng: np.random.Generator, treatment: str, dose: float, *, nuclei_per_well: int,
+                       image_size: int, step: float, n_types: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and cell types of one screen well: a jittered lattice and the treatment's type arrangement.
+
+    Parameters
+    ----------
+    rng
+        Random generator (advanced in place).
+    treatment, dose
+        The well's treatment (a key of :data:`SCREEN_TREATMENTS` or the control) and dose; only the spatial
+        treatments change who sits where, ``dose`` being the fraction of cells that follow the arrangement.
+    nuclei_per_well, image_size, step
+        Nuclei (at most the lattice holds), field side and lattice spacing (:func:`screen_lattice_step`) in px.
+    n_types
+        Number of cell types (equal numbers in every well, roughly equal under ``spatial_mixing``).
+
+    Returns
+    -------
+    ``(centres, types)``: (n, 2) nucleus centres (y, x) in px and (n,) int cell type of each.
+
+    """
+    centres, grid = _lattice(rng, nuclei_per_well, image_size, step)
+    return centres, _arrange_types(rng, treatment, dose, centres, grid, image_size, n_types)
 
 
 def _lattice(rng: np.random.Generator, n: int, size: int, step: float) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,3 +118,20 @@ def test_gpu_check_falls_back_to_the_cpu_and_prints_throughput(tmp_path):
     assert run["val_loss"][1] < run["val_loss"][0]  # it trained
     assert run["intra_op_threads"] == len(os.sched_getaffinity(0))
     assert report["gpu_over_cpu"] == {"batch_32": None} and "plate" not in report
+
+
+def test_spatial_power_true_types_retrieve_every_spatial_treatment_at_270_nuclei():
+    """The ceiling of the arrangement features (true types): 270 nuclei per well retrieve every spatial
+    treatment-dose, and at 90 the half-strength doses rank below the full ones."""
+    spec = importlib.util.spec_from_file_location("phenocoder_spatial_power", REPO / "benchmarks" / "spatial_power.py")
+    power = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(power)
+    big = power.simulate(270, 0, null_size=2000)
+    assert big["nuclei_placed"] == 270 and big["image_size"] == 444
+    assert big["retrieved"] == 1.0 and big["map"] > 0.95
+    small = power.simulate(90, 0, null_size=2000)
+    doses = small["per_treatment_dose"]
+    assert len(doses) == 6
+    low = np.mean([v for k, v in doses.items() if k.endswith("0.5")])
+    high = np.mean([v for k, v in doses.items() if k.endswith("1.0")])
+    assert high > 0.95 and low < high

@@ -81,6 +81,21 @@ def test_ring_puts_the_largest_type_on_a_circle(screen):
     assert ring.std()["spatial_ring"] < 0.5 * ring.std()["DMSO"]
 
 
+def test_field_grows_with_the_nuclei_per_well_at_the_screens_density(tmp_path):
+    from phenocoder_lib.synthetic import screen_image_size
+
+    assert screen_image_size(90) == 256 and screen_image_size(360) == 512
+    # 200 nuclei do not fit the 256 px lattice (about 144 positions): the default field must hold every one
+    small = make_synthetic_screen(tmp_path / "big", n_plates=1, n_controls=2, replicates=1, doses=(1.0,),
+                                  treatments=("spatial_ring",), nuclei_per_well=200, seed=1)
+    obj = _objects(small, small.plates[0])
+    assert obj.groupby("well").size().tolist() == [200, 200, 200]
+    import imageio.v3 as iio
+
+    label_file = next((small.plates[0] / "labels").glob("*.tif"))
+    assert iio.imread(label_file).shape == (screen_image_size(200),) * 2
+
+
 def test_screen_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="treatments=\\['nope'\\]"):
         make_synthetic_screen(tmp_path / "a", treatments=("nope",))
