@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,7 @@ def run_demo(home: str | Path | None = None, *, wells: int = 3, epochs: int = 5,
              quiet: bool = False) -> DemoResult:
     """Materialize the whole graph on a synthetic plate (see the module docstring); returns what it made."""
     from dagster import DagsterInstance, build_sensor_context, materialize
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
     from phenocoder_lib.io import write_text_atomic
     from phenocoder_lib.synthetic import make_synthetic_plate
@@ -76,9 +78,14 @@ def run_demo(home: str | Path | None = None, *, wells: int = 3, epochs: int = 5,
     from .definitions import ASSETS
     from .resources import HOME_ENV, MLflowTracking, PhenocoderStorage, resolve_root
     from .sensors import incoming_plates_sensor
+    from .wells import CHECK_WELLS, DEFER_EVENTS_TAG, PLATE_RUN_TAG
 
     t0 = time.perf_counter()
     _quiet_libraries()
+    # Message passing, the spatial statistics and umap-learn/pynndescent compile numba kernels in every new
+    # process (loaded from numba's cache after the first run, except pynndescent's): compile them in the
+    # background while the plate is written and the model trains, not when their stage waits for them.
+    threading.Thread(target=_warm_up_kernels, name="phenocoder-kernel-warm-up", daemon=True).start()
     root = Path(resolve_root(str(home) if home is not None else None))
     if "://" in str(root):
         raise ValueError(f"the demo needs a local home folder, got {root!r}.")
@@ -115,31 +122,48 @@ def run_demo(home: str | Path | None = None, *, wells: int = 3, epochs: int = 5,
             raise RuntimeError(f"no wells of plate {plate!r} were registered; sensor said: {tick.skip_reason}")
         instance.event_log_storage.set_concurrency_slots("gpu", 1)
 
-        def run(selection: list[str], partition: str | None = None, config: dict[str, Any] | None = None) -> None:
+        def run(selection: list[str], partition: str | None = None, config: dict[str, Any] | None = None,
+                wells: list[str] | None = None) -> None:
+            """One in-process run: unpartitioned, one partition, or a plate run over ``wells`` (a range)."""
             what = ", ".join(selection) + (f" [{partition}]" if partition else "")
+            tags = {"phenocoder/trigger": "demo"}
+            if wells:
+                what = ", ".join(selection) + f" [{wells[0]} ... {wells[-1]}: plate run]"
+                tags.update({"phenocoder/plate": plate, PLATE_RUN_TAG: plate, DEFER_EVENTS_TAG: "true",
+                             ASSET_PARTITION_RANGE_START_TAG: wells[0], ASSET_PARTITION_RANGE_END_TAG: wells[-1]})
             _log(quiet, f"  materializing {what}")
             run_config = {"ops": config or {}, "loggers": {"console": {"config": {"log_level": log_level}}}}
             res = materialize(ASSETS, selection=selection, partition_key=partition, instance=instance,
-                              resources=resources, run_config=run_config,
-                              tags={"phenocoder/trigger": "demo"})
-            if not res.success:
-                raise RuntimeError(f"the demo run for {what} failed; see the Dagster UI (run {res.run_id}).")
+                              resources=resources, run_config=run_config, tags=tags)
+            failed = {}  # a plate run carries on past a failed well and names it in the wells check
+            for evaluation in res.get_asset_check_evaluations():
+                if evaluation.check_name == CHECK_WELLS and not evaluation.passed:
+                    entry = evaluation.metadata.get("failed_wells")
+                    failed.update(dict(entry.value) if entry is not None else {str(evaluation.asset_key): "?"})
+            if not res.success or failed:
+                detail = f": {failed}" if failed else ""
+                raise RuntimeError(f"the demo run for {what} failed{detail}; see the Dagster UI (run {res.run_id}).")
             result.run_ids.setdefault(selection[0], []).append(res.run_id)
+
+        def per_well(selection: list[str], config: dict[str, Any] | None = None) -> None:
+            """The wells' stage as the sensor runs it: one plate run when the wells are adjacent partitions."""
+            if _adjacent(instance, result.samples):
+                run(selection, config=config, wells=result.samples)
+            else:
+                for s in result.samples:
+                    run(selection, s, config)
 
         # Only what the command line chose differs from the stage defaults (configs.py), so a rerun from
         # the UI with an empty config, the sensor's runs and the nightly schedule compute the same data.
         seeded = {"seed": seed} if seed != 0 else {}
         patches_cfg = {"patches": {"config": {"patch_size": [patch_size, patch_size], **seeded}}}
-        for s in result.samples:
-            run(["sdata", "patches"], s, patches_cfg)
+        per_well(["sdata", "patches"], patches_cfg)
         run(["model"], config={"model": {"config": {
             **DEMO_MODEL, "samples": result.samples, "n_epochs": epochs,
             "early_stopping_patience": max(epochs, 5), "seed": seed}}})
-        for s in result.samples:
-            run(["latents"], s)
+        per_well(["latents"])
         run(["cluster_reference"], config={"cluster_reference": {"config": seeded}} if seeded else None)
-        for s in result.samples:
-            run(["clusters", "graph_stats"], s, {"graph_stats": {"config": seeded}} if seeded else None)
+        per_well(["clusters", "graph_stats"], {"graph_stats": {"config": seeded}} if seeded else None)
         run(["embedding"], config={"embedding": {"config": seeded}} if seeded else None)
         # Profiles of every well; the demo plate has no layout.csv, so they are written and nothing is scored.
         run(["well_profiles"], config={"well_profiles": {"config": seeded}} if seeded else None)
@@ -149,6 +173,25 @@ def run_demo(home: str | Path | None = None, *, wells: int = 3, epochs: int = 5,
     result.mlflow = current_model_info(storage) or {}
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _warm_up_kernels() -> None:
+    """:func:`phenocoder_lib.pipeline.warm_up_kernels`, never failing the demo (the stages compile anyway)."""
+    import logging
+
+    try:
+        from phenocoder_lib.pipeline import warm_up_kernels
+
+        logging.getLogger(__name__).debug("numba kernels ready: %s", warm_up_kernels())
+    except Exception:  # noqa: BLE001 -- a failed warm-up only means that each stage compiles its own kernels
+        logging.getLogger(__name__).debug("kernel warm-up failed", exc_info=True)
+
+
+def _adjacent(instance: Any, samples: list[str]) -> bool:
+    """Whether ``samples``, in this order, are consecutive partitions (one range then holds exactly them)."""
+    order = {k: i for i, k in enumerate(instance.get_dynamic_partitions("samples"))}
+    positions = [order[s] for s in samples]
+    return len(samples) > 1 and positions == list(range(positions[0], positions[0] + len(samples)))
 
 
 def _quiet_libraries() -> None:

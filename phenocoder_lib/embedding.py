@@ -49,7 +49,8 @@ from .warnings import EmbeddingWarning
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["spatialgraph_embedding", "ridge_batch_correction", "map_sample_obs", "MIN_SPECTRAL_OBS", "NeighborMethod"]
+__all__ = ["spatialgraph_embedding", "ridge_batch_correction", "map_sample_obs", "warm_up", "MIN_SPECTRAL_OBS",
+           "NeighborMethod"]
 
 #: How the neighbour graph is built (see the module docstring, step 6).
 NeighborMethod = Literal["scanpy", "bbknn"]
@@ -255,6 +256,38 @@ def spatialgraph_embedding(
     _scatter_back(out, sub, fit, use, n_comps, umap=opts.umap)
     out.uns["spatialgraph_embedding"] = _settings(opts, n_comps=n_comps, k=k, init=init, fit=fit)
     return out
+
+
+def warm_up(*, n_rows: int = 40, seed: int = 0) -> float:
+    """Compile the numba kernels that the neighbour graph and UMAP need, by embedding a small random table.
+
+    umap-learn and pynndescent compile their numba functions in every new process, on import and on first
+    call: several seconds, most of the time of a small embedding. Calling this early (e.g. in a background
+    thread while the model trains, as ``phenocoder demo`` does) takes that cost off the critical path; the
+    embedding itself is unchanged. The table is large enough for spectral initialisation and small enough
+    that nothing is reduced, so the call warns about nothing.
+
+    Parameters
+    ----------
+    n_rows
+        Rows of the random table (>= :data:`MIN_SPECTRAL_OBS`).
+    seed
+        Seed of the table and of the embedding.
+
+    Returns
+    -------
+    Seconds spent.
+
+    """
+    import time
+
+    import anndata as ad
+
+    n_rows = check_int(n_rows, argument="n_rows", minimum=MIN_SPECTRAL_OBS)
+    t0 = time.perf_counter()
+    x = np.random.default_rng(seed).normal(size=(n_rows, 8))
+    spatialgraph_embedding(ad.AnnData(X=x), 4, n_neighbors=10, seed=seed)
+    return time.perf_counter() - t0
 
 
 @dataclass(frozen=True)

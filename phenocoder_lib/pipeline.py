@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .io import write_json_atomic
+from .validation import check_int
 
 __all__ = ["EncodedWell", "NORMALIZATION_FILE", "encode_well", "train_model"]
 
@@ -1219,9 +1220,10 @@ def profile_wells(
             ok = (stats.obs["status"].astype(str) == "ok").to_numpy() if "status" in stats.obs else None
             stats = stats[ok] if ok is not None else stats
             if stats.n_obs:
-                x = np.asarray(stats.X, dtype=np.float64)
-                raw["graph_stats"].append(pd.DataFrame(np.nanmedian(x, axis=0)[None],
-                                                       index=pd.Index([s], name="sample"),
+                # median over the well's subunits, NaN where a statistic is missing in all of them (pandas
+                # skips NaN without numpy's "All-NaN slice" warning for each such column)
+                median = pd.DataFrame(np.asarray(stats.X, dtype=np.float64)).median(axis=0).to_numpy()
+                raw["graph_stats"].append(pd.DataFrame(median[None], index=pd.Index([s], name="sample"),
                                                        columns=[str(v) for v in stats.var_names]))
     sample_info = pd.DataFrame([{"sample": s, **{k: str(summaries.get(s, {}).get(k, "")) for k in
                                                  ("plate", "well", "plate_dir")}} for s in latents_files])
@@ -1251,10 +1253,58 @@ def profile_wells(
                          layout_digests=layouts, messages=messages, seconds=seconds)
 
 
+def warm_up_kernels(*, n_objects: int = 400, seed: int = 0) -> dict[str, float]:
+    """Compile the numba kernels of the later stages now, on a small random well, and say how long each took.
+
+    Every process compiles (or loads from numba's on-disk cache, after the first run after installation)
+    the kernels of message passing (``latents``), the spatial statistics (``graph_stats``) and the
+    neighbour graph and UMAP (``embedding``, :func:`phenocoder_lib.embedding.warm_up`) when they are first
+    called. Calling this early, e.g. in a background thread while the model trains (``phenocoder demo``),
+    takes that time off the critical path; the results of the stages are unchanged. It warns about nothing
+    and touches no global setting (the warnings filters included), so it is safe in a thread.
+
+    Parameters
+    ----------
+    n_objects
+        Objects of the random well (3-D positions at about the demo's density, four clusters, eight float32
+        latent dimensions: the dtypes of a real latents table).
+    seed
+        Seed of the random well.
+
+    Returns
+    -------
+    Seconds per part: ``message_passing``, ``graph_stats``, ``embedding``.
+
+    """
+    import anndata as ad
+
+    from .embedding import warm_up
+    from .message_passing import spatial_message_passing
+    from .spatial import compute_spatial_stats
+
+    n = check_int(n_objects, argument="n_objects", minimum=50)
+    rng = np.random.default_rng(seed)
+    coords = rng.uniform(0, (n * 2000.0) ** (1 / 3), size=(n, 3))
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    seconds = {}
+    t = time.perf_counter()
+    spatial_message_passing(coords, x, 25.0)
+    seconds["message_passing"] = time.perf_counter() - t
+    obs = pd.DataFrame({"sample": pd.Categorical(["warm_up"] * n),
+                        "cluster": pd.Categorical(rng.integers(0, 4, n).astype(str), categories=list("0123"))},
+                       index=pd.RangeIndex(n).astype(str))
+    table = ad.AnnData(X=x, obs=obs, obsm={"spatial": coords})
+    t = time.perf_counter()
+    compute_spatial_stats(table, sample_key="sample", cluster_key="cluster", radii=(25, 50), progress=False)
+    seconds["graph_stats"] = time.perf_counter() - t
+    seconds["embedding"] = warm_up(seed=seed)
+    return seconds
+
+
 __all__ += [  # the per-well stages
     "POOLED_LABELS_FILE", "REFERENCE_FILE", "IngestedWell", "ProfiledWells", "ReferenceClustering", "WellEmbedding",
     "WellGraphStats", "WellLabels", "WellPatches", "array_digest", "build_cluster_reference", "cluster_column",
     "content_digest", "embed_wells", "extract_patches", "file_digest", "ingest_well", "interaction_matrix",
     "label_well", "object_label_ids", "planted_truth_objects", "profile_wells", "score_profiles", "well_colours",
-    "well_graph_stats",
+    "well_graph_stats", "warm_up_kernels",
 ]

@@ -70,14 +70,25 @@ def test_the_demo_passes_only_what_its_command_line_sets(tmp_path, monkeypatch):
     class Done:
         success, run_id = True, "captured"
 
-    def capture(assets, selection, partition_key=None, run_config=None, **_):
-        calls.append((tuple(selection), partition_key, run_config["ops"]))
+        @staticmethod
+        def get_asset_check_evaluations():
+            return []
+
+    def capture(assets, selection, partition_key=None, run_config=None, tags=None, **_):
+        calls.append((tuple(selection), partition_key, run_config["ops"], tags or {}))
         return Done()
 
     monkeypatch.setattr(dagster, "materialize", capture)
     monkeypatch.setenv("DAGSTER_HOME", str(write_instance(tmp_path / "instance", "sqlite")))
     run_demo(tmp_path / "home", wells=2, epochs=1, patch_size=16, image_size=64, nuclei_per_well=10, quiet=True)
-    ops = {sel: cfg for sel, _, cfg in calls}
+    ops = {sel: cfg for sel, _, cfg, _ in calls}
+    # the wells' stages run as the sensor runs them: one plate run over the range of the plate's wells
+    for sel, partition, _, tags in calls:
+        if sel in {("sdata", "patches"), ("latents",), ("clusters", "graph_stats")}:
+            assert partition is None and tags["phenocoder/plate_run"] == tags["phenocoder/plate"] == "DEMO", sel
+            assert (tags["dagster/asset_partition_range_start"], tags["dagster/asset_partition_range_end"]) == (
+                "DEMO_A01", "DEMO_A02"), sel
+    assert len(calls) == 7
     assert ops[("sdata", "patches")] == {"patches": {"config": {"patch_size": [16, 16]}}}
     assert ops[("model",)]["model"]["config"] == {**DEMO_MODEL, "samples": ["DEMO_A01", "DEMO_A02"], "n_epochs": 1,
                                                   "early_stopping_patience": 5, "seed": 0}

@@ -70,8 +70,11 @@ def test_asset_checks_passed(demo, instance):
                          ("latents", "latents_finite"), ("graph_stats", "graph_stats_complete")]:
         records = instance.event_log_storage.get_asset_check_execution_history(
             AssetCheckKey(AssetKey(asset), check), limit=10)
-        assert len(records) == len(demo.samples), (asset, check)
-        assert all(r.evaluation.passed for r in records), (asset, check)
+        assert records and all(r.evaluation.passed for r in records), (asset, check)
+        # the demo runs the wells as the sensor does, one plate run per stage: one check result over its wells
+        covered = sum(int(r.evaluation.metadata["n_wells"].value) if "n_wells" in r.evaluation.metadata else 1
+                      for r in records)
+        assert covered == len(demo.samples), (asset, check)
 
 
 def test_metadata_links_mlflow_and_records_model_version(demo, instance):

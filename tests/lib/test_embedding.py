@@ -133,3 +133,32 @@ def test_bbknn_is_opt_in_and_names_the_extra_when_missing(stats_3_wells, monkeyp
     with pytest.raises(ImportError, match=r"pip install 'phenocoder\[bbknn\]'"):
         spatialgraph_embedding(res, 2, batch_correction=True, batch_key="plate", source_obs=table.obs,
                                neighbors="bbknn")
+
+
+def test_warm_up_compiles_the_umap_kernels_without_a_warning():
+    """The demo runs ``warm_up`` in a background thread: it must not touch the warnings filters (not thread
+    safe) and must not emit anything the user would see; afterwards UMAP's layout kernel is compiled."""
+    import umap.layouts
+
+    from phenocoder_lib.embedding import MIN_SPECTRAL_OBS, warm_up
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seconds = warm_up()
+    assert seconds > 0
+    assert len(umap.layouts._nb_optimize_layout_euclidean_single_epoch.signatures) >= 1
+    with pytest.raises(ValueError, match="n_rows"):
+        warm_up(n_rows=MIN_SPECTRAL_OBS - 1)
+
+
+def test_warm_up_kernels_runs_every_later_stage_on_a_small_well_without_a_warning():
+    """``phenocoder demo`` runs this in a thread while the model trains: every part runs, nothing warns."""
+    from phenocoder_lib.pipeline import warm_up_kernels
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seconds = warm_up_kernels(n_objects=120)
+    assert set(seconds) == {"message_passing", "graph_stats", "embedding"}
+    assert all(v >= 0 for v in seconds.values())
+    with pytest.raises(ValueError, match="n_objects"):
+        warm_up_kernels(n_objects=10)
