@@ -82,14 +82,14 @@ def run_demo(home: str | Path | None = None, *, wells: int = 3, epochs: int = 5,
 
     t0 = time.perf_counter()
     _quiet_libraries()
-    # Message passing, the spatial statistics and umap-learn/pynndescent compile numba kernels in every new
-    # process (loaded from numba's cache after the first run, except pynndescent's): compile them in the
-    # background while the plate is written and the model trains, not when their stage waits for them.
-    threading.Thread(target=_warm_up_kernels, name="phenocoder-kernel-warm-up", daemon=True).start()
     root = Path(resolve_root(str(home) if home is not None else None))
     if "://" in str(root):
         raise ValueError(f"the demo needs a local home folder, got {root!r}.")
     os.environ[HOME_ENV] = str(root)  # step code and anything launched later resolve the same root
+    # Message passing, the spatial statistics and umap-learn/pynndescent compile numba kernels in every new
+    # process (loaded from numba's cache after the first run, except pynndescent's): compile them in the
+    # background while the plate is written and the model trains, not when their stage waits for them.
+    threading.Thread(target=_warm_up_kernels, name="phenocoder-kernel-warm-up", daemon=True).start()
     # An instance the user chose (DAGSTER_HOME, e.g. one on PostgreSQL) wins over the demo's own.
     dagster_home = Path(os.environ["DAGSTER_HOME"]).expanduser().resolve() if os.environ.get("DAGSTER_HOME") \
         else root / "dagster"
