@@ -408,10 +408,10 @@ def run_screen_validation(
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    work = Path(out) / work_folder_name(seed, n_plates=n_plates, nuclei_per_well=nuclei_per_well, replicates=replicates,
-                                  treatments=treatments, epochs=epochs, patch_size=patch_size,
-                                  conv_layers=conv_layers, n_latent_dim=n_latent_dim, radius=radius,
-                                  resolution=resolution)
+    settings = {"n_plates": n_plates, "nuclei_per_well": nuclei_per_well, "replicates": replicates,
+                "treatments": treatments, "epochs": epochs, "patch_size": patch_size, "conv_layers": conv_layers,
+                "n_latent_dim": n_latent_dim, "radius": float(radius), "resolution": float(resolution)}
+    work = Path(out) / work_folder_name(seed, **settings)
     screen_dir = work / "screen"
     if not (screen_dir / "screen_layout.csv").is_file():
         make_synthetic_screen(screen_dir, n_plates=n_plates, nuclei_per_well=nuclei_per_well, replicates=replicates,
