@@ -41,8 +41,8 @@ def simulate(nuclei: int, seed: int, *, n_plates: int = 3, n_controls: int = 6, 
     rng = np.random.default_rng(seed)
     size = synthetic.screen_image_size(nuclei)
     step = synthetic.screen_lattice_step(doses)
-    treatments = tuple(synthetic.SCREEN_TREATMENTS)
-    design = [(synthetic.SCREEN_CONTROL, 0.0)] * n_controls + [(t, d) for t in treatments for d in doses] * replicates
+    design = synthetic.screen_design(tuple(synthetic.SCREEN_TREATMENTS), doses, n_controls=n_controls,
+                                     replicates=replicates)
     coords, types, samples, rows = [], [], [], []
     for p in range(n_plates):
         for w, (treatment, dose) in enumerate(design):

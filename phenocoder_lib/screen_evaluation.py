@@ -433,30 +433,22 @@ def run_screen_validation(
         stats = ad.read_h5ad(cache / "graph_stats.h5ad")
         cp = pd.read_parquet(cache / "cellprofiler.parquet") if (cache / "cellprofiler.parquet").is_file() else None
         n_clusters = int(table.obs["leiden"].nunique())
-        if cellprofiler and cp is None:  # an earlier run with cellprofiler=False: measure it now, once
-            from .cellprofiler import measure_plate
-
-            t = time.perf_counter()
-            cp = pd.concat([measure_plate(p) for p in plates], ignore_index=True)
-            timings["cellprofiler"] = time.perf_counter() - t
-            cp.to_parquet(cache / "cellprofiler.parquet")
     else:
         table, stats, n_clusters = _run_pipeline(sdata, work, seed=seed, patch_size=patch_size,
                                                  conv_layers=conv_layers, n_latent_dim=n_latent_dim, epochs=epochs,
                                                  radius=radius, resolution=resolution, timings=timings)
         cp = None
-        if cellprofiler:
-            from .cellprofiler import measure_plate
-
-            t = time.perf_counter()
-            cp = pd.concat([measure_plate(p) for p in plates], ignore_index=True)
-            timings["cellprofiler"] = time.perf_counter() - t
         cache.mkdir(parents=True, exist_ok=True)
         table.write_h5ad(cache / "latents.h5ad")
         stats.write_h5ad(cache / "graph_stats.h5ad")
-        if cp is not None:
-            cp.to_parquet(cache / "cellprofiler.parquet")
         (cache / "complete.json").write_text("{}\n")
+    if cellprofiler and cp is None:  # a new run, or a cached one that ran with cellprofiler=False: measured once
+        from .cellprofiler import measure_plate
+
+        t = time.perf_counter()
+        cp = pd.concat([measure_plate(p) for p in plates], ignore_index=True)
+        timings["cellprofiler"] = time.perf_counter() - t
+        cp.to_parquet(cache / "cellprofiler.parquet")
     if not cellprofiler:
         cp = None
     ari = _cluster_ari(table, screen_dir)

@@ -454,7 +454,7 @@ def make_synthetic_screen(
         signature[k, 1 + k % (n_channels - 1)] = 0.95
         signature[k, 1 + (k + 1) % (n_channels - 1)] += 0.35 * (k % 2)
     step = screen_lattice_step(doses)
-    design = [(SCREEN_CONTROL, 0.0)] * n_controls + [(t, d) for t in treatments for d in doses] * replicates
+    design = screen_design(treatments, doses, n_controls=n_controls, replicates=replicates)
     wells = _well_names(len(design))
     layouts, n_total, plates = [], 0, []
     for p in range(n_plates):
@@ -526,6 +526,25 @@ def make_synthetic_screen(
     layout.to_csv(root / "screen_layout.csv", index=False)
     logger.info("wrote synthetic screen %s: %d plates, %d wells, %d objects", root, n_plates, len(layout), n_total)
     return SyntheticScreen(root, plates, layout, n_total, {t: SCREEN_TREATMENTS[t] for t in treatments})
+
+
+def screen_design(treatments: Sequence[str], doses: Sequence[float], *, n_controls: int,
+                  replicates: int) -> list[tuple[str, float]]:
+    """The wells of one screen plate, in layout order: the controls, then every treatment-dose ``replicates`` times.
+
+    Parameters
+    ----------
+    treatments, doses
+        The treatments (keys of :data:`SCREEN_TREATMENTS`) and their doses.
+    n_controls, replicates
+        Control wells (treatment :data:`SCREEN_CONTROL`, dose 0) and wells per treatment-dose on the plate.
+
+    Returns
+    -------
+    ``(treatment, dose)`` of each well (the screen shuffles their positions per plate).
+
+    """
+    return [(SCREEN_CONTROL, 0.0)] * n_controls + [(t, d) for t in treatments for d in doses] * replicates
 
 
 def screen_image_size(nuclei_per_well: int) -> int:
