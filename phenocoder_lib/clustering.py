@@ -750,7 +750,8 @@ def smooth_knn_dist(dist: np.ndarray, k: float, n_iter: int = 64) -> tuple[np.nd
     return sigma, rho
 
 
-def umap_connectivities(knn_idx: np.ndarray, knn_dist: np.ndarray, *, n_obs: int, n_neighbors: int):
+def umap_connectivities(knn_idx: np.ndarray, knn_dist: np.ndarray, *, n_obs: int, n_neighbors: int,
+                        libm_exp: bool = False):
     """Return UMAP's fuzzy simplicial set of a kNN graph: what scanpy stores as ``connectivities``.
 
     Membership ``exp(-(d_ij - rho_i) / sigma_i)`` (1 up to the nearest neighbour, 0 on the diagonal), then
@@ -766,6 +767,11 @@ def umap_connectivities(knn_idx: np.ndarray, knn_dist: np.ndarray, *, n_obs: int
         Number of objects (the matrix is n_obs x n_obs).
     n_neighbors
         The ``k`` of the bandwidth target ``log2(k)``.
+    libm_exp
+        Compute the memberships with the C library's float32 ``exp`` (a numba kernel,
+        :func:`phenocoder_lib.umap_layout.membership_strengths`), as umap does: the graph is then
+        bit-identical to scanpy's, not only within 1e-6 (numpy's vectorized ``exp`` differs in the last bit).
+        The embedding uses it (a UMAP layout amplifies last-bit differences); clustering does not need it.
 
     Returns
     -------
@@ -778,8 +784,13 @@ def umap_connectivities(knn_idx: np.ndarray, knn_dist: np.ndarray, *, n_obs: int
     idx = np.asarray(knn_idx)
     sigma, rho = smooth_knn_dist(dist, float(n_neighbors))
     diff = dist - rho[:, None]
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        vals = np.exp(-(diff / sigma[:, None])).astype(np.float32)
+    if libm_exp:
+        from .umap_layout import membership_strengths
+
+        vals = membership_strengths(np.ascontiguousarray(diff, np.float32), sigma)
+    else:
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            vals = np.exp(-(diff / sigma[:, None])).astype(np.float32)
     vals[(diff <= 0.0) | (sigma[:, None] == 0.0)] = 1.0
     vals[idx == np.arange(idx.shape[0])[:, None]] = 0.0
     keep = (idx != -1).ravel()

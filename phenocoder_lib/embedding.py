@@ -31,6 +31,14 @@ Steps (``docs/spatial_statistics.md`` has the details):
    enough points for its eigensolver; for fewer than :data:`MIN_SPECTRAL_OBS` rows (e.g. the 3 wells
    of a small plate) the initialisation falls back to the first two principal components (or
    ``'random'``) with an :class:`~phenocoder_lib.spatial.EmbeddingWarning`.
+
+With ``neighbors='scanpy'`` and fewer than 8,192 fitted rows (scanpy's brute-force neighbour range), PCA,
+neighbours and UMAP run without importing scanpy, umap's ``__init__`` or pynndescent (about 10 s of
+imports and numba compilation in every new process): sklearn's PCA,
+:func:`~phenocoder_lib.clustering.umap_connectivities` and :func:`~phenocoder_lib.umap_layout.umap_layout`
+(umap-learn's own layout kernels) compute scanpy's numbers bit for bit. One difference: scanpy's
+``tl.umap`` zeroes, in the stored ``connectivities`` itself, the edges too weak for its layout to sample
+(below max/500); here the stored graph is the one the neighbour search built.
 """
 
 from __future__ import annotations
@@ -57,6 +65,8 @@ NeighborMethod = Literal["scanpy", "bbknn"]
 
 #: Below this many rows UMAP's spectral initialisation is not attempted.
 MIN_SPECTRAL_OBS = 10
+# scanpy's brute-force neighbour range (clustering._EXACT_KNN_BELOW): below it, no scanpy import is needed
+_SCANPY_FREE_BELOW = 8192
 
 
 def _as_list(value: str | Sequence[str] | None) -> list[str]:
@@ -261,11 +271,11 @@ def spatialgraph_embedding(
 def warm_up(*, n_rows: int = 40, seed: int = 0) -> float:
     """Compile the numba kernels that the neighbour graph and UMAP need, by embedding a small random table.
 
-    umap-learn and pynndescent compile their numba functions in every new process, on import and on first
-    call: several seconds, most of the time of a small embedding. Calling this early (e.g. in a background
-    thread while the model trains, as ``phenocoder demo`` does) takes that cost off the critical path; the
-    embedding itself is unchanged. The table is large enough for spectral initialisation and small enough
-    that nothing is reduced, so the call warns about nothing.
+    umap-learn's layout kernels (and, from 8,192 rows or with bbknn, scanpy's pynndescent path) compile
+    their numba functions in every new process on first call: most of the time of a small embedding.
+    Calling this early (e.g. in a background thread while the model trains, as ``phenocoder demo`` does)
+    takes that cost off the critical path; the embedding itself is unchanged. The table is large enough for
+    spectral initialisation and small enough that nothing is reduced, so the call warns about nothing.
 
     Parameters
     ----------
@@ -468,9 +478,6 @@ def _pca(out, x: np.ndarray, fit: np.ndarray, use: np.ndarray, opts: _Options) -
     """
     import anndata as ad
 
-    from ._lazy import import_scanpy
-
-    sc = import_scanpy()
     n_fit = int(fit.sum())
     sub = ad.AnnData(X=x[:, use].astype(np.float64), obs=out.obs.loc[fit].copy())
     n_comps = int(min(opts.n_dim, n_fit - 1, int(use.sum())))
@@ -479,8 +486,30 @@ def _pca(out, x: np.ndarray, fit: np.ndarray, use: np.ndarray, opts: _Options) -
                       f"{int(use.sum())}).", EmbeddingWarning, stacklevel=3)
     n_comps = max(n_comps, 1)
     solver = "full" if min(sub.shape) <= 2000 else "arpack"
-    sc.pp.pca(sub, n_comps=n_comps, svd_solver=solver, random_state=opts.seed, zero_center=True)
+    if _without_scanpy(opts, n_fit):  # what scanpy.pp.pca computes and stores, from sklearn directly
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=n_comps, svd_solver=solver, random_state=opts.seed)
+        sub.obsm["X_pca"] = pca.fit_transform(sub.X).astype(np.float32)
+        sub.varm["PCs"] = pca.components_.T
+        sub.uns["pca"] = {"params": {"zero_center": True, "use_highly_variable": False, "mask_var": None},
+                          "variance": pca.explained_variance_, "variance_ratio": pca.explained_variance_ratio_}
+    else:
+        from ._lazy import import_scanpy
+
+        import_scanpy().pp.pca(sub, n_comps=n_comps, svd_solver=solver, random_state=opts.seed, zero_center=True)
     return sub, n_comps
+
+
+def _without_scanpy(opts: _Options, n_fit: int) -> bool:
+    """Whether PCA, neighbours and UMAP run without scanpy: ``neighbors='scanpy'`` below 8,192 fitted rows.
+
+    There scanpy searches neighbours by brute force, and the same computation without it (sklearn's PCA,
+    :func:`~phenocoder_lib.clustering.umap_connectivities`, :func:`~phenocoder_lib.umap_layout.umap_layout`)
+    gives identical results without importing scanpy, umap and pynndescent (about 10 s in every new
+    process). Above, scanpy's pynndescent search runs; ``'bbknn'`` always goes through scanpy.
+    """
+    return opts.neighbors == "scanpy" and n_fit < _SCANPY_FREE_BELOW
 
 
 def _neighbor_graph(sub, n_comps: int, opts: _Options) -> int:
@@ -496,9 +525,33 @@ def _neighbor_graph(sub, n_comps: int, opts: _Options) -> int:
         n_per_batch = int(sub.obs[opts.batch_keys[0]].value_counts().min())
         bbknn.bbknn(sub, batch_key=opts.batch_keys[0], neighbors_within_batch=max(1, min(k, n_per_batch - 1)),
                     n_pcs=n_comps)
+    elif _without_scanpy(opts, sub.n_obs):
+        _exact_neighbors(sub, max(k, 2), opts.seed)
     else:
         import_scanpy().pp.neighbors(sub, n_neighbors=max(k, 2), use_rep="X_pca", random_state=opts.seed)
     return k
+
+
+def _exact_neighbors(sub, k: int, seed: int) -> None:
+    """Store what ``scanpy.pp.neighbors(use_rep='X_pca')`` stores below 8,192 rows.
+
+    Brute-force kNN distances (self excluded) and UMAP connectivities, with the same ``uns['neighbors']``.
+    """
+    import scipy.sparse as sp
+    from sklearn.neighbors import KNeighborsTransformer
+
+    from .clustering import knn_arrays, umap_connectivities
+
+    n = sub.n_obs
+    dist = KNeighborsTransformer(algorithm="brute", n_neighbors=min(k, n - 1), metric="euclidean"
+                                 ).fit_transform(sub.obsm["X_pca"])
+    idx, d = knn_arrays(dist, k)
+    sub.obsp["distances"] = sp.csr_matrix((d[:, 1:].ravel().copy(), idx[:, 1:].ravel().copy(),
+                                           np.arange(0, n * (k - 1) + 1, k - 1)), shape=(n, n))
+    sub.obsp["connectivities"] = umap_connectivities(idx, d, n_obs=n, n_neighbors=k, libm_exp=True)
+    sub.uns["neighbors"] = {"connectivities_key": "connectivities", "distances_key": "distances",
+                            "params": {"n_neighbors": k, "method": "umap", "random_state": seed,
+                                       "metric": "euclidean", "use_rep": "X_pca"}}
 
 
 def _umap(sub, n_comps: int, opts: _Options) -> str:
@@ -520,7 +573,15 @@ def _umap(sub, n_comps: int, opts: _Options) -> str:
         source = "the first two PCs" if init != "random" else "random positions"
         warnings.warn(f"UMAP: {n_fit} rows are too few for spectral initialisation (needs >= "
                       f"{MIN_SPECTRAL_OBS}); initialised from {source} instead.", EmbeddingWarning, stacklevel=3)
-    import_scanpy().tl.umap(sub, min_dist=0.1, random_state=opts.seed, init_pos=init)
+    if _without_scanpy(opts, n_fit):
+        from .umap_layout import umap_layout
+
+        start = np.ascontiguousarray(sub.obsm["X_pca2"], dtype=np.float32) if init == "X_pca2" else init
+        sub.obsm["X_umap"], params = umap_layout(sub.obsp["connectivities"], sub.obsm["X_pca"], min_dist=0.1,
+                                                 init=start, seed=opts.seed)
+        sub.uns["umap"] = {"params": params}
+    else:
+        import_scanpy().tl.umap(sub, min_dist=0.1, random_state=opts.seed, init_pos=init)
     sub.obsm.pop("X_pca2", None)
     return init
 
