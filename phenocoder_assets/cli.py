@@ -175,13 +175,26 @@ def run_demo(home: str | Path | None = None, *, wells: int = 3, epochs: int = 5,
     return result
 
 
+_COMPILE_KERNELS = "from phenocoder_lib.pipeline import warm_up_kernels; warm_up_kernels()"
+
+
 def _warm_up_kernels() -> None:
-    """:func:`phenocoder_lib.pipeline.warm_up_kernels`, never failing the demo (the stages compile anyway)."""
+    """:func:`phenocoder_lib.pipeline.warm_up_kernels`, never failing the demo (the stages compile anyway).
+
+    On the first run after installation the kernels are compiled in a child process first: numba holds the
+    GIL while it compiles (about 20 s of CPU), which in a thread would stall the demo's own Python work
+    (Dagster's bookkeeping, the plate's writing). The child fills numba's on-disk cache; the call in this
+    process then loads the kernels from it and compiles only what numba cannot cache (UMAP's layout).
+    """
     import logging
+    import subprocess
+    import sys
 
     try:
-        from phenocoder_lib.pipeline import warm_up_kernels
+        from phenocoder_lib.pipeline import kernels_cached, warm_up_kernels
 
+        if not kernels_cached():
+            subprocess.run([sys.executable, "-c", _COMPILE_KERNELS], capture_output=True, timeout=600, check=False)
         logging.getLogger(__name__).debug("numba kernels ready: %s", warm_up_kernels())
     except Exception:  # noqa: BLE001 -- a failed warm-up only means that each stage compiles its own kernels
         logging.getLogger(__name__).debug("kernel warm-up failed", exc_info=True)

@@ -1301,10 +1301,37 @@ def warm_up_kernels(*, n_objects: int = 400, seed: int = 0) -> dict[str, float]:
     return seconds
 
 
+def kernels_cached() -> bool:
+    """Whether numba's on-disk cache holds the kernels that :func:`warm_up_kernels` compiles.
+
+    Message passing and the spatial statistics run numba kernels compiled with ``cache=True``: the first
+    process after installation (or after a change of their source) compiles them, about 20 s of CPU; later
+    processes load them. ``False`` when an index file of one of them is missing (or numba's cache is not
+    laid out as expected), so that a caller can compile them ahead, e.g. in a child process
+    (``phenocoder demo``). An index that exists but is stale counts as cached; numba then recompiles on first
+    call, as it would anyway.
+
+    Returns
+    -------
+    bool
+    """
+    import os
+
+    from .message_passing import _neighbourhood_mean
+    from .spatial import _kernels as k
+
+    for kernel in (_neighbourhood_mean, k.label_pass, k.group_closeness_sums, k.local_clustering, k.kcore,
+                   k.components, k.moran_numerators):
+        index = getattr(getattr(getattr(kernel, "_cache", None), "_cache_file", None), "_index_path", None)
+        if not (index and os.path.exists(index)):
+            return False
+    return True
+
+
 __all__ += [  # the per-well stages
     "POOLED_LABELS_FILE", "REFERENCE_FILE", "IngestedWell", "ProfiledWells", "ReferenceClustering", "WellEmbedding",
     "WellGraphStats", "WellLabels", "WellPatches", "array_digest", "build_cluster_reference", "cluster_column",
     "content_digest", "embed_wells", "extract_patches", "file_digest", "ingest_well", "interaction_matrix",
     "label_well", "object_label_ids", "planted_truth_objects", "profile_wells", "score_profiles", "well_colours",
-    "well_graph_stats", "warm_up_kernels",
+    "well_graph_stats", "warm_up_kernels", "kernels_cached",
 ]

@@ -148,3 +148,21 @@ def test_cli_validate_help_and_argument_checks(capsys):
     with pytest.raises(SystemExit):
         main(["validate", "--json", "--plates", "0"])
     assert "--plates must be >= 1" in capsys.readouterr().err
+
+
+def test_demo_warm_up_compiles_in_a_child_process_only_when_the_kernels_are_not_cached(monkeypatch):
+    import subprocess
+
+    import phenocoder_lib.pipeline as pipeline
+    from phenocoder_assets import cli
+
+    children, in_process = [], []
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: children.append(args))
+    monkeypatch.setattr(pipeline, "warm_up_kernels", lambda: in_process.append(1) or {})
+    for cached in (False, True):
+        monkeypatch.setattr(pipeline, "kernels_cached", lambda cached=cached: cached)
+        cli._warm_up_kernels()
+    assert len(children) == 1 and children[0][1:] == ["-c", cli._COMPILE_KERNELS]
+    assert in_process == [1, 1]  # then loaded (or compiled) in the demo's process, cached or not
+    monkeypatch.setattr(pipeline, "kernels_cached", lambda: 1 / 0)
+    cli._warm_up_kernels()  # a failing warm-up never fails the demo

@@ -153,7 +153,7 @@ def test_warm_up_compiles_the_umap_kernels_without_a_warning():
 
 def test_warm_up_kernels_runs_every_later_stage_on_a_small_well_without_a_warning():
     """``phenocoder demo`` runs this in a thread while the model trains: every part runs, nothing warns."""
-    from phenocoder_lib.pipeline import warm_up_kernels
+    from phenocoder_lib.pipeline import kernels_cached, warm_up_kernels
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -162,3 +162,17 @@ def test_warm_up_kernels_runs_every_later_stage_on_a_small_well_without_a_warnin
     assert all(v >= 0 for v in seconds.values())
     with pytest.raises(ValueError, match="n_objects"):
         warm_up_kernels(n_objects=10)
+    assert kernels_cached()  # every kernel it checks is one the warm-up compiled (and numba cached)
+
+
+def test_kernels_cached_is_false_with_an_empty_numba_cache(tmp_path):
+    """The demo compiles the kernels in a child process when this says False (first run after installation)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from phenocoder_lib.pipeline import kernels_cached; print(kernels_cached())"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"
