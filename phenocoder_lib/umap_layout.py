@@ -38,6 +38,11 @@ def umap_kernels() -> SimpleNamespace:
     When ``umap`` is not imported yet, it is registered as a :class:`_DeferredPackage` (see there) and only
     ``umap.layouts`` and ``umap.spectral`` (with ``umap.distances``, ``umap.utils``, ``umap.sparse``) are
     imported; otherwise they come from the package as it is.
+
+    Returns
+    -------
+    types.SimpleNamespace
+        ``optimize_layout_euclidean`` and ``spectral_layout``.
     """
     import importlib
 
@@ -83,12 +88,14 @@ def _register_deferred_package() -> None:
     Done under the import system's own lock for ``umap``, so that a concurrent ``import umap`` either
     finishes first (then it is used as it is) or finds the deferred package.
     """
+    import contextlib
     import importlib.util
     from importlib import _bootstrap  # type: ignore[attr-defined]
 
     if "umap" in sys.modules:
         return
-    with _bootstrap._ModuleLockManager("umap"):
+    module_lock = getattr(_bootstrap, "_ModuleLockManager", None)  # CPython's per-module import lock
+    with module_lock("umap") if module_lock else contextlib.nullcontext():
         if "umap" in sys.modules:
             return
         spec = importlib.util.find_spec("umap")
@@ -104,6 +111,18 @@ def find_ab_params(spread: float = 1.0, min_dist: float = 0.1) -> tuple[float, f
 
     The target is 1 up to ``min_dist`` and ``exp(-(d - min_dist) / spread)`` beyond, on 300 points of
     ``[0, 3 spread]`` (umap-learn's ``find_ab_params``; scanpy stores the result in ``uns['umap']``).
+
+    Parameters
+    ----------
+    spread
+        Scale of the embedded points.
+    min_dist
+        Distance up to which the target is 1.
+
+    Returns
+    -------
+    a, b : float
+        The fitted curve parameters.
     """
     from scipy.optimize import curve_fit
 
@@ -202,6 +221,18 @@ def membership_strengths(excess: np.ndarray, sigma: np.ndarray) -> np.ndarray:  
     numpy's vectorized float32 ``exp`` differs from ``expf`` in the last bit for about a third of the
     values; this keeps a graph (:func:`~phenocoder_lib.clustering.umap_connectivities` with
     ``libm_exp=True``) bit-identical to scanpy's, and so the UMAP layout on it.
+
+    Parameters
+    ----------
+    excess
+        float32, shape (n, k): each neighbour's distance minus the row's nearest distance ``rho``.
+    sigma
+        float32, shape (n,): the rows' bandwidths.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32, shape (n, k).
     """
     out = np.empty_like(excess)
     for i in range(excess.shape[0]):
