@@ -653,7 +653,8 @@ def _to_anndata(
 def write_sdata(sdata: Any, path: str | Path, *, overwrite: bool = True) -> Path:
     """Write a SpatialData object as zarr atomically (write aside, then rename into place).
 
-    A failure while writing leaves any earlier result at ``path`` untouched. The files are those of
+    A failure while writing leaves any earlier result at ``path`` untouched; afterwards ``sdata.path`` is
+    ``path``, as after ``sdata.write(path)``. The files are those of
     ``sdata.write`` byte for byte, written faster: the images, the labels and the tables are written side by
     side (one thread per element type; decoding and compressing the pixels release the GIL), and the tables
     are encoded in a zarr memory store first and their files written in one pass (a zarr v3 table of a few
@@ -688,6 +689,8 @@ def write_sdata(sdata: Any, path: str | Path, *, overwrite: bool = True) -> Path
     # explicit: keep today's unsharded layout, which every reader of this format understands.
     with atomic_dir(path, overwrite=overwrite) as tmp, ad.settings.override(auto_shard_zarr_v3=False):
         _write_spatialdata(sdata, tmp)
+    if getattr(sdata, "path", None) == tmp:  # as after sdata.write(path): backed by the store at its final place
+        sdata.path = path
     return path
 
 

@@ -103,6 +103,8 @@ def test_write_is_atomic_and_readable(tmp_path, synthetic_plate_2d):
 
     sdata = read_plate(synthetic_plate_2d)
     out = write_sdata(sdata, tmp_path / "plate.zarr")
+    # as after sdata.write: the object points at the store in its final place, not at the folder written aside
+    assert sdata.path == out and "plate.zarr" in repr(sdata)
     back = sd.read_zarr(out)
     assert sorted(back.images) == sorted(sdata.images)
     np.testing.assert_array_equal(back.tables["nuclei_features"].X, sdata.tables["nuclei_features"].X)
