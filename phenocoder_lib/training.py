@@ -1284,24 +1284,24 @@ class TFPatchBatches(_PlannedBatches):
         import tensorflow as tf
 
         data = self.data
-        h, w, _ = data.patch_shape
         low, inv = tf.constant(data.low), tf.constant(data.inv)
         n_cond = data.conditions.shape[1] if data.conditions is not None else None
         types = [tf.as_dtype(data.dtype), tf.int32, tf.int32] + ([tf.float32] if n_cond is not None else [])
-        scale, flip, square, n = data.scale, self.flip, h == w, len(self)
+        scale, flip, n = data.scale, self.flip, len(self)
 
         def epoch_batches(_):  # runs once per pass: the pass's epoch number, then (batch, epoch) pairs
             epoch = tf.numpy_function(self._next_epoch, [], tf.int64, stateful=True)
             return tf.data.Dataset.from_tensors(epoch).repeat(n).enumerate()
 
         def transform(raw, group, states, cond):
-            x = tf.cast(tf.ensure_shape(raw, (None, *data.patch_shape)), tf.float32)
+            raw = tf.ensure_shape(raw, (None, *data.patch_shape))
+            if flip:  # on the raw patches: a permutation of pixels commutes with the per-channel scaling
+                raw = _tf_dihedral(raw, tf.ensure_shape(states, (None,)))
+            x = tf.cast(raw, tf.float32)
             if scale:
                 group = tf.ensure_shape(group, (None,))
                 x = (x - tf.gather(low, group)[:, None, None, :]) * tf.gather(inv, group)[:, None, None, :]
                 x = tf.clip_by_value(x, 0.0, 1.0)
-            if flip:
-                x = _tf_dihedral(x, tf.ensure_shape(states, (None,)), square)
             out = {"image": x}
             if cond:
                 out["condition"] = tf.ensure_shape(cond[0], (None, n_cond))
@@ -1334,6 +1334,9 @@ class TFPatchBatches(_PlannedBatches):
             ds = ds.map(make, num_parallel_calls=max(self.workers, 2), deterministic=True)
         options = tf.data.Options()
         options.deterministic = True
+        # The parallelism and the buffer are fixed (two map calls, two batches ahead): tf.data's autotuner has
+        # nothing to choose, and with it on, an epoch's first batches waited 0.3-5 s at random (idle CPU).
+        options.autotune.enabled = False
         if self.in_graph:
             # tf.data's default graph rewrites serialize the pipeline, and with it the captured patch tensor:
             # a second copy of every patch. The pipeline is already fused by hand (one map, one prefetch).
@@ -1341,20 +1344,29 @@ class TFPatchBatches(_PlannedBatches):
         return ds.with_options(options).prefetch(2)
 
 
-def _tf_dihedral(x: Any, states: Any, square: bool) -> Any:
-    """Apply the dihedral transform ``states[i]`` (as :func:`dihedral`) to each image, in TensorFlow."""
+def _dihedral_index(h: int, w: int) -> np.ndarray:
+    """Pixel permutations of the 8 dihedral states (as :func:`dihedral`): row ``s`` maps output to input pixels.
+
+    ``image.reshape(h * w, C)[table[s]]`` is ``dihedral(image[None], [s])[0]`` flattened. A non-square
+    image has only the even states (0, 2, 4, 6); an odd state's row is that of the state below it.
+    """
+    grid = np.arange(h * w, dtype=np.int32).reshape(1, h, w, 1)
+    rows = [dihedral(grid, np.array([s - (s % 2 if h != w else 0)]))[0].reshape(h * w) for s in range(8)]
+    return np.stack(rows)
+
+
+def _tf_dihedral(x: Any, states: Any) -> Any:
+    """Apply the dihedral transform ``states[i]`` (as :func:`dihedral`) to each image, in TensorFlow.
+
+    One gather per batch through a table of the 8 pixel permutations (:func:`_dihedral_index`), on any dtype
+    (the raw patches, before they are scaled: a quarter of the bytes of float32).
+    """
     import tensorflow as tf
 
-    if not square:
-        states = states - tf.math.floormod(states, 2)  # 0, 2, 4, 6: the symmetries of a rectangle
-    mirror = states >= 4
-    x = tf.where(mirror[:, None, None, None], tf.reverse(x, axis=[2]), x)
-    k = tf.math.floormod(states, 4)
-    rot1 = tf.reverse(tf.transpose(x, [0, 2, 1, 3]), axis=[1]) if square else x  # np.rot90(k=1, axes=(1, 2))
-    rot2 = tf.reverse(x, axis=[1, 2])
-    rot3 = tf.reverse(tf.transpose(x, [0, 2, 1, 3]), axis=[2]) if square else x
-    sel = k[:, None, None, None]
-    return tf.where(sel == 0, x, tf.where(sel == 1, rot1, tf.where(sel == 2, rot2, rot3)))
+    _, h, w, c = x.shape
+    table = tf.constant(_dihedral_index(int(h), int(w)))
+    flat = tf.reshape(x, (-1, int(h) * int(w), int(c)))
+    return tf.reshape(tf.gather(flat, tf.gather(table, states), batch_dims=1), tf.shape(x))
 
 
 def make_batches(data: PatchData, positions: np.ndarray, *, batch_size: int, shuffle: bool = False,

@@ -226,11 +226,17 @@ def test_tf_dihedral_matches_numpy():
 
     x = np.random.default_rng(0).random((16, 5, 5, 2), dtype=np.float32)
     states = np.arange(16) % 8
-    out = T._tf_dihedral(tf.constant(x), tf.constant(states), True).numpy()
+    out = T._tf_dihedral(tf.constant(x), tf.constant(states, tf.int32)).numpy()
     np.testing.assert_array_equal(out, T.dihedral(x, states))
+    # any dtype (the pipeline flips the raw uint8 patches), a batch size unknown when traced
+    raw = np.random.default_rng(2).integers(0, 256, (16, 6, 6, 3), dtype=np.uint8)
+    flip = tf.function(T._tf_dihedral, input_signature=[tf.TensorSpec((None, 6, 6, 3), tf.uint8),
+                                                        tf.TensorSpec((None,), tf.int32)])
+    np.testing.assert_array_equal(flip(raw, states.astype(np.int32)).numpy(), T.dihedral(raw, states))
+    # a non-square patch has the 4 symmetries of a rectangle: an odd state acts as the even one below it
     rect = np.random.default_rng(1).random((8, 4, 6, 1), dtype=np.float32)
     even = (np.arange(8) % 8) // 2 * 2
-    out = T._tf_dihedral(tf.constant(rect), tf.constant(np.arange(8)), False).numpy()
+    out = T._tf_dihedral(tf.constant(rect), tf.constant(np.arange(8), tf.int32)).numpy()
     np.testing.assert_array_equal(out, T.dihedral(rect, even))
 
 
