@@ -78,7 +78,8 @@ TARGETS = [
     {"target": "training throughput on 2 CPU cores, example model (conv 32, 64, 128), equal 10-epoch val loss",
      "goal": ">= 3x the earlier patches/s", "earlier": "about 1,000 patches/s (8.5-10 s per epoch of 9,557 "
      "patches on plate_3d); the library it replaces: 8.7-11.6 s per epoch",
-     "record": None, "measured_by": "benchmarks/train_speed.py (variants against a baseline in the same run)"},
+     "record": None, "measured_by": "benchmarks/train_plate.py (plate_3d: this library against the one before the "
+     "work, alternately, and the kernels' ceiling); benchmarks/train_speed.py (settings against a baseline)"},
     {"target": "real plate end to end (ingest -> embedding, 10 epochs)", "goal": "< 60 s",
      "earlier": "134-150 s (training 85-101 s, clustering + statistics 18-23 s, ingest 9-12 s)",
      "record": None, "measured_by": "examples/example_workflow.py ../shared/data/plate_3d --pixel-size 1.288 "

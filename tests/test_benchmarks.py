@@ -95,7 +95,7 @@ def test_targets_print_goal_earlier_figure_and_this_runs_figure():
     assert rows["ingest at 10^6 objects"]["now"] == "not measured: timeout after 3600 s"
     assert rows["phenocoder demo (Dagster"]["now"] == "not measured in this run (dagster_demo at demo)"
     training = rows["training throughput on 2 CPU cores"]
-    assert "now" not in training and training["measured_by"].startswith("benchmarks/train_speed.py")
+    assert "now" not in training and training["measured_by"].startswith("benchmarks/train_plate.py")
     assert all({"target", "goal", "earlier"} <= set(row) for row in rows.values())
 
 
@@ -118,6 +118,16 @@ def test_gpu_check_falls_back_to_the_cpu_and_prints_throughput(tmp_path):
     assert run["val_loss"][1] < run["val_loss"][0]  # it trained
     assert run["intra_op_threads"] == len(os.sched_getaffinity(0))
     assert report["gpu_over_cpu"] == {"batch_32": None} and "plate" not in report
+
+
+def test_train_plate_ceiling_times_the_models_train_step():
+    """``train_plate.py``'s ceiling: the example model's ``train_step`` on one fixed batch, in patches/s."""
+    spec = importlib.util.spec_from_file_location("phenocoder_train_plate", REPO / "benchmarks" / "train_plate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    top = bench.ceiling(steps=3, rounds=2)
+    assert top["batch_size"] == 64 and len(top["rounds"]) == 2
+    assert top["patches_per_s"] == max(top["rounds"]) > 0
 
 
 def test_spatial_power_true_types_retrieve_every_spatial_treatment_at_270_nuclei():
