@@ -59,6 +59,7 @@ from . import patches as P
 from ._backend import keras
 from ._grouping import group_rows
 from .io import write_json_atomic, write_text_atomic
+from .parallel import process_cores
 
 logger = logging.getLogger(__name__)
 
@@ -98,20 +99,6 @@ _NORM_KEYS = ("scale", "scale_per_sample", "scale_percentile")
 # --------------------------------------------------------------------------------------------------
 # TensorFlow runtime
 # --------------------------------------------------------------------------------------------------
-
-
-def process_cores() -> int:
-    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where there is none).
-
-    Returns
-    -------
-    int
-        The number of cores (at least 1).
-    """
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def configure_tensorflow(threads: int | None = None) -> dict[str, Any]:

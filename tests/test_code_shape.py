@@ -25,7 +25,7 @@ LIB = ROOT / "phenocoder_lib"
 #: Rank 0 is infrastructure every stage may use.
 RANKS = {
     "io": 0, "keys": 0, "warnings": 0, "validation": 0, "_lazy": 0, "_grouping": 0, "_backend": 0, "_docs": 0,
-    "radius_graph": 0, "umap_layout": 0,
+    "radius_graph": 0, "umap_layout": 0, "parallel": 0,
     "synthetic": 1, "ingest": 1,
     "patches": 2,
     "models": 3, "training": 3, "plotting": 3, "model_config": 3, "conditions": 3,

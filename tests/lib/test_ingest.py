@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from phenocoder_lib.ingest import PlateLayout, read_plate, scan_plate, write_sdata
+from phenocoder_lib.ingest import PlateLayout, ingest_plate, read_plate, scan_plate, write_sdata
 from phenocoder_lib.synthetic import make_synthetic_plate, read_ground_truth
 
 
@@ -120,6 +120,17 @@ def test_write_is_atomic_and_readable(tmp_path, synthetic_plate_2d):
     assert [p.name for p in tmp_path.iterdir()] == ["plate.zarr"]
 
 
+def test_write_sdata_has_anndata_look_zarrs_version_up_once(tmp_path, synthetic_plate_2d):
+    import importlib.metadata
+
+    from anndata._io.specs import methods
+
+    write_sdata(read_plate(synthetic_plate_2d, wells=["A01"]), tmp_path / "a.zarr")
+    assert methods.version is not importlib.metadata.version  # memoized (6 % of a well's CPU time)
+    assert methods.version("zarr") == importlib.metadata.version("zarr")
+    assert methods.version.cache_info().hits > 10  # one lookup per table array before
+
+
 @pytest.mark.parametrize("plate", ["synthetic_plate_2d", "synthetic_plate_3d"])
 def test_write_sdata_writes_the_files_of_spatialdata_write(plate, request, tmp_path, folder_digest):
     # write_sdata writes the element types side by side and the tables from memory: the same bytes as
@@ -129,6 +140,47 @@ def test_write_sdata_writes_the_files_of_spatialdata_write(plate, request, tmp_p
     read_plate(request.getfixturevalue(plate)).write(tmp_path / "theirs.zarr")
     assert len(list(ours.rglob("zarr.json"))) > 20
     assert folder_digest(ours) == folder_digest(tmp_path / "theirs.zarr")
+
+
+@pytest.mark.parametrize("plate", ["synthetic_plate_2d", "synthetic_plate_3d"])
+def test_ingest_plate_in_worker_processes_writes_each_wells_store(plate, request, tmp_path, folder_digest):
+    # every well in a worker process: the same stores as read_plate(wells=[w]) + write_sdata in this process
+    root = request.getfixturevalue(plate)
+    wells = scan_plate(root).wells
+    result = ingest_plate(root, tmp_path / "par", workers=2, table_key="cells", image_key="DAPI")
+    assert list(result.index) == [f"{root.name}_{w}" for w in wells] and list(result["well"]) == wells
+    assert {"n_objects", "path", "seconds_read", "seconds_write", "cpu_s"} <= set(result.columns)
+    assert (result["cpu_s"] > 0).all() and (result["peak_rss_mb"] > 50).all()
+    for well in wells:
+        sdata = read_plate(root, wells=[well], table_key="cells", image_key="DAPI")
+        mine = write_sdata(sdata, tmp_path / "seq" / f"{well}.zarr")
+        row = result.loc[f"{root.name}_{well}"]
+        assert row["n_objects"] == sdata.tables["cells"].n_obs > 0
+        assert folder_digest(row["path"]) == folder_digest(mine)
+    assert sorted(p.name for p in (tmp_path / "par").iterdir()) == sorted(f"{root.name}_{w}.zarr" for w in wells)
+
+
+def test_ingest_plate_errors_name_the_well_and_keep_finished_wells(tmp_path, plate_copy, folder_digest):
+    root = plate_copy("synth3d")
+    wells = scan_plate(root).wells
+    out = tmp_path / "out"
+    ingest_plate(root, out, wells=wells[:1], workers=1)
+    before = folder_digest(out)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        ingest_plate(root, out, overwrite=False, workers=2)
+    assert folder_digest(out) == before  # refused before anything was written
+    victim = sorted((root / "imgs").glob(f"*_{wells[1]}_*"))[0]
+    victim.write_bytes(b"not a png")  # the second well's file is broken
+    with pytest.raises(OSError, match="cannot read image file") as err:
+        ingest_plate(root, out, workers=2)
+    assert any(f"well {wells[1]!r}" in note for note in err.value.__notes__)
+    stores = sorted(p.name for p in out.iterdir())
+    assert f"synth3d_{wells[0]}.zarr" in stores and f"synth3d_{wells[1]}.zarr" not in stores
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # nothing half-written left behind
+    with pytest.raises(ValueError, match="workers=0"):
+        ingest_plate(root, out, workers=0)
+    with pytest.raises(KeyError, match="Z99"):
+        ingest_plate(root, out, wells=["Z99"])
 
 
 def test_slices_read_in_parallel_equal_one_at_a_time(synthetic_plate_3d, monkeypatch):
