@@ -66,6 +66,12 @@ class IngestConfig(Config):
     area_column: str = "area"
     feature_prefixes: list[str] = Field(default_factory=lambda: ["intensity"])
     preview: bool = Field(default=True, description="Render a thumbnail of the well into the asset metadata.")
+    workers: int | None = Field(
+        default=None, ge=1,
+        description="Worker processes that ingest the wells of a run of several wells (a plate run, a backfill) "
+                    "ahead of the step. Default: one per core for runs of 8 wells or more, none below; 1: none. "
+                    "$PHENOCODER_MAX_WORKERS caps it. Memory: one well per worker.",
+    )
 
     def layout(self):  # -> PlateLayout
         """Return the :class:`phenocoder_lib.ingest.PlateLayout` these fields describe."""

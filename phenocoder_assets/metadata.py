@@ -9,7 +9,6 @@ No library work happens here: the numbers come from the result types of
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -70,46 +69,39 @@ def anchor_text(channels: list[str], anchors: dict | None) -> str:
     return ", ".join(f"{c} {round_sig(lo):g}-{round_sig(hi):g}" for c, lo, hi in zip(channels, low, high, strict=False))
 
 
-def sdata_result(context: Any, well: Any, out: Path, final: str, data_version: DataVersion, *,
-                 preview: bool) -> MaterializeResult:
-    """Result of ``sdata`` for one :class:`~phenocoder_lib.pipeline.IngestedWell`.
+def sdata_result(context: Any, well: Any, out: Path, final: str, data_version: DataVersion) -> MaterializeResult:
+    """Result of ``sdata`` for one :class:`~phenocoder_assets.ingest_worker.IngestedFiles`.
 
     Parameters
     ----------
     context
         The asset's execution context (for the log).
     well
-        The ingested well.
+        The ingested well (its summary, timings and thumbnail).
     out, final
-        The staged folder (the preview is written there) and the asset folder's final address.
+        The staged folder (the thumbnail is written there) and the asset folder's final address.
     data_version
         The well's data version.
-    preview
-        Render the max-projection thumbnail (timed as ``seconds_preview``).
 
     Returns
     -------
     MaterializeResult
         Metadata and data version.
     """
-    from .previews import well_thumbnail
-
-    sample, image, seconds, png = well.summary["sample"], well.image, dict(well.seconds), None
-    if preview:
-        t0 = time.perf_counter()
-        png = well_thumbnail(image, sample)
-        seconds["preview"] = time.perf_counter() - t0
-        write_png(out / PREVIEW_FILE, png)
-    context.log.info(f"{sample}: {well.n_objects} objects, image {tuple(image.shape)} -> {final}")
+    summary = well.summary
+    sample, shape, dims = summary["sample"], summary["image_shape"], summary["image_dims"]
+    if well.png is not None:
+        write_png(out / PREVIEW_FILE, well.png)
+    context.log.info(f"{sample}: {summary['n_objects']} objects, image {tuple(shape)} -> {final}")
     return MaterializeResult(data_version=data_version, metadata={
-        **preview_metadata(png, f"{sample}: max projection", final),
-        "n_objects": MetadataValue.int(well.n_objects),
-        "n_features": MetadataValue.int(well.n_features),
-        "image_shape": MetadataValue.text(" x ".join(f"{d}={s}" for d, s in zip(image.dims, image.shape, strict=True))),
-        "plate_dir": MetadataValue.path(well.summary["plate_dir"]),
-        "source_digest": MetadataValue.text(str(well.summary["source_digest"])),
+        **preview_metadata(well.png, f"{sample}: max projection", final),
+        "n_objects": MetadataValue.int(int(summary["n_objects"])),
+        "n_features": MetadataValue.int(int(summary["n_features"])),
+        "image_shape": MetadataValue.text(" x ".join(f"{d}={s}" for d, s in zip(dims, shape, strict=True))),
+        "plate_dir": MetadataValue.path(summary["plate_dir"]),
+        "source_digest": MetadataValue.text(str(summary["source_digest"])),
         "path": MetadataValue.path(f"{final}/{SDATA_FILE}"),
-        **seconds_metadata(seconds),
+        **seconds_metadata(well.seconds),
     })
 
 

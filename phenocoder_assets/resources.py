@@ -204,6 +204,25 @@ class PhenocoderStorage(ConfigurableResource):
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
+    @contextlib.contextmanager
+    def scratch(self, asset: str) -> Iterator[Path]:
+        """Yield an empty local folder for work in progress of ``asset``, removed when the block ends.
+
+        On a local root it lies beside the asset's folders (a rename moves its files into a :meth:`stage`;
+        a killed run's scratch is cleaned as its stages are); elsewhere it is a temporary folder.
+        """
+        if self.is_local:
+            parent = Path(self.url(asset)).parent
+            parent.mkdir(parents=True, exist_ok=True)
+            work = parent / f"{_STAGE_PREFIX}scratch-{uuid.uuid4().hex[:12]}"
+            work.mkdir()
+        else:
+            work = Path(tempfile.mkdtemp(prefix=f"phenocoder-scratch-{asset}-"))
+        try:
+            yield work
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
     def _upload_replace(self, src: Path, final: str) -> None:
         fs = self._fs()
         tmp = f"{final}.tmp-{uuid.uuid4().hex[:10]}"

@@ -1,6 +1,9 @@
 """``sdata``: one well of a plate export -> SpatialData zarr (partition ``<plate>_<well>``)."""
 
+import contextlib
+import shutil
 from pathlib import Path
+from typing import Any
 
 from dagster import AssetExecutionContext, MaterializeResult
 
@@ -12,8 +15,8 @@ from ..wells import for_each_well, per_sample_asset
 from ._common import SDATA_FILE, logical_version, settings_of, source_digest, write_version
 
 CODE_VERSION = "1"
-#: Settings that change only the preview, not the data (left out of the data version).
-COSMETIC = ("preview",)
+#: Settings that change only the preview or the speed, not the data (left out of the data version).
+COSMETIC = ("preview", "workers")
 #: Settings of :func:`phenocoder_lib.pipeline.ingest_well` besides the plate layout.
 READ_SETTINGS = {"pixel_size_um", "z_step_um", "table_scale", "image_key", "table_key", "sample_key"}
 
@@ -26,32 +29,90 @@ READ_SETTINGS = {"pixel_size_um", "z_step_um", "table_scale", "image_key", "tabl
                          "per-object table in um), written as `<root>/sdata/<sample>/sdata.zarr`."),
 )
 def sdata(context: AssetExecutionContext, config: IngestConfig, storage: PhenocoderStorage):
-    """:func:`phenocoder_lib.ingest.read_plate` for the partition's well, written atomically."""
-    yield from for_each_well(context, lambda sample: _sdata_one(context, config, storage, sample),
-                             upstream=())
+    """:func:`phenocoder_lib.ingest.read_plate` for the partition's well, written atomically.
+
+    A run of several wells (a plate run, a backfill) ingests them in worker processes
+    (``config.workers``, :func:`phenocoder_lib.parallel.worker_count`) ahead of the step, which records them
+    one by one, in order, as it does when it ingests them itself.
+    """
+    from phenocoder_lib.parallel import worker_count
+
+    keys = list(context.partition_keys)
+    workers = worker_count(config.workers, len(keys))
+    with contextlib.ExitStack() as stack:
+        pool = _start_workers(context, config, storage, keys, workers, stack) if workers > 1 else None
+        yield from for_each_well(context, lambda sample: _sdata_one(context, config, storage, sample, pool),
+                                 upstream=())
+
+
+def _plate_dir(config: IngestConfig, storage: PhenocoderStorage, plate: str) -> Path:
+    return Path(config.plate_dir) if config.plate_dir else storage.landing_dir / plate
+
+
+def _job(config: IngestConfig, plate_dir: Path, sample: str, sdata_file: Path, digest: str | None) -> dict[str, Any]:
+    """Keyword arguments of :func:`phenocoder_assets.ingest_worker.ingest_and_preview` for one well."""
+    plate, well = split_sample(sample)
+    return dict(plate_dir=str(plate_dir), sdata_file=str(sdata_file), plate=plate, well=well, layout=config.layout(),
+                source_digest=digest, preview=config.preview, read=config.model_dump(include=READ_SETTINGS))
+
+
+def _start_workers(context: AssetExecutionContext, config: IngestConfig, storage: PhenocoderStorage,
+                   keys: list[str], workers: int, stack: contextlib.ExitStack) -> Any:
+    """A :class:`~phenocoder_lib.parallel.PrefetchPool` ingesting ``keys`` into a scratch folder."""
+    from phenocoder_lib.ingest import INGEST_PRELOAD, scan_plate
+    from phenocoder_lib.parallel import PrefetchPool
+
+    from ..ingest_worker import WORKER_PRELOAD, ingest_and_preview
+    from ..sensors import well_digests
+
+    scratch = stack.enter_context(storage.scratch("sdata"))
+    digests: dict[str, dict[str, str]] = {}  # plate -> well -> digest: one scan per plate, not one per well
+    jobs = {}
+    for sample in keys:
+        plate, well = split_sample(sample)
+        plate_dir = _plate_dir(config, storage, plate)
+        if plate not in digests:
+            try:
+                digests[plate] = well_digests(plate_dir, scan_plate(plate_dir, layout=config.layout(), plate=plate),
+                                              [])
+            except Exception as err:  # noqa: BLE001 - an unreadable plate: its wells fail on their own, as before
+                context.log.warning(f"plate {plate!r}: {type(err).__name__}: {err}; its wells are ingested in "
+                                    "the step, one by one")
+                continue
+        jobs[sample] = _job(config, plate_dir, sample, scratch / sample / SDATA_FILE, digests[plate].get(well))
+    context.log.info(f"ingesting {len(jobs)} wells in {workers} worker processes")
+    def broken(reason: str) -> None:
+        context.log.warning(f"the ingest worker processes stopped ({reason}); the remaining wells are ingested "
+                            "in the step, one by one")
+
+    return stack.enter_context(PrefetchPool(ingest_and_preview, jobs, workers=workers, on_broken=broken,
+                                            preload=(*INGEST_PRELOAD, *WORKER_PRELOAD)))
 
 
 def _sdata_one(context: AssetExecutionContext, config: IngestConfig, storage: PhenocoderStorage,
-               sample: str) -> MaterializeResult:
-    """One well of ``sdata`` (:func:`phenocoder_lib.pipeline.ingest_well`)."""
+               sample: str, pool: Any = None) -> MaterializeResult:
+    """One well of ``sdata``: taken from a worker (``pool``) or ingested here."""
     from phenocoder_lib.io import write_json_atomic
-    from phenocoder_lib.pipeline import ingest_well
 
+    from ..ingest_worker import ingest_and_preview
     from ..metadata import sdata_result
     from ..state import SUMMARY
 
-    plate, well = split_sample(sample)
-    plate_dir = Path(config.plate_dir) if config.plate_dir else storage.landing_dir / plate
-    digest = source_digest(plate_dir, plate, well, config.layout())
-    # the well's files (names, sizes, times) and the reading settings: a re-export or another setting is a
-    # new version, an unchanged rerun the same one
-    inputs = {"source": str(digest)}
-    version = logical_version(CODE_VERSION, settings_of(config, COSMETIC), inputs)
+    plate, _ = split_sample(sample)
+    plate_dir = _plate_dir(config, storage, plate)
+    done, ingested = pool.take(sample) if pool is not None else (False, None)
     with storage.stage("sdata", sample) as out:
-        ingested = ingest_well(plate_dir, out / SDATA_FILE, plate=plate, well=well, layout=config.layout(),
-                               source_digest=digest, **config.model_dump(include=READ_SETTINGS))
+        if done:
+            out.mkdir(parents=True)
+            shutil.move(ingested.sdata_file, out / SDATA_FILE)  # a rename where the root is local
+        else:
+            digest = source_digest(plate_dir, plate, split_sample(sample)[1], config.layout())
+            ingested = ingest_and_preview(**_job(config, plate_dir, sample, out / SDATA_FILE, digest))
+        # the well's files (names, sizes, times) and the reading settings: a re-export or another setting is a
+        # new version, an unchanged rerun the same one
+        inputs = {"source": str(ingested.summary["source_digest"])}
+        version = logical_version(CODE_VERSION, settings_of(config, COSMETIC), inputs)
         write_json_atomic(out / SUMMARY, ingested.summary)
         data_version = write_version(out, version, inputs)
-        result = sdata_result(context, ingested, out, storage.url("sdata", sample), data_version,
-                              preview=config.preview)
+        result = sdata_result(context, ingested, out, storage.url("sdata", sample), data_version)
     return result

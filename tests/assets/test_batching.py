@@ -166,6 +166,39 @@ def test_archived_plate_leaves_the_live_partitions_and_is_not_registered_again(t
     assert [list(r.partition_keys) for r in back.dynamic_partitions_requests] == [WELLS]
 
 
+def test_plate_run_ingests_in_worker_processes_as_in_the_step(tmp_path, copy_plate, folder_digest, monkeypatch):
+    """``workers``: the wells are ingested in worker processes, and recorded as when the step ingests them."""
+    monkeypatch.setenv("PHENOCODER_WELL_RETRY_DELAY", "0")
+    tags = {PLATE_RUN_TAG: "TINY", DEFER_EVENTS_TAG: "true", "dagster/asset_partition_range_start": WELLS[0],
+            "dagster/asset_partition_range_end": WELLS[1]}
+    plates = {"good": copy_plate(tmp_path / "good" / "TINY"), "broken": copy_plate(tmp_path / "broken" / "TINY")}
+    sorted((plates["broken"] / "imgs").glob("*_A02_*"))[0].write_bytes(b"not an image")
+    instances = {}
+    for name, plate, workers in (("step", "good", 1), ("workers", "good", 2), ("broken", "broken", 2)):
+        home = tmp_path / name
+        instances[name] = instance = DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions("samples", WELLS)
+        config = {"workers": workers, "plate_dir": str(plates[plate])}
+        assert materialize(ASSETS, selection=["sdata"], instance=instance, resources=_resources(home), tags=tags,
+                           run_config={"ops": {"sdata": {"config": config}}}).success
+        assert not [p.name for p in (home / "sdata").iterdir() if p.name.startswith(".")]  # no scratch left
+    step, workers = tmp_path / "step" / "sdata", tmp_path / "workers" / "sdata"
+    for well in WELLS:
+        assert folder_digest(workers / well / "sdata.zarr") == folder_digest(step / well / "sdata.zarr")
+        for name in ("data_version.json", "summary.json"):  # workers is not a setting of the data
+            assert (workers / well / name).read_text() == (step / well / name).read_text()
+        assert (workers / well / "preview.png").stat().st_size > 1000
+    records = instances["workers"].fetch_materializations(AssetKey("sdata"), limit=5).records
+    assert sorted(r.asset_materialization.partition for r in records) == WELLS
+    assert all(r.asset_materialization.metadata["n_objects"].value > 0 for r in records)
+    # a broken well in a worker: named by the check, the other well recorded, nothing half-written
+    broken = instances["broken"]
+    assert broken.get_materialized_partitions(AssetKey("sdata")) == {"TINY_A01"}
+    failed = _check(broken, "sdata").metadata["failed_wells"].value
+    assert list(failed) == ["TINY_A02"] and "cannot read image file" in failed["TINY_A02"]
+    assert not (tmp_path / "broken" / "sdata" / "TINY_A02").exists()
+
+
 def test_plate_run_records_lineage_per_well(tmp_path, copy_plate):
     """Each well of a plate run carries its inputs' versions: FRESH after the run, and a changed upstream
     well makes exactly its own downstream partition STALE (an identical rerun leaves it FRESH)."""

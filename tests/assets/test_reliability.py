@@ -171,6 +171,27 @@ def test_parallel_partitions_touch_only_their_own_folders(tmp_path, platform_hom
     assert counts == {"OTHER_A01": 1, "TINY_A01": 2, "TINY_A02": 1}
 
 
+@pytest.mark.slow
+def test_a_plate_run_ingests_in_worker_processes_under_the_multiprocess_executor(tmp_path, platform_home):
+    """The production path: the step process (a child of Dagster's forkserver) starts its own forkserver and
+    ingest workers, and the run records every well with its summary and data version."""
+    home = platform_home
+    finish(start_run(tmp_path, home, "", ["sdata"], executor="multiprocess", keys=["TINY_A01", "TINY_A02"],
+                     sdata_config={"workers": 2}))
+    records = _materializations(tmp_path, "sdata")
+    assert sorted(r.partition_key for r in records) == ["TINY_A01", "TINY_A02"]
+    for key in ("TINY_A01", "TINY_A02"):
+        folder = home / "sdata" / key
+        assert json.loads((folder / "summary.json").read_text())["n_objects"] > 0
+        assert (folder / "sdata.zarr" / "zarr.json").is_file() and (folder / "preview.png").is_file()
+        assert json.loads((folder / "data_version.json").read_text())
+    assert not [p for p in home.rglob(".*") if p.name.startswith((".stage-", ".tmp"))]  # scratch removed
+    with DagsterInstance.from_config(str(tmp_path / "dagster")) as instance:
+        (run,) = instance.get_run_records()
+        logs = [e.message for e in instance.all_logs(run.dagster_run.run_id)]
+    assert any("ingesting 2 wells in 2 worker processes" in m for m in logs)
+
+
 # --------------------------------------------------------------------------------------------------
 # Nothing unsafe: the sensor
 # --------------------------------------------------------------------------------------------------
