@@ -17,7 +17,9 @@ itself (imports, reading the inputs of the stage and writing its outputs for the
 ``objects_per_s = n_objects / wall_s``; ``cpu_s`` is the CPU time of the process (all threads) over the same
 work, which other load on the machine inflates much less than the wall time:
 
-- ``ingest``: per well, as the Dagster ``sdata`` asset does: ``read_plate(wells=[w])`` + ``write_sdata``;
+- ``ingest``: ``ingest_plate``: per well ``read_plate(wells=[w])`` + ``write_sdata``, the wells in one worker process
+  per core where that pays (``--ingest-workers`` to choose), as the Dagster ``sdata`` asset does in a plate run;
+  ``cpu_s`` and ``peak_rss_mb`` include the workers';
 - ``patches``: ``generate_dataset`` (32x32) over the lazily read plate (``input_rss_mb``: the process before the
   call, the plate's table included); ``per_well``: the same per well in its own process, as the Dagster
   ``patches`` asset calls it (one well's SpatialData a call), with its own ``peak_rss_mb``;
@@ -185,21 +187,21 @@ class Timer:
 
 
 def stage_ingest(plate: Path, run: Path, opts: dict) -> dict:
-    from phenocoder_lib.ingest import scan_plate, write_sdata
+    from phenocoder_lib.ingest import image_pixels, ingest_plate, ingest_worker_count, scan_plate
 
-    wells = scan_plate(plate).wells
     out = run / "sdata"
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    n, timer = 0, Timer()
-    for well in wells:  # one well at a time, as the Dagster `sdata` asset
-        with timer:
-            sd = _read(plate, wells=[well])
-            write_sdata(sd, out / f"{well}.zarr")
-        n += sd.tables[TABLE].n_obs
-        del sd
+    geometry = REAL_GEOMETRY if plate.resolve() == REAL.resolve() else {}
+    files = scan_plate(plate)
+    workers = ingest_worker_count(opts.get("ingest_workers"), len(files.wells), image_pixels(files, files.wells))
+    with Timer() as timer:  # the wells in worker processes, as the Dagster `sdata` asset in a plate run
+        result = ingest_plate(plate, out, workers=workers, **geometry)
     shutil.rmtree(out, ignore_errors=True)  # the next stages read the plate lazily
-    return {"n_objects": n, **timer.times(), "n_wells": len(wells)}
+    times = timer.times()
+    if workers > 1:  # the workers' CPU (not this process's children: the forkserver's) and their peak memory
+        times["cpu_s"] += float(result["cpu_s"].sum())
+    return {"n_objects": int(result["n_objects"].sum()), **times, "n_wells": len(result), "workers": workers,
+            "peak_rss_mb": float(result["peak_rss_mb"].max())}
 
 
 def _rss_mb() -> float | None:
@@ -589,6 +591,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "number reuses that many, faster to generate but copies distort the clustering)")
     ap.add_argument("--train-max-objects", type=float, default=None,
                     help="train the epoch on a seeded subsample of at most this many objects (stated in the record)")
+    ap.add_argument("--ingest-workers", type=int, default=None,
+                    help="worker processes of the ingest stage (default: one per core where that pays)")
     ap.add_argument("--per-well-max-wells", type=int, default=20,
                     help="per-well patch extraction (patches.per_well) on a seeded sample of at most this many "
                          "wells (0: every well)")
@@ -614,7 +618,8 @@ def main(argv: list[str] | None = None) -> dict:
         plate = Path(args.plate)
         opts = json.loads(args.opts)
         rec = WORKERS[args.worker](plate, args.run, opts)
-        rec["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # the stage's own peak, or its worker processes' where it has some and they went higher
+        rec["peak_rss_mb"] = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rec.get("peak_rss_mb") or 0)
         print(json.dumps(rec))
         return rec
 
@@ -622,7 +627,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.sizes, args.objects_per_well, args.template_wells = "400,1600", 200, 4
     sizes = sorted(_parse_sizes(args.sizes))
     opts = {"quick": args.quick, "train_max_objects": args.train_max_objects,
-            "per_well_max_wells": args.per_well_max_wells}
+            "per_well_max_wells": args.per_well_max_wells, "ingest_workers": args.ingest_workers}
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="phenocoder_bench_")

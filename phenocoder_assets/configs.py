@@ -69,8 +69,9 @@ class IngestConfig(Config):
     workers: int | None = Field(
         default=None, ge=1,
         description="Worker processes that ingest the wells of a run of several wells (a plate run, a backfill) "
-                    "ahead of the step. Default: one per core for runs of 8 wells or more, none below; 1: none. "
-                    "$PHENOCODER_MAX_WORKERS caps it. Memory: one well per worker.",
+                    "ahead of the step. Default: one per core where that pays (2 wells or more and at least "
+                    "64 Mi image pixels in all), else none; 1: none. $PHENOCODER_MAX_WORKERS caps it. Memory: "
+                    "one well per worker.",
     )
 
     def layout(self):  # -> PlateLayout

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: Modules the ingest workers' forkserver imports once (the library's, plus the preview's plotting).
-WORKER_PRELOAD = ("phenocoder_assets.ingest_worker", "phenocoder_assets.previews", "matplotlib.pyplot")
+#: Modules the ingest workers' forkserver imports once, besides the library's (matplotlib is left to the first
+#: preview, which selects its Agg backend before pyplot is imported).
+WORKER_PRELOAD = ("phenocoder_assets.ingest_worker", "phenocoder_assets.previews")
 
 
 @dataclass(frozen=True)

@@ -710,6 +710,55 @@ def write_sdata(sdata: Any, path: str | Path, *, overwrite: bool = True) -> Path
     return path
 
 
+#: Image pixels (planes x height x width, all wells together) from which ``workers=None`` ingests in worker
+#: processes: about 1.5 s of work in one process for 2-D wells, so a pool's start (1.3 s of one core) pays.
+MIN_PIXELS_FOR_POOL = 64 * 2**20
+
+
+def image_pixels(files: PlateFiles, wells: Sequence[str]) -> int:
+    """Pixels of the image planes of ``wells`` (all channels and slices), from the first file's header.
+
+    Parameters
+    ----------
+    files
+        The plate's files (:func:`scan_plate`).
+    wells
+        The wells to count.
+
+    Returns
+    -------
+    int
+        Planes x height x width.
+    """
+    if not files.images:
+        return 0
+    shape, _ = _image_shape_dtype(next(iter(files.images.values())))
+    chosen = set(wells)
+    return sum(w in chosen for (w, _, _) in files.images) * int(np.prod(shape))
+
+
+def ingest_worker_count(workers: int | None, n_wells: int, pixels: int) -> int:
+    """Worker processes to ingest ``n_wells`` wells of ``pixels`` image pixels.
+
+    Parameters
+    ----------
+    workers
+        As in :func:`ingest_plate`: ``None`` = one per core from 2 wells and :data:`MIN_PIXELS_FOR_POOL` pixels on.
+    n_wells
+        Wells to ingest.
+    pixels
+        Their image pixels (:func:`image_pixels`).
+
+    Returns
+    -------
+    int
+        Processes (1: ingest in the calling process); see :func:`phenocoder_lib.parallel.worker_count`.
+    """
+    from .parallel import worker_count
+
+    return worker_count(workers, n_wells, worth_a_pool=n_wells >= 2 and pixels >= MIN_PIXELS_FOR_POOL)
+
+
 #: Modules the ingest workers' forkserver imports once (:class:`phenocoder_lib.parallel.PrefetchPool`).
 INGEST_PRELOAD = ("phenocoder_lib.ingest", "spatialdata", "anndata", "dask.array", "imageio.v3")
 
@@ -746,9 +795,9 @@ def ingest_plate(
     wells
         Wells to ingest (default: all, in the plate's order).
     workers
-        Worker processes: ``None`` = one per usable core for plates of at least
-        :data:`phenocoder_lib.parallel.MIN_JOBS_FOR_POOL` wells, else none; 1 = none (everything in this
-        process). ``$PHENOCODER_MAX_WORKERS`` caps it.
+        Worker processes: ``None`` = one per usable core where that pays (at least 2 wells and
+        :data:`MIN_PIXELS_FOR_POOL` image pixels: a pool's start costs about 1.3 s of one core), else none;
+        1 = none (everything in this process). ``$PHENOCODER_MAX_WORKERS`` caps it.
     overwrite
         Replace existing stores; otherwise an existing ``out/<sample>.zarr`` is an error (raised before
         anything is written).
@@ -769,7 +818,7 @@ def ingest_plate(
     FileExistsError
         A store exists and ``overwrite`` is false.
     """
-    from .parallel import PrefetchPool, worker_count
+    from .parallel import PrefetchPool
 
     layout = layout or PlateLayout()
     files = scan_plate(root, layout=layout, plate=plate)
@@ -788,7 +837,7 @@ def ingest_plate(
                     z_step_um=z_step_um, table_scale=table_scale, image_key=image_key, table_key=table_key,
                     sample_key=sample_key)
     jobs = {well: dict(settings, well=well, path=str(paths[well])) for well in selected}
-    n_workers = worker_count(workers, len(jobs))
+    n_workers = ingest_worker_count(workers, len(jobs), image_pixels(files, selected))
     rows = []
     pool = PrefetchPool(_ingest_well_job, jobs, workers=n_workers, preload=INGEST_PRELOAD) if n_workers > 1 else None
     try:

@@ -14,9 +14,12 @@ Dagster's). Worker processes hold one job's data at a time: peak memory is ``wor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+import sys
+import types
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -25,8 +28,8 @@ logger = logging.getLogger(__name__)
 
 #: Environment variable capping the worker processes of every pool (for a machine shared with other jobs).
 MAX_WORKERS_ENV = "PHENOCODER_MAX_WORKERS"
-#: Below this many jobs ``workers=None`` runs them in the calling process: starting a pool costs about a
-#: second and a half of one well's work.
+#: Below this many jobs ``workers=None`` runs them in the calling process (unless the caller knows better, see
+#: :func:`worker_count`): starting a pool costs about 1.3 s of one core here (the forkserver's imports).
 MIN_JOBS_FOR_POOL = 8
 
 
@@ -44,16 +47,19 @@ def process_cores() -> int:
         return os.cpu_count() or 1
 
 
-def worker_count(workers: int | None, n_jobs: int) -> int:
-    """Worker processes for ``n_jobs`` jobs: ``workers``, or one per core from :data:`MIN_JOBS_FOR_POOL` jobs on.
+def worker_count(workers: int | None, n_jobs: int, *, worth_a_pool: bool | None = None) -> int:
+    """Worker processes for ``n_jobs`` jobs: ``workers``, or by default one per core where a pool pays.
 
     Parameters
     ----------
     workers
-        ``None``: one per usable core (:func:`process_cores`) when there are at least :data:`MIN_JOBS_FOR_POOL`
-        jobs, else 1; an integer >= 1: that many. Capped by ``n_jobs`` and by ``$PHENOCODER_MAX_WORKERS``.
+        ``None``: one per usable core (:func:`process_cores`) where a pool pays for its start, else 1; an
+        integer >= 1: that many. Capped by ``n_jobs`` and by ``$PHENOCODER_MAX_WORKERS``.
     n_jobs
         Jobs to run.
+    worth_a_pool
+        Whether the jobs are worth a pool (the caller's estimate of their work); ``None``: at least
+        :data:`MIN_JOBS_FOR_POOL` jobs.
 
     Returns
     -------
@@ -67,8 +73,10 @@ def worker_count(workers: int | None, n_jobs: int) -> int:
     """
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers={workers!r} must be a positive integer (1: no worker processes) or None "
-                         "(one per core for larger plates).")
-    n = (process_cores() if n_jobs >= MIN_JOBS_FOR_POOL else 1) if workers is None else workers
+                         "(one per core where the work pays for a pool).")
+    if worth_a_pool is None:
+        worth_a_pool = n_jobs >= MIN_JOBS_FOR_POOL
+    n = (process_cores() if worth_a_pool else 1) if workers is None else workers
     cap = os.environ.get(MAX_WORKERS_ENV)
     if cap:
         try:
@@ -79,6 +87,26 @@ def worker_count(workers: int | None, n_jobs: int) -> int:
             raise ValueError(f"{MAX_WORKERS_ENV}={cap!r} must be a positive integer; unset it for no cap.")
         n = min(n, limit)
     return max(1, min(n, n_jobs))
+
+
+@contextlib.contextmanager
+def _without_main_module() -> Iterator[None]:
+    """Start worker processes that do not import the caller's ``__main__``.
+
+    A spawned or forkserver child first runs the parent's main script as ``__mp_main__``, so a script without an
+    ``if __name__ == "__main__":`` guard (or code piped to ``python -``) would run again in every worker, or break
+    it. The jobs here are functions of importable modules, so while the workers start, ``__main__`` is an empty
+    module: nothing of the caller's script is run in them.
+    """
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is None:
+            sys.modules.pop("__main__", None)
+        else:
+            sys.modules["__main__"] = main
 
 
 def _context(preload: Sequence[str]) -> Any:
@@ -97,7 +125,8 @@ class PrefetchPool:
     Parameters
     ----------
     fn
-        A module-level function (it is pickled by name); its keyword arguments and its result must pickle.
+        A function of an importable module, not of ``__main__`` (workers import it by name and never run the
+        caller's script); its keyword arguments and its result must pickle.
     jobs
         Keyword arguments of each job, by key, in the order the consumer will take them.
     workers
@@ -105,7 +134,8 @@ class PrefetchPool:
     preload
         Modules the forkserver imports once for all workers.
     lookahead
-        Jobs kept submitted beyond those taken (default ``2 * workers``): bounds what waits for the consumer.
+        Jobs kept submitted beyond those taken (default ``2 * workers``, at least ``workers``): bounds what waits
+        for the consumer.
     on_broken
         Called once with the reason when the pool breaks (besides this module's warning).
 
@@ -120,18 +150,22 @@ class PrefetchPool:
                  on_broken: Callable[[str], None] | None = None) -> None:
         if workers < 1:
             raise ValueError(f"workers={workers!r} must be >= 1.")
+        if getattr(fn, "__module__", None) in (None, "__main__"):
+            raise ValueError(f"fn={fn!r} must be a function of an importable module (not of __main__): the worker "
+                             "processes import it by name.")
         self._fn = fn
         self._jobs = dict(jobs)
         self._order = list(self._jobs)
         self._next = 0
         self._futures: dict[Hashable, Future] = {}
-        self._lookahead = max(int(lookahead or 2 * workers), 1)
+        self._lookahead = max(int(lookahead or 2 * workers), workers)  # every worker starts in __init__
         self.workers = workers
         self.broken: str | None = None
         self._on_broken = on_broken
         self._pool: ProcessPoolExecutor | None = ProcessPoolExecutor(max_workers=workers,
                                                                       mp_context=_context(tuple(preload)))
-        self._top_up()
+        with _without_main_module():  # the workers start with the first submissions (one per submission)
+            self._top_up()
 
     def _top_up(self) -> None:
         while self._pool is not None and self._next < len(self._order) and len(self._futures) < self._lookahead:

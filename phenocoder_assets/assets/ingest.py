@@ -31,16 +31,14 @@ READ_SETTINGS = {"pixel_size_um", "z_step_um", "table_scale", "image_key", "tabl
 def sdata(context: AssetExecutionContext, config: IngestConfig, storage: PhenocoderStorage):
     """:func:`phenocoder_lib.ingest.read_plate` for the partition's well, written atomically.
 
-    A run of several wells (a plate run, a backfill) ingests them in worker processes
-    (``config.workers``, :func:`phenocoder_lib.parallel.worker_count`) ahead of the step, which records them
-    one by one, in order, as it does when it ingests them itself.
+    A run of several wells (a plate run, a backfill) ingests them in worker processes (``config.workers``;
+    by default where that pays, :func:`phenocoder_lib.ingest.ingest_worker_count`) ahead of the step, which
+    records them one by one, in order, as it does when it ingests them itself.
     """
-    from phenocoder_lib.parallel import worker_count
-
     keys = list(context.partition_keys)
-    workers = worker_count(config.workers, len(keys))
     with contextlib.ExitStack() as stack:
-        pool = _start_workers(context, config, storage, keys, workers, stack) if workers > 1 else None
+        pool = _start_workers(context, config, storage, keys, stack) if len(keys) > 1 and config.workers != 1 \
+            else None
         yield from for_each_well(context, lambda sample: _sdata_one(context, config, storage, sample, pool),
                                  upstream=())
 
@@ -57,34 +55,46 @@ def _job(config: IngestConfig, plate_dir: Path, sample: str, sdata_file: Path, d
 
 
 def _start_workers(context: AssetExecutionContext, config: IngestConfig, storage: PhenocoderStorage,
-                   keys: list[str], workers: int, stack: contextlib.ExitStack) -> Any:
-    """A :class:`~phenocoder_lib.parallel.PrefetchPool` ingesting ``keys`` into a scratch folder."""
-    from phenocoder_lib.ingest import INGEST_PRELOAD, scan_plate
+                   keys: list[str], stack: contextlib.ExitStack) -> Any:
+    """A :class:`~phenocoder_lib.parallel.PrefetchPool` ingesting ``keys`` into a scratch folder.
+
+    ``None`` where the work does not pay for a pool (:func:`phenocoder_lib.ingest.ingest_worker_count`).
+    """
+    from phenocoder_lib.ingest import INGEST_PRELOAD, image_pixels, ingest_worker_count, scan_plate
     from phenocoder_lib.parallel import PrefetchPool
 
     from ..ingest_worker import WORKER_PRELOAD, ingest_and_preview
     from ..sensors import well_digests
 
-    scratch = stack.enter_context(storage.scratch("sdata"))
-    digests: dict[str, dict[str, str]] = {}  # plate -> well -> digest: one scan per plate, not one per well
-    jobs = {}
+    by_plate: dict[str, list[tuple[str, str]]] = {}
     for sample in keys:
         plate, well = split_sample(sample)
+        by_plate.setdefault(plate, []).append((sample, well))
+    planned: dict[str, tuple[Path, str | None]] = {}  # sample -> (plate folder, digest): one scan per plate
+    pixels = 0
+    for plate, samples in by_plate.items():
         plate_dir = _plate_dir(config, storage, plate)
-        if plate not in digests:
-            try:
-                digests[plate] = well_digests(plate_dir, scan_plate(plate_dir, layout=config.layout(), plate=plate),
-                                              [])
-            except Exception as err:  # noqa: BLE001 - an unreadable plate: its wells fail on their own, as before
-                context.log.warning(f"plate {plate!r}: {type(err).__name__}: {err}; its wells are ingested in "
-                                    "the step, one by one")
-                continue
-        jobs[sample] = _job(config, plate_dir, sample, scratch / sample / SDATA_FILE, digests[plate].get(well))
-    context.log.info(f"ingesting {len(jobs)} wells in {workers} worker processes")
+        try:
+            files = scan_plate(plate_dir, layout=config.layout(), plate=plate)
+        except Exception as err:  # noqa: BLE001 - an unreadable plate: its wells fail on their own, as before
+            context.log.warning(f"plate {plate!r}: {type(err).__name__}: {err}; its wells are ingested in the "
+                                "step, one by one")
+            continue
+        digests = well_digests(plate_dir, files, [])
+        pixels += image_pixels(files, [well for _, well in samples])
+        planned.update({sample: (plate_dir, digests.get(well)) for sample, well in samples})
+    workers = ingest_worker_count(config.workers, len(planned), pixels)
+    if workers < 2:
+        return None
+    scratch = stack.enter_context(storage.scratch("sdata"))
+    jobs = {sample: _job(config, planned[sample][0], sample, scratch / sample / SDATA_FILE, planned[sample][1])
+            for sample in keys if sample in planned}
+
     def broken(reason: str) -> None:
         context.log.warning(f"the ingest worker processes stopped ({reason}); the remaining wells are ingested "
                             "in the step, one by one")
 
+    context.log.info(f"ingesting {len(jobs)} wells in {workers} worker processes")
     return stack.enter_context(PrefetchPool(ingest_and_preview, jobs, workers=workers, on_broken=broken,
                                             preload=(*INGEST_PRELOAD, *WORKER_PRELOAD)))
 

@@ -1,12 +1,22 @@
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from phenocoder_lib.ingest import PlateLayout, ingest_plate, read_plate, scan_plate, write_sdata
+from phenocoder_lib.ingest import (
+    MIN_PIXELS_FOR_POOL,
+    PlateLayout,
+    image_pixels,
+    ingest_plate,
+    ingest_worker_count,
+    read_plate,
+    scan_plate,
+    write_sdata,
+)
 from phenocoder_lib.synthetic import make_synthetic_plate, read_ground_truth
 
 
@@ -158,6 +168,18 @@ def test_ingest_plate_in_worker_processes_writes_each_wells_store(plate, request
         assert row["n_objects"] == sdata.tables["cells"].n_obs > 0
         assert folder_digest(row["path"]) == folder_digest(mine)
     assert sorted(p.name for p in (tmp_path / "par").iterdir()) == sorted(f"{root.name}_{w}.zarr" for w in wells)
+
+
+def test_ingest_uses_worker_processes_where_the_pixels_pay_for_them(synthetic_plate_3d, monkeypatch):
+    monkeypatch.delenv("PHENOCODER_MAX_WORKERS", raising=False)
+    files = scan_plate(synthetic_plate_3d)
+    # 3 wells x 4 channels x 5 slices of 160 x 160 pixels
+    assert image_pixels(files, files.wells) == 3 * 4 * 5 * 160 * 160
+    assert image_pixels(files, files.wells[:1]) == 4 * 5 * 160 * 160
+    assert ingest_worker_count(None, 3, image_pixels(files, files.wells)) == 1  # a small plate: in this process
+    assert ingest_worker_count(None, 3, MIN_PIXELS_FOR_POOL) == min(3, len(os.sched_getaffinity(0)))
+    assert ingest_worker_count(None, 1, 10 * MIN_PIXELS_FOR_POOL) == 1  # one well: nothing to share
+    assert ingest_worker_count(2, 3, 0) == 2  # asked for
 
 
 def test_ingest_plate_errors_name_the_well_and_keep_finished_wells(tmp_path, plate_copy, folder_digest):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -70,6 +72,8 @@ def test_worker_count_defaults_and_caps(monkeypatch):
     monkeypatch.delenv(MAX_WORKERS_ENV, raising=False)
     assert worker_count(None, MIN_JOBS_FOR_POOL - 1) == 1  # a small plate: no pool
     assert worker_count(None, 100) == process_cores()
+    assert worker_count(None, 3, worth_a_pool=True) == min(3, process_cores())  # the caller's estimate wins
+    assert worker_count(None, 100, worth_a_pool=False) == 1 and worker_count(2, 100, worth_a_pool=False) == 2
     assert worker_count(4, 3) == 3 and worker_count(1, 100) == 1
     monkeypatch.setenv(MAX_WORKERS_ENV, "1")
     assert worker_count(4, 100) == 1
@@ -79,3 +83,44 @@ def test_worker_count_defaults_and_caps(monkeypatch):
     monkeypatch.setenv(MAX_WORKERS_ENV, "many")
     with pytest.raises(ValueError, match=MAX_WORKERS_ENV):
         worker_count(2, 10)
+
+
+SCRIPT = """
+import os, sys
+with open(os.environ["RUNS_LOG"], "a") as log:  # top level, no __main__ guard: a worker must not run it
+    log.write("run\\n")
+from phenocoder_lib.parallel import PrefetchPool
+import test_parallel
+jobs = {i: {"x": i} for i in range(6)}
+with PrefetchPool(test_parallel.square_pid, jobs, workers=2) as pool:
+    results = [pool.take(i) for i in jobs]
+assert pool.broken is None, pool.broken
+assert all(done for done, _ in results) and [r[0] for _, r in results] == [0, 1, 4, 9, 16, 25]
+assert os.getpid() not in {r[1] for _, r in results}
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("how", ["script", "stdin"])
+def test_workers_never_run_the_callers_unguarded_script(tmp_path, how):
+    """A user's script without ``if __name__ == "__main__"`` (or code piped to ``python -``) runs once."""
+    log = tmp_path / "runs.log"
+    env = {**os.environ, "RUNS_LOG": str(log),
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    if how == "script":
+        (tmp_path / "user_script.py").write_text(SCRIPT)
+        proc = subprocess.run([sys.executable, "user_script.py"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+    else:
+        proc = subprocess.run([sys.executable, "-"], input=SCRIPT, cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    assert log.read_text().splitlines() == ["run"]
+    assert "Traceback" not in proc.stderr and "broken" not in proc.stderr
+
+
+def test_a_function_of_main_is_refused():
+    fn = type(square_pid)(square_pid.__code__, {"os": os}, "job")
+    fn.__module__ = "__main__"
+    with pytest.raises(ValueError, match="importable module"):
+        PrefetchPool(fn, {0: {"x": 1}}, workers=1)
