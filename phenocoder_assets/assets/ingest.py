@@ -37,8 +37,13 @@ def sdata(context: AssetExecutionContext, config: IngestConfig, storage: Phenoco
     """
     keys = list(context.partition_keys)
     with contextlib.ExitStack() as stack:
-        pool = _start_workers(context, config, storage, keys, stack) if len(keys) > 1 and config.workers != 1 \
-            else None
+        pool = None
+        if len(keys) > 1 and config.workers != 1:
+            try:
+                pool = _start_workers(context, config, storage, keys, stack)
+            except (OSError, NotImplementedError) as err:  # no processes here (a sandbox without semaphores, ...)
+                context.log.warning(f"no ingest worker processes ({type(err).__name__}: {err}); the wells are "
+                                    "ingested in the step, one by one")
         yield from for_each_well(context, lambda sample: _sdata_one(context, config, storage, sample, pool),
                                  upstream=())
 

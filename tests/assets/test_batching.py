@@ -199,6 +199,29 @@ def test_plate_run_ingests_in_worker_processes_as_in_the_step(tmp_path, copy_pla
     assert not (tmp_path / "broken" / "sdata" / "TINY_A02").exists()
 
 
+def test_plate_run_without_worker_processes_ingests_in_the_step(tmp_path, copy_plate, monkeypatch):
+    """Where processes cannot be started (a sandbox without semaphores), the step ingests the wells itself."""
+    import phenocoder_lib.parallel as parallel
+
+    def no_processes(*a, **k):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(parallel, "PrefetchPool", no_processes)
+    home = tmp_path / "home"
+    copy_plate(home / "incoming" / "TINY")
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("samples", WELLS)
+    tags = {PLATE_RUN_TAG: "TINY", DEFER_EVENTS_TAG: "true", "dagster/asset_partition_range_start": WELLS[0],
+            "dagster/asset_partition_range_end": WELLS[1]}
+    res = materialize(ASSETS, selection=["sdata"], instance=instance, resources=_resources(home), tags=tags,
+                      run_config={"ops": {"sdata": {"config": {"workers": 2}}}})
+    assert res.success
+    assert instance.get_materialized_partitions(AssetKey("sdata")) == set(WELLS)
+    logs = [e.message for e in instance.all_logs(res.run_id)]
+    assert any("no ingest worker processes (OSError" in m for m in logs)
+    assert not [p.name for p in (home / "sdata").iterdir() if p.name.startswith(".")]
+
+
 def test_plate_run_records_lineage_per_well(tmp_path, copy_plate):
     """Each well of a plate run carries its inputs' versions: FRESH after the run, and a changed upstream
     well makes exactly its own downstream partition STALE (an identical rerun leaves it FRESH)."""
