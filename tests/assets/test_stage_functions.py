@@ -141,3 +141,30 @@ def test_reference_pooled_labels_transfer_and_model_check(tmp_path):
     mixed = {"P_A01": files["P_A01"], "R_A01": other}
     with pytest.raises(ValueError, match=r"different models \['m/1', 'm/2'\]"):
         pipeline.build_cluster_reference(mixed, tmp_path / "ref3", n_pcs=2, knn="exact")
+
+
+def test_the_wells_thumbnail_is_drawn_from_the_written_store(tmp_path, tiny_plate_template):
+    """``ingest_and_preview`` (the ``sdata`` well, in the step or a worker) reads its thumbnail back from the store
+    it wrote: the same picture as from the source files, and a store to read it from."""
+    from phenocoder_assets.ingest_worker import ingest_and_preview
+    from phenocoder_assets.previews import well_thumbnail
+    from phenocoder_lib.ingest import PlateLayout, read_plate
+
+    read = dict(pixel_size_um=None, z_step_um=None, table_scale=None, image_key="DAPI", table_key="cells",
+                sample_key="sample")
+    done = ingest_and_preview(plate_dir=tiny_plate_template, sdata_file=tmp_path / "w" / "sdata.zarr", plate="TINY",
+                              well="A01", layout=PlateLayout(), source_digest="d1", preview=True, read=read)
+    assert done.summary["sample"] == "TINY_A01" and done.summary["source_digest"] == "d1"
+    assert (done.sdata_file / "zarr.json").is_file() and {"read", "write", "preview"} <= set(done.seconds)
+    source = read_plate(tiny_plate_template, wells=["A01"], plate="TINY", image_key="DAPI").images["DAPI_TINY_A01"]
+    assert done.png == well_thumbnail(source, "TINY_A01")
+    plain = ingest_and_preview(plate_dir=tiny_plate_template, sdata_file=tmp_path / "v" / "sdata.zarr", plate="TINY",
+                               well="A02", layout=PlateLayout(), source_digest=None, preview=False, read=read)
+    assert plain.png is None and "preview" not in plain.seconds
+    from types import SimpleNamespace
+
+    from phenocoder_assets.ingest_worker import _written_image
+
+    written = _written_image(done.sdata_file, SimpleNamespace(summary=done.summary, image=None))
+    assert written is not None and written.shape == source.shape  # read back from the store, not the source
+    np.testing.assert_array_equal(np.asarray(written), np.asarray(source))
