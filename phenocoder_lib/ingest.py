@@ -818,7 +818,7 @@ def ingest_plate(
     FileExistsError
         A store exists and ``overwrite`` is false.
     """
-    from .parallel import PrefetchPool
+    from . import parallel
 
     layout = layout or PlateLayout()
     files = scan_plate(root, layout=layout, plate=plate)
@@ -838,8 +838,13 @@ def ingest_plate(
                     sample_key=sample_key)
     jobs = {well: dict(settings, well=well, path=str(paths[well])) for well in selected}
     n_workers = ingest_worker_count(workers, len(jobs), image_pixels(files, selected))
-    rows = []
-    pool = PrefetchPool(_ingest_well_job, jobs, workers=n_workers, preload=INGEST_PRELOAD) if n_workers > 1 else None
+    rows, pool = [], None
+    if n_workers > 1:
+        try:
+            pool = parallel.PrefetchPool(_ingest_well_job, jobs, workers=n_workers, preload=INGEST_PRELOAD)
+        except (OSError, NotImplementedError) as err:  # no processes here (a sandbox without semaphores, ...)
+            logger.warning("ingest_plate: no worker processes (%s: %s); the wells are ingested in this process",
+                           type(err).__name__, err)
     try:
         for well, job in jobs.items():
             try:

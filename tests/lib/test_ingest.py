@@ -182,6 +182,18 @@ def test_ingest_uses_worker_processes_where_the_pixels_pay_for_them(synthetic_pl
     assert ingest_worker_count(2, 3, 0) == 2  # asked for
 
 
+def test_ingest_plate_without_worker_processes_ingests_here(tmp_path, synthetic_plate_2d, monkeypatch, caplog):
+    import phenocoder_lib.parallel as parallel
+
+    def no_processes(*a, **k):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(parallel, "PrefetchPool", no_processes)
+    result = ingest_plate(synthetic_plate_2d, tmp_path / "out", workers=2)
+    assert len(result) == len(scan_plate(synthetic_plate_2d).wells) and (result["n_objects"] > 0).all()
+    assert "no worker processes (OSError" in caplog.text
+
+
 def test_ingest_plate_errors_name_the_well_and_keep_finished_wells(tmp_path, plate_copy, folder_digest):
     root = plate_copy("synth3d")
     wells = scan_plate(root).wells
