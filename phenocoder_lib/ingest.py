@@ -842,7 +842,7 @@ def ingest_plate(
     if n_workers > 1:
         try:
             pool = parallel.PrefetchPool(_ingest_well_job, jobs, workers=n_workers, preload=INGEST_PRELOAD)
-        except (OSError, NotImplementedError) as err:  # no processes here (a sandbox without semaphores, ...)
+        except parallel.POOL_START_ERRORS as err:
             logger.warning("ingest_plate: no worker processes (%s: %s); the wells are ingested in this process",
                            type(err).__name__, err)
     try:

@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 #: Environment variable capping the worker processes of every pool (for a machine shared with other jobs).
 MAX_WORKERS_ENV = "PHENOCODER_MAX_WORKERS"
+#: What starting worker processes raises where the system cannot run them (no POSIX semaphores in some
+#: sandboxes, no process creation): the callers then run the jobs themselves.
+POOL_START_ERRORS = (OSError, NotImplementedError)
 #: Below this many jobs ``workers=None`` runs them in the calling process (unless the caller knows better, see
 #: :func:`worker_count`): starting a pool costs about 1.3 s of one core here (the forkserver's imports).
 MIN_JOBS_FOR_POOL = 8

@@ -35,13 +35,15 @@ def sdata(context: AssetExecutionContext, config: IngestConfig, storage: Phenoco
     by default where that pays, :func:`phenocoder_lib.ingest.ingest_worker_count`) ahead of the step, which
     records them one by one, in order, as it does when it ingests them itself.
     """
+    from phenocoder_lib.parallel import POOL_START_ERRORS
+
     keys = list(context.partition_keys)
     with contextlib.ExitStack() as stack:
         pool = None
         if len(keys) > 1 and config.workers != 1:
             try:
                 pool = _start_workers(context, config, storage, keys, stack)
-            except (OSError, NotImplementedError) as err:  # no processes here (a sandbox without semaphores, ...)
+            except POOL_START_ERRORS as err:
                 context.log.warning(f"no ingest worker processes ({type(err).__name__}: {err}); the wells are "
                                     "ingested in the step, one by one")
         yield from for_each_well(context, lambda sample: _sdata_one(context, config, storage, sample, pool),

@@ -12,6 +12,9 @@ from phenocoder_assets.sensors import RUN_RETRY_TAGS, incoming_plates_sensor, pl
 from phenocoder_assets.wells import CHECK_WELLS, DEFER_EVENTS_TAG, PLATE_RUN_TAG, WELL_ATTEMPTS_ENV
 
 WELLS = ["TINY_A01", "TINY_A02"]
+#: The tags of the sensor's plate run over WELLS.
+PLATE_TAGS = {PLATE_RUN_TAG: "TINY", DEFER_EVENTS_TAG: "true", "dagster/asset_partition_range_start": WELLS[0],
+              "dagster/asset_partition_range_end": WELLS[1]}
 
 
 def _resources(home):
@@ -80,10 +83,8 @@ def test_plate_run_records_each_well_and_names_the_failing_one(tmp_path, copy_pl
     monkeypatch.setattr(ingest, "read_plate", flaky_read)
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("samples", WELLS)
-    tags = {PLATE_RUN_TAG: "TINY", DEFER_EVENTS_TAG: "true", "dagster/asset_partition_range_start": WELLS[0],
-            "dagster/asset_partition_range_end": WELLS[1]}
     res = materialize(ASSETS, selection=["sdata", "patches"], instance=instance, resources=_resources(home),
-                      tags=tags)
+                      tags=PLATE_TAGS)
     assert res.success  # the plate run finishes: the broken well does not stop it
     assert calls == ["A01", "A01", "A02", "A02"]  # A01 retried once and passed; A02 tried twice
     for asset in ("sdata", "patches"):
@@ -131,10 +132,8 @@ def test_later_stage_learns_of_failed_wells_from_the_run_events(tmp_path, copy_p
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("samples", WELLS)
     # an older sdata of A02 on disk must not be used by patches when A02's new sdata failed
-    tags = {PLATE_RUN_TAG: "TINY", DEFER_EVENTS_TAG: "true", "dagster/asset_partition_range_start": WELLS[0],
-            "dagster/asset_partition_range_end": WELLS[1]}
     res = materialize(ASSETS, selection=["sdata", "patches"], instance=instance, resources=_resources(home),
-                      tags=tags)
+                      tags=PLATE_TAGS)
     assert res.success
     assert instance.get_materialized_partitions(AssetKey("patches")) == {"TINY_A01"}
     failed = _check(instance, "patches").metadata["failed_wells"].value
@@ -169,8 +168,6 @@ def test_archived_plate_leaves_the_live_partitions_and_is_not_registered_again(t
 def test_plate_run_ingests_in_worker_processes_as_in_the_step(tmp_path, copy_plate, folder_digest, monkeypatch):
     """``workers``: the wells are ingested in worker processes, and recorded as when the step ingests them."""
     monkeypatch.setenv("PHENOCODER_WELL_RETRY_DELAY", "0")
-    tags = {PLATE_RUN_TAG: "TINY", DEFER_EVENTS_TAG: "true", "dagster/asset_partition_range_start": WELLS[0],
-            "dagster/asset_partition_range_end": WELLS[1]}
     plates = {"good": copy_plate(tmp_path / "good" / "TINY"), "broken": copy_plate(tmp_path / "broken" / "TINY")}
     sorted((plates["broken"] / "imgs").glob("*_A02_*"))[0].write_bytes(b"not an image")
     instances = {}
@@ -179,7 +176,7 @@ def test_plate_run_ingests_in_worker_processes_as_in_the_step(tmp_path, copy_pla
         instances[name] = instance = DagsterInstance.ephemeral()
         instance.add_dynamic_partitions("samples", WELLS)
         config = {"workers": workers, "plate_dir": str(plates[plate])}
-        assert materialize(ASSETS, selection=["sdata"], instance=instance, resources=_resources(home), tags=tags,
+        assert materialize(ASSETS, selection=["sdata"], instance=instance, resources=_resources(home), tags=PLATE_TAGS,
                            run_config={"ops": {"sdata": {"config": config}}}).success
         assert not [p.name for p in (home / "sdata").iterdir() if p.name.startswith(".")]  # no scratch left
     step, workers = tmp_path / "step" / "sdata", tmp_path / "workers" / "sdata"
@@ -211,9 +208,7 @@ def test_plate_run_without_worker_processes_ingests_in_the_step(tmp_path, copy_p
     copy_plate(home / "incoming" / "TINY")
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("samples", WELLS)
-    tags = {PLATE_RUN_TAG: "TINY", DEFER_EVENTS_TAG: "true", "dagster/asset_partition_range_start": WELLS[0],
-            "dagster/asset_partition_range_end": WELLS[1]}
-    res = materialize(ASSETS, selection=["sdata"], instance=instance, resources=_resources(home), tags=tags,
+    res = materialize(ASSETS, selection=["sdata"], instance=instance, resources=_resources(home), tags=PLATE_TAGS,
                       run_config={"ops": {"sdata": {"config": {"workers": 2}}}})
     assert res.success
     assert instance.get_materialized_partitions(AssetKey("sdata")) == set(WELLS)
@@ -232,10 +227,8 @@ def test_plate_run_records_lineage_per_well(tmp_path, copy_plate):
     copy_plate(home / "incoming" / "TINY")
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("samples", WELLS)
-    tags = {PLATE_RUN_TAG: "TINY", DEFER_EVENTS_TAG: "true", "dagster/asset_partition_range_start": WELLS[0],
-            "dagster/asset_partition_range_end": WELLS[1]}
     assert materialize(ASSETS, selection=["sdata", "patches"], instance=instance, resources=_resources(home),
-                       tags=tags).success
+                       tags=PLATE_TAGS).success
     (record,) = instance.fetch_materializations(AssetKey("patches"), limit=1).records
     tags_written = record.asset_materialization.tags
     assert tags_written["dagster/input_data_version/sdata"] != "INITIAL"
