@@ -147,6 +147,9 @@ class PlateFiles:
         ``(well, z) -> file``.
     tables
         ``(well, z) -> file``.
+    reference_image
+        The plate's first image file: the shape and dtype every image of the plate must have (default: the
+        first of ``images``).
     """
 
     root: Path
@@ -157,11 +160,51 @@ class PlateFiles:
     images: dict[tuple[str, int, str], Path]  #: (well, z, channel) -> file
     labels: dict[tuple[str, int], Path]  #: (well, z) -> file
     tables: dict[tuple[str, int], Path]  #: (well, z) -> file
+    reference_image: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.reference_image is None and self.images:
+            self.reference_image = next(iter(self.images.values()))
 
     @property
     def is_3d(self) -> bool:
         """Whether the plate has more than one z level."""
         return len(self.z_levels) > 1
+
+    def per_well(self, wells: Sequence[str] | None = None) -> dict[str, PlateFiles]:
+        """The files of each well on their own, with the plate's channels, z levels and reference image.
+
+        What a worker needs to read a well without scanning the plate again (a scan lists every file of the
+        plate: a second or so for a full 384-well confocal export), and small enough to send to it. One pass
+        over the plate's files for all the wells.
+
+        Parameters
+        ----------
+        wells
+            Wells of the plate (default: all).
+
+        Returns
+        -------
+        dict
+            ``well -> PlateFiles`` of that well alone, in the order of ``wells``.
+
+        Raises
+        ------
+        KeyError
+            A well is not in the plate.
+        """
+        selected = list(self.wells if wells is None else wells)
+        unknown = sorted(set(selected) - set(self.wells))
+        if unknown:
+            raise KeyError(f"wells={unknown} are not in plate {self.plate!r}; available wells: {self.wells}.")
+        groups: dict[str, tuple[dict, dict, dict]] = {w: ({}, {}, {}) for w in selected}
+        for i, mapping in enumerate((self.images, self.labels, self.tables)):
+            for key, path in mapping.items():
+                group = groups.get(key[0])
+                if group is not None:
+                    group[i][key] = path
+        return {w: PlateFiles(self.root, self.plate, [w], self.channels, self.z_levels, *g, self.reference_image)
+                for w, g in groups.items()}
 
 
 def sample_id(plate: str, well: str) -> str:
@@ -262,13 +305,15 @@ def scan_plate(root: str | Path, *, layout: PlateLayout | None = None, plate: st
         regex = re.compile(pattern)
         found: dict[tuple, Path] = {}
         unmatched = []
-        for path in sorted(folder.iterdir()):
-            if path.name.startswith("."):
+        entries = {path.name: path for path in folder.iterdir()}  # a full plate is 10^5 files: sort names
+        for name in sorted(entries):
+            if name.startswith("."):
                 continue
-            match = regex.search(path.name)
+            match = regex.search(name)
             if match is None:
-                unmatched.append(path.name)
+                unmatched.append(name)
                 continue
+            path = entries[name]
             groups = match.groupdict()
             key = (groups["well"], int(groups.get("z") or 0))
             if what == "image":
@@ -302,7 +347,8 @@ def scan_plate(root: str | Path, *, layout: PlateLayout | None = None, plate: st
             f"plate {plate!r} is incomplete: {len(missing)} image or label files are missing, e.g. {missing[:5]}. "
             "Wait until the export has finished, or remove the incomplete well."
         )
-    no_table = [w for w in wells if not any(k[0] == w for k in tables)]
+    with_table = {k[0] for k in tables}
+    no_table = [w for w in wells if w not in with_table]
     if no_table:
         raise FileNotFoundError(f"plate {plate!r}: wells {no_table} have images but no table in {str(sub['table'])!r}.")
     bad_z = sorted({k[1] for k in tables} - set(z_levels))
@@ -529,6 +575,7 @@ def read_plate(
     table_key: str = DEFAULT_TABLE_KEY,
     sample_key: str = DEFAULT_SAMPLE_KEY,
     check_labels: bool = True,
+    files: PlateFiles | None = None,
 ) -> Any:
     """Read a plate export into a lazily loaded SpatialData object.
 
@@ -549,6 +596,9 @@ def read_plate(
     check_labels
         Check that every label id of each slice table occurs in that slice's mask (reads the masks once;
         a mismatch raises a ``ValueError`` naming the table and mask files).
+    files
+        The plate's files as :func:`scan_plate` found them (or a well's, :meth:`PlateFiles.per_well`), to read
+        without scanning the folder again: one scan for a whole plate read well by well. Default: scan ``root``.
 
     Returns
     -------
@@ -562,23 +612,29 @@ def read_plate(
     Raises
     ------
     KeyError
-        A well of ``wells`` is not in the plate, or a table lacks a needed column.
+        A well of ``wells`` is not in the plate (or not in ``files``), or a table lacks a needed column.
     FileNotFoundError, ValueError, OSError
-        See :func:`scan_plate` and :func:`read_well_table`; also image files of different shapes.
+        See :func:`scan_plate` and :func:`read_well_table`; also image files of different shapes, and
+        ``files`` of another folder or plate id.
     """
     import spatialdata as sd
     from spatialdata.models import Image2DModel, Image3DModel, Labels2DModel, Labels3DModel, TableModel
     from spatialdata.transformations import Scale
 
     layout = layout or PlateLayout()
-    files = scan_plate(root, layout=layout, plate=plate)
+    if files is None:
+        files = scan_plate(root, layout=layout, plate=plate)
+    elif Path(files.root).resolve() != Path(root).resolve() or plate not in (None, files.plate):
+        asked = f"root={str(root)!r}" + ("" if plate is None else f", plate={plate!r}")
+        raise ValueError(f"files= is the scan of plate {files.plate!r} in {str(files.root)!r}, not of {asked}: pass "
+                         "scan_plate(root, plate=...) or leave files out.")
     geometry = read_plate_geometry(root, pixel_size_um=pixel_size_um, z_step_um=z_step_um, table_scale=table_scale)
     selected = list(files.wells if wells is None else wells)
     unknown = [w for w in selected if w not in files.wells]
     if unknown:
         raise KeyError(f"wells={unknown} are not in plate {files.plate!r}; available wells: {files.wells}.")
 
-    shape, dtype = _image_shape_dtype(next(iter(files.images.values())))  # the header, not the pixels
+    shape, dtype = _image_shape_dtype(files.reference_image)  # the header, not the pixels
     is_3d = files.is_3d
     axes = ("z", "y", "x") if is_3d else ("y", "x")
     scale = [geometry.z_step_um, geometry.pixel_size_um, geometry.pixel_size_um][-len(axes):]
@@ -836,7 +892,8 @@ def ingest_plate(
     settings = dict(root=str(root), plate=files.plate, layout=layout, pixel_size_um=pixel_size_um,
                     z_step_um=z_step_um, table_scale=table_scale, image_key=image_key, table_key=table_key,
                     sample_key=sample_key)
-    jobs = {well: dict(settings, well=well, path=str(paths[well])) for well in selected}
+    own = files.per_well(selected)  # each job reads its well without scanning the plate again
+    jobs = {well: dict(settings, well=well, path=str(paths[well]), files=own[well]) for well in selected}
     n_workers = ingest_worker_count(workers, len(jobs), image_pixels(files, selected))
     rows, pool = [], None
     if n_workers > 1:

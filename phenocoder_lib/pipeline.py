@@ -268,6 +268,7 @@ def ingest_well(
     z_step_um: float | None = None,
     table_scale: float | None = None,
     source_digest: str | None = None,
+    files: Any = None,
 ) -> IngestedWell:
     """Read one well of a plate export and write it as a SpatialData zarr store.
 
@@ -287,6 +288,9 @@ def ingest_well(
         Geometry overrides of :func:`phenocoder_lib.ingest.read_plate` (``None``: from ``plate.json``).
     source_digest
         Digest of the well's files, recorded in the summary (what the well was when it was read).
+    files
+        The plate's (or the well's) :class:`phenocoder_lib.ingest.PlateFiles`, scanned once for a plate run;
+        default: scan ``plate_dir``.
 
     Returns
     -------
@@ -299,7 +303,7 @@ def ingest_well(
     with _timed(seconds, "read"):
         sd = read_plate(plate_dir, wells=[well], plate=plate, layout=layout, pixel_size_um=pixel_size_um,
                         z_step_um=z_step_um, table_scale=table_scale, image_key=image_key, table_key=table_key,
-                        sample_key=sample_key)
+                        sample_key=sample_key, files=files)
     sample = sample_id(plate, well)
     table = sd.tables[table_key]
     image = sd.images[f"{image_key}_{sample}"]

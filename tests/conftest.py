@@ -92,6 +92,22 @@ def plate_copy(plate_template, tmp_path):
     return _copy
 
 
+@pytest.fixture
+def plate_scans(monkeypatch) -> list[tuple]:
+    """The calls of ``phenocoder_lib.ingest.scan_plate`` made during the test (their positional arguments)."""
+    import phenocoder_lib.ingest as ingest
+
+    calls: list[tuple] = []
+    real_scan = ingest.scan_plate
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real_scan(*args, **kwargs)
+
+    monkeypatch.setattr(ingest, "scan_plate", counted)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def synthetic_plate_3d(plate_template) -> Path:
     """A 3-well 3-D uint8 synthetic plate export (about 100 nuclei per well), read-only."""

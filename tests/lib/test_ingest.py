@@ -217,6 +217,68 @@ def test_ingest_plate_errors_name_the_well_and_keep_finished_wells(tmp_path, pla
         ingest_plate(root, out, wells=["Z99"])
 
 
+@pytest.mark.parametrize("plate", ["synthetic_plate_2d", "synthetic_plate_3d"])
+def test_a_wells_own_files_read_as_a_scan_does_without_scanning(plate, request, monkeypatch):
+    import phenocoder_lib.ingest as ingest
+
+    root = request.getfixturevalue(plate)
+    files = scan_plate(root)
+    own = files.per_well()
+    assert list(own) == files.wells
+    for well, mine in own.items():
+        assert mine.wells == [well] and mine.plate == files.plate and mine.root == files.root
+        assert (mine.channels, mine.z_levels, mine.is_3d) == (files.channels, files.z_levels, files.is_3d)
+        assert mine.reference_image == files.reference_image == next(iter(files.images.values()))
+        for name in ("images", "labels", "tables"):
+            assert getattr(mine, name) == {k: p for k, p in getattr(files, name).items() if k[0] == well}
+    assert sum(len(m.images) for m in own.values()) == len(files.images)
+    well = files.wells[-1]
+    scanned = read_plate(root, wells=[well], table_key="cells")
+
+    def no_scan(*a, **k):
+        raise AssertionError("the plate was scanned again")
+
+    monkeypatch.setattr(ingest, "scan_plate", no_scan)
+    given = read_plate(root, wells=[well], table_key="cells", files=own[well])
+    (name,) = given.images
+    assert list(scanned.images) == [name] and list(scanned.labels) == list(given.labels)
+    np.testing.assert_array_equal(given.images[name].values, scanned.images[name].values)
+    (label,) = given.labels
+    np.testing.assert_array_equal(given.labels[label].values, scanned.labels[label].values)
+    pd.testing.assert_frame_equal(given.tables["cells"].obs, scanned.tables["cells"].obs, check_exact=True)
+    np.testing.assert_array_equal(given.tables["cells"].X, scanned.tables["cells"].X)
+    assert given.tables["cells"].uns["phenocoder_ingest"] == scanned.tables["cells"].uns["phenocoder_ingest"]
+
+
+def test_a_wells_own_files_refuse_other_wells_and_plates(tmp_path, synthetic_plate_2d, synthetic_plate_3d):
+    files = scan_plate(synthetic_plate_2d)
+    with pytest.raises(KeyError, match="Z99"):
+        files.per_well(["Z99"])
+    own = files.per_well(files.wells[:1])
+    assert list(own) == files.wells[:1]
+    with pytest.raises(KeyError, match=files.wells[1]):
+        read_plate(synthetic_plate_2d, wells=[files.wells[1]], files=own[files.wells[0]])
+    with pytest.raises(ValueError, match="files= is the scan of plate"):
+        read_plate(synthetic_plate_3d, files=files)
+    with pytest.raises(ValueError, match="plate='OTHER'"):
+        read_plate(synthetic_plate_2d, files=files, plate="OTHER")
+
+
+def test_ingest_plate_scans_the_plate_once_and_checks_every_well_against_its_first_image(
+        tmp_path, plate_copy, plate_scans):
+    import imageio.v3 as iio
+
+    root = plate_copy("synth3d")
+    result = ingest_plate(root, tmp_path / "out", workers=1)
+    assert len(result) == 3 and len(plate_scans) == 1  # one scan, not one per well
+    wells = list(result["well"])
+    # a well whose images are not the shape of the plate's first image is refused, as when it scanned
+    victim = sorted((root / "imgs").glob(f"*_{wells[2]}_*"))[0]
+    iio.imwrite(victim, np.zeros((40, 40), np.uint8))
+    with pytest.raises(ValueError, match=r"has shape \(40, 40\), but the plate's images are \(160, 160\)"):
+        ingest_plate(root, tmp_path / "out2", wells=[wells[2]], workers=1)
+
+
 def test_slices_read_in_parallel_equal_one_at_a_time(synthetic_plate_3d, monkeypatch):
     import phenocoder_lib.ingest as ingest
 
