@@ -41,7 +41,8 @@ class IngestedFiles:
 
 
 def ingest_and_preview(*, plate_dir: str | Path, sdata_file: str | Path, plate: str, well: str, layout: Any,
-                       source_digest: str | None, preview: bool, read: dict[str, Any]) -> IngestedFiles:
+                       source_digest: str | None, preview: bool, read: dict[str, Any],
+                       files: Any = None) -> IngestedFiles:
     """Ingest one well into ``sdata_file`` (:func:`phenocoder_lib.pipeline.ingest_well`), render its thumbnail.
 
     Parameters
@@ -54,6 +55,8 @@ def ingest_and_preview(*, plate_dir: str | Path, sdata_file: str | Path, plate: 
         Render the max-projection thumbnail (:func:`phenocoder_assets.previews.well_thumbnail`).
     read
         The other keyword arguments of :func:`~phenocoder_lib.pipeline.ingest_well` (keys, geometry).
+    files
+        The well's :class:`phenocoder_lib.ingest.PlateFiles` from the run's scan of the plate (``None``: scan).
 
     Returns
     -------
@@ -65,7 +68,7 @@ def ingest_and_preview(*, plate_dir: str | Path, sdata_file: str | Path, plate: 
     from .previews import well_thumbnail
 
     ingested = ingest_well(plate_dir, sdata_file, plate=plate, well=well, layout=layout,
-                           source_digest=source_digest, **read)
+                           source_digest=source_digest, files=files, **read)
     seconds, png = dict(ingested.seconds), None
     if preview:
         t0 = time.perf_counter()

@@ -159,13 +159,20 @@ def write_version(out: Path, version: str, inputs: Mapping[str, Any] | None = No
     return DataVersion(version)
 
 
-def source_digest(plate_dir: Path, plate: str, well: str, layout: Any) -> str | None:
-    """Digest of one well's files as the sensor computes it (the sensor skips wells already ingested)."""
+def source_digest(plate_dir: Path, plate: str, well: str, layout: Any, files: Any = None) -> str | None:
+    """Digest of one well's files as the sensor computes it (the sensor skips wells already ingested).
+
+    ``files``: the plate's :class:`phenocoder_lib.ingest.PlateFiles` (or the well's) where already scanned;
+    only the well's own files are looked at.
+    """
     from phenocoder_lib.ingest import scan_plate
 
     from ..sensors import well_digests
 
-    return well_digests(plate_dir, scan_plate(plate_dir, layout=layout, plate=plate), []).get(well)
+    files = files if files is not None else scan_plate(plate_dir, layout=layout, plate=plate)
+    if well not in files.wells:
+        return None
+    return well_digests(plate_dir, files.per_well([well])[well], [])[well]
 
 
 def sdata_summaries(storage: Any, samples: Iterable[str]) -> dict[str, dict[str, Any]]:

@@ -8,7 +8,7 @@ from dagster import AssetCheckKey, AssetKey, DagsterInstance, build_sensor_conte
 
 from phenocoder_assets.definitions import ASSETS
 from phenocoder_assets.resources import MLflowTracking, PhenocoderStorage
-from phenocoder_assets.sensors import RUN_RETRY_TAGS, incoming_plates_sensor, plate_run_requests
+from phenocoder_assets.sensors import RUN_RETRY_TAGS, incoming_plates_sensor, plate_run_requests, well_digests
 from phenocoder_assets.wells import CHECK_WELLS, DEFER_EVENTS_TAG, PLATE_RUN_TAG, WELL_ATTEMPTS_ENV
 
 WELLS = ["TINY_A01", "TINY_A02"]
@@ -196,25 +196,34 @@ def test_plate_run_ingests_in_worker_processes_as_in_the_step(tmp_path, copy_pla
     assert not (tmp_path / "broken" / "sdata" / "TINY_A02").exists()
 
 
-def test_plate_run_without_worker_processes_ingests_in_the_step(tmp_path, copy_plate, monkeypatch):
-    """Where processes cannot be started (a sandbox without semaphores), the step ingests the wells itself."""
+def test_plate_run_without_worker_processes_ingests_in_the_step(tmp_path, copy_plate, monkeypatch, plate_scans):
+    """Where processes cannot be started (a sandbox without semaphores), the step ingests the wells itself,
+    with one scan of the plate for the whole run (each well's digest still the sensor's)."""
+    import json
+
     import phenocoder_lib.parallel as parallel
+    from phenocoder_lib.ingest import scan_plate
 
     def no_processes(*a, **k):
         raise OSError(38, "Function not implemented")
 
     monkeypatch.setattr(parallel, "PrefetchPool", no_processes)
     home = tmp_path / "home"
-    copy_plate(home / "incoming" / "TINY")
+    plate_dir = copy_plate(home / "incoming" / "TINY")
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("samples", WELLS)
     res = materialize(ASSETS, selection=["sdata"], instance=instance, resources=_resources(home), tags=PLATE_TAGS,
                       run_config={"ops": {"sdata": {"config": {"workers": 2}}}})
     assert res.success
+    assert len(plate_scans) == 1  # not one (or two) per well
     assert instance.get_materialized_partitions(AssetKey("sdata")) == set(WELLS)
     logs = [e.message for e in instance.all_logs(res.run_id)]
     assert any("no ingest worker processes (OSError" in m for m in logs)
     assert not [p.name for p in (home / "sdata").iterdir() if p.name.startswith(".")]
+    sensor_digests = well_digests(plate_dir, scan_plate(plate_dir, plate="TINY"), [])
+    for sample in WELLS:
+        summary = json.loads((home / "sdata" / sample / "summary.json").read_text())
+        assert summary["source_digest"] == sensor_digests[sample.split("_")[1]]
 
 
 def test_plate_run_records_lineage_per_well(tmp_path, copy_plate):
@@ -248,3 +257,24 @@ def test_plate_run_records_lineage_per_well(tmp_path, copy_plate):
                        partition_key=WELLS[0],
                        run_config={"ops": {"sdata": {"config": {"pixel_size_um": 0.5}}}}).success
     assert status("patches") == ["STALE", "FRESH"]
+
+
+def test_a_run_plans_its_wells_with_one_scan_per_plate_in_the_runs_order(tmp_path, copy_plate):
+    """``_plan``: the wells of a run across plates, in the run's order (the order the step takes them from
+    the workers), each with its own files; an unreadable plate's wells are left to fail on their own."""
+    from dagster import build_asset_context
+
+    from phenocoder_assets.assets.ingest import _plan
+    from phenocoder_assets.configs import IngestConfig
+
+    home = tmp_path / "home"
+    for plate in ("P", "Q"):
+        copy_plate(home / "incoming" / plate)
+    (home / "incoming" / "BROKEN").mkdir()  # no imgs/ labels/ tables/
+    keys = ["P_A01", "Q_A01", "BROKEN_A01", "P_A02", "Q_A03", "BROKEN_A02"]
+    planned = _plan(build_asset_context(), IngestConfig(), PhenocoderStorage(root=str(home)), keys)
+    assert list(planned) == ["P_A01", "Q_A01", "P_A02"]  # Q_A03 is not a well of Q; BROKEN cannot be scanned
+    for sample, plan in planned.items():
+        plate, well = sample.split("_")
+        assert plan.plate_dir == home / "incoming" / plate and plan.files.wells == [well]
+        assert plan.files.plate == plate and {k[0] for k in plan.files.images} == {well}
