@@ -145,3 +145,20 @@ def test_spatial_power_true_types_retrieve_every_spatial_treatment_at_270_nuclei
     low = np.mean([v for k, v in doses.items() if k.endswith("0.5")])
     high = np.mean([v for k, v in doses.items() if k.endswith("1.0")])
     assert high > 0.95 and low < high
+
+
+def test_plate_scan_builds_a_plate_of_linked_wells_and_compares_rescans_with_one_scan(tmp_path, capsys):
+    """``plate_scan.py``: ``--wells`` hard-linked copies of one well, each file once in the scan; the per-well
+    work with and without a rescan of the plate, in CPU seconds."""
+    spec = importlib.util.spec_from_file_location("phenocoder_plate_scan", REPO / "benchmarks" / "plate_scan.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--wells", "30", "--slices", "2", "--sample", "2", "--workdir", str(tmp_path)])
+    assert json.loads(capsys.readouterr().out) == result
+    assert (result["wells"], result["slices"], result["channels"]) == (30, 2, 4)
+    assert result["files"] == 30 * 2 * (4 + 1 + 1) and result["sampled_wells"] == 2
+    assert result["before_cpu_s_per_well"] > 0 and result["after_cpu_s_per_well"] > 0
+    plate = tmp_path / "SCAN_W30_Z2"
+    assert len(list((plate / "tables").iterdir())) == 60
+    a01 = sorted((plate / "imgs").glob("*_A01_*"))[0]
+    assert a01.stat().st_nlink == 31  # the seed well's file and its 30 copies
