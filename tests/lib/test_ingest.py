@@ -279,6 +279,53 @@ def test_ingest_plate_scans_the_plate_once_and_checks_every_well_against_its_fir
         ingest_plate(root, tmp_path / "out2", wells=[wells[2]], workers=1)
 
 
+@pytest.mark.parametrize("kind", ["gray8", "gray16", "gray8_transparency", "rgb8", "gray_interlaced"])
+def test_png_planes_decode_to_imageios_pixels(tmp_path, kind):
+    """Grayscale 8/16-bit PNGs are decoded by libpng (the fast path), anything else by imageio: same pixels."""
+    import imageio.v3 as iio
+    from PIL import Image
+
+    from phenocoder_lib.ingest import _imread, _read_gray_png
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 255, (37, 53)).astype(np.uint8)
+    path = tmp_path / f"{kind}.png"
+    if kind == "gray8":
+        iio.imwrite(path, gray)
+    elif kind == "gray16":
+        iio.imwrite(path, (gray.astype(np.uint16) * 257 + 3))
+    elif kind == "gray8_transparency":  # a tRNS chunk: libpng would add an alpha plane
+        Image.fromarray(gray).save(path, transparency=7)
+    elif kind == "rgb8":
+        iio.imwrite(path, np.stack([gray, gray // 2, gray // 3], axis=-1))
+    else:  # Adam7-interlaced: the header's interlace byte set (the IHDR CRC is not checked by the reader)
+        iio.imwrite(path, gray)
+        data = bytearray(path.read_bytes())
+        data[28] = 1
+        path.write_bytes(bytes(data))
+    fast = _read_gray_png(path)
+    assert (fast is not None) == (kind in ("gray8", "gray16"))
+    if kind == "gray_interlaced":
+        return  # the pixels of a forged header are not defined; what matters is that libpng is not asked
+    expected = iio.imread(path)
+    expected = expected[..., 0] if expected.ndim == 3 else expected
+    got = _imread(path)
+    assert got.dtype == expected.dtype and got.shape == (37, 53)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_real_plate_png_planes_decode_to_imageios_pixels(plate_3d_path):
+    import imageio.v3 as iio
+
+    from phenocoder_lib.ingest import _imread, _read_gray_png
+
+    paths = sorted((plate_3d_path / "imgs").glob("*.png"))[::40]
+    assert len(paths) >= 10
+    for path in paths:
+        assert _read_gray_png(path) is not None
+        np.testing.assert_array_equal(_imread(path), iio.imread(path))
+
+
 def test_slices_read_in_parallel_equal_one_at_a_time(synthetic_plate_3d, monkeypatch):
     import phenocoder_lib.ingest as ingest
 
