@@ -130,7 +130,7 @@ def measure_plate(
     and the features.
 
     """
-    from .ingest import _imread, sample_id, scan_plate
+    from .ingest import read_plane, sample_id, scan_plate
 
     files = scan_plate(root, plate=plate)
     if files.is_3d:
@@ -143,8 +143,8 @@ def measure_plate(
     z = files.z_levels[0]
     frames = []
     for well in selected:
-        image = np.stack([_imread(files.images[(well, z, c)]) for c in files.channels])
-        labels = _imread(files.labels[(well, z)])
+        image = np.stack([read_plane(files.images[(well, z, c)]) for c in files.channels])
+        labels = read_plane(files.labels[(well, z)])
         df = measure_objects(image, labels, groups=groups, channel_names=[str(c) for c in files.channels])
         df.insert(0, "sample", sample_id(files.plate, well))
         df.insert(1, "plate", files.plate)

@@ -391,8 +391,32 @@ def _read_gray_png(path: Path) -> np.ndarray | None:
     return arr if arr.shape == (height, width) else None
 
 
-def _imread(path: Path) -> np.ndarray:
+def read_plane(path: str | Path) -> np.ndarray:
+    """One image or mask plane of a plate export as a 2-D array, in the file's dtype.
+
+    Grayscale 8- and 16-bit PNGs are decoded by libpng, any other file by imageio (the same pixels); an RGB(A)
+    export of a grayscale channel gives its first channel, float64 becomes float32.
+
+    Parameters
+    ----------
+    path
+        A PNG or TIFF file (any format imageio reads).
+
+    Returns
+    -------
+    numpy.ndarray
+        The plane (height x width).
+
+    Raises
+    ------
+    OSError
+        The file cannot be read or decoded (the message names it).
+    ValueError
+        The file is not a single 2-D plane.
+    """
     import imageio.v3 as iio
+
+    path = Path(path)
 
     try:
         arr = _read_gray_png(path)
@@ -410,10 +434,10 @@ def _imread(path: Path) -> np.ndarray:
 
 
 def _image_shape_dtype(path: Path) -> tuple[tuple[int, ...], np.dtype]:
-    """The shape and dtype :func:`_imread` returns for ``path``, from the file's header where that is certain.
+    """The shape and dtype :func:`read_plane` returns for ``path``, from the file's header where that is certain.
 
     8- and 16-bit grayscale PNG (Pillow) and single-page 2-D TIFF (tifffile) are read from their headers;
-    anything else is decoded (:func:`_imread`), so its errors are the same.
+    anything else is decoded (:func:`read_plane`), so its errors are the same.
     """
     try:
         if path.suffix.lower() == ".png":
@@ -433,7 +457,7 @@ def _image_shape_dtype(path: Path) -> tuple[tuple[int, ...], np.dtype]:
                         return tuple(tif.series[0].shape), dtype
     except Exception:  # noqa: BLE001 - an unreadable header: decoding says why, with the file's name
         pass
-    arr = _imread(path)
+    arr = read_plane(path)
     return arr.shape, arr.dtype
 
 
@@ -446,7 +470,7 @@ def _lazy_stack(paths: Sequence[Path], shape: tuple[int, int], dtype: np.dtype) 
 
 
 def _checked_read(path: Path, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
-    arr = _imread(path)
+    arr = read_plane(path)
     if arr.shape != shape:
         raise ValueError(f"image file {str(path)!r} has shape {arr.shape}, but the plate's images are {shape}.")
     return arr.astype(dtype, copy=False)
@@ -559,7 +583,7 @@ def read_well_table(
 
 def _check_labels_in_mask(ids: pd.Series, table_path: Path, mask_path: Path) -> None:
     """Every label id of a slice table must be a (non-zero) id of the slice's mask."""
-    mask = _imread(mask_path).ravel()
+    mask = read_plane(mask_path).ravel()
     top = int(mask.max()) if mask.size else 0
     if mask.dtype.kind in "iu" and 0 <= int(mask.min() if mask.size else 0) and top < 2**24:
         present = np.flatnonzero(np.bincount(mask, minlength=1))  # linear time; ids are small integers

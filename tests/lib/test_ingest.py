@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -279,13 +280,29 @@ def test_ingest_plate_scans_the_plate_once_and_checks_every_well_against_its_fir
         ingest_plate(root, tmp_path / "out2", wells=[wells[2]], workers=1)
 
 
+@pytest.fixture
+def libpng_decodes(monkeypatch) -> list[int]:
+    """The planes decoded by libpng (``imagecodecs.png_decode``) during the test: their sizes in bytes."""
+    import imagecodecs
+
+    calls: list[int] = []
+    real = imagecodecs.png_decode
+
+    def counted(data, *args, **kwargs):
+        calls.append(len(data))
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(imagecodecs, "png_decode", counted)
+    return calls
+
+
 @pytest.mark.parametrize("kind", ["gray8", "gray16", "gray8_transparency", "rgb8", "gray_interlaced"])
-def test_png_planes_decode_to_imageios_pixels(tmp_path, kind):
+def test_png_planes_decode_to_imageios_pixels(tmp_path, kind, libpng_decodes):
     """Grayscale 8/16-bit PNGs are decoded by libpng (the fast path), anything else by imageio: same pixels."""
     import imageio.v3 as iio
     from PIL import Image
 
-    from phenocoder_lib.ingest import _imread, _read_gray_png
+    from phenocoder_lib.ingest import read_plane
 
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 255, (37, 53)).astype(np.uint8)
@@ -294,36 +311,35 @@ def test_png_planes_decode_to_imageios_pixels(tmp_path, kind):
         iio.imwrite(path, gray)
     elif kind == "gray16":
         iio.imwrite(path, (gray.astype(np.uint16) * 257 + 3))
-    elif kind == "gray8_transparency":  # a tRNS chunk: libpng would add an alpha plane
+    elif kind == "gray8_transparency":  # a tRNS chunk: libpng adds an alpha plane, so imageio decodes it
         Image.fromarray(gray).save(path, transparency=7)
     elif kind == "rgb8":
         iio.imwrite(path, np.stack([gray, gray // 2, gray // 3], axis=-1))
-    else:  # Adam7-interlaced: the header's interlace byte set (the IHDR CRC is not checked by the reader)
-        iio.imwrite(path, gray)
+    else:  # Adam7-interlaced: a 1x1 image's only pass holds its pixel, so its IDAT is that of the plain file
+        gray = gray[:1, :1]
+        Image.fromarray(gray).save(path)
         data = bytearray(path.read_bytes())
-        data[28] = 1
+        data[28] = 1  # the interlace byte of IHDR, then the chunk's CRC
+        data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
         path.write_bytes(bytes(data))
-    fast = _read_gray_png(path)
-    assert (fast is not None) == (kind in ("gray8", "gray16"))
-    if kind == "gray_interlaced":
-        return  # the pixels of a forged header are not defined; what matters is that libpng is not asked
     expected = iio.imread(path)
     expected = expected[..., 0] if expected.ndim == 3 else expected
-    got = _imread(path)
-    assert got.dtype == expected.dtype and got.shape == (37, 53)
+    got = read_plane(path)
+    assert len(libpng_decodes) == (1 if kind in ("gray8", "gray16", "gray8_transparency") else 0)
+    assert got.dtype == expected.dtype and got.shape == gray.shape
     np.testing.assert_array_equal(got, expected)
 
 
-def test_real_plate_png_planes_decode_to_imageios_pixels(plate_3d_path):
+def test_real_plate_png_planes_decode_to_imageios_pixels(plate_3d_path, libpng_decodes):
     import imageio.v3 as iio
 
-    from phenocoder_lib.ingest import _imread, _read_gray_png
+    from phenocoder_lib.ingest import read_plane
 
     paths = sorted((plate_3d_path / "imgs").glob("*.png"))[::40]
     assert len(paths) >= 10
     for path in paths:
-        assert _read_gray_png(path) is not None
-        np.testing.assert_array_equal(_imread(path), iio.imread(path))
+        np.testing.assert_array_equal(read_plane(path), iio.imread(path))
+    assert len(libpng_decodes) == len(paths)
 
 
 def test_slices_read_in_parallel_equal_one_at_a_time(synthetic_plate_3d, monkeypatch):
