@@ -193,10 +193,7 @@ class PlateFiles:
         KeyError
             A well is not in the plate.
         """
-        selected = list(self.wells if wells is None else wells)
-        unknown = sorted(set(selected) - set(self.wells))
-        if unknown:
-            raise KeyError(f"wells={unknown} are not in plate {self.plate!r}; available wells: {self.wells}.")
+        selected = _selected_wells(self, wells)
         groups: dict[str, tuple[dict, dict, dict]] = {w: ({}, {}, {}) for w in selected}
         for i, mapping in enumerate((self.images, self.labels, self.tables)):
             for key, path in mapping.items():
@@ -205,6 +202,16 @@ class PlateFiles:
                     group[i][key] = path
         return {w: PlateFiles(self.root, self.plate, [w], self.channels, self.z_levels, *g, self.reference_image)
                 for w, g in groups.items()}
+
+
+def _selected_wells(files: PlateFiles, wells: Sequence[str] | None) -> list[str]:
+    """``wells`` (default: all of the plate's), or a ``KeyError`` naming those not in the plate."""
+    selected = list(files.wells if wells is None else wells)
+    known = set(files.wells)
+    unknown = [w for w in selected if w not in known]
+    if unknown:
+        raise KeyError(f"wells={unknown} are not in plate {files.plate!r}; available wells: {files.wells}.")
+    return selected
 
 
 def sample_id(plate: str, well: str) -> str:
@@ -667,10 +674,7 @@ def read_plate(
         raise ValueError(f"files= is the scan of plate {files.plate!r} in {str(files.root)!r}, not of {asked}: pass "
                          "scan_plate(root, plate=...) or leave files out.")
     geometry = read_plate_geometry(root, pixel_size_um=pixel_size_um, z_step_um=z_step_um, table_scale=table_scale)
-    selected = list(files.wells if wells is None else wells)
-    unknown = [w for w in selected if w not in files.wells]
-    if unknown:
-        raise KeyError(f"wells={unknown} are not in plate {files.plate!r}; available wells: {files.wells}.")
+    selected = _selected_wells(files, wells)
 
     shape, dtype = _image_shape_dtype(files.reference_image)  # the header, not the pixels
     is_3d = files.is_3d
@@ -916,10 +920,7 @@ def ingest_plate(
 
     layout = layout or PlateLayout()
     files = scan_plate(root, layout=layout, plate=plate)
-    selected = list(files.wells if wells is None else wells)
-    unknown = [w for w in selected if w not in files.wells]
-    if unknown:
-        raise KeyError(f"wells={unknown} are not in plate {files.plate!r}; available wells: {files.wells}.")
+    selected = _selected_wells(files, wells)
     out = Path(out)
     paths = {well: out / f"{sample_id(files.plate, well)}.zarr" for well in selected}
     existing = [str(p) for p in paths.values() if p.exists()]
